@@ -1,0 +1,531 @@
+"""Synthetic track history in the tracker's exact format, for demos, tests and benchmarks.
+
+The history imitates what the tracker records at Boston's commuter-rail stations:
+the real stations and their platforms, the twelve routes, weekday and weekend
+timetables whose trip ids change with the schedule season, train numbers that
+mostly keep a "home" track (less reliably in rush hours), and a few percent of
+the dirty records real data holds. Each clean record's generating distribution
+is known, so the best accuracy any model could reach is saved beside it
+(`sample_truth.npz`: per record, the probability of its most likely track).
+
+    uv run src/imt_ml/sample_data.py to-redis --records 50000 --redis-port 6379
+    uv run src/imt_ml/sample_data.py to-export --records 50000 --output track_data_export
+    uv run src/imt_ml/sample_data.py demo
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/sample_data.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imt_ml.utils import (
+    SAMPLE_TRUTH_FILE,
+    TRACKER_TIMEZONE,
+    LocalRedisServer,
+    UserError,
+    chunked,
+    find_redis_server_binary,
+    log,
+    progress,
+)
+
+# ---------------------------------------------------------------------------
+# The network: stations, their platforms, and the routes that use them.
+# ---------------------------------------------------------------------------
+
+SOUTH_ROUTES = (
+    "CR-Worcester", "CR-Providence", "CR-Franklin", "CR-Fairmount",
+    "CR-Needham", "CR-Kingston", "CR-Greenbush", "CR-NewBedford",
+)  # fmt: skip
+NORTH_ROUTES = ("CR-Fitchburg", "CR-Lowell", "CR-Haverhill", "CR-Newburyport")
+
+#: station -> (its tracks, the routes that stop there)
+STATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "place-sstat": (tuple(str(t) for t in range(1, 14)), SOUTH_ROUTES),
+    "place-bbsta": (("1", "2", "3", "5", "7"), ("CR-Worcester", "CR-Providence", "CR-Franklin", "CR-Needham")),
+    "place-rugg": (("1", "2", "3"), ("CR-Providence", "CR-Franklin", "CR-Needham")),
+    "place-north": (tuple(str(t) for t in range(1, 11)), NORTH_ROUTES),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Route:
+    line: str  # as in headsigns: "{destination} - {line} Ln"
+    destinations: tuple[str, ...]  # outbound destinations
+    number_base: int  # train numbers start here
+    trains_per_direction: int  # weekday; weekends run about half
+
+
+ROUTES: dict[str, Route] = {
+    "CR-Worcester": Route("Worcester", ("Worcester", "Framingham"), 500, 10),
+    "CR-Providence": Route("Providence", ("Providence", "Wickford Junction", "Stoughton"), 800, 10),
+    "CR-Franklin": Route("Franklin", ("Forge Park/495", "Foxboro"), 700, 8),
+    "CR-Fairmount": Route("Fairmount", ("Readville",), 1900, 6),
+    "CR-Needham": Route("Needham", ("Needham Heights",), 600, 6),
+    "CR-Kingston": Route("Kingston", ("Kingston",), 1000, 6),
+    "CR-Greenbush": Route("Greenbush", ("Greenbush",), 1100, 6),
+    "CR-NewBedford": Route("Fall River/New Bedford", ("New Bedford", "Fall River"), 2000, 6),
+    "CR-Fitchburg": Route("Fitchburg", ("Wachusett", "Littleton/Route 495"), 400, 8),
+    "CR-Lowell": Route("Lowell", ("Lowell",), 300, 10),
+    "CR-Haverhill": Route("Haverhill", ("Haverhill",), 200, 8),
+    "CR-Newburyport": Route("Newburyport/Rockport", ("Newburyport", "Rockport"), 100, 8),
+}
+
+SEASONS = ("Winter", "Spring", "Summer", "Fall")  # Dec-Feb, Mar-May, Jun-Aug, Sep-Nov
+
+#: Share of all generated assignments that are dirty, by the exporter's skip reason.
+DIRTY_RATES = {
+    "null_track": 0.015,
+    "empty_track": 0.003,
+    "non_numeric_track": 0.005,
+    "invalid_json": 0.002,
+    "missing_field": 0.002,
+    "wrong_type": 0.002,
+    "expired_key": 0.003,
+    "duplicate": 0.003,
+}
+
+#: Chance that a train's home track moves when the schedule season changes.
+HOME_CHANGE_PER_SEASON = 0.03
+START_DATE = dt.date(2024, 3, 1)
+ONE_YEAR_S = 365 * 24 * 3600
+
+
+def season_of(day: dt.date) -> tuple[str, int]:
+    """(season name, year the season started in) for a service date."""
+    index = (day.month % 12) // 3  # Dec, Jan, Feb -> 0
+    year = day.year - 1 if day.month in (1, 2) else day.year
+    return SEASONS[index], year
+
+
+def is_rush_hour(hour: int, weekday: bool) -> bool:
+    return weekday and (7 <= hour < 10 or 16 <= hour < 19)
+
+
+@dataclass
+class Train:
+    route_id: str
+    number: int
+    direction_id: int
+    headsign: str
+    minutes: int  # scheduled minutes after midnight at the terminal
+    weekday: bool
+    reliability: float  # how strongly this train keeps its home track
+
+
+@dataclass
+class Assignment:
+    """One generated event: what the tracker would have written for one departure."""
+
+    series_key: str
+    member_key: str
+    score: float
+    payload: str | None  # JSON, or None for a sorted-set member whose key expired
+    kind: str  # "clean" or a DIRTY_RATES reason
+    truth_key: tuple[str, str, float] | None = None  # (station, trip, scheduled ts)
+    best_probability: float = 0.0
+
+
+class SampleHistory:
+    """Deterministic generator of tracker assignments (see the module docstring)."""
+
+    def __init__(self, seed: int = 42) -> None:
+        from zoneinfo import ZoneInfo
+
+        self.rng = random.Random(seed)
+        self.tz = ZoneInfo(TRACKER_TIMEZONE)
+        self.trains = self._timetable()
+        # Each route favours a window of neighbouring platforms at each station.
+        self.windows: dict[tuple[str, str], list[str]] = {}
+        for station, (tracks, routes) in STATIONS.items():
+            for route_id in routes:
+                width = min(4, len(tracks))
+                start = self.rng.randrange(len(tracks))
+                self.windows[station, route_id] = [
+                    tracks[(start + i) % len(tracks)] for i in range(width)
+                ]
+        self.homes: dict[tuple[str, int], str] = {}
+        self._season: tuple[str, int] | None = None
+        self.skip_counts: Counter[str] = Counter()
+
+    def _timetable(self) -> list[Train]:
+        trains = []
+        for route_id, route in ROUTES.items():
+            for weekday in (True, False):
+                count = route.trains_per_direction if weekday else route.trains_per_direction // 2
+                offset = 0 if weekday else 50
+                for direction_id in (0, 1):
+                    for k in range(count):
+                        # Outbound trains carry even numbers, inbound odd ones.
+                        number = route.number_base + offset + 2 * k + direction_id
+                        span = (23 * 60 + 30) - (5 * 60 + 30)
+                        minutes = 5 * 60 + 30 + int(span * (k + self.rng.random()) / count)
+                        if direction_id == 0:
+                            dest = self.rng.choice(route.destinations)
+                        else:
+                            dest = "North Station" if route_id in NORTH_ROUTES else "South Station"
+                        trains.append(
+                            Train(
+                                route_id, number, direction_id, f"{dest} - {route.line} Ln",
+                                minutes, weekday, self.rng.uniform(0.85, 1.0),
+                            )
+                        )  # fmt: skip
+        return trains
+
+    def _home(self, station: str, train: Train) -> str:
+        key = (station, train.number)
+        if key not in self.homes:
+            self.homes[key] = self.rng.choice(self.windows[station, train.route_id])
+        return self.homes[key]
+
+    def _new_season(self, season: tuple[str, int]) -> None:
+        if self._season is not None:
+            for key in list(self.homes):
+                if self.rng.random() < HOME_CHANGE_PER_SEASON:
+                    station, number = key
+                    route_id = next(t.route_id for t in self.trains if t.number == number)
+                    self.homes[key] = self.rng.choice(self.windows[station, route_id])
+        self._season = season
+
+    def track_distribution(self, station: str, train: Train, hour: int) -> dict[str, float]:
+        """The generating distribution over tracks for one departure."""
+        home = self._home(station, train)
+        others = [t for t in self.windows[station, train.route_id] if t != home]
+        p_home = (0.74 if is_rush_hour(hour, train.weekday) else 0.9) * train.reliability
+        p_home = max(p_home, 0.55)
+        dist = {home: p_home}
+        if others:
+            # The first neighbour takes most of the exceptions.
+            weights = [0.6] + [0.4 / max(len(others) - 1, 1)] * (len(others) - 1)
+            if len(others) == 1:
+                weights = [1.0]
+            for track, w in zip(others, weights, strict=True):
+                dist[track] = (1 - p_home) * w
+        else:
+            dist[home] = 1.0
+        return dist
+
+    def _trip_id(self, train: Train, day: dt.date) -> str:
+        season, year = season_of(day)
+        daytype = "Weekday" if train.weekday else ("Saturday" if day.weekday() == 5 else "Sunday")
+        if (year + SEASONS.index(season)) % 2:
+            return f"CR-{daytype}-{season}-{year % 100}-{train.number}"
+        season_id = 700000 + (year % 100) * 1000 + SEASONS.index(season) * 100
+        return f"CR-{season_id + (0 if train.weekday else 50)}-{train.number}"
+
+    def _departures(self, day: dt.date) -> Iterator[tuple[str, Train, dt.datetime]]:
+        weekday = day.weekday() < 5
+        season_shift = SEASONS.index(season_of(day)[0]) * 3 - 4  # minutes
+        for train in self.trains:
+            if train.weekday != weekday:
+                continue
+            for station, (_, routes) in STATIONS.items():
+                if train.route_id not in routes:
+                    continue
+                # Back Bay and Ruggles are a few minutes from South Station.
+                travel = {"place-bbsta": 5, "place-rugg": 8}.get(station, 0)
+                travel = travel if train.direction_id == 0 else -travel
+                minutes = max(0, min(train.minutes + season_shift + travel, 24 * 60 - 1))
+                local = dt.datetime.combine(day, dt.time(minutes // 60, minutes % 60), self.tz)
+                yield station, train, local
+
+    def generate(self, n_records: int) -> Iterator[Assignment]:
+        """`n_records` assignments (clean and dirty), day by day from START_DATE."""
+        rng = self.rng
+        dirty_total = sum(DIRTY_RATES.values())
+        reasons = list(DIRTY_RATES)
+        reason_weights = [DIRTY_RATES[r] for r in reasons]
+        last_clean: Assignment | None = None
+        emitted = 0
+        day = START_DATE
+        while emitted < n_records:
+            season = season_of(day)
+            if season != self._season:
+                self._new_season(season)
+            for station, train, local in self._departures(day):
+                if emitted >= n_records:
+                    return
+                kind = "clean"
+                if rng.random() < dirty_total:
+                    kind = rng.choices(reasons, reason_weights)[0]
+                    if kind == "duplicate" and last_clean is None:
+                        kind = "clean"
+                if kind == "duplicate":
+                    assert last_clean is not None
+                    yield self._duplicate_of(last_clean)
+                    self.skip_counts["duplicate"] += 1
+                    emitted += 1
+                    last_clean = None  # never duplicate the same record twice
+                    continue
+                event = self._assignment(station, train, local, kind)
+                if kind == "clean":
+                    last_clean = event
+                else:
+                    self.skip_counts[kind] += 1
+                emitted += 1
+                yield event
+            day += dt.timedelta(days=1)
+
+    def _assignment(self, station: str, train: Train, local: dt.datetime, kind: str) -> Assignment:
+        rng = self.rng
+        trip_id = self._trip_id(train, local.date())
+        dist = self.track_distribution(station, train, local.hour)
+        track: str | None = rng.choices(list(dist), list(dist.values()))[0]
+        actual = None
+        if rng.random() > 0.1:
+            actual = local + dt.timedelta(seconds=rng.randint(-30, 600))
+        recorded = local - dt.timedelta(seconds=rng.randint(300, 1800))
+        doc: dict[str, Any] = {
+            "station_id": station,
+            "route_id": train.route_id,
+            "trip_id": trip_id,
+            "headsign": train.headsign,
+            "direction_id": train.direction_id,
+            "assignment_type": "historical" if rng.random() > 0.02 else "predicted",
+            "track_number": track,
+            "scheduled_time": local.isoformat(),
+            "actual_time": actual.isoformat() if actual else None,
+            "recorded_time": recorded.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "day_of_week": local.weekday(),
+            "hour": local.hour,
+            "minute": local.minute,
+        }
+        if kind == "null_track":
+            doc["track_number"] = None
+        elif kind == "empty_track":
+            doc["track_number"] = ""
+        elif kind == "non_numeric_track":
+            doc["track_number"] = "Commuter Rail"
+        elif kind == "missing_field":
+            del doc[rng.choice(["headsign", "hour", "scheduled_time", "direction_id"])]
+        elif kind == "wrong_type":
+            field = rng.choice(["direction_id", "hour"])
+            doc[field] = str(doc[field])
+        payload: str | None = json.dumps(doc, separators=(",", ":"))
+        if kind == "invalid_json":
+            payload = payload[: len(payload) // 2]  # a torn write
+        elif kind == "expired_key":
+            payload = None
+        series = f"track_timeseries:{station}:{train.route_id}"
+        member = f"track_history:{station}:{train.route_id}:{trip_id}:{local.date().isoformat()}"
+        score = local.timestamp()
+        event = Assignment(series, member, score, payload, kind)
+        if kind == "clean":
+            event.truth_key = (station, trip_id, score)
+            event.best_probability = max(dist.values())
+        return event
+
+    def _duplicate_of(self, original: Assignment) -> Assignment:
+        """A second copy of a clean record, in one of two ways seen in real data."""
+        station = original.series_key.split(":")[1]
+        if self.rng.random() < 0.5:
+            # The same history key indexed by another route's series at the station.
+            routes = [r for r in STATIONS[station][1] if r not in original.series_key]
+            series = f"track_timeseries:{station}:{self.rng.choice(routes)}"
+            return Assignment(series, original.member_key, original.score, None, "duplicate")
+        # The same assignment again under a key whose date is written differently.
+        prefix, day = original.member_key.rsplit(":", 1)
+        member = f"{prefix}:{day.replace('-', '')}"
+        return Assignment(
+            original.series_key, member, original.score, original.payload, "duplicate"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Destinations: a Redis in the tracker's layout, or an export directory.
+# ---------------------------------------------------------------------------
+
+
+def save_truth(path: Path, keys: list[tuple[str, str, float]], best: list[float]) -> None:
+    """Write `sample_truth.npz`: record identity -> best achievable probability."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            station_id=np.array([k[0] for k in keys]),
+            trip_id=np.array([k[1] for k in keys]),
+            # float32, exactly as the TFRecord stores scheduled_timestamp.
+            scheduled_timestamp=np.array([k[2] for k in keys], dtype=np.float32),
+            best_probability=np.array(best, dtype=np.float32),
+        )
+
+
+def seed_redis(client: Any, n_records: int, seed: int, truth_file: Path | None = None) -> Counter:
+    """Write `n_records` assignments in the tracker's layout; returns dirty counts."""
+    history = SampleHistory(seed)
+    truth_keys: list[tuple[str, str, float]] = []
+    truth_best: list[float] = []
+    events = progress(
+        history.generate(n_records), total=n_records, desc="Seeding Redis", unit=" rec"
+    )
+    for batch in chunked(events, 2000):
+        pipe = client.pipeline(transaction=False)
+        for event in batch:
+            if event.payload is not None:
+                # The tracker never overwrites an existing history key.
+                pipe.set(event.member_key, event.payload, ex=ONE_YEAR_S, nx=True)
+            pipe.zadd(event.series_key, {event.member_key: event.score})
+            if event.truth_key:
+                truth_keys.append(event.truth_key)
+                truth_best.append(event.best_probability)
+        pipe.execute()
+    for key in {f"track_timeseries:{s}:{r}" for s, (_, rs) in STATIONS.items() for r in rs}:
+        client.expire(key, ONE_YEAR_S)
+    if truth_file:
+        save_truth(truth_file, truth_keys, truth_best)
+    return history.skip_counts
+
+
+def write_export(output: Path, n_records: int, seed: int, records_per_file: int) -> Path:
+    """Write an export directory directly (the same files the exporter makes)."""
+    from imt_ml.export_track_data import (
+        ExportStats,
+        TFRecordShardWriter,
+        encode_example,
+        parse_assignment,
+    )
+
+    history = SampleHistory(seed)
+    stats = ExportStats()
+    truth_keys: list[tuple[str, str, float]] = []
+    truth_best: list[float] = []
+    with TFRecordShardWriter(output, records_per_file) as writer:
+        events = progress(
+            history.generate(n_records), total=n_records, desc="Writing export", unit=" rec"
+        )
+        for event in events:
+            if event.kind == "duplicate":
+                stats.skip("duplicate")
+                continue
+            parsed = parse_assignment(event.payload)
+            if isinstance(parsed, str):
+                stats.skip(parsed)
+                continue
+            writer.write(encode_example(parsed))
+            stats.add(parsed)
+            if event.truth_key:
+                truth_keys.append(event.truth_key)
+                truth_best.append(event.best_probability)
+        save_truth(writer.partial_dir / SAMPLE_TRUTH_FILE, truth_keys, truth_best)
+        return writer.commit(
+            stats.metadata(source="sample_data", seed=seed, records_per_file=records_per_file)
+        )
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+
+records_option = click.option(
+    "--records", "-n", type=click.IntRange(min=1), default=50_000, show_default=True,
+    help="Assignments to generate, dirty ones included.",
+)  # fmt: skip
+seed_option = click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli() -> None:
+    """Generate realistic synthetic track history."""
+
+
+@cli.command("to-redis")
+@records_option
+@seed_option
+@click.option("--redis-host", envvar="IMT_REDIS_ENDPOINT", default="localhost", show_default=True)
+@click.option("--redis-port", envvar="IMT_REDIS_PORT", type=int, default=6379, show_default=True)
+@click.option("--redis-password", envvar="IMT_REDIS_PASSWORD", default=None)
+@click.option("--redis-url", default=None, help="redis:// URL; overrides host, port, password.")
+@click.option(
+    "--truth-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help=f"Also write the generating probabilities here (name it {SAMPLE_TRUTH_FILE} "
+    "inside the export root and training reports find it).",
+)  # fmt: skip
+def to_redis(
+    records: int,
+    seed: int,
+    redis_host: str,
+    redis_port: int,
+    redis_password: str | None,
+    redis_url: str | None,
+    truth_file: Path | None,
+) -> None:
+    """Write sample history into Redis in the tracker's key layout."""
+    from imt_ml.export_track_data import RedisTarget
+
+    target = RedisTarget(redis_host, redis_port, redis_password, redis_url)
+    client = target.connect()
+    dirty = seed_redis(client, records, seed, truth_file)
+    log(f"Wrote {records:,} assignments to Redis at {target.label} ({sum(dirty.values()):,} dirty)")
+
+
+@cli.command("to-export")
+@records_option
+@seed_option
+@click.option(
+    "--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+    default=Path("track_data_export"), show_default=True, help="Export root.",
+)  # fmt: skip
+@click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True)
+def to_export(records: int, seed: int, output: Path, records_per_file: int) -> None:
+    """Write sample history straight to an export directory (no Redis needed)."""
+    path = write_export(output, records, seed, records_per_file)
+    log(f"Wrote sample export to {path}")
+    click.echo(str(path))
+
+
+@cli.command()
+@click.option(
+    "--records", "-n", type=click.IntRange(min=1), default=20_000, show_default=True,
+    help="Assignments to generate.",
+)  # fmt: skip
+@seed_option
+@click.option(
+    "--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+    default=Path("track_data_export"), show_default=True, help="Export root.",
+)  # fmt: skip
+def demo(records: int, seed: int, output: Path) -> None:
+    """Sample history -> Redis (when a server can be started) -> TFRecord export."""
+    path = run_demo_export(records, seed, output)
+    log(f"Demo export ready: {path}")
+
+
+def run_demo_export(records: int, seed: int, output: Path) -> Path:
+    """The demo's data half: through a throwaway Redis when possible, else directly."""
+    from imt_ml.export_track_data import RedisTarget, run_export
+
+    if find_redis_server_binary() is None:
+        log("No redis-server available: writing the sample export directly")
+        return write_export(output, records, seed, 10_000)
+    with LocalRedisServer() as server:
+        log(f"Started a throwaway redis-server on 127.0.0.1:{server.port}")
+        target = RedisTarget("127.0.0.1", server.port)
+        seed_redis(target.connect(), records, seed, output / SAMPLE_TRUTH_FILE)
+        path, stats, seconds = run_export(target, output, 10_000)
+    log(f"Exported {stats.written:,} records in {seconds:.1f} s; {stats.summary()}")
+    return path
+
+
+def main() -> None:
+    try:
+        cli()
+    except UserError as exc:  # raised outside click's own handling
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

