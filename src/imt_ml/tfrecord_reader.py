@@ -1,0 +1,1557 @@
+"""Train, evaluate and serve track-prediction models from an imt-ml TFRecord export.
+
+    uv run src/imt_ml/tfrecord_reader.py track_data_export train --epochs 30
+    uv run src/imt_ml/tfrecord_reader.py track_data_export evaluate --model output/train_.../track_prediction_model_best.keras
+    echo '{"station_id": "place-sstat", ...}' | \\
+        uv run src/imt_ml/tfrecord_reader.py - predict --model output/train_.../track_prediction_model_best.keras
+
+DATA_DIR is one export directory, or an export root, in which case the newest
+complete export inside it is used. From a notebook:
+
+    from imt_ml.tfrecord_reader import load_tfrecord_dataset, create_simple_model
+    train_ds, val_ds, vocab_info = load_tfrecord_dataset("track_data_export")
+    model = create_simple_model(vocab_info)
+
+The module reads top to bottom: locating exports, parsing, splitting and
+vocabularies, datasets, model layers and builders, evaluation, reports, the
+training loop, the modes, and the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import json
+import math
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/tfrecord_reader.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imt_ml.utils import (
+    METADATA_FILE,
+    SAMPLE_TRUTH_FILE,
+    SHARD_GLOB,
+    UserError,
+    create_run_dir,
+    log,
+    progress,
+    tf_parse_spec,
+    write_json,
+)
+
+# TensorFlow and Keras load on first use, so `--help` answers at once.
+tf: Any = None
+keras: Any = None
+
+
+def _load_tensorflow() -> None:
+    global tf, keras
+    if tf is None:
+        import keras as _keras
+        import tensorflow as _tf
+
+        tf, keras = _tf, _keras
+
+
+# ---------------------------------------------------------------------------
+# Model inputs: the raw values a saved model takes, and their dtypes.
+# ---------------------------------------------------------------------------
+
+#: Input name -> dtype. Strings are raw ids; numbers are as the tracker writes them.
+MODEL_INPUTS: dict[str, str] = {
+    "station_id": "string",
+    "route_id": "string",
+    "trip_id": "string",
+    "headsign": "string",
+    "direction_id": "int64",
+    "hour": "int64",
+    "minute": "int64",
+    "day_of_week": "int64",
+    "scheduled_timestamp": "float32",
+}
+
+DEFAULT_MODEL_PATH = "track_prediction_model"
+VALIDATION_FRACTION = 0.2
+AUGMENT_BELOW = 10_000  # augment only training sets smaller than this
+COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+# ---------------------------------------------------------------------------
+# Locating an export.
+# ---------------------------------------------------------------------------
+
+
+def _is_complete_export(path: Path) -> bool:
+    return (
+        path.is_dir()
+        and not path.name.startswith(".")
+        and (path / METADATA_FILE).is_file()
+        and any(path.glob(SHARD_GLOB))
+    )
+
+
+def find_export_dir(data_dir: Path | str) -> Path:
+    """`data_dir` itself if it is an export, else the newest complete export inside it."""
+    path = Path(data_dir)
+    if not path.exists():
+        raise UserError(f"data directory {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory")
+    shards = list(path.glob(SHARD_GLOB))
+    has_metadata = (path / METADATA_FILE).is_file()
+    if shards and not has_metadata:
+        raise UserError(f"{path} has TFRecord files but no {METADATA_FILE}: an incomplete export?")
+    if has_metadata and not shards:
+        raise UserError(f"{path} has {METADATA_FILE} but no track_data_*.tfrecord files")
+    if shards:
+        return path
+    exports = sorted((p for p in path.iterdir() if _is_complete_export(p)), key=lambda p: p.name)
+    if not exports:
+        raise UserError(
+            f"no export in {path}: expected track_data_*.tfrecord files and {METADATA_FILE} "
+            "there or in a subdirectory"
+        )
+    return exports[-1]
+
+
+# ---------------------------------------------------------------------------
+# Parsing: TFRecord shards -> numpy columns, batch before parse.
+# ---------------------------------------------------------------------------
+
+
+def make_raw_dataset(files: list[str], batch_size: int = 8192) -> Any:
+    """A tf.data pipeline of parsed record batches: read, batch, then parse_example."""
+    _load_tensorflow()
+    spec = tf_parse_spec()
+    return (
+        tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .map(lambda batch: tf.io.parse_example(batch, spec), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def read_export_columns(export_dir: Path) -> dict[str, np.ndarray]:
+    """Every record of an export as numpy columns (strings as Python str)."""
+    _load_tensorflow()
+    files = sorted(str(p) for p in export_dir.glob(SHARD_GLOB))
+    try:
+        expected = json.loads((export_dir / METADATA_FILE).read_text()).get("total_records")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {export_dir / METADATA_FILE}: {exc}") from None
+    chunks: dict[str, list[np.ndarray]] = defaultdict(list)
+    bar = progress(total=expected, desc=f"Reading {export_dir.name}", unit=" rec")
+    try:
+        for batch in make_raw_dataset(files):
+            for name, tensor in batch.items():
+                chunks[name].append(tensor.numpy())
+            bar.update(len(batch["track_number"]))
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
+        message = str(exc).strip().splitlines()[0]
+        raise UserError(f"corrupt TFRecord data in {export_dir}: {message}") from None
+    finally:
+        bar.close()
+    if not chunks:
+        raise UserError(f"the export {export_dir} holds no records")
+    columns = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    for name, values in columns.items():
+        if values.dtype == object:
+            columns[name] = np.array([v.decode() for v in values], dtype=object)
+    return columns
+
+
+def train_numbers(trip_ids: Iterable[str]) -> np.ndarray:
+    """The train number of each trip id: its last '-' part ('CR-733772-520' -> '520')."""
+    return np.array([t.rsplit("-", 1)[-1] for t in trip_ids], dtype=object)
+
+
+# ---------------------------------------------------------------------------
+# Splitting by time, and the vocabularies of the training half.
+# ---------------------------------------------------------------------------
+
+
+def track_sort_key(track: str) -> tuple[int, str]:
+    """Numeric order for track labels: '2' before '10'."""
+    return (int(track), track) if track.isdigit() else (10**9, track)
+
+
+def split_records(
+    timestamps: np.ndarray, split: str, seed: int, val_fraction: float = VALIDATION_FRACTION
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(train indices, validation indices, description).
+
+    "time": the earliest records train and the latest validate, cut between two
+    distinct timestamps so every validation record is strictly later than every
+    training record. "random": a seeded shuffle (the same train can then appear,
+    days apart, on both sides).
+    """
+    n = len(timestamps)
+    if split == "random":
+        order = np.random.default_rng(seed).permutation(n)
+        n_val = max(1, int(round(n * val_fraction)))
+        return np.sort(order[n_val:]), np.sort(order[:n_val]), {"method": "random", "seed": seed}
+    order = np.argsort(timestamps, kind="stable")
+    cut_time = timestamps[order[int(n * (1 - val_fraction))]] if n > 1 else timestamps[0]
+    train = np.flatnonzero(timestamps < cut_time)
+    val = np.flatnonzero(timestamps >= cut_time)
+    if len(train) == 0 or len(val) == 0:
+        raise UserError("cannot split by time: every record has the same scheduled time")
+    train = train[np.argsort(timestamps[train], kind="stable")]
+    val = val[np.argsort(timestamps[val], kind="stable")]
+
+    def iso(ts: float) -> str:
+        return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    info = {
+        "method": "time",
+        "train_period": [iso(timestamps[train[0]]), iso(timestamps[train[-1]])],
+        "validation_period": [iso(timestamps[val[0]]), iso(timestamps[val[-1]])],
+        "cut_timestamp": float(cut_time),
+    }
+    return train, val, info
+
+
+def build_vocab_info(columns: dict[str, np.ndarray], train_idx: np.ndarray) -> dict[str, Any]:
+    """Vocabularies and normalisation constants, from the training records only."""
+    tracks = columns["track_number"][train_idx]
+    labels = sorted({t for t in tracks if t.isdigit()}, key=track_sort_key)
+    if len(labels) < 2:
+        raise UserError(
+            f"the training data holds {len(labels)} track(s) ({', '.join(labels) or 'none'}): "
+            "a model needs at least two to choose between"
+        )
+    stations = columns["station_id"][train_idx]
+    trains = train_numbers(columns["trip_id"][train_idx])
+    station_tracks: dict[str, set[str]] = defaultdict(set)
+    for station, track in zip(stations, tracks, strict=True):
+        station_tracks[station].add(track)
+    ts = columns["scheduled_timestamp"][train_idx].astype(np.float64)
+    return {
+        "format_version": 1,
+        "tracks": labels,
+        "num_classes": len(labels),
+        "stations": sorted(set(stations) - {""}),
+        "routes": sorted(set(columns["route_id"][train_idx]) - {""}),
+        "headsigns": sorted(set(columns["headsign"][train_idx]) - {""}),
+        "train_numbers": sorted(set(trains) - {""}, key=track_sort_key),
+        "station_trains": sorted({f"{s}:{t}" for s, t in zip(stations, trains, strict=True)}),
+        "directions": [0, 1],
+        "station_tracks": {
+            s: sorted(ts_, key=track_sort_key) for s, ts_ in sorted(station_tracks.items())
+        },
+        "timestamp_mean": float(ts.mean()),
+        "timestamp_std": float(ts.std() or 1.0),
+        "inputs": dict(MODEL_INPUTS),
+    }
+
+
+def vocab_sizes(vocab_info: dict[str, Any]) -> dict[str, int]:
+    keys = ("stations", "routes", "headsigns", "train_numbers", "station_trains", "tracks")
+    return {key: len(vocab_info[key]) for key in keys}
+
+
+# ---------------------------------------------------------------------------
+# Datasets: raw-value features, track indices as labels.
+# ---------------------------------------------------------------------------
+
+
+def model_features(
+    columns: dict[str, np.ndarray], idx: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The model's raw inputs for the selected records."""
+    take = (lambda a: a) if idx is None else (lambda a: a[idx])
+    feats = {}
+    for name, dtype in MODEL_INPUTS.items():
+        values = take(columns[name])
+        feats[name] = values.astype(object if dtype == "string" else dtype)
+    return feats
+
+
+def label_indices(tracks: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Class index of each track, -1 for a track outside the model's labels."""
+    index = {label: i for i, label in enumerate(labels)}
+    return np.array([index.get(t, -1) for t in tracks], dtype=np.int64)
+
+
+def _augment(features: dict[str, Any], labels: Any) -> tuple[dict[str, Any], Any]:
+    """Small-data augmentation on a batch: jitter the clock by up to 3 minutes and hide
+    10% of trip ids, so the model also learns to answer for trains it has not seen."""
+    batch = tf.shape(labels)[0]
+    shift = tf.random.uniform([batch], -3, 4, dtype=tf.int64)
+    total = features["hour"] * 60 + features["minute"] + shift
+    total = tf.math.floormod(total, 24 * 60)
+    hide = tf.random.uniform([batch]) < 0.1
+    out = dict(features)
+    out["hour"] = total // 60
+    out["minute"] = total % 60
+    out["scheduled_timestamp"] = features["scheduled_timestamp"] + tf.cast(shift * 60, tf.float32)
+    out["trip_id"] = tf.where(hide, tf.fill([batch], ""), features["trip_id"])
+    return out, labels
+
+
+def make_dataset(
+    features: dict[str, np.ndarray],
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 42,
+    augment: bool = False,
+) -> Any:
+    """An in-memory tf.data pipeline of (raw feature dict, class index) batches."""
+    _load_tensorflow()
+    tensors = {name: tf.constant(values) for name, values in features.items()}
+    ds = tf.data.Dataset.from_tensor_slices((tensors, tf.constant(labels)))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment:
+        ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@dataclass
+class PreparedData:
+    """Everything a training mode needs about one export."""
+
+    export_dir: Path
+    metadata: dict[str, Any]
+    columns: dict[str, np.ndarray]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    split_info: dict[str, Any]
+    vocab_info: dict[str, Any]
+    train_labels: np.ndarray
+    val_labels: np.ndarray  # -1 where the track never occurred in training
+    augmented: bool
+    train_ds: Any = None
+    val_ds: Any = None
+
+    @property
+    def val_known(self) -> np.ndarray:
+        """Validation positions whose track the model can name."""
+        return np.flatnonzero(self.val_labels >= 0)
+
+
+def prepare_data(
+    data_dir: Path | str,
+    batch_size: int = 256,
+    split: str = "time",
+    seed: int = 42,
+    validation_split: float = VALIDATION_FRACTION,
+    augment: bool | None = None,
+) -> PreparedData:
+    """Read an export, split it, build the vocabularies and the two datasets."""
+    export_dir = find_export_dir(data_dir)
+    if Path(data_dir).resolve() != export_dir.resolve():
+        log(f"Using the newest export: {export_dir}")
+    metadata = json.loads((export_dir / METADATA_FILE).read_text())
+    columns = read_export_columns(export_dir)
+    n = len(columns["track_number"])
+    if n < 10:
+        raise UserError(f"the export {export_dir} holds only {n} records: too few to train on")
+    train_idx, val_idx, split_info = split_records(
+        columns["scheduled_timestamp"], split, seed, validation_split
+    )
+    vocab_info = build_vocab_info(columns, train_idx)
+    labels = vocab_info["tracks"]
+    train_labels = label_indices(columns["track_number"][train_idx], labels)
+    keep = train_labels >= 0  # the exporter only writes numeric tracks; belt and braces
+    train_idx, train_labels = train_idx[keep], train_labels[keep]
+    val_labels = label_indices(columns["track_number"][val_idx], labels)
+    augmented = len(train_idx) < AUGMENT_BELOW if augment is None else augment
+    vocab_info["record_counts"] = {
+        "total": int(n),
+        "train": int(len(train_idx)),
+        "validation": int(len(val_idx)),
+        "validation_unknown_track": int((val_labels < 0).sum()),
+    }
+    vocab_info["split"] = split_info
+    data = PreparedData(
+        export_dir, metadata, columns, train_idx, val_idx, split_info, vocab_info,
+        train_labels, val_labels, augmented,
+    )  # fmt: skip
+    data.train_ds = make_dataset(
+        model_features(columns, train_idx), train_labels, batch_size,
+        shuffle=True, seed=seed, augment=augmented,
+    )  # fmt: skip
+    known = data.val_known
+    data.val_ds = make_dataset(
+        model_features(columns, val_idx[known]), val_labels[known], batch_size
+    )
+    return data
+
+
+def load_tfrecord_dataset(
+    data_dir: Path | str,
+    batch_size: int = 256,
+    split: str = "time",
+    validation_split: float = VALIDATION_FRACTION,
+    seed: int = 42,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(train_ds, val_ds, vocab_info) for an export directory or export root.
+
+    Both datasets yield (dict of raw feature batches, track class index). The
+    split is by time unless `split="random"`; validation records whose track
+    never occurs in training are left out of val_ds (the reports count them).
+    """
+    data = prepare_data(data_dir, batch_size, split, seed, validation_split)
+    return data.train_ds, data.val_ds, data.vocab_info
+
+
+# ---------------------------------------------------------------------------
+# Model layers. Preprocessing lives in the model, so a saved model takes raw
+# values and carries its vocabularies. Custom layers register under "imt_ml":
+# import imt_ml.tfrecord_reader before keras.models.load_model.
+# ---------------------------------------------------------------------------
+
+
+def _register(cls: type) -> type:
+    _load_tensorflow()
+    return keras.saving.register_keras_serializable(package="imt_ml")(cls)
+
+
+@functools.cache
+def custom_layers() -> dict[str, type]:
+    """Define (once) and register the custom layers; returns them by name."""
+    _load_tensorflow()
+
+    class TrainNumber(keras.layers.Layer):
+        """Trip id -> train number, the text after the last '-'."""
+
+        def call(self, trip_id):
+            return tf.strings.regex_replace(trip_id, r"^.*-", "")
+
+        def compute_output_spec(self, trip_id):
+            return keras.KerasTensor(trip_id.shape, dtype="string")
+
+    class JoinStrings(keras.layers.Layer):
+        """Join string tensors element-wise, e.g. station and train number."""
+
+        def __init__(self, separator: str = ":", **kwargs):
+            super().__init__(**kwargs)
+            self.separator = separator
+
+        def call(self, parts):
+            return tf.strings.join(list(parts), separator=self.separator)
+
+        def compute_output_spec(self, parts):
+            return keras.KerasTensor(parts[0].shape, dtype="string")
+
+        def get_config(self):
+            return {**super().get_config(), "separator": self.separator}
+
+    class CyclicalEncoding(keras.layers.Layer):
+        """x -> [sin(2 pi x / period), cos(2 pi x / period)]: 23:59 sits next to 00:00."""
+
+        def __init__(self, period: float, **kwargs):
+            super().__init__(**kwargs)
+            self.period = float(period)
+
+        def call(self, x):
+            angle = keras.ops.cast(x, "float32") * (2.0 * math.pi / self.period)
+            return keras.ops.stack([keras.ops.sin(angle), keras.ops.cos(angle)], axis=-1)
+
+        def compute_output_spec(self, x):
+            return keras.KerasTensor((*x.shape, 2), dtype="float32")
+
+        def get_config(self):
+            return {**super().get_config(), "period": self.period}
+
+    class TrackProbabilities(keras.layers.Layer):
+        """The output: class probabilities, with the track label of each class kept in
+        the saved model (`model.get_layer("track_probabilities").labels`)."""
+
+        def __init__(self, labels: list[str], **kwargs):
+            super().__init__(**kwargs)
+            self.labels = list(labels)
+
+        def call(self, probabilities):
+            return probabilities
+
+        def get_config(self):
+            return {**super().get_config(), "labels": self.labels}
+
+    layers = {
+        "TrainNumber": TrainNumber,
+        "JoinStrings": JoinStrings,
+        "CyclicalEncoding": CyclicalEncoding,
+        "TrackProbabilities": TrackProbabilities,
+    }
+    return {name: _register(cls) for name, cls in layers.items()}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and regularisation of one model."""
+
+    hidden_units: tuple[int, ...] = (256, 128)
+    """Widths of the dense layers."""
+    dropout: float = 0.3
+    """Dropout after each dense layer."""
+    l1: float = 1e-6
+    """L1 penalty on dense kernels."""
+    l2: float = 1e-4
+    """L2 penalty on dense kernels."""
+    batch_norm: bool = True
+    """Batch normalisation after each dense layer."""
+    station_embedding: int = 4
+    route_embedding: int = 6
+    headsign_embedding: int = 6
+    train_embedding: int = 16
+    station_train_embedding: int = 24
+    seed: int = 42
+
+
+def build_raw_inputs() -> dict[str, Any]:
+    _load_tensorflow()
+    return {
+        name: keras.Input(shape=(), dtype=dtype, name=name) for name, dtype in MODEL_INPUTS.items()
+    }
+
+
+def create_simple_model(vocab_info: dict[str, Any], config: ModelConfig | None = None) -> Any:
+    """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out.
+
+    Station, route, direction, headsign, train number and station+train number
+    go through lookups (index 0 = unknown) into embeddings; hour, minute and day
+    of week become sin/cos pairs; the scheduled timestamp is standardised. Dense
+    layers with L1/L2, batch normalisation and dropout follow, and the softmax
+    only spreads probability over the tracks seen at the record's station in
+    training (all tracks for an unknown station).
+    """
+    _load_tensorflow()
+    cfg = config or ModelConfig()
+    L = custom_layers()
+    layers = keras.layers
+    inputs = build_raw_inputs()
+
+    def embed(values: Any, vocabulary: list[str], dim: int, name: str) -> Any:
+        index = layers.StringLookup(
+            vocabulary=vocabulary, num_oov_indices=1, name=f"{name}_lookup"
+        )(values)
+        return layers.Embedding(len(vocabulary) + 1, dim, name=f"{name}_embedding")(index), index
+
+    station, station_index = embed(
+        inputs["station_id"], vocab_info["stations"], cfg.station_embedding, "station"
+    )
+    route, _ = embed(inputs["route_id"], vocab_info["routes"], cfg.route_embedding, "route")
+    headsign, _ = embed(
+        inputs["headsign"], vocab_info["headsigns"], cfg.headsign_embedding, "headsign"
+    )
+    number = L["TrainNumber"](name="train_number")(inputs["trip_id"])
+    train, _ = embed(number, vocab_info["train_numbers"], cfg.train_embedding, "train")
+    station_number = L["JoinStrings"](name="station_train")([inputs["station_id"], number])
+    station_train, _ = embed(
+        station_number, vocab_info["station_trains"], cfg.station_train_embedding, "station_train"
+    )
+    direction_index = layers.IntegerLookup(vocabulary=[0, 1], name="direction_lookup")(
+        inputs["direction_id"]
+    )
+    direction = layers.Embedding(3, 2, name="direction_embedding")(direction_index)
+
+    hour = L["CyclicalEncoding"](24, name="hour_cyclical")(inputs["hour"])
+    minute = L["CyclicalEncoding"](60, name="minute_cyclical")(inputs["minute"])
+    day = L["CyclicalEncoding"](7, name="day_cyclical")(inputs["day_of_week"])
+    timestamp = layers.Normalization(
+        mean=vocab_info["timestamp_mean"],
+        variance=vocab_info["timestamp_std"] ** 2,
+        name="timestamp_norm",
+    )(layers.Reshape((1,), name="timestamp_column")(inputs["scheduled_timestamp"]))
+
+    x = layers.Concatenate(name="features")(
+        [station, route, headsign, train, station_train, direction, hour, minute, day, timestamp]
+    )
+    regularizer = keras.regularizers.L1L2(l1=cfg.l1, l2=cfg.l2)
+    for i, units in enumerate(cfg.hidden_units):
+        x = layers.Dense(units, kernel_regularizer=regularizer, name=f"dense_{i}")(x)
+        if cfg.batch_norm:
+            x = layers.BatchNormalization(name=f"batch_norm_{i}")(x)
+        x = layers.Activation("relu", name=f"relu_{i}")(x)
+        if cfg.dropout:
+            x = layers.Dropout(cfg.dropout, seed=cfg.seed + i, name=f"dropout_{i}")(x)
+    logits = layers.Dense(vocab_info["num_classes"], name="logits")(x)
+
+    # Tracks never seen at a station get a -1e4 logit there: a fixed lookup table
+    # (row 0, unknown station, allows every track).
+    mask = station_track_mask(vocab_info)
+    mask_layer = layers.Embedding(
+        mask.shape[0], mask.shape[1], trainable=False, name="station_track_mask"
+    )
+    allowed = mask_layer(station_index)
+    penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
+    probabilities = layers.Activation("softmax", name="softmax")(
+        layers.Add(name="masked_logits")([logits, penalty])
+    )
+    outputs = L["TrackProbabilities"](vocab_info["tracks"], name="track_probabilities")(
+        probabilities
+    )
+    model = keras.Model(inputs=inputs, outputs=outputs, name="track_predictor")
+    mask_layer.set_weights([mask])
+    return model
+
+
+def station_track_mask(vocab_info: dict[str, Any]) -> np.ndarray:
+    """(stations + 1) x tracks of 0/1: which tracks each station used in training."""
+    labels = vocab_info["tracks"]
+    mask = np.zeros((len(vocab_info["stations"]) + 1, len(labels)), dtype=np.float32)
+    mask[0] = 1.0
+    column = {t: j for j, t in enumerate(labels)}
+    for i, station in enumerate(vocab_info["stations"], start=1):
+        for track in vocab_info["station_tracks"].get(station, labels):
+            mask[i, column[track]] = 1.0
+    return mask
+
+
+def model_labels(model: Any) -> list[str]:
+    """The track label of each output class of a model built here."""
+    return list(model.get_layer("track_probabilities").labels)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: the model against baselines, calibration and coverage.
+# ---------------------------------------------------------------------------
+
+
+def predict_probabilities(
+    model: Any, features: dict[str, np.ndarray], batch_size: int = 4096
+) -> np.ndarray:
+    _load_tensorflow()
+    n = len(next(iter(features.values())))
+    if n == 0:
+        return np.zeros((0, len(model_labels(model))), dtype=np.float32)
+    ds = tf.data.Dataset.from_tensor_slices({k: tf.constant(v) for k, v in features.items()})
+    return np.asarray(model.predict(ds.batch(batch_size), verbose=0))
+
+
+def baseline_tables(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, Any]:
+    """Most frequent track per station+route, station+train number, station, overall."""
+    stations = columns["station_id"][idx]
+    routes = columns["route_id"][idx]
+    trains = train_numbers(columns["trip_id"][idx])
+    tracks = columns["track_number"][idx]
+
+    def most_common(keys: Iterable[str]) -> dict[str, str]:
+        counts: dict[str, Counter[str]] = defaultdict(Counter)
+        for key, track in zip(keys, tracks, strict=True):
+            counts[key][track] += 1
+        # Ties go to the lower track number, so the table is deterministic.
+        return {
+            k: min(c.items(), key=lambda kv: (-kv[1], track_sort_key(kv[0])))[0]
+            for k, c in counts.items()
+        }
+
+    return {
+        "station_route": most_common(f"{s}|{r}" for s, r in zip(stations, routes, strict=True)),
+        "station_train": most_common(f"{s}|{t}" for s, t in zip(stations, trains, strict=True)),
+        "station": most_common(stations),
+        "overall": most_common(["*"] * len(tracks))["*"],
+    }
+
+
+def baseline_predictions(
+    tables: dict[str, Any], columns: dict[str, np.ndarray], idx: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Each baseline's predicted track (falling back to station, then overall)."""
+    stations = columns["station_id"][idx]
+    routes = columns["route_id"][idx]
+    trains = train_numbers(columns["trip_id"][idx])
+    by_station, overall = tables["station"], tables["overall"]
+
+    def predict(table: dict[str, str], keys: Iterable[str]) -> np.ndarray:
+        return np.array(
+            [
+                table.get(k) or by_station.get(s, overall)
+                for k, s in zip(keys, stations, strict=True)
+            ],
+            dtype=object,
+        )
+
+    return {
+        "station_route": predict(
+            tables["station_route"], (f"{s}|{r}" for s, r in zip(stations, routes, strict=True))
+        ),
+        "station_train": predict(
+            tables["station_train"], (f"{s}|{t}" for s, t in zip(stations, trains, strict=True))
+        ),
+    }
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    if len(confidence) == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total / len(confidence))
+
+
+def evaluate_predictions(
+    probs: np.ndarray, true_tracks: np.ndarray, labels: list[str], stations: np.ndarray
+) -> dict[str, Any]:
+    """Top-1/top-3, per station, accuracy at coverage, ECE and confusion counts.
+
+    Records whose true track is not among `labels` count as wrong."""
+    y = label_indices(true_tracks, labels)
+    n = len(y)
+    order = np.argsort(-probs, axis=1)
+    top1 = order[:, 0]
+    correct = top1 == y
+    top3 = (order[:, :3] == y[:, None]).any(axis=1)
+    confidence = probs[np.arange(n), top1] if n else np.zeros(0)
+    per_station = {}
+    for station in sorted(set(stations)):
+        sel = stations == station
+        per_station[station] = {"records": int(sel.sum()), "accuracy": float(correct[sel].mean())}
+    coverage = []
+    for threshold in COVERAGE_THRESHOLDS:
+        sel = confidence >= threshold
+        coverage.append({
+            "threshold": threshold,
+            "coverage": float(sel.mean()) if n else float("nan"),
+            "accuracy": float(correct[sel].mean()) if sel.any() else float("nan"),
+        })  # fmt: skip
+    known = y >= 0
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(confusion, (y[known], top1[known]), 1)
+    return {
+        "records": int(n),
+        "unknown_track_records": int((~known).sum()),
+        "top1_accuracy": float(correct.mean()) if n else float("nan"),
+        "top3_accuracy": float(top3.mean()) if n else float("nan"),
+        "mean_confidence": float(confidence.mean()) if n else float("nan"),
+        "expected_calibration_error": expected_calibration_error(confidence, correct),
+        "per_station": per_station,
+        "coverage": coverage,
+        "confusion": confusion,
+        "predicted_tracks": np.array(labels, dtype=object)[top1]
+        if n
+        else np.array([], dtype=object),
+    }
+
+
+def load_sample_truth(export_dir: Path) -> dict[tuple[str, str, float], float] | None:
+    """Generating probabilities of sample data, from the export or its root (else None)."""
+    for path in (export_dir / SAMPLE_TRUTH_FILE, export_dir.parent / SAMPLE_TRUTH_FILE):
+        if path.is_file():
+            data = np.load(path)
+            keys = zip(
+                data["station_id"],
+                data["trip_id"],
+                data["scheduled_timestamp"].tolist(),
+                strict=True,
+            )
+            return dict(zip(keys, data["best_probability"].tolist(), strict=True))
+    return None
+
+
+def best_possible_accuracy(
+    truth: dict | None, columns: dict[str, np.ndarray], idx: np.ndarray
+) -> dict[str, Any] | None:
+    """Mean generating probability of the likeliest track over the records (sample data)."""
+    if truth is None:
+        return None
+    keys = zip(
+        columns["station_id"][idx], columns["trip_id"][idx],
+        columns["scheduled_timestamp"][idx].astype(np.float32).tolist(), strict=True,
+    )  # fmt: skip
+    found = [truth[k] for k in keys if k in truth]
+    if not found:
+        return None
+    return {"accuracy": float(np.mean(found)), "matched": len(found), "records": int(len(idx))}
+
+
+@dataclass
+class Evaluation:
+    """A model scored on a set of records, with its comparisons."""
+
+    metrics: dict[str, Any]
+    baselines: dict[str, float]
+    best_possible: dict[str, Any] | None
+    labels: list[str]
+
+
+def evaluate_model(
+    model: Any,
+    columns: dict[str, np.ndarray],
+    idx: np.ndarray,
+    tables: dict[str, Any] | None,
+    truth: dict | None,
+) -> Evaluation:
+    labels = model_labels(model)
+    probs = predict_probabilities(model, model_features(columns, idx))
+    true_tracks = columns["track_number"][idx]
+    metrics = evaluate_predictions(probs, true_tracks, labels, columns["station_id"][idx])
+    baselines = {}
+    if tables:
+        for name, predicted in baseline_predictions(tables, columns, idx).items():
+            baselines[name] = float((predicted == true_tracks).mean())
+    return Evaluation(metrics, baselines, best_possible_accuracy(truth, columns, idx), labels)
+
+
+# ---------------------------------------------------------------------------
+# Reports: markdown with embedded PNG figures.
+# ---------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = range(1, len(history.get("loss", [])) + 1)
+    for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
+        if key in history:
+            ax.plot(epochs, history[key], label=f"train {key}")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(confusion: np.ndarray, labels: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = confusion.sum(axis=1, keepdims=True)
+    share = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+    size = max(5.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted track")
+    ax.set_ylabel("actual track")
+    ax.set_title("Validation confusion matrix (row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validation records") -> str:
+    m = ev.metrics
+    rows = [
+        ["Model (top-1)", _pct(m["top1_accuracy"])],
+        ["Model (top-3)", _pct(m["top3_accuracy"])],
+    ]
+    names = {
+        "station_route": "Baseline: most frequent track for the station + route",
+        "station_train": "Baseline: most frequent track for the station + train number",
+    }
+    for key, acc in ev.baselines.items():
+        rows.append([names[key], _pct(acc)])
+    if ev.best_possible:
+        bp = ev.best_possible
+        rows.append([
+            f"Best possible (sample data's generating probabilities, {bp['matched']:,} records)",
+            _pct(bp["accuracy"]),
+        ])  # fmt: skip
+    parts = [
+        f"## {title}",
+        "",
+        f"{m['records']:,} records"
+        + (
+            f", of which {m['unknown_track_records']:,} have a track never seen in training "
+            "(counted as wrong)"
+            if m["unknown_track_records"]
+            else ""
+        )  # fmt: skip
+        + ". All figures below are measured on these same records.",
+        "",
+        markdown_table(["", "Accuracy"], rows),
+        "",
+    ]
+    if "station_train" in ev.baselines:
+        delta = m["top1_accuracy"] - ev.baselines["station_train"]
+        parts += [f"Model minus the per-train-number baseline: {100 * delta:+.2f} points.", ""]
+    if ev.best_possible:
+        ratio = m["top1_accuracy"] / ev.best_possible["accuracy"]
+        parts += [f"Model accuracy is {100 * ratio:.1f}% of the best possible.", ""]
+    parts += [
+        "### Accuracy at coverage",
+        "",
+        "Answer only when the top probability reaches a threshold: the share of records "
+        "answered and the accuracy on them.",
+        "",
+        markdown_table(
+            ["Threshold", "Coverage", "Accuracy"],
+            [
+                [f"{c['threshold']:.2f}", _pct(c["coverage"]), _pct(c["accuracy"])]
+                for c in m["coverage"]
+            ],
+        ),
+        "",
+        f"Expected calibration error (10 bins): {m['expected_calibration_error']:.4f} "
+        f"(mean top-1 confidence {_pct(m['mean_confidence'])} vs accuracy {_pct(m['top1_accuracy'])}).",
+        "",
+        "### Accuracy per station",
+        "",
+        markdown_table(
+            ["Station", "Records", "Accuracy"],
+            [[s, f"{v['records']:,}", _pct(v["accuracy"])] for s, v in m["per_station"].items()],
+        ),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def dataset_section(data: PreparedData) -> str:
+    counts = data.vocab_info["record_counts"]
+    split = data.split_info
+    lines = [
+        "## Dataset Information",
+        "",
+        f"- Export: `{data.export_dir}`",
+        f"- Records: {counts['total']:,} (training {counts['train']:,}, validation {counts['validation']:,})",
+    ]
+    if split["method"] == "time":
+        lines += [
+            f"- Split: by time, earliest {100 * (1 - VALIDATION_FRACTION):.0f}% train, latest "
+            f"{100 * VALIDATION_FRACTION:.0f}% validate; every validation record is later than every training record",
+            f"- Training period: {split['train_period'][0]} to {split['train_period'][1]}",
+            f"- Validation period: {split['validation_period'][0]} to {split['validation_period'][1]}",
+        ]
+    else:
+        lines.append(
+            f"- Split: random (seed {split['seed']}); the same train appears on both sides"
+        )
+    if counts["validation_unknown_track"]:
+        lines.append(
+            f"- Validation records with a track unseen in training: {counts['validation_unknown_track']:,}"
+        )
+    skipped = data.metadata.get("skipped_total")
+    if skipped is not None:
+        lines.append(f"- Records the exporter skipped: {skipped:,}")
+    lines += [
+        "",
+        "Vocabulary sizes (from the training records; one more index for unknown values):",
+        "",
+    ]
+    lines.append(
+        markdown_table(
+            ["Vocabulary", "Size"], [[k, v] for k, v in vocab_sizes(data.vocab_info).items()]
+        )
+    )
+    lines += ["", f"Tracks (class order): {', '.join(data.vocab_info['tracks'])}", ""]
+    return "\n".join(lines)
+
+
+def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bool) -> str:
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    total = int(model.count_params())
+    lines = [
+        "## Model Details",
+        "",
+        f"- Parameters: {total:,} ({trainable:,} trainable)",
+        f"- Dense layers: {' -> '.join(str(u) for u in cfg.hidden_units)} -> {model.output.shape[-1]} (softmax)",
+        f"- Embeddings: station {cfg.station_embedding}, route {cfg.route_embedding}, headsign "
+        f"{cfg.headsign_embedding}, train number {cfg.train_embedding}, station+train number "
+        f"{cfg.station_train_embedding}, direction 2",
+        "- Time features: hour, minute and day of week as sin/cos pairs; scheduled timestamp standardised",
+        f"- Regularisation: L1 {cfg.l1:g}, L2 {cfg.l2:g} on dense kernels; dropout {cfg.dropout:g}; "
+        f"batch normalisation {'on' if cfg.batch_norm else 'off'}",
+        "- Output restricted to the tracks each station used in training (all tracks for an unknown station)",
+        f"- Class weights: {class_weight}",
+        f"- Data augmentation: {'on' if augmented else 'off'} (used below {AUGMENT_BELOW:,} training records: "
+        "clock jitter of up to 3 minutes, 10% of trip ids hidden)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Training loop: options, callbacks, fit.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOptions:
+    """Options shared by the training modes (declared once, see `training_options`)."""
+
+    epochs: int = 50
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    model_path: str = DEFAULT_MODEL_PATH
+    seed: int = 42
+    early_stop_patience: int = 8
+    early_stop_min_delta: float = 1e-4
+    reduce_lr_patience: int = 4
+    reduce_lr_factor: float = 0.5
+    scheduler_tmax: int = 0  # 0: the number of epochs
+    no_early_stop: bool = False
+    no_scheduler: bool = False
+    split: str = "time"
+    class_weight: str = "balanced"
+
+
+class CosineWithPlateau:
+    """Cosine annealing from the initial rate to 1% of it over `tmax` epochs, times a
+    factor that drops by `factor` after `patience` epochs without a better val_loss."""
+
+    @staticmethod
+    def make(base_lr: float, tmax: int, patience: int, factor: float) -> Any:
+        _load_tensorflow()
+
+        class _Callback(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.scale, self.best, self.wait = 1.0, math.inf, 0
+
+            def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+                progress_ = min(epoch, tmax) / max(tmax, 1)
+                cosine = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress_))
+                self.model.optimizer.learning_rate.assign(base_lr * cosine * self.scale)
+
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                logs = logs if logs is not None else {}
+                logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
+                loss = logs.get("val_loss", math.inf)
+                if loss < self.best - 1e-6:
+                    self.best, self.wait = loss, 0
+                else:
+                    self.wait += 1
+                    if self.wait >= patience:
+                        self.scale *= factor
+                        self.wait = 0
+
+        return _Callback()
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    """'balanced': n / (k * count) for each class present; 'sqrt': its square root."""
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes)
+    present = counts > 0
+    weights = np.ones(num_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    if mode == "sqrt":
+        weights = np.sqrt(weights)
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def compile_model(model: Any, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=[
+            "accuracy",
+            keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy"),
+        ],
+    )
+
+
+def fit_model(
+    model: Any,
+    data: PreparedData,
+    opts: TrainOptions,
+    best_path: Path | None,
+    log_dir: Path | None,
+    label: str = "",
+) -> tuple[dict[str, list[float]], float]:
+    """Compile and fit with the options' callbacks; returns (history, seconds)."""
+    import os
+
+    callbacks = []
+    if best_path is not None:
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor="val_accuracy", mode="max", save_best_only=True
+        ))  # fmt: skip
+    if not opts.no_early_stop:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=opts.early_stop_patience,
+            min_delta=opts.early_stop_min_delta, restore_best_weights=True,
+        ))  # fmt: skip
+    if not opts.no_scheduler:
+        callbacks.append(CosineWithPlateau.make(
+            opts.learning_rate, opts.scheduler_tmax or opts.epochs,
+            opts.reduce_lr_patience, opts.reduce_lr_factor,
+        ))  # fmt: skip
+    if log_dir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False))
+    compile_model(model, opts.learning_rate)
+    quiet = bool(os.environ.get("IMT_ML_NO_PROGRESS")) or not sys.stderr.isatty()
+    if label:
+        log(label)
+    started = time.perf_counter()
+    history = model.fit(
+        data.train_ds,
+        validation_data=data.val_ds,
+        epochs=opts.epochs,
+        class_weight=class_weights(
+            data.train_labels, data.vocab_info["num_classes"], opts.class_weight
+        ),
+        callbacks=callbacks,
+        verbose=2 if quiet else 1,
+        shuffle=False,  # train_ds already reshuffles every epoch
+    )
+    return {
+        k: [float(v) for v in vals] for k, vals in history.history.items()
+    }, time.perf_counter() - started
+
+
+def vocab_file_for(model_file: Path) -> Path:
+    """`{model_path}_vocab.json` beside a `{model_path}_best.keras` / `_final.keras` file."""
+    stem = model_file.name.removesuffix(".keras")
+    for suffix in ("_best", "_final"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return model_file.with_name(f"{stem}_vocab.json")
+
+
+def save_vocab(path: Path, vocab_info: dict[str, Any], tables: dict[str, Any]) -> None:
+    write_json(path, {**vocab_info, "baselines": tables})
+
+
+# ---------------------------------------------------------------------------
+# Modes.
+# ---------------------------------------------------------------------------
+
+
+def run_train(data_dir: Path | str, opts: TrainOptions, config: ModelConfig | None = None) -> Path:
+    """`train`: fit one model, save best/final/vocab, write training_report.md."""
+    _load_tensorflow()
+    started_at = dt.datetime.now()
+    started = time.perf_counter()
+    keras.utils.set_random_seed(opts.seed)
+    cfg = config or ModelConfig(seed=opts.seed)
+
+    # Data
+    data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
+    run_dir = create_run_dir("train")
+    log(f"Outputs go to {run_dir}")
+    best_path = run_dir / f"{opts.model_path}_best.keras"
+    final_path = run_dir / f"{opts.model_path}_final.keras"
+    vocab_path = run_dir / f"{opts.model_path}_vocab.json"
+    tables = baseline_tables(data.columns, data.train_idx)
+    save_vocab(vocab_path, data.vocab_info, tables)
+
+    # Train
+    model = create_simple_model(data.vocab_info, cfg)
+    history, fit_seconds = fit_model(model, data, opts, best_path, run_dir / "logs")
+    model.save(final_path)
+    if not best_path.exists():  # no epoch improved on the first: keep the final one
+        model.save(best_path)
+
+    # Evaluate the best checkpoint on the validation records
+    best = keras.models.load_model(best_path, compile=False)
+    truth = load_sample_truth(data.export_dir)
+    evaluation = evaluate_model(best, data.columns, data.val_idx, tables, truth)
+    curves = plot_learning_curves(history, run_dir / "learning_curves.png")
+    confusion = plot_confusion_matrix(
+        evaluation.metrics["confusion"], evaluation.labels, run_dir / "confusion_matrix.png"
+    )
+
+    # Report
+    epochs_run = len(history.get("loss", []))
+    report = [
+        "# Training Report - Train",
+        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        "",
+        "## Overview",
+        "",
+        "- Command: train",
+        f"- Training Duration: {time.perf_counter() - started:.1f} seconds "
+        f"({(time.perf_counter() - started) / 60:.1f} minutes)",
+        f"- Output Directory: {run_dir}",
+        f"- Data: {data.export_dir}",
+        "",
+        "## Final Performance Metrics",
+        "",
+        f"- Validation Loss: {history['val_loss'][-1]:.4f} (last epoch)",
+        f"- Validation Accuracy: {history['val_accuracy'][-1]:.4f} (last epoch)",
+        f"- Best Validation Accuracy: {max(history['val_accuracy']):.4f} "
+        f"(epoch {int(np.argmax(history['val_accuracy'])) + 1} of {epochs_run}; saved as `{best_path.name}`)",
+        "- Keras' validation figures leave out validation records whose track never occurred in training; "
+        "the evaluation below counts them as wrong.",
+        "",
+        evaluation_section(evaluation),
+        "## Training Configuration",
+        "",
+        markdown_table(["Option", "Value"], [[k, v] for k, v in dataclasses.asdict(opts).items()]),
+        "",
+        dataset_section(data),
+        "## Timing Information",
+        "",
+        f"- Started: {started_at:%Y-%m-%d %H:%M:%S}",
+        f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        f"- Epochs run: {epochs_run} of {opts.epochs}"
+        + (" (early stopping)" if epochs_run < opts.epochs else ""),
+        f"- Fit time: {fit_seconds:.1f} s ({fit_seconds / max(epochs_run, 1):.2f} s per epoch)",
+        "",
+        model_section(best, cfg, opts.class_weight, data.augmented),
+        "## Train Mode Details",
+        "",
+        f"- Early stopping: {'off' if opts.no_early_stop else f'on val_loss, patience {opts.early_stop_patience}, min delta {opts.early_stop_min_delta:g}, best weights restored'}",
+        f"- Learning rate: {'constant' if opts.no_scheduler else f'cosine from {opts.learning_rate:g} to 1% over {opts.scheduler_tmax or opts.epochs} epochs, times {opts.reduce_lr_factor:g} after {opts.reduce_lr_patience} epochs without a better val_loss'}",
+        "",
+        "## Learning Curves",
+        "",
+        f"![Learning curves]({curves.name})",
+        "",
+        "## Confusion Matrix",
+        "",
+        f"![Confusion matrix]({confusion.name})",
+        "",
+        "## Files",
+        "",
+        f"- `{best_path.name}`, `{final_path.name}`: models taking raw values, answering with track probabilities "
+        "(labels in the `track_probabilities` layer); load with `compile=False` after `import imt_ml.tfrecord_reader`",
+        f"- `{vocab_path.name}`: vocabularies and baseline tables",
+        "- `logs/`: TensorBoard",
+        "",
+    ]
+    (run_dir / "training_report.md").write_text("\n".join(report))
+    m = evaluation.metrics
+    headline = f"validation top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])}"
+    if evaluation.baselines:
+        headline += f"; per-train-number baseline {_pct(evaluation.baselines['station_train'])}"
+    if evaluation.best_possible:
+        headline += f"; best possible {_pct(evaluation.best_possible['accuracy'])}"
+    log(f"Done: {headline}")
+    log(f"Report: {run_dir / 'training_report.md'}")
+    return run_dir
+
+
+def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
+    """`evaluate`: score a saved model on every record of an export."""
+    _load_tensorflow()
+    custom_layers()
+    export_dir = find_export_dir(data_dir)
+    model = load_saved_model(model_file)
+    columns = read_export_columns(export_dir)
+    idx = np.arange(len(columns["track_number"]))
+    vocab_path = vocab_file_for(model_file)
+    tables = json.loads(vocab_path.read_text()).get("baselines") if vocab_path.exists() else None
+    evaluation = evaluate_model(model, columns, idx, tables, load_sample_truth(export_dir))
+    run_dir = create_run_dir("evaluate")
+    confusion = plot_confusion_matrix(
+        evaluation.metrics["confusion"], evaluation.labels, run_dir / "confusion_matrix.png"
+    )
+    report = [
+        "# Evaluation Report",
+        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        "",
+        f"- Model: `{model_file}`",
+        f"- Data: `{export_dir}` (all {len(idx):,} records)",
+        "- Baselines: "
+        + (
+            f"tables from the model's training data (`{vocab_path.name}`)"
+            if tables
+            else "not available (no vocab JSON beside the model)"
+        ),
+        "",
+        evaluation_section(evaluation, "Evaluation"),
+        f"![Confusion matrix]({confusion.name})",
+        "",
+    ]
+    (run_dir / "evaluation_report.md").write_text("\n".join(report))
+    m = evaluation.metrics
+    log(
+        f"Top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])} on {len(idx):,} records"
+    )
+    log(f"Report: {run_dir / 'evaluation_report.md'}")
+    return run_dir, evaluation
+
+
+def load_saved_model(model_file: Path | str) -> Any:
+    """Load a model saved by this module, with one clear error if it cannot be."""
+    _load_tensorflow()
+    custom_layers()
+    path = Path(model_file)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist")
+    try:
+        model = keras.models.load_model(path, compile=False)
+        model_labels(model)
+    except Exception as exc:  # Keras raises many kinds for a foreign or broken file
+        raise UserError(
+            f"cannot load {path} as an imt-ml model: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Prediction from raw tracker JSON.
+# ---------------------------------------------------------------------------
+
+
+def features_from_assignment(doc: Any) -> dict[str, Any]:
+    """Model inputs from one tracker assignment JSON object; ValueError if unusable.
+
+    hour, minute and day_of_week default to the scheduled time's own local clock;
+    a missing trip id or headsign becomes unknown (the model still answers)."""
+    if not isinstance(doc, dict):
+        raise ValueError("expected a JSON object")
+    for name in ("station_id", "route_id", "scheduled_time", "direction_id"):
+        if doc.get(name) is None:
+            raise ValueError(f"missing field {name}")
+    try:
+        when = dt.datetime.fromisoformat(str(doc["scheduled_time"]))
+    except ValueError:
+        raise ValueError(
+            f"scheduled_time {doc['scheduled_time']!r} is not an ISO 8601 time"
+        ) from None
+    if when.tzinfo is None:
+        raise ValueError("scheduled_time needs a UTC offset")
+    direction = doc["direction_id"]
+    if type(direction) is not int or direction not in (0, 1):
+        raise ValueError("direction_id must be 0 or 1")
+    out = {
+        "station_id": str(doc["station_id"]),
+        "route_id": str(doc["route_id"]),
+        "trip_id": str(doc.get("trip_id") or ""),
+        "headsign": str(doc.get("headsign") or ""),
+        "direction_id": direction,
+        "hour": doc.get("hour", when.hour),
+        "minute": doc.get("minute", when.minute),
+        "day_of_week": doc.get("day_of_week", when.weekday()),
+        "scheduled_timestamp": when.timestamp(),
+    }
+    for name, top in (("hour", 23), ("minute", 59), ("day_of_week", 6)):
+        if type(out[name]) is not int or not 0 <= out[name] <= top:
+            raise ValueError(f"{name} must be an integer 0..{top}")
+    return out
+
+
+class TrackPredictor:
+    """A saved model that takes tracker assignments and answers with track labels.
+
+    >>> predictor = load_predictor("output/train_.../track_prediction_model_best.keras")
+    >>> predictor.predict([assignment_dict])[0][:2]
+    [('5', 0.81), ('6', 0.11)]
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.labels = model_labels(model)
+        stations = model.get_layer("station_lookup").get_vocabulary()
+        self.stations = set(stations[1:])  # index 0 is the unknown bucket
+        mask = model.get_layer("station_track_mask").get_weights()[0]
+        self.station_tracks = {
+            s: {self.labels[j] for j in np.flatnonzero(mask[i])}
+            for i, s in enumerate(stations)
+            if i
+        }
+
+    def probabilities(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """Class probabilities (columns in `self.labels` order) for assignment dicts."""
+        features = [features_from_assignment(r) for r in records]
+        columns = {
+            name: np.array(
+                [f[name] for f in features], dtype=object if dtype == "string" else dtype
+            )
+            for name, dtype in MODEL_INPUTS.items()
+        }
+        return predict_probabilities(self.model, columns)
+
+    def predict(self, records: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:
+        """For each record, (track, probability) pairs, most likely first. Only tracks the
+        station used in training are listed (all tracks for an unknown station)."""
+        results = []
+        for record, probs in zip(records, self.probabilities(records), strict=True):
+            allowed = self.station_tracks.get(record["station_id"], set(self.labels))
+            order = np.argsort(-probs, kind="stable")
+            results.append(
+                [(self.labels[j], float(probs[j])) for j in order if self.labels[j] in allowed]
+            )
+        return results
+
+
+def load_predictor(model_file: Path | str) -> TrackPredictor:
+    return TrackPredictor(load_saved_model(model_file))
+
+
+def run_predict(
+    model_file: Path, lines: Iterable[str], write: Callable[[str], None], chunk: int = 1024
+) -> int:
+    """Answer each JSON line with one JSON line, in input order; returns how many were errors.
+
+    A line that is not usable gets `{"error": ...}` and the rest go on."""
+    predictor = load_predictor(model_file)
+    errors = 0
+    batch: list[tuple[Any, str | None]] = []  # (assignment, error)
+
+    def flush() -> None:
+        nonlocal errors
+        good = [doc for doc, error in batch if error is None]
+        predictions = iter(predictor.predict(good) if good else [])
+        for doc, error in batch:
+            if error is not None:
+                errors += 1
+                write(json.dumps({"error": error}))
+                continue
+            answer: dict[str, Any] = {
+                "predictions": [
+                    {"track": t, "probability": round(p, 6)} for t, p in next(predictions)
+                ]
+            }
+            if doc["station_id"] not in predictor.stations:
+                answer["warning"] = (
+                    f"unknown station_id {doc['station_id']!r}: every track considered"
+                )
+            write(json.dumps(answer))
+        batch.clear()
+
+    for line in lines:
+        if not line.strip():
+            continue  # blank lines are not records
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            batch.append((None, f"invalid JSON: {exc}"))
+        else:
+            try:
+                features_from_assignment(doc)
+                batch.append((doc, None))
+            except ValueError as exc:
+                batch.append((None, str(exc)))
+        if len(batch) >= chunk:
+            flush()
+    flush()
+    return errors
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+
+
+def training_options(func: Callable) -> Callable:
+    """The options `train` and `ensemble` share, declared once."""
+    d = TrainOptions()
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), default=d.epochs, show_default=True, help="Maximum epochs."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True),
+        click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=d.learning_rate, show_default=True),
+        click.option("--seed", type=int, default=d.seed, show_default=True, help="Random seed."),
+        click.option("--early-stop-patience", type=click.IntRange(min=1), default=d.early_stop_patience, show_default=True,
+                     help="Epochs without a better val_loss before stopping."),
+        click.option("--early-stop-min-delta", type=float, default=d.early_stop_min_delta, show_default=True,
+                     help="Smallest val_loss change that counts as better."),
+        click.option("--reduce-lr-patience", type=click.IntRange(min=1), default=d.reduce_lr_patience, show_default=True,
+                     help="Epochs without a better val_loss before the rate is cut."),
+        click.option("--reduce-lr-factor", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=d.reduce_lr_factor, show_default=True, help="Factor applied to the rate on a plateau."),
+        click.option("--scheduler-tmax", type=click.IntRange(min=0), default=d.scheduler_tmax, show_default=True,
+                     help="Epochs of the cosine schedule (0: --epochs)."),
+        click.option("--no-early-stop", is_flag=True, help="Train all --epochs."),
+        click.option("--no-scheduler", is_flag=True, help="Keep the learning rate constant."),
+        click.option("--split", type=click.Choice(["time", "random"]), default=d.split, show_default=True,
+                     help="time: latest 20% validate; random: a seeded shuffle."),
+        click.option("--class-weight", type=click.Choice(["balanced", "sqrt", "none"]), default=d.class_weight,
+                     show_default=True, help="Per-class loss weights."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.pass_context
+def cli(ctx: click.Context, data_dir: Path) -> None:
+    """Train and use track-prediction models on the export in DATA_DIR.
+
+    DATA_DIR is an export directory or an export root (its newest complete export
+    is used). Without a MODE, `train` runs with its defaults.
+    """
+    ctx.obj = {"data_dir": data_dir}
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(train)
+
+
+@cli.command()
+@training_options
+@click.option(
+    "--model-path",
+    default=DEFAULT_MODEL_PATH,
+    show_default=True,
+    help="File name prefix of the saved files.",
+)
+@click.pass_context
+def train(ctx: click.Context, **options: Any) -> None:
+    """Train one model; writes models, vocab and training_report.md under output/train_<time>/."""
+    opts = TrainOptions(**{k: v for k, v in options.items() if v is not None})
+    run_dir = run_train(ctx.obj["data_dir"], opts)
+    click.echo(str(run_dir))
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_file",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A saved .keras model.",
+)
+@click.pass_context
+def evaluate(ctx: click.Context, model_file: Path) -> None:
+    """Score a saved model on every record of the export in DATA_DIR."""
+    run_dir, _ = run_evaluate(ctx.obj["data_dir"], model_file)
+    click.echo(str(run_dir))
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_file",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A saved .keras model.",
+)
+@click.option("--input", "input_file", type=click.File("r"), default="-", show_default=True,
+              help="JSON lines of tracker assignments (- for stdin).")  # fmt: skip
+def predict(model_file: Path, input_file: Any) -> None:
+    """Predict tracks for JSON lines; one JSON line out per line in (DATA_DIR is not read)."""
+    run_predict(model_file, input_file, click.echo)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
