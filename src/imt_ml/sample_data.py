@@ -499,10 +499,26 @@ def to_export(records: int, seed: int, output: Path, records_per_file: int) -> N
     "--output", "-o", type=click.Path(file_okay=False, path_type=Path),
     default=Path("track_data_export"), show_default=True, help="Export root.",
 )  # fmt: skip
-def demo(records: int, seed: int, output: Path) -> None:
-    """Sample history -> Redis (when a server can be started) -> TFRecord export."""
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+def demo(records: int, seed: int, output: Path, epochs: int) -> None:
+    """Sample history -> Redis (when a server can be started) -> export -> train -> report."""
+    from imt_ml.tfrecord_reader import TrainOptions, run_train
+
     path = run_demo_export(records, seed, output)
     log(f"Demo export ready: {path}")
+    result = run_train(path, TrainOptions(epochs=epochs, seed=seed))
+    m = result.evaluation.metrics
+    baselines = result.evaluation.baselines
+    best = result.evaluation.best_possible
+    log("")
+    log(f"Demo finished in {result.run_dir}")
+    log(
+        f"  validation top-1 accuracy      {100 * m['top1_accuracy']:6.2f}%  (top-3 {100 * m['top3_accuracy']:.2f}%)"
+    )
+    log(f"  baseline: station + train no.  {100 * baselines['station_train']:6.2f}%")
+    if best:
+        log(f"  best possible (sample data)    {100 * best['accuracy']:6.2f}%")
+    log(f"  report: {result.run_dir / 'training_report.md'}")
 
 
 def run_demo_export(records: int, seed: int, output: Path) -> Path:

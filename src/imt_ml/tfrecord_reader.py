@@ -1019,7 +1019,9 @@ class TrainOptions:
     no_early_stop: bool = False
     no_scheduler: bool = False
     split: str = "time"
-    class_weight: str = "balanced"
+    # sqrt of the balanced weights: rare tracks still count more, without the ~2 point
+    # top-1 cost that fully balanced weights showed on 200k sample records.
+    class_weight: str = "sqrt"
 
 
 class CosineWithPlateau:
@@ -1147,7 +1149,21 @@ def save_vocab(path: Path, vocab_info: dict[str, Any], tables: dict[str, Any]) -
 # ---------------------------------------------------------------------------
 
 
-def run_train(data_dir: Path | str, opts: TrainOptions, config: ModelConfig | None = None) -> Path:
+@dataclass
+class TrainResult:
+    run_dir: Path
+    evaluation: Evaluation
+    history: dict[str, list[float]]
+    fit_seconds: float
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history.get("loss", []))
+
+
+def run_train(
+    data_dir: Path | str, opts: TrainOptions, config: ModelConfig | None = None
+) -> TrainResult:
     """`train`: fit one model, save best/final/vocab, write training_report.md."""
     _load_tensorflow()
     started_at = dt.datetime.now()
@@ -1249,7 +1265,7 @@ def run_train(data_dir: Path | str, opts: TrainOptions, config: ModelConfig | No
         headline += f"; best possible {_pct(evaluation.best_possible['accuracy'])}"
     log(f"Done: {headline}")
     log(f"Report: {run_dir / 'training_report.md'}")
-    return run_dir
+    return TrainResult(run_dir, evaluation, history, fit_seconds)
 
 
 def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
@@ -1515,8 +1531,8 @@ def cli(ctx: click.Context, data_dir: Path) -> None:
 def train(ctx: click.Context, **options: Any) -> None:
     """Train one model; writes models, vocab and training_report.md under output/train_<time>/."""
     opts = TrainOptions(**{k: v for k, v in options.items() if v is not None})
-    run_dir = run_train(ctx.obj["data_dir"], opts)
-    click.echo(str(run_dir))
+    result = run_train(ctx.obj["data_dir"], opts)
+    click.echo(str(result.run_dir))
 
 
 @cli.command()

@@ -1,0 +1,305 @@
+"""Training, evaluation and prediction through the real entry points on small sample data."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from imt_ml import tfrecord_reader as tr
+from imt_ml.export_track_data import TFRecordShardWriter, encode_example
+from imt_ml.sample_data import write_export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory) -> Path:
+    """An export root holding one small sample export (with its truth file)."""
+    root = tmp_path_factory.mktemp("exports")
+    write_export(root, 3000, seed=21, records_per_file=1000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(sample_root, tmp_path_factory) -> dict:
+    """One `train` run through the CLI, shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("output")
+    result = CliRunner().invoke(
+        tr.cli,
+        [str(sample_root), "train", "--epochs", "3", "--batch-size", "64", "--seed", "3"],
+        env={"IMT_ML_OUTPUT_DIR": str(out)},
+    )
+    assert result.exit_code == 0, result.output
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    return {"run_dir": run_dir, "result": result, "out": out}
+
+
+def val_columns(sample_root: Path) -> tuple[dict, np.ndarray]:
+    export = tr.find_export_dir(sample_root)
+    columns = tr.read_export_columns(export)
+    _, val_idx, _ = tr.split_records(columns["scheduled_timestamp"], "time", seed=0)
+    return columns, val_idx
+
+
+def assignment_json(columns: dict, i: int) -> dict:
+    """A tracker assignment for record i, rebuilt from its exported fields."""
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(float(columns["scheduled_timestamp"][i]), dt.UTC)
+    return {
+        "station_id": columns["station_id"][i],
+        "route_id": columns["route_id"][i],
+        "trip_id": columns["trip_id"][i],
+        "headsign": columns["headsign"][i],
+        "direction_id": int(columns["direction_id"][i]),
+        "assignment_type": "historical",
+        "track_number": None,
+        "scheduled_time": when.isoformat(),
+        "day_of_week": int(columns["day_of_week"][i]),
+        "hour": int(columns["hour"][i]),
+        "minute": int(columns["minute"][i]),
+    }
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+
+
+def test_train_writes_every_output(trained, sample_root):
+    run_dir = trained["run_dir"]
+    assert run_dir.parent == trained["out"] and re.fullmatch(r"train_\d{8}_\d{6}", run_dir.name)
+    for name in ("track_prediction_model_best.keras", "track_prediction_model_final.keras",
+                 "track_prediction_model_vocab.json", "training_report.md",
+                 "learning_curves.png", "confusion_matrix.png"):  # fmt: skip
+        assert (run_dir / name).stat().st_size > 0, name
+    assert any((run_dir / "logs").rglob("events.out.tfevents.*"))
+    # The run says which export it used and where everything went.
+    assert "Using the newest export" in trained["result"].stderr
+    assert f"Report: {run_dir / 'training_report.md'}" in trained["result"].stderr
+
+    vocab = json.loads((run_dir / "track_prediction_model_vocab.json").read_text())
+    assert vocab["tracks"] == sorted(vocab["tracks"], key=int)  # "2" before "10"
+    assert vocab["tracks"][:3] == ["1", "2", "3"]
+    assert {"station_route", "station_train"} <= set(vocab["baselines"])
+
+
+def test_saved_model_takes_raw_values_and_answers_with_labels(trained, sample_root):
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(
+        trained["run_dir"] / "track_prediction_model_best.keras", compile=False
+    )
+    labels = model.get_layer("track_probabilities").labels
+    assert labels == [str(t) for t in range(1, 14)]
+    columns, val_idx = val_columns(sample_root)
+    sel = val_idx[:50]
+    raw = {
+        name: tf.constant(columns[name][sel].astype(object if dtype == "string" else dtype))
+        for name, dtype in tr.MODEL_INPUTS.items()
+    }
+    probs = model(raw).numpy()
+    assert probs.shape == (50, 13)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # Back Bay has five platforms: the model never spends probability on the others.
+    back_bay = columns["station_id"][sel] == "place-bbsta"
+    allowed = [labels.index(t) for t in ("1", "2", "3", "5", "7")]
+    assert back_bay.any()
+    assert probs[back_bay][:, allowed].sum(axis=1) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_agrees_with_the_saved_model(trained, sample_root, tmp_path):
+    model_file = trained["run_dir"] / "track_prediction_model_best.keras"
+    predictor = tr.load_predictor(model_file)
+    columns, val_idx = val_columns(sample_root)
+    records = [assignment_json(columns, i) for i in val_idx[:20]]
+    direct = predictor.probabilities(records)
+
+    lines = [json.dumps(r) for r in records[:10]]
+    lines.insert(3, "{not json")
+    lines.insert(5, json.dumps({"station_id": "place-sstat"}))
+    unknown = dict(records[0], station_id="place-nowhere")
+    lines.append(json.dumps(unknown))
+    input_file = tmp_path / "in.jsonl"
+    input_file.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(tr.cli, ["-", "predict", "--model", str(model_file),
+                                         "--input", str(input_file)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(answers) == len(lines)
+    assert "invalid JSON" in answers[3]["error"]
+    assert "missing field" in answers[5]["error"]
+    good = [a for i, a in enumerate(answers[:-1]) if i not in (3, 5)]
+    for answer, probs in zip(good, direct[:10], strict=True):
+        preds = answer["predictions"]
+        assert preds[0]["track"] == predictor.labels[int(np.argmax(probs))]
+        assert preds[0]["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+        assert [p["probability"] for p in preds] == sorted(
+            (p["probability"] for p in preds), reverse=True
+        )
+    # An unknown station is answered over every track, with a warning.
+    assert "unknown station_id" in answers[-1]["warning"]
+    assert len(answers[-1]["predictions"]) == 13
+
+    # stdin works the same way.
+    result = CliRunner().invoke(tr.cli, ["-", "predict", "--model", str(model_file)],
+                                input="\n".join(lines[:2]) + "\n")  # fmt: skip
+    assert [json.loads(x) for x in result.stdout.splitlines()] == answers[:2]
+
+
+def test_report_numbers_match_the_saved_model(trained, sample_root):
+    report = (trained["run_dir"] / "training_report.md").read_text()
+    for heading in ("## Overview", "## Final Performance Metrics", "## Training Configuration",
+                    "## Dataset Information", "## Timing Information", "## Model Details",
+                    "## Train Mode Details", "### Accuracy at coverage", "### Accuracy per station",
+                    "![Learning curves](learning_curves.png)",
+                    "![Confusion matrix](confusion_matrix.png)"):  # fmt: skip
+        assert heading in report, heading
+    assert "Expected calibration error" in report and "Parameters:" in report
+
+    predictor = tr.load_predictor(trained["run_dir"] / "track_prediction_model_best.keras")
+    columns, val_idx = val_columns(sample_root)
+    probs = tr.predict_probabilities(predictor.model, tr.model_features(columns, val_idx))
+    predicted = np.array(predictor.labels)[probs.argmax(axis=1)]
+    top1 = (predicted == columns["track_number"][val_idx]).mean()
+    assert f"| Model (top-1) | {100 * top1:.2f}% |" in report
+
+    tables = tr.baseline_tables(columns, np.setdiff1d(np.arange(len(columns["trip_id"])), val_idx))
+    base = tr.baseline_predictions(tables, columns, val_idx)["station_train"]
+    acc = (base == columns["track_number"][val_idx]).mean()
+    assert f"station + train number | {100 * acc:.2f}% |" in report
+
+    truth = tr.load_sample_truth(tr.find_export_dir(sample_root))
+    best = tr.best_possible_accuracy(truth, columns, val_idx)
+    assert best["matched"] == len(val_idx)
+    assert f"{100 * best['accuracy']:.2f}%" in report
+
+
+def test_evaluate_scores_an_export_with_the_reports_metrics(trained, sample_root, tmp_path):
+    model_file = trained["run_dir"] / "track_prediction_model_final.keras"
+    result = CliRunner().invoke(tr.cli, [str(sample_root), "evaluate", "--model", str(model_file)],
+                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path)})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = (Path(result.stdout.strip()) / "evaluation_report.md").read_text()
+    assert "Baseline: most frequent track for the station + train number" in report
+    assert "### Accuracy at coverage" in report
+    columns = tr.read_export_columns(tr.find_export_dir(sample_root))
+    predictor = tr.load_predictor(model_file)
+    probs = tr.predict_probabilities(predictor.model, tr.model_features(columns))
+    top1 = (np.array(predictor.labels)[probs.argmax(axis=1)] == columns["track_number"]).mean()
+    assert f"| Model (top-1) | {100 * top1:.2f}% |" in report
+
+
+# ---------------------------------------------------------------------------
+# Data pipeline
+# ---------------------------------------------------------------------------
+
+
+def test_time_split_has_no_overlap_and_validation_is_strictly_later(sample_root):
+    train_ds, val_ds, vocab = tr.load_tfrecord_dataset(sample_root, batch_size=500)
+    train_ts = np.concatenate([x["scheduled_timestamp"].numpy() for x, _ in train_ds])
+    val_ts = np.concatenate([x["scheduled_timestamp"].numpy() for x, _ in val_ds])
+    assert train_ts.max() < val_ts.min()
+    counts = vocab["record_counts"]
+    assert len(train_ts) == counts["train"]
+    assert counts["train"] + counts["validation"] == counts["total"]
+    assert 0.18 < counts["validation"] / counts["total"] < 0.22
+
+    columns = tr.read_export_columns(tr.find_export_dir(sample_root))
+    for method in ("time", "random"):
+        train, val, _ = tr.split_records(columns["scheduled_timestamp"], method, seed=1)
+        assert not set(train) & set(val)
+        assert len(train) + len(val) == len(columns["trip_id"])
+
+
+def test_readme_programmatic_example_runs_as_written(sample_root, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                 if "load_tfrecord_dataset" in b)  # fmt: skip
+    assert "from src.imt_ml.tfrecord_reader import" in block
+    shutil.copytree(sample_root, tmp_path / "track_data_export")
+    script = tmp_path / "example.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + block)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val_accuracy" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one clear line, exit code 1, no traceback
+# ---------------------------------------------------------------------------
+
+
+def write_records(root: Path, records: list[tuple]) -> Path:
+    with TFRecordShardWriter(root, 1000) as writer:
+        for record in records:
+            writer.write(encode_example(record))
+        return writer.commit({"total_records": len(records)})
+
+
+def record(i: int, track: str) -> tuple:
+    return ("place-sstat", "CR-Worcester", f"CR-1-{500 + i % 7}", "Worcester - Worcester Ln", 0,
+            "historical", track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "no export in"),
+        ("no_metadata", "no metadata.json"),
+        ("no_shards", "no track_data_*.tfrecord"),
+        ("corrupt", "corrupt TFRecord"),
+        ("one_class", "at least two"),
+    ],
+)
+def test_bad_data_dirs_fail_with_one_clear_line(tmp_path, sample_root, setup, message):
+    data = tmp_path / "data"
+    if setup != "missing":
+        data.mkdir()
+    if setup == "no_metadata":
+        shutil.copy(next(tr.find_export_dir(sample_root).glob("*.tfrecord")), data)
+    elif setup == "no_shards":
+        (data / "metadata.json").write_text("{}")
+    elif setup == "corrupt":
+        export = write_records(data, [record(i, "5" if i % 2 else "6") for i in range(300)])
+        shard = next(export.glob("*.tfrecord"))
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2 : len(raw) // 2 + 64] = b"\xff" * 64
+        shard.write_bytes(bytes(raw))
+    elif setup == "one_class":
+        write_records(data, [record(i, "5") for i in range(300)])
+    result = CliRunner().invoke(tr.cli, [str(data), "train", "--epochs", "1"],
+                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1
+    assert not (tmp_path / "out").exists()  # nothing half-written looks like a run
+
+
+def test_missing_model_file_is_one_clear_line(tmp_path):
+    result = CliRunner().invoke(tr.cli, ["-", "predict", "--model", str(tmp_path / "nope.keras")],
+                                input="{}\n")  # fmt: skip
+    assert result.exit_code == 1
+    assert "does not exist" in result.stderr and "Traceback" not in result.output
+
+
+def test_runs_by_path_with_help():
+    out = subprocess.run([sys.executable, str(REPO / "src/imt_ml/tfrecord_reader.py"), "x", "train",
+                          "--help"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for flag in ("--early-stop-patience", "--no-scheduler", "--scheduler-tmax", "--model-path"):
+        assert flag in out
+    script = Path(sys.executable).parent / "tfrecord-reader"
+    assert script.exists()
