@@ -346,6 +346,21 @@ def test_unreachable_redis_fails_cleanly(tmp_path, clean_env):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_redis_that_never_answers_times_out_cleanly(tmp_path, clean_env):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (backlog) but never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        result, out = export(tmp_path, port, "--timeout", "0.5")
+    assert result.exit_code == 1
+    assert "timed out" in result.stderr and "Traceback" not in result.output
+    assert time.monotonic() - started < 20
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_empty_redis_is_an_error_not_an_empty_export(redis_client, redis_server, tmp_path,
                                                      clean_env):  # fmt: skip
     result, out = export(tmp_path, redis_server.port)

@@ -19,6 +19,7 @@ training loop, the modes, and the command line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -342,15 +343,8 @@ class PreparedData:
         return np.flatnonzero(self.val_labels >= 0)
 
 
-def prepare_data(
-    data_dir: Path | str,
-    batch_size: int = 256,
-    split: str = "time",
-    seed: int = 42,
-    validation_split: float = VALIDATION_FRACTION,
-    augment: bool | None = None,
-) -> PreparedData:
-    """Read an export, split it, build the vocabularies and the two datasets."""
+def load_export(data_dir: Path | str) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """(export directory, its metadata, its records as columns), checked for use."""
     export_dir = find_export_dir(data_dir)
     if Path(data_dir).resolve() != export_dir.resolve():
         log(f"Using the newest export: {export_dir}")
@@ -359,9 +353,21 @@ def prepare_data(
     n = len(columns["track_number"])
     if n < 10:
         raise UserError(f"the export {export_dir} holds only {n} records: too few to train on")
-    train_idx, val_idx, split_info = split_records(
-        columns["scheduled_timestamp"], split, seed, validation_split
-    )
+    return export_dir, metadata, columns
+
+
+def prepare_split(
+    export_dir: Path,
+    metadata: dict[str, Any],
+    columns: dict[str, np.ndarray],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    split_info: dict[str, Any],
+    batch_size: int = 256,
+    seed: int = 42,
+    augment: bool | None = None,
+) -> PreparedData:
+    """Vocabularies from `train_idx`, and the training and validation datasets."""
     vocab_info = build_vocab_info(columns, train_idx)
     labels = vocab_info["tracks"]
     train_labels = label_indices(columns["track_number"][train_idx], labels)
@@ -370,7 +376,7 @@ def prepare_data(
     val_labels = label_indices(columns["track_number"][val_idx], labels)
     augmented = len(train_idx) < AUGMENT_BELOW if augment is None else augment
     vocab_info["record_counts"] = {
-        "total": int(n),
+        "total": int(len(columns["track_number"])),
         "train": int(len(train_idx)),
         "validation": int(len(val_idx)),
         "validation_unknown_track": int((val_labels < 0).sum()),
@@ -389,6 +395,24 @@ def prepare_data(
         model_features(columns, val_idx[known]), val_labels[known], batch_size
     )
     return data
+
+
+def prepare_data(
+    data_dir: Path | str,
+    batch_size: int = 256,
+    split: str = "time",
+    seed: int = 42,
+    validation_split: float = VALIDATION_FRACTION,
+    augment: bool | None = None,
+) -> PreparedData:
+    """Read an export, split it, build the vocabularies and the two datasets."""
+    export_dir, metadata, columns = load_export(data_dir)
+    train_idx, val_idx, split_info = split_records(
+        columns["scheduled_timestamp"], split, seed, validation_split
+    )
+    return prepare_split(
+        export_dir, metadata, columns, train_idx, val_idx, split_info, batch_size, seed, augment
+    )
 
 
 def load_tfrecord_dataset(
@@ -468,18 +492,26 @@ def custom_layers() -> dict[str, type]:
             return {**super().get_config(), "period": self.period}
 
     class TrackProbabilities(keras.layers.Layer):
-        """The output: class probabilities, with the track label of each class kept in
-        the saved model (`model.get_layer("track_probabilities").labels`)."""
+        """The output: class probabilities, with the track label of each class and the
+        tracks each station used in training kept in the saved model
+        (`model.get_layer("track_probabilities").labels` / `.station_tracks`)."""
 
-        def __init__(self, labels: list[str], **kwargs):
+        def __init__(
+            self, labels: list[str], station_tracks: dict[str, list[str]] | None = None, **kwargs
+        ):
             super().__init__(**kwargs)
             self.labels = list(labels)
+            self.station_tracks = dict(station_tracks or {})
 
         def call(self, probabilities):
             return probabilities
 
         def get_config(self):
-            return {**super().get_config(), "labels": self.labels}
+            return {
+                **super().get_config(),
+                "labels": self.labels,
+                "station_tracks": self.station_tracks,
+            }
 
     layers = {
         "TrainNumber": TrainNumber,
@@ -519,7 +551,9 @@ def build_raw_inputs() -> dict[str, Any]:
     }
 
 
-def create_simple_model(vocab_info: dict[str, Any], config: ModelConfig | None = None) -> Any:
+def create_simple_model(
+    vocab_info: dict[str, Any], config: ModelConfig | None = None, name: str = "track_predictor"
+) -> Any:
     """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out.
 
     Station, route, direction, headsign, train number and station+train number
@@ -592,10 +626,10 @@ def create_simple_model(vocab_info: dict[str, Any], config: ModelConfig | None =
     probabilities = layers.Activation("softmax", name="softmax")(
         layers.Add(name="masked_logits")([logits, penalty])
     )
-    outputs = L["TrackProbabilities"](vocab_info["tracks"], name="track_probabilities")(
-        probabilities
-    )
-    model = keras.Model(inputs=inputs, outputs=outputs, name="track_predictor")
+    outputs = L["TrackProbabilities"](
+        vocab_info["tracks"], vocab_info["station_tracks"], name="track_probabilities"
+    )(probabilities)
+    model = keras.Model(inputs=inputs, outputs=outputs, name=name)
     mask_layer.set_weights([mask])
     return model
 
@@ -785,6 +819,7 @@ class Evaluation:
     baselines: dict[str, float]
     best_possible: dict[str, Any] | None
     labels: list[str]
+    probabilities: np.ndarray
 
 
 def evaluate_model(
@@ -802,7 +837,8 @@ def evaluate_model(
     if tables:
         for name, predicted in baseline_predictions(tables, columns, idx).items():
             baselines[name] = float((predicted == true_tracks).mean())
-    return Evaluation(metrics, baselines, best_possible_accuracy(truth, columns, idx), labels)
+    best = best_possible_accuracy(truth, columns, idx)
+    return Evaluation(metrics, baselines, best, labels, probs)
 
 
 # ---------------------------------------------------------------------------
@@ -1113,18 +1149,19 @@ def fit_model(
     quiet = bool(os.environ.get("IMT_ML_NO_PROGRESS")) or not sys.stderr.isatty()
     if label:
         log(label)
+    weights = class_weights(data.train_labels, data.vocab_info["num_classes"], opts.class_weight)
     started = time.perf_counter()
-    history = model.fit(
-        data.train_ds,
-        validation_data=data.val_ds,
-        epochs=opts.epochs,
-        class_weight=class_weights(
-            data.train_labels, data.vocab_info["num_classes"], opts.class_weight
-        ),
-        callbacks=callbacks,
-        verbose=2 if quiet else 1,
-        shuffle=False,  # train_ds already reshuffles every epoch
-    )
+    # Keras prints epoch lines on stdout; keep stdout for the paths the modes print.
+    with contextlib.redirect_stdout(sys.stderr):
+        history = model.fit(
+            data.train_ds,
+            validation_data=data.val_ds,
+            epochs=opts.epochs,
+            class_weight=weights,
+            callbacks=callbacks,
+            verbose=2 if quiet else 1,
+            shuffle=False,  # train_ds already reshuffles every epoch
+        )
     return {
         k: [float(v) for v in vals] for k, vals in history.history.items()
     }, time.perf_counter() - started
@@ -1268,6 +1305,408 @@ def run_train(
     return TrainResult(run_dir, evaluation, history, fit_seconds)
 
 
+# ---------------------------------------------------------------------------
+# ensemble: members of different shapes, averaged into one model.
+# ---------------------------------------------------------------------------
+
+DEFAULT_ENSEMBLE_MODEL_PATH = "track_prediction_ensemble_model"
+
+#: Member architectures, cycled; each member also gets its own seed.
+ENSEMBLE_VARIANTS: list[dict[str, Any]] = [
+    {"hidden_units": (256, 128), "dropout": 0.3},
+    {"hidden_units": (512, 256, 128), "dropout": 0.4, "train_embedding": 24,
+     "station_train_embedding": 32, "l2": 2e-4},
+    {"hidden_units": (128,), "dropout": 0.2, "station_embedding": 3, "route_embedding": 4,
+     "headsign_embedding": 4, "train_embedding": 12, "station_train_embedding": 16, "l2": 1e-5},
+    {"hidden_units": (256, 256), "dropout": 0.3, "batch_norm": False, "l1": 1e-5},
+    {"hidden_units": (384, 192), "dropout": 0.35, "station_train_embedding": 28, "l2": 3e-4},
+]  # fmt: skip
+
+
+def ensemble_member_configs(num_models: int, seed: int) -> list[ModelConfig]:
+    return [
+        ModelConfig(**ENSEMBLE_VARIANTS[i % len(ENSEMBLE_VARIANTS)], seed=seed + 1000 * i)
+        for i in range(num_models)
+    ]
+
+
+def describe_config(cfg: ModelConfig) -> str:
+    return (
+        f"dense {'-'.join(map(str, cfg.hidden_units))}, dropout {cfg.dropout:g}, "
+        f"L1 {cfg.l1:g}, L2 {cfg.l2:g}, batch norm {'on' if cfg.batch_norm else 'off'}, "
+        f"embeddings {cfg.station_embedding}/{cfg.route_embedding}/{cfg.headsign_embedding}/"
+        f"{cfg.train_embedding}/{cfg.station_train_embedding}, seed {cfg.seed}"
+    )
+
+
+def build_ensemble_model(members: list[Any], vocab_info: dict[str, Any]) -> Any:
+    """One model: raw values in, the mean of the members' probabilities out."""
+    _load_tensorflow()
+    inputs = build_raw_inputs()
+    outputs = [member(inputs) for member in members]
+    mean = (
+        keras.layers.Average(name="mean_probabilities")(outputs) if len(outputs) > 1 else outputs[0]
+    )
+    labelled = custom_layers()["TrackProbabilities"](
+        vocab_info["tracks"], vocab_info["station_tracks"], name="track_probabilities"
+    )(mean)
+    return keras.Model(inputs=inputs, outputs=labelled, name="track_ensemble")
+
+
+def majority_vote(member_probs: list[np.ndarray]) -> np.ndarray:
+    """Class chosen by most members; ties go to the higher mean probability."""
+    stacked = np.stack(member_probs)  # members x records x classes
+    votes = np.zeros(stacked.shape[1:])
+    rows = np.arange(stacked.shape[1])
+    for probs in stacked:
+        votes[rows, probs.argmax(axis=1)] += 1
+    return (votes + 1e-3 * stacked.mean(axis=0)).argmax(axis=1)
+
+
+def member_agreement(member_probs: list[np.ndarray]) -> dict[str, float]:
+    picks = np.stack([p.argmax(axis=1) for p in member_probs])
+    all_agree = float((picks == picks[0]).all(axis=0).mean())
+    pairs = [
+        float((picks[i] == picks[j]).mean())
+        for i in range(len(picks))
+        for j in range(i + 1, len(picks))
+    ]
+    return {"all_agree": all_agree, "mean_pairwise": float(np.mean(pairs)) if pairs else 1.0}
+
+
+def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> Path:
+    """`ensemble`: train `num_models` different members, save each and their average."""
+    _load_tensorflow()
+    if num_models < 1:
+        raise UserError("--num-models must be at least 1")
+    started_at, started = dt.datetime.now(), time.perf_counter()
+
+    # Data
+    data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
+    run_dir = create_run_dir("ensemble")
+    log(f"Outputs go to {run_dir}")
+    mp = opts.model_path
+    tables = baseline_tables(data.columns, data.train_idx)
+    save_vocab(run_dir / f"{mp}_vocab.json", data.vocab_info, tables)
+    truth = load_sample_truth(data.export_dir)
+
+    # Members
+    members, member_rows, member_probs = [], [], []
+    member_accuracy, member_seconds = [], []
+    for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed)):
+        keras.utils.set_random_seed(cfg.seed)
+        model = create_simple_model(data.vocab_info, cfg, name=f"track_predictor_{i}")
+        best_path = run_dir / f"{mp}_{i}_best.keras"
+        history, seconds = fit_model(
+            model, data, opts, best_path, run_dir / "logs" / f"member_{i}",
+            label=f"Member {i + 1}/{num_models}: {describe_config(cfg)}",
+        )  # fmt: skip
+        model.save(run_dir / f"{mp}_{i}_final.keras")
+        if not best_path.exists():
+            model.save(best_path)
+        best = keras.models.load_model(best_path, compile=False)
+        ev = evaluate_model(best, data.columns, data.val_idx, None, None)
+        members.append(best)
+        member_probs.append(ev.probabilities)
+        member_accuracy.append(ev.metrics["top1_accuracy"])
+        member_seconds.append(seconds)
+        member_rows.append([
+            i, describe_config(cfg), f"{best.count_params():,}", len(history["loss"]),
+            f"{seconds:.1f}", _pct(ev.metrics["top1_accuracy"]),
+        ])  # fmt: skip
+        log(f"Member {i + 1}/{num_models}: validation top-1 {_pct(ev.metrics['top1_accuracy'])}")
+
+    # The combined model, saved and scored as a user would load it
+    combined_path = run_dir / f"{mp}_combined.keras"
+    build_ensemble_model(members, data.vocab_info).save(combined_path)
+    combined = load_saved_model(combined_path)
+    soft = evaluate_model(combined, data.columns, data.val_idx, tables, truth)
+    true_tracks = data.columns["track_number"][data.val_idx]
+    labels = np.array(soft.labels, dtype=object)
+    majority_acc = float((labels[majority_vote(member_probs)] == true_tracks).mean())
+    agreement = member_agreement(member_probs)
+    best_member = max(member_accuracy)
+    confusion = plot_confusion_matrix(
+        soft.metrics["confusion"], soft.labels, run_dir / "confusion_matrix.png"
+    )
+
+    # Report
+    duration = time.perf_counter() - started
+    report = [
+        "# Training Report - Ensemble",
+        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        "",
+        "## Overview",
+        "",
+        "- Command: ensemble",
+        f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
+        f"- Output Directory: {run_dir}",
+        f"- Data: {data.export_dir}",
+        f"- Members: {num_models}",
+        "",
+        "## Final Performance Metrics",
+        "",
+        markdown_table(
+            ["", "Validation top-1"],
+            [
+                [
+                    "Ensemble, soft vote (mean probability; the combined model)",
+                    _pct(soft.metrics["top1_accuracy"]),
+                ],
+                [
+                    "Ensemble, majority vote (ties to the higher mean probability)",
+                    _pct(majority_acc),
+                ],
+                ["Best single member", _pct(best_member)],
+            ],
+        ),  # fmt: skip
+        "",
+        f"Members agree on every validation record's track {_pct(agreement['all_agree'])} of the time; "
+        f"two members agree {_pct(agreement['mean_pairwise'])} of the time on average.",
+        "",
+        "## Ensemble Members",
+        "",
+        markdown_table(
+            ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1"],
+            member_rows,
+        ),
+        "",
+        evaluation_section(soft, "Evaluation of the soft-vote ensemble on the validation records"),
+        "## Training Configuration",
+        "",
+        markdown_table(["Option", "Value"], [[k, v] for k, v in dataclasses.asdict(opts).items()]),
+        "",
+        dataset_section(data),
+        "## Timing Information",
+        "",
+        f"- Started: {started_at:%Y-%m-%d %H:%M:%S}",
+        f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        f"- Mean fit time per member: {np.mean(member_seconds):.1f} s",
+        "",
+        "## Model Details",
+        "",
+        f"- Combined model parameters: {combined.count_params():,}",
+        "- Every member: embeddings, sin/cos time features, standardised timestamp, dense layers "
+        "with L1/L2, dropout and (unless noted) batch normalisation; output restricted to the station's tracks",
+        f"- Class weights: {opts.class_weight}; data augmentation: {'on' if data.augmented else 'off'}",
+        "",
+        f"![Confusion matrix]({confusion.name})",
+        "",
+        "## Files",
+        "",
+        f"- `{mp}_{{i}}_best.keras`, `{mp}_{{i}}_final.keras`: each member",
+        f"- `{combined_path.name}`: the average of the members' best checkpoints, raw values in, "
+        "track probabilities out (`evaluate` and `predict` accept it)",
+        f"- `{mp}_vocab.json`: vocabularies and baseline tables",
+        "",
+    ]
+    (run_dir / "training_report.md").write_text("\n".join(report))
+    log(f"Done: soft vote {_pct(soft.metrics['top1_accuracy'])}, majority vote {_pct(majority_acc)}, "
+        f"best member {_pct(best_member)}")  # fmt: skip
+    log(f"Report: {run_dir / 'training_report.md'}")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------
+# cv: k-fold cross-validation, folds contiguous in time by default.
+# ---------------------------------------------------------------------------
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t distribution (bisection on a numerically integrated CDF)."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0, Simpson's rule from 0 to t
+        steps = 2000
+        h = t / steps
+        density = [
+            math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df))
+            for i in range(steps + 1)
+        ]
+        area = density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2])
+        return 0.5 + area * h / 3
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_confidence_interval(values: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean, sample standard deviation and the t-distribution interval of the mean."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan")}
+    std = float(x.std(ddof=1))
+    half = student_t_quantile(0.5 + confidence / 2, len(x) - 1) * std / math.sqrt(len(x))
+    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half}
+
+
+def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> list[np.ndarray]:
+    """Validation indices of each fold. Contiguous periods of time by default (records
+    with the same scheduled time stay together); a seeded shuffle with `shuffle`."""
+    n = len(timestamps)
+    if k < 2:
+        raise UserError("--k-folds must be at least 2")
+    if k > n:
+        raise UserError(f"--k-folds {k} is more than the {n} records in the export")
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(n)
+        return [np.sort(part) for part in np.array_split(order, k)]
+    order = np.argsort(timestamps, kind="stable")
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    for j in range(1, k):  # never cut between two records of the same time
+        while (
+            0 < bounds[j] < n and timestamps[order[bounds[j]]] == timestamps[order[bounds[j] - 1]]
+        ):
+            bounds[j] += 1
+        bounds[j] = max(bounds[j], bounds[j - 1])
+    folds = [np.sort(order[bounds[j] : bounds[j + 1]]) for j in range(k)]
+    empty = [j + 1 for j, f in enumerate(folds) if len(f) == 0]
+    if empty:
+        raise UserError(
+            f"fold(s) {', '.join(map(str, empty))} would have no validation records: "
+            "too many records share a scheduled time for this many contiguous folds "
+            "(use fewer --k-folds or --shuffle-folds)"
+        )
+    return folds
+
+
+def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool) -> Path:
+    """`cv`: train and score one model per fold; report the spread and the intervals."""
+    _load_tensorflow()
+    started = time.perf_counter()
+    export_dir, metadata, columns = load_export(data_dir)
+    n = len(columns["track_number"])
+    folds = fold_indices(columns["scheduled_timestamp"], k, shuffle_folds, opts.seed)
+    everything = np.arange(n)
+    for j, val_idx in enumerate(folds):  # every fold must be trainable before any trains
+        train_tracks = set(np.delete(columns["track_number"], val_idx))
+        if len(train_tracks) < 2:
+            raise UserError(f"fold {j + 1}'s training records hold fewer than two tracks")
+    run_dir = create_run_dir("cv")
+    log(f"Outputs go to {run_dir}")
+    truth = load_sample_truth(export_dir)
+    method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
+    assignment = np.empty(n, dtype=np.int64)
+    rows, results = [], []
+    for j, val_idx in enumerate(folds):
+        assignment[val_idx] = j
+        train_idx = np.setdiff1d(everything, val_idx)
+        split_info = {"method": "cv-random" if shuffle_folds else "cv-time", "fold": j}
+        data = prepare_split(export_dir, metadata, columns, train_idx, val_idx, split_info,
+                             opts.batch_size, opts.seed)  # fmt: skip
+        keras.utils.set_random_seed(opts.seed + j)
+        model = create_simple_model(data.vocab_info, ModelConfig(seed=opts.seed + j))
+        history, seconds = fit_model(model, data, opts, None, None, label=f"Fold {j + 1}/{k}")
+        model.save(run_dir / f"{opts.model_path}_fold_{j}.keras")
+        loss = float(model.evaluate(data.val_ds, verbose=0, return_dict=True)["loss"])
+        tables = baseline_tables(columns, data.train_idx)
+        ev = evaluate_model(model, columns, val_idx, tables, truth)
+        ts = columns["scheduled_timestamp"][val_idx]
+        period = (
+            f"{dt.datetime.fromtimestamp(float(ts.min()), dt.UTC):%Y-%m-%d} to "
+            f"{dt.datetime.fromtimestamp(float(ts.max()), dt.UTC):%Y-%m-%d}"
+        )
+        result = {
+            "fold": j + 1,
+            "validation_records": int(len(val_idx)),
+            "training_records": int(len(data.train_idx)),
+            "validation_period": period,
+            "accuracy": ev.metrics["top1_accuracy"],
+            "loss": loss,
+            "baseline_accuracy": ev.baselines["station_train"],
+            "difference": ev.metrics["top1_accuracy"] - ev.baselines["station_train"],
+            "epochs": len(history["loss"]),
+            "fit_seconds": seconds,
+        }
+        if ev.best_possible:
+            result["best_possible"] = ev.best_possible["accuracy"]
+        results.append(result)
+        log(
+            f"Fold {j + 1}/{k}: top-1 {_pct(result['accuracy'])}, baseline {_pct(result['baseline_accuracy'])}"
+        )
+        rows.append([
+            j + 1, period if not shuffle_folds else "(shuffled)", f"{len(val_idx):,}",
+            f"{result['accuracy']:.4f}", f"{loss:.4f}", f"{result['baseline_accuracy']:.4f}",
+            f"{result['difference']:+.4f}",
+        ])  # fmt: skip
+    np.save(run_dir / "fold_assignment.npy", assignment)
+
+    accuracy = mean_confidence_interval([r["accuracy"] for r in results])
+    difference = mean_confidence_interval([r["difference"] for r in results])
+    baseline = mean_confidence_interval([r["baseline_accuracy"] for r in results])
+    write_json(run_dir / "cv_results.json", {
+        "k_folds": k, "fold_method": method, "folds": results,
+        "accuracy": accuracy, "baseline_accuracy": baseline, "difference": difference,
+        "options": dataclasses.asdict(opts),
+    })  # fmt: skip
+
+    def interval(ci: dict[str, float]) -> str:
+        return f"{ci['mean']:.4f} (std {ci['std']:.4f}; 95% CI {ci['low']:.4f} to {ci['high']:.4f})"
+
+    duration = time.perf_counter() - started
+    report = [
+        "# Training Report - Cross-Validation",
+        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        "",
+        "## Overview",
+        "",
+        "- Command: cv",
+        f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
+        f"- Output Directory: {run_dir}",
+        f"- Data: {export_dir} ({n:,} records)",
+        f"- Folds: {k}, {method}; each fold validates on its records and trains on all the others",
+        "",
+        "## Final Performance Metrics",
+        "",
+        f"- Mean validation accuracy: {interval(accuracy)}",
+        f"- Mean baseline accuracy (most frequent track for the station + train number): {interval(baseline)}",
+        f"- Model minus baseline: {interval(difference)}",
+        "- Intervals use Student's t distribution with k - 1 degrees of freedom over the fold figures below.",
+        "",
+        "## Cross-Validation Folds",
+        "",
+        markdown_table(
+            [
+                "Fold",
+                "Validation period",
+                "Records",
+                "Accuracy",
+                "Loss",
+                "Baseline",
+                "Model - baseline",
+            ],
+            rows,
+        ),
+        "",
+        "Accuracy counts validation records whose track the fold's training data never saw as wrong; "
+        "the loss (Keras) leaves them out.",
+        "",
+        "## Training Configuration",
+        "",
+        markdown_table(
+            ["Option", "Value"], [[key, v] for key, v in dataclasses.asdict(opts).items()]
+        ),
+        "",
+        "## Timing Information",
+        "",
+        f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s",
+        "",
+        "## Files",
+        "",
+        f"- `{opts.model_path}_fold_{{j}}.keras`: each fold's model",
+        "- `cv_results.json`: every number above; `fold_assignment.npy`: each record's fold, in export order",
+        "",
+    ]
+    (run_dir / "training_report.md").write_text("\n".join(report))
+    log(f"Done: mean accuracy {interval(accuracy)}")
+    log(f"Report: {run_dir / 'training_report.md'}")
+    return run_dir
+
+
 def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
     """`evaluate`: score a saved model on every record of an export."""
     _load_tensorflow()
@@ -1379,15 +1818,10 @@ class TrackPredictor:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.labels = model_labels(model)
-        stations = model.get_layer("station_lookup").get_vocabulary()
-        self.stations = set(stations[1:])  # index 0 is the unknown bucket
-        mask = model.get_layer("station_track_mask").get_weights()[0]
-        self.station_tracks = {
-            s: {self.labels[j] for j in np.flatnonzero(mask[i])}
-            for i, s in enumerate(stations)
-            if i
-        }
+        output = model.get_layer("track_probabilities")
+        self.labels = list(output.labels)
+        self.station_tracks = {s: set(t) for s, t in output.station_tracks.items()}
+        self.stations = set(self.station_tracks)
 
     def probabilities(self, records: list[dict[str, Any]]) -> np.ndarray:
         """Class probabilities (columns in `self.labels` order) for assignment dicts."""
@@ -1563,6 +1997,39 @@ def evaluate(ctx: click.Context, model_file: Path) -> None:
 def predict(model_file: Path, input_file: Any) -> None:
     """Predict tracks for JSON lines; one JSON line out per line in (DATA_DIR is not read)."""
     run_predict(model_file, input_file, click.echo)
+
+
+@cli.command()
+@training_options
+@click.option("--num-models", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Ensemble members (each of a different architecture and seed).")  # fmt: skip
+@click.option("--model-path", default=DEFAULT_ENSEMBLE_MODEL_PATH, show_default=True,
+              help="File name prefix of the saved files.")  # fmt: skip
+@click.pass_context
+def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
+    """Train several different models and average them; writes output/ensemble_<time>/."""
+    run_dir = run_ensemble(ctx.obj["data_dir"], TrainOptions(**options), num_models)
+    click.echo(str(run_dir))
+
+
+@cli.command()
+@click.option("--k-folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--shuffle-folds", is_flag=True, help="Random folds instead of contiguous periods of time."
+)
+@click.pass_context
+def cv(
+    ctx: click.Context, k_folds: int, epochs: int, batch_size: int, seed: int, shuffle_folds: bool
+) -> None:
+    """k-fold cross-validation: accuracy per fold, mean and 95% interval; writes output/cv_<time>/."""
+    opts = TrainOptions(
+        epochs=epochs, batch_size=batch_size, seed=seed, model_path="track_prediction_cv_model"
+    )
+    run_dir = run_cv(ctx.obj["data_dir"], opts, k_folds, shuffle_folds)
+    click.echo(str(run_dir))
 
 
 def main() -> None:

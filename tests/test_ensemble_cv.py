@@ -1,0 +1,189 @@
+"""`ensemble` and `cv` through the CLI on small sample data."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from imt_ml import tfrecord_reader as tr
+from imt_ml.sample_data import write_export
+
+PREFIX = "track_prediction_ensemble_model"
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("exports")
+    write_export(root, 2500, seed=5, records_per_file=1000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(sample_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("output")
+    result = CliRunner().invoke(
+        tr.cli,
+        [str(sample_root), "ensemble", "--num-models", "3", "--epochs", "2", "--batch-size", "64"],
+        env={"IMT_ML_OUTPUT_DIR": str(out)},
+    )
+    assert result.exit_code == 0, result.output
+    assert "Member 3/3" in result.stderr  # progress names the member and the total
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert re.fullmatch(r"ensemble_\d{8}_\d{6}", run_dir.name)
+    return run_dir
+
+
+def validation(sample_root: Path) -> tuple[dict, np.ndarray]:
+    columns = tr.read_export_columns(tr.find_export_dir(sample_root))
+    _, val_idx, _ = tr.split_records(columns["scheduled_timestamp"], "time", seed=0)
+    return columns, val_idx
+
+
+def test_ensemble_files_are_named_as_the_tracker_loads_them(ensemble_run):
+    for i in range(3):
+        for kind in ("best", "final"):
+            model = tr.load_saved_model(ensemble_run / f"{PREFIX}_{i}_{kind}.keras")
+            assert tr.model_labels(model)[0] == "1"
+    assert (ensemble_run / f"{PREFIX}_vocab.json").exists()
+    assert (ensemble_run / f"{PREFIX}_combined.keras").exists()
+    assert (ensemble_run / "training_report.md").exists()
+
+
+def test_members_differ_in_architecture(ensemble_run):
+    sizes = {
+        tr.load_saved_model(ensemble_run / f"{PREFIX}_{i}_best.keras").count_params()
+        for i in range(3)
+    }
+    assert len(sizes) == 3
+
+
+def test_combined_model_is_the_mean_of_the_members(ensemble_run, sample_root):
+    columns, val_idx = validation(sample_root)
+    features = tr.model_features(columns, val_idx)
+    members = [
+        tr.predict_probabilities(
+            tr.load_saved_model(ensemble_run / f"{PREFIX}_{i}_best.keras"), features
+        )
+        for i in range(3)
+    ]
+    combined = tr.load_saved_model(ensemble_run / f"{PREFIX}_combined.keras")
+    np.testing.assert_allclose(
+        tr.predict_probabilities(combined, features), np.mean(members, axis=0), atol=1e-5
+    )
+
+    report = (ensemble_run / "training_report.md").read_text()
+    labels = np.array(tr.model_labels(combined))
+    truth = columns["track_number"][val_idx]
+    soft = (labels[np.mean(members, axis=0).argmax(axis=1)] == truth).mean()
+    majority = (labels[tr.majority_vote(members)] == truth).mean()
+    assert f"soft vote (mean probability; the combined model) | {100 * soft:.2f}% |" in report
+    assert (
+        f"majority vote (ties to the higher mean probability) | {100 * majority:.2f}% |" in report
+    )
+    for i, probs in enumerate(members):
+        acc = (labels[probs.argmax(axis=1)] == truth).mean()
+        assert re.search(rf"\| {i} \| dense .*\| {100 * acc:.2f}% \|", report), i
+    assert "Baseline: most frequent track for the station + train number" in report
+    assert "### Accuracy at coverage" in report
+    agree = (np.stack([p.argmax(axis=1) for p in members]) == members[0].argmax(axis=1)).all(axis=0)
+    assert f"Members agree on every validation record's track {100 * agree.mean():.2f}%" in report
+
+
+def test_evaluate_and_predict_accept_the_combined_model(ensemble_run, sample_root, tmp_path):
+    model_file = ensemble_run / f"{PREFIX}_combined.keras"
+    result = CliRunner().invoke(tr.cli, [str(sample_root), "evaluate", "--model", str(model_file)],
+                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path)})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = json.dumps({
+        "station_id": "place-north", "route_id": "CR-Lowell", "trip_id": "CR-Weekday-Spring-24-301",
+        "headsign": "North Station - Lowell Ln", "direction_id": 1,
+        "scheduled_time": "2024-03-20T08:10:00-04:00", "track_number": None,
+    })  # fmt: skip
+    result = CliRunner().invoke(tr.cli, ["-", "predict", "--model", str(model_file)], input=line)
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)["predictions"]
+    assert {p["track"] for p in predictions} <= {str(t) for t in range(1, 11)}
+    assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# cv
+# ---------------------------------------------------------------------------
+
+
+def test_cv_folds_partition_the_records_in_time(sample_root, tmp_path):
+    result = CliRunner().invoke(tr.cli, [str(sample_root), "cv", "--k-folds", "3", "--epochs", "1",
+                                         "--batch-size", "128"],
+                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path)})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Fold 3/3" in result.stderr
+    run_dir = Path(result.stdout.strip())
+    assert run_dir.name.startswith("cv_")
+    columns = tr.read_export_columns(tr.find_export_dir(sample_root))
+    fold = np.load(run_dir / "fold_assignment.npy")
+    assert len(fold) == len(columns["trip_id"]) and set(fold) == {0, 1, 2}
+    ts = columns["scheduled_timestamp"]
+    for j in range(2):  # contiguous blocks: every record of fold j precedes fold j+1
+        assert ts[fold == j].max() < ts[fold == j + 1].min()
+
+    results = json.loads((run_dir / "cv_results.json").read_text())
+    assert [f["validation_records"] for f in results["folds"]] == [
+        int((fold == j).sum()) for j in range(3)
+    ]
+
+    # The report's mean and interval come from the fold accuracies it lists (t, 2 df = 4.303).
+    report = (run_dir / "training_report.md").read_text()
+    accs = [float(x) for x in re.findall(r"^\| \d \| [^|]+ \| [\d,]+ \| ([\d.]+) \|", report, re.M)]
+    assert len(accs) == 3
+    mean, std = np.mean(accs), np.std(accs, ddof=1)
+    half = 4.3027 * std / np.sqrt(3)
+    match = re.search(
+        r"Mean validation accuracy: ([\d.]+) \(std ([\d.]+); 95% CI ([\d.]+) to ([\d.]+)\)", report
+    )
+    assert match
+    got = [float(g) for g in match.groups()]
+    np.testing.assert_allclose(got, [mean, std, mean - half, mean + half], atol=2e-4)
+    assert "contiguous periods of time" in report
+    assert "Model minus baseline" in report
+
+
+def test_shuffled_folds_are_disjoint_and_cover_everything():
+    ts = np.arange(100, dtype=float)
+    folds = tr.fold_indices(ts, 4, shuffle=True, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(100))
+    assert not any(set(folds[0]) & set(f) for f in folds[1:])
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["ensemble", "--num-models", "0"], 2, "--num-models"),
+        (["cv", "--k-folds", "1"], 2, "--k-folds"),
+        (["cv", "--k-folds", "100000"], 1, "more than the"),
+    ],
+)
+def test_bad_ensemble_and_cv_options_fail_before_training(
+    sample_root, tmp_path, args, code, message
+):
+    result = CliRunner().invoke(tr.cli, [str(sample_root), *args],
+                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
+    assert result.exit_code == code
+    assert message in result.stderr and "Traceback" not in result.output
+    assert "Epoch" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fold_without_validation_records_is_refused():
+    ts = np.array([1.0] * 50 + [2.0])  # 50 records share one time: 3 contiguous folds impossible
+    with pytest.raises(tr.UserError, match="no validation records"):
+        tr.fold_indices(ts, 3, shuffle=False, seed=0)
+
+
+def test_student_t_quantiles():
+    for df, expected in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)]:
+        assert tr.student_t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)
