@@ -1374,7 +1374,17 @@ def member_agreement(member_probs: list[np.ndarray]) -> dict[str, float]:
     return {"all_agree": all_agree, "mean_pairwise": float(np.mean(pairs)) if pairs else 1.0}
 
 
-def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> Path:
+@dataclass
+class EnsembleResult:
+    run_dir: Path
+    soft_vote: Evaluation
+    majority_vote_accuracy: float
+    member_accuracy: list[float]
+    member_seconds: list[float]
+    agreement: dict[str, float]
+
+
+def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> EnsembleResult:
     """`ensemble`: train `num_models` different members, save each and their average."""
     _load_tensorflow()
     if num_models < 1:
@@ -1504,7 +1514,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> P
     log(f"Done: soft vote {_pct(soft.metrics['top1_accuracy'])}, majority vote {_pct(majority_acc)}, "
         f"best member {_pct(best_member)}")  # fmt: skip
     log(f"Report: {run_dir / 'training_report.md'}")
-    return run_dir
+    return EnsembleResult(run_dir, soft, majority_acc, member_accuracy, member_seconds, agreement)
 
 
 # ---------------------------------------------------------------------------
@@ -2008,8 +2018,8 @@ def predict(model_file: Path, input_file: Any) -> None:
 @click.pass_context
 def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
     """Train several different models and average them; writes output/ensemble_<time>/."""
-    run_dir = run_ensemble(ctx.obj["data_dir"], TrainOptions(**options), num_models)
-    click.echo(str(run_dir))
+    result = run_ensemble(ctx.obj["data_dir"], TrainOptions(**options), num_models)
+    click.echo(str(result.run_dir))
 
 
 @cli.command()

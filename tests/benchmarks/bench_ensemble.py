@@ -9,9 +9,7 @@ accuracy, and the fit time per member.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +17,10 @@ import click
 
 from imt_ml import tfrecord_reader as tr
 from imt_ml.sample_data import write_export
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
 
 
 @click.command()
@@ -31,28 +33,21 @@ def main(records: int, num_models: int, epochs: int) -> None:
         export = write_export(Path(tmp) / "exports", records, seed=42, records_per_file=10_000)
         os.environ["IMT_ML_OUTPUT_DIR"] = str(Path(tmp) / "output")
         opts = tr.TrainOptions(epochs=epochs, model_path=tr.DEFAULT_ENSEMBLE_MODEL_PATH)
-        run_dir = tr.run_ensemble(export, opts, num_models)
-        report = (run_dir / "training_report.md").read_text()
-        vocab = json.loads((run_dir / f"{opts.model_path}_vocab.json").read_text())
+        result = tr.run_ensemble(export, opts, num_models)
 
-    def figure(pattern: str) -> str:
-        match = re.search(pattern, report)
-        return match.group(1) if match else "?"
-
-    print(f"\nEnsemble benchmark: {records:,} sample records ({vocab['record_counts']['train']:,} "
-          f"train / {vocab['record_counts']['validation']:,} validation), {num_models} members, "
+    soft = result.soft_vote
+    best = soft.best_possible["accuracy"] if soft.best_possible else float("nan")
+    print(f"\nEnsemble benchmark: {records:,} sample records, {num_models} members, "
           f"{epochs} epochs max, {os.cpu_count()} cores")  # fmt: skip
-    print(re.search(r"\| Member \|.*?\n\n", report, re.S).group(0))
-    print(
-        f"Soft vote:      {figure(r'soft vote \(mean probability; the combined model\) \| ([\d.]+%)')}"
-    )
-    print(
-        f"Majority vote:  {figure(r'majority vote \(ties to the higher mean probability\) \| ([\d.]+%)')}"
-    )
-    print(f"Best member:    {figure(r'Best single member \| ([\d.]+%)')}")
-    print(f"Best possible:  {figure(r'Best possible \(sample data.*?\| ([\d.]+%)')}")
-    print(f"Baseline (station + train number): {figure(r'station \+ train number \| ([\d.]+%)')}")
-    print(f"Mean fit time per member: {figure(r'Mean fit time per member: ([\d.]+ s)')}")
+    for i, (acc, sec) in enumerate(zip(result.member_accuracy, result.member_seconds, strict=True)):
+        print(f"  member {i}: top-1 {pct(acc)}, fit {sec:.1f} s")
+    print(f"Soft vote (combined model): {pct(soft.metrics['top1_accuracy'])}")
+    print(f"Majority vote:              {pct(result.majority_vote_accuracy)}")
+    print(f"Best member:                {pct(max(result.member_accuracy))}")
+    print(f"Best possible:              {pct(best)}")
+    print(f"Baseline (station + train): {pct(soft.baselines['station_train'])}")
+    print(f"Members all agree on {pct(result.agreement['all_agree'])} of records")
+    print(f"Mean fit time per member:   {sum(result.member_seconds) / num_models:.1f} s")
 
 
 if __name__ == "__main__":
