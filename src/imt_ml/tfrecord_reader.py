@@ -1199,9 +1199,17 @@ class TrainResult:
 
 
 def run_train(
-    data_dir: Path | str, opts: TrainOptions, config: ModelConfig | None = None
+    data_dir: Path | str,
+    opts: TrainOptions,
+    config: ModelConfig | None = None,
+    mode: str = "train",
+    mode_sections: Callable[[Path], list[str]] | None = None,
+    data: PreparedData | None = None,
 ) -> TrainResult:
-    """`train`: fit one model, save best/final/vocab, write training_report.md."""
+    """`train`: fit one model, save best/final/vocab, write training_report.md.
+
+    `tune` reuses it for its final model: `mode` names the output directory and the
+    report, `mode_sections(run_dir)` adds the mode's own report sections."""
     _load_tensorflow()
     started_at = dt.datetime.now()
     started = time.perf_counter()
@@ -1209,8 +1217,9 @@ def run_train(
     cfg = config or ModelConfig(seed=opts.seed)
 
     # Data
-    data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
-    run_dir = create_run_dir("train")
+    if data is None:
+        data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
+    run_dir = create_run_dir(mode)
     log(f"Outputs go to {run_dir}")
     best_path = run_dir / f"{opts.model_path}_best.keras"
     final_path = run_dir / f"{opts.model_path}_final.keras"
@@ -1237,12 +1246,12 @@ def run_train(
     # Report
     epochs_run = len(history.get("loss", []))
     report = [
-        "# Training Report - Train",
+        f"# Training Report - {mode.capitalize()}",
         f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
         "",
         "## Overview",
         "",
-        "- Command: train",
+        f"- Command: {mode}",
         f"- Training Duration: {time.perf_counter() - started:.1f} seconds "
         f"({(time.perf_counter() - started) / 60:.1f} minutes)",
         f"- Output Directory: {run_dir}",
@@ -1272,7 +1281,8 @@ def run_train(
         f"- Fit time: {fit_seconds:.1f} s ({fit_seconds / max(epochs_run, 1):.2f} s per epoch)",
         "",
         model_section(best, cfg, opts.class_weight, data.augmented),
-        "## Train Mode Details",
+        *(mode_sections(run_dir) if mode_sections else []),
+        "## Train Mode Details" if mode == "train" else "## Final Training Details",
         "",
         f"- Early stopping: {'off' if opts.no_early_stop else f'on val_loss, patience {opts.early_stop_patience}, min delta {opts.early_stop_min_delta:g}, best weights restored'}",
         f"- Learning rate: {'constant' if opts.no_scheduler else f'cosine from {opts.learning_rate:g} to 1% over {opts.scheduler_tmax or opts.epochs} epochs, times {opts.reduce_lr_factor:g} after {opts.reduce_lr_patience} epochs without a better val_loss'}",
@@ -1717,6 +1727,383 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     return run_dir
 
 
+# ---------------------------------------------------------------------------
+# tune: Ray Tune random search with ASHA early stopping, then the best config
+# retrained like `train`. Works on this machine or an existing Ray cluster.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TuneOptions:
+    """Options of `tune` (see the CLI for their help)."""
+
+    max_epochs: int = 30
+    final_epochs: int = 50
+    num_samples: int = 20
+    project_name: str = "track_tuning"
+    asha_grace_period: int = 3
+    asha_reduction_factor: int = 3
+    ray_dir: str = "ray_results"
+    ray_address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    seed: int = 42
+    resume: bool = False
+    model_path: str = DEFAULT_MODEL_PATH
+
+
+def tune_search_space() -> dict[str, Any]:
+    """What a trial may vary: embedding sizes, depth and widths, dropout, L2, rate, batch."""
+    from ray import tune
+
+    return {
+        "hidden_layers": tune.choice([1, 2, 3]),
+        "first_units": tune.choice([128, 256, 512]),
+        "width_decay": tune.choice([0.5, 1.0]),
+        "dropout": tune.uniform(0.1, 0.5),
+        "l2": tune.loguniform(1e-6, 1e-3),
+        "learning_rate": tune.loguniform(3e-4, 3e-3),
+        "batch_size": tune.choice([64, 128, 256, 512]),
+        "route_embedding": tune.choice([4, 6, 8]),
+        "train_embedding": tune.choice([8, 16, 24]),
+        "station_train_embedding": tune.choice([16, 24, 32]),
+    }
+
+
+SEARCH_SPACE_TEXT = [
+    ["hidden_layers", "choice of 1, 2, 3"],
+    ["first_units", "choice of 128, 256, 512 (later layers: times width_decay per layer)"],
+    ["width_decay", "choice of 0.5, 1.0"],
+    ["dropout", "uniform 0.1 to 0.5"],
+    ["l2", "log-uniform 1e-6 to 1e-3"],
+    ["learning_rate", "log-uniform 3e-4 to 3e-3"],
+    ["batch_size", "choice of 64, 128, 256, 512"],
+    ["route_embedding", "choice of 4, 6, 8"],
+    ["train_embedding", "choice of 8, 16, 24"],
+    ["station_train_embedding", "choice of 16, 24, 32"],
+]
+
+
+def model_config_from_trial(config: dict[str, Any], seed: int) -> ModelConfig:
+    units = tuple(
+        max(16, int(config["first_units"] * config["width_decay"] ** i))
+        for i in range(config["hidden_layers"])
+    )
+    return ModelConfig(
+        hidden_units=units,
+        dropout=float(config["dropout"]),
+        l2=float(config["l2"]),
+        route_embedding=int(config["route_embedding"]),
+        train_embedding=int(config["train_embedding"]),
+        station_train_embedding=int(config["station_train_embedding"]),
+        seed=seed,
+    )
+
+
+def tune_trial(
+    config: dict[str, Any],
+    columns: dict[str, np.ndarray],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    max_epochs: int,
+    seed: int,
+    threads: int,
+) -> None:
+    """One Ray Tune trial: train for up to max_epochs, report every epoch (with a
+    checkpoint, so a resumed search continues the trial where it stopped)."""
+    import os
+    import tempfile
+
+    import ray
+    from ray import tune
+
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    _load_tensorflow()
+    custom_layers()
+    data = prepare_split(Path("."), {}, columns, train_idx, val_idx, {"method": "time"},
+                         int(config["batch_size"]), seed)  # fmt: skip
+    start_epoch = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            model = keras.models.load_model(Path(folder) / "model.keras")
+            start_epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"]
+    else:
+        keras.utils.set_random_seed(seed)
+        model = create_simple_model(data.vocab_info, model_config_from_trial(config, seed))
+        compile_model(model, float(config["learning_rate"]))
+    node_id = ray.get_runtime_context().get_node_id()
+
+    class ReportEachEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            with tempfile.TemporaryDirectory() as folder:
+                self.model.save(Path(folder) / "model.keras")  # optimizer state included
+                (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch + 1}))
+                tune.report(
+                    {
+                        "val_accuracy": float(logs.get("val_accuracy", 0.0)),
+                        "val_loss": float(logs.get("val_loss", math.inf)),
+                        "accuracy": float(logs.get("accuracy", 0.0)),
+                        "epoch": epoch + 1,
+                        "node_id": node_id,
+                    },
+                    checkpoint=tune.Checkpoint.from_directory(folder),
+                )
+
+    model.fit(
+        data.train_ds,
+        validation_data=data.val_ds,
+        epochs=max_epochs,
+        initial_epoch=start_epoch,
+        class_weight=class_weights(data.train_labels, data.vocab_info["num_classes"], "sqrt"),
+        callbacks=[ReportEachEpoch()],
+        verbose=0,
+        shuffle=False,
+    )
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address such as ray://h:10001 or h:6379; None for 'auto'."""
+    if address == "auto":
+        return None
+    bare = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = bare.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r} should look like host:port or ray://host:port")
+    return host, int(port)
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> Any:
+    """ray.init on a running cluster (after checking it answers) or a local one."""
+    import logging
+    import socket
+
+    import ray
+
+    if address:
+        target = _host_port(address)
+        if target:
+            try:
+                with socket.create_connection(target, timeout=5):
+                    pass
+            except OSError as exc:
+                raise UserError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    try:
+        ray.init(
+            address=address or None,
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    except ConnectionError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address}: {exc}") from None
+    return ray
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def check_shared_storage(ray: Any, ray_dir: Path) -> None:
+    """On a multi-node cluster, every node must see --ray-dir (shared storage) or it must
+    be a URI; Ray requires it. A marker file written here is looked for on each node."""
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    marker = ray_dir / f".imt-ml-shared-check-{uuid.uuid4().hex}"
+    marker.write_text("ok")
+    try:
+
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> bool:
+            return Path(path).exists()
+
+        visible = ray.get([
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in nodes
+        ])  # fmt: skip
+    finally:
+        marker.unlink(missing_ok=True)
+    refuse_unshared_ray_dir(
+        str(ray_dir), dict(zip([n["NodeManagerAddress"] for n in nodes], visible, strict=True))
+    )
+
+
+def refuse_unshared_ray_dir(ray_dir: str, visible_from: dict[str, bool]) -> None:
+    missing = [node for node, seen in visible_from.items() if not seen]
+    if missing:
+        raise UserError(
+            f"--ray-dir {ray_dir} is a local path that node(s) {', '.join(missing)} cannot see; "
+            "on a multi-node cluster use a directory on shared storage mounted at the same path "
+            "on every node (e.g. NFS) or a URI such as s3://bucket/ray_results or gs://..."
+        )
+
+
+def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
+    """`tune`: ASHA-pruned random search with Ray Tune, then retrain the best config."""
+    if topts.num_samples < 1:
+        raise UserError("--num-samples must be at least 1")
+    started = time.perf_counter()
+    data = prepare_data(data_dir, 256, "time", topts.seed)
+    ray_dir = topts.ray_dir if is_uri(topts.ray_dir) else str(Path(topts.ray_dir).resolve())
+    experiment = f"{ray_dir.rstrip('/')}/{topts.project_name}"
+
+    ray = connect_ray(topts.ray_address, num_cpus=None)
+    try:
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        from imt_ml.tfrecord_reader import tune_trial as trial_fn  # by module name, for the workers
+
+        if topts.ray_address and not is_uri(ray_dir):
+            check_shared_storage(ray, Path(ray_dir))
+        threads = max(1, int(topts.cpus_per_trial))
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                trial_fn, columns=data.columns, train_idx=data.train_idx, val_idx=data.val_idx,
+                max_epochs=topts.max_epochs, seed=topts.seed, threads=threads,
+            ),
+            {"cpu": topts.cpus_per_trial, "gpu": topts.gpus_per_trial},
+        )  # fmt: skip
+        if topts.resume:
+            if not tune.Tuner.can_restore(experiment):
+                raise UserError(f"--resume: no search to continue at {experiment}")
+            log(f"Resuming the search in {experiment}")
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)  # fmt: skip
+        else:
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration", max_t=topts.max_epochs,
+                grace_period=min(topts.asha_grace_period, topts.max_epochs),
+                reduction_factor=topts.asha_reduction_factor,
+            )  # fmt: skip
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_search_space(),
+                tune_config=tune.TuneConfig(
+                    metric="val_accuracy", mode="max", scheduler=scheduler,
+                    num_samples=topts.num_samples,
+                    search_alg=BasicVariantGenerator(random_state=topts.seed),
+                ),
+                run_config=tune.RunConfig(
+                    name=topts.project_name, storage_path=ray_dir,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    verbose=1,
+                ),
+            )  # fmt: skip
+        log(f"Searching {topts.num_samples} configurations (Ray results: {experiment})")
+        with contextlib.redirect_stdout(sys.stderr):
+            results = tuner.fit()
+        search_seconds = time.perf_counter() - started
+        trials: list[dict[str, Any]] = []
+        for i in range(len(results)):
+            result = results[i]
+            frame = result.metrics_dataframe
+            if result.error or frame is None or frame.empty:
+                trials.append({"config": result.config, "error": str(result.error)[:200], "epochs": 0,
+                               "best_val_accuracy": float("nan"), "nodes": []})  # fmt: skip
+                continue
+            trials.append({
+                "config": result.config,
+                "epochs": int(frame["training_iteration"].max()),
+                "best_val_accuracy": float(frame["val_accuracy"].max()),
+                "nodes": sorted(set(frame["node_id"])) if "node_id" in frame else [],
+            })  # fmt: skip
+    finally:
+        ray.shutdown()
+
+    finished = [t for t in trials if "error" not in t]
+    if not finished:
+        raise UserError(
+            f"every trial failed; first error: {trials[0].get('error') if trials else 'none ran'}"
+        )
+    finished.sort(key=lambda t: -t["best_val_accuracy"])
+    best = finished[0]
+    stopped_early = sum(t["epochs"] < topts.max_epochs for t in finished)
+    nodes = sorted({n for t in finished for n in t["nodes"]})
+    log(f"Search done in {search_seconds:.0f} s: {len(finished)} trials, {stopped_early} stopped early by ASHA; "
+        f"best validation accuracy {best['best_val_accuracy']:.4f}")  # fmt: skip
+
+    # Retrain the best configuration like `train`
+    config = best["config"]
+    opts = TrainOptions(
+        epochs=topts.final_epochs, batch_size=int(config["batch_size"]),
+        learning_rate=float(config["learning_rate"]), model_path=topts.model_path, seed=topts.seed,
+    )  # fmt: skip
+    data.train_ds = make_dataset(model_features(data.columns, data.train_idx), data.train_labels,
+                                 opts.batch_size, shuffle=True, seed=opts.seed, augment=data.augmented)  # fmt: skip
+
+    def sections(run_dir: Path) -> list[str]:
+        write_json(run_dir / f"{topts.model_path}_config.json", {
+            "hyperparameters": config,
+            "model_config": dataclasses.asdict(model_config_from_trial(config, topts.seed)),
+            "training": dataclasses.asdict(opts),
+            "search": {**dataclasses.asdict(topts), "best_val_accuracy": best["best_val_accuracy"]},
+        })  # fmt: skip
+        top = finished[:10]
+        rows = []
+        for rank, t in enumerate(top, 1):
+            c = t["config"]
+            rows.append([
+                rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
+                f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
+                f"{c['route_embedding']}/{c['train_embedding']}/{c['station_train_embedding']}",
+                t["epochs"], f"{t['best_val_accuracy']:.4f}",
+            ])  # fmt: skip
+        return [
+            "## Hyperparameter Search",
+            "",
+            f"- Ray Tune random search, {topts.num_samples} samples, seed {topts.seed}; metric: validation accuracy "
+            "(reported every epoch)",
+            f"- ASHA: max {topts.max_epochs} epochs, grace period {topts.asha_grace_period}, "
+            f"reduction factor {topts.asha_reduction_factor}",
+            f"- Trials finished: {len(finished)}; stopped early by ASHA: {stopped_early}; failed: {len(trials) - len(finished)}",
+            f"- Search wall time: {search_seconds:.1f} s",
+            f"- Ray cluster: {topts.ray_address or 'local'}; nodes that ran trials: {len(nodes)}; "
+            f"{topts.cpus_per_trial:g} CPU and {topts.gpus_per_trial:g} GPU per trial",
+            f"- Ray results: `{experiment}`",
+            "",
+            "Search space:",
+            "",
+            markdown_table(["Hyperparameter", "Distribution"], SEARCH_SPACE_TEXT),
+            "",
+            "Top trials:",
+            "",
+            markdown_table(
+                [
+                    "Rank",
+                    "Layers",
+                    "Units",
+                    "Decay",
+                    "Dropout",
+                    "L2",
+                    "LR",
+                    "Batch",
+                    "Emb route/train/station+train",
+                    "Epochs",
+                    "Best val acc",
+                ],
+                rows,
+            ),  # fmt: skip
+            "",
+            f"The best configuration is retrained below for up to {topts.final_epochs} epochs and saved with "
+            f"`{topts.model_path}_config.json`.",
+            "",
+        ]
+
+    return run_train(data.export_dir, opts, model_config_from_trial(config, topts.seed), mode="tune",
+                     mode_sections=sections, data=data)  # fmt: skip
+
+
 def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
     """`evaluate`: score a saved model on every record of an export."""
     _load_tensorflow()
@@ -2040,6 +2427,78 @@ def cv(
     )
     run_dir = run_cv(ctx.obj["data_dir"], opts, k_folds, shuffle_folds)
     click.echo(str(run_dir))
+
+
+@cli.command()
+@click.option(
+    "--max-epochs",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Epochs a trial may run (ASHA stops weak ones earlier).",
+)
+@click.option(
+    "--final-epochs",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Epochs for retraining the best configuration.",
+)
+@click.option(
+    "--num-samples", type=int, default=20, show_default=True, help="Configurations to try."
+)
+@click.option(
+    "--project-name",
+    default="track_tuning",
+    show_default=True,
+    help="Name of the search in --ray-dir.",
+)
+@click.option(
+    "--asha-grace-period",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Epochs every trial gets before ASHA may stop it.",
+)
+@click.option(
+    "--asha-reduction-factor",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="ASHA keeps the best 1/factor of trials at each rung.",
+)
+@click.option(
+    "--ray-dir",
+    default="ray_results",
+    show_default=True,
+    help="Where Ray keeps results: a local path, shared storage, or a URI (s3://, gs://).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Join a running Ray cluster (host:port, ray://host:10001 or auto).",
+)
+@click.option(
+    "--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+)
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted search found in --ray-dir/--project-name.",
+)
+@click.option(
+    "--model-path",
+    default=DEFAULT_MODEL_PATH,
+    show_default=True,
+    help="File name prefix of the saved files.",
+)
+@click.pass_context
+def tune(ctx: click.Context, **options: Any) -> None:
+    """Search hyperparameters with Ray Tune and ASHA, then train the best; writes output/tune_<time>/."""
+    result = run_tune(ctx.obj["data_dir"], TuneOptions(**options))
+    click.echo(str(result.run_dir))
 
 
 def main() -> None:
