@@ -26,6 +26,10 @@ import click
 # TensorFlow's C++ info lines drown a CLI's own output; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Ray (>= 2.4x) re-runs `uv run` on every worker when the driver was started by
+# `uv run`, which rebuilds environments and needs the network on each node. Every
+# node here runs the project's own installed environment instead.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 T = TypeVar("T")
 
