@@ -119,41 +119,61 @@ def tf_config(hosts: list[str], index: int) -> str:
     return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
 
 
-def create_strategy_or_exit(hosts: list[str], index: int, timeout_s: float) -> Any:
-    """MultiWorkerMirroredStrategy once every worker is up; one clear line and exit 1
-    if they are not all up within `timeout_s` (TensorFlow itself would wait an hour)."""
+READY_FD_ENV = "IMT_ML_SYNC_READY_FD"
+
+
+def create_strategy(hosts: list[str], index: int) -> Any:
+    """MultiWorkerMirroredStrategy with every worker joined; tells the supervising
+    process (see `supervise_until_joined`) as soon as it is."""
     os.environ["TF_CONFIG"] = tf_config(hosts, index)
     import tensorflow as tf
 
-    box: dict[str, Any] = {}
-
-    def connect() -> None:
-        try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy(
-                communication_options=tf.distribute.experimental.CommunicationOptions(
-                    implementation=tf.distribute.experimental.CommunicationImplementation.RING
-                )
-            )
-            # A first collective: returns only when every worker has joined.
-            strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
-            box["strategy"] = strategy
-        except Exception as exc:  # reported by the main thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=connect, daemon=True, name="mwms-connect")
-    thread.start()
-    thread.join(timeout_s)
-    if "strategy" in box:
-        return box["strategy"]
-    reason = f": {box['error']}" if "error" in box else f" within {timeout_s:g} s"
-    others = [h for i, h in enumerate(hosts) if i != index]
-    click.echo(
-        f"Error: worker {index} ({hosts[index]}) could not join the other workers "
-        f"({', '.join(others) or 'none'}){reason}; start every worker with the same --workers",
-        err=True,
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.RING
+        )
     )
-    sys.stderr.flush()
-    os._exit(1)  # TensorFlow's connection threads cannot be cancelled
+    # A first collective: it returns only when every worker has joined.
+    strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+    ready_fd = os.environ.get(READY_FD_ENV)
+    if ready_fd:
+        os.write(int(ready_fd), b"1")
+        os.close(int(ready_fd))
+    return strategy
+
+
+def supervise_until_joined(hosts: list[str], index: int, timeout_s: float) -> int:
+    """Run this sync-tune command in a child process and wait for it to join the other
+    workers. TensorFlow waits for missing workers for an hour, in C++ code that ignores
+    signals; so the wait is bounded from outside: after `timeout_s` without every
+    worker joined, one clear line, the child is killed, exit code 1."""
+    import select
+    import subprocess
+
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, READY_FD_ENV: str(write_fd)}
+    args = sys.argv[1:] if "sync-tune" in sys.argv[1:] else ["sync-tune", *sys.argv[1:]]
+    child = subprocess.Popen([sys.executable, "-m", "imt_ml.distributed_launcher", *args],
+                             env=env, pass_fds=(write_fd,))  # fmt: skip
+    os.close(write_fd)
+    deadline = time.monotonic() + timeout_s
+    joined = False
+    while not joined and child.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([read_fd], [], [], 0.5)
+        joined = bool(ready) and os.read(read_fd, 1) == b"1"
+    os.close(read_fd)
+    if not joined and child.poll() is None:
+        child.kill()
+        child.wait()
+        others = [h for i, h in enumerate(hosts) if i != index]
+        click.echo(
+            f"Error: worker {index} ({hosts[index]}) could not join the other workers "
+            f"({', '.join(others) or 'none'}) within {timeout_s:g} s; start every worker "
+            "with the same --workers and check that they can reach each other",
+            err=True,
+        )
+        return 1
+    return child.wait()
 
 
 def equal_shard(n: int, workers: int, index: int, seed: int) -> np.ndarray:
@@ -450,7 +470,7 @@ def run_sync_tune(
     find_export_dir(opts.data_dir)  # a bad --data-dir is reported before waiting for peers
     started = time.perf_counter()
     # Collectives must be configured before TensorFlow runs anything else.
-    strategy = create_strategy_or_exit(hosts, index, peer_timeout)
+    strategy = create_strategy(hosts, index)
     # Every worker reads the same export and makes the same split.
     data = prepare_data(opts.data_dir, opts.batch_size, "time", opts.seed)
     chief = index == 0
@@ -647,6 +667,12 @@ def cli() -> None:
 @search_options
 def sync_tune(workers: str, index: int, peer_timeout: float, **kwargs: Any) -> None:
     """Hyperband search whose trials each train on all workers (MultiWorkerMirroredStrategy)."""
+    if READY_FD_ENV not in os.environ:  # the supervising parent: bounded wait for the peers
+        hosts = parse_workers(workers, index)
+        from imt_ml.tfrecord_reader import find_export_dir
+
+        find_export_dir(kwargs["data_dir"])
+        sys.exit(supervise_until_joined(hosts, index, peer_timeout))
     run_dir = run_sync_tune(_options(kwargs), workers, index, peer_timeout)
     if run_dir:
         click.echo(str(run_dir))
