@@ -460,9 +460,7 @@ def search_section(title: str, lines: list[str], best: list[dict[str, Any]]) -> 
 # ---------------------------------------------------------------------------
 
 
-def run_sync_tune(
-    opts: SearchOptions, workers: str, index: int, peer_timeout: float
-) -> Path | None:
+def run_sync_tune(opts: SearchOptions, workers: str, index: int) -> Path | None:
     """Hyperband in lock step on every worker; each trial trains on all of them."""
     hosts = parse_workers(workers, index)
     from imt_ml.tfrecord_reader import find_export_dir, prepare_data
@@ -673,7 +671,7 @@ def sync_tune(workers: str, index: int, peer_timeout: float, **kwargs: Any) -> N
 
         find_export_dir(kwargs["data_dir"])
         sys.exit(supervise_until_joined(hosts, index, peer_timeout))
-    run_dir = run_sync_tune(_options(kwargs), workers, index, peer_timeout)
+    run_dir = run_sync_tune(_options(kwargs), workers, index)
     if run_dir:
         click.echo(str(run_dir))
 
