@@ -2429,47 +2429,54 @@ def cv(
     click.echo(str(run_dir))
 
 
+_TUNE_DEFAULTS = TuneOptions()
+
+
 @cli.command()
 @click.option(
     "--max-epochs",
     type=click.IntRange(min=1),
-    default=30,
+    default=_TUNE_DEFAULTS.max_epochs,
     show_default=True,
     help="Epochs a trial may run (ASHA stops weak ones earlier).",
 )
 @click.option(
     "--final-epochs",
     type=click.IntRange(min=1),
-    default=50,
+    default=_TUNE_DEFAULTS.final_epochs,
     show_default=True,
     help="Epochs for retraining the best configuration.",
 )
 @click.option(
-    "--num-samples", type=int, default=20, show_default=True, help="Configurations to try."
+    "--num-samples",
+    type=int,
+    default=_TUNE_DEFAULTS.num_samples,
+    show_default=True,
+    help="Configurations to try.",
 )
 @click.option(
     "--project-name",
-    default="track_tuning",
+    default=_TUNE_DEFAULTS.project_name,
     show_default=True,
     help="Name of the search in --ray-dir.",
 )
 @click.option(
     "--asha-grace-period",
     type=click.IntRange(min=1),
-    default=3,
+    default=_TUNE_DEFAULTS.asha_grace_period,
     show_default=True,
     help="Epochs every trial gets before ASHA may stop it.",
 )
 @click.option(
     "--asha-reduction-factor",
     type=click.IntRange(min=2),
-    default=3,
+    default=_TUNE_DEFAULTS.asha_reduction_factor,
     show_default=True,
     help="ASHA keeps the best 1/factor of trials at each rung.",
 )
 @click.option(
     "--ray-dir",
-    default="ray_results",
+    default=_TUNE_DEFAULTS.ray_dir,
     show_default=True,
     help="Where Ray keeps results: a local path, shared storage, or a URI (s3://, gs://).",
 )
@@ -2479,9 +2486,17 @@ def cv(
     help="Join a running Ray cluster (host:port, ray://host:10001 or auto).",
 )
 @click.option(
-    "--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+    "--cpus-per-trial",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_TUNE_DEFAULTS.cpus_per_trial,
+    show_default=True,
 )
-@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option(
+    "--gpus-per-trial",
+    type=click.FloatRange(min=0),
+    default=_TUNE_DEFAULTS.gpus_per_trial,
+    show_default=True,
+)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option(
     "--resume",
