@@ -16,9 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from imt_ml.export_track_data import (
+    TFRecordShardWriter,
     cli,
+    crc32c,
     encode_example,
     encode_example_reference,
+    frame_tfrecord,
     parse_assignment,
 )
 from imt_ml.sample_data import SampleHistory, seed_redis
@@ -127,17 +130,21 @@ def test_sample_history_round_trips_through_redis_with_all_fields(redis_client, 
     assert result.stdout.strip() == str(path)
 
 
-@pytest.mark.parametrize(
-    "record",
-    [
-        ("place-sstat", "CR-Worcester", "CR-733772-520", "Worcester - Worcester Ln", 0,
-         "historical", "5", 1736980500.0, 0.0, 1736979603.1, 2, 17, 35),
-        ("place-north", "CR-Lowell", "x" * 300, "Lowell – Lowell Ln ünïcode", 1,
-         "predicted", "10", 1.5e9, 1.5e9 + 60, 1.5e9 - 60, 6, 23, 59),
-        ("s", "r", "t", "", 1000, "", "1", -1.0, 0.0, 3.4e38, -3, 200, 0),
-    ],
-)  # fmt: skip
-def test_fast_encoder_matches_tensorflows_protobuf(record):
+EDGE_RECORDS = [
+    ("place-sstat", "CR-Worcester", "CR-733772-520", "Worcester - Worcester Ln", 0,
+     "historical", "5", 1736980500.0, 0.0, 1736979603.1, 2, 17, 35),
+    ("place-north", "CR-Lowell", "x" * 300, "Lowell – Lowell Ln ünïcode", 1,
+     "predicted", "10", 1.5e9, 1.5e9 + 60, 1.5e9 - 60, 6, 23, 59),
+    ("s", "r", "t", "", 1000, "", "1", -1.0, 0.0, 3.4e38, -3, 200, 0),
+    # Empty strings everywhere, a 100 kB headsign, emoji, int64 extremes.
+    ("", "", "", "", -(2**63), "", "", 0.0, -3.4e38, 1e-30, 2**63 - 1, -1, 127),
+    ("place-bbsta", "CR-Providence", "\x00\n\t\"", "🚆" * 25_000 + "é", 128, "historical",
+     "13", 1.7e9, 1.7e9, 1.7e9, 16383, 16384, 2**31),
+]  # fmt: skip
+
+
+def reference_example(record):
+    """The record as tf.train.Example, built with TensorFlow's own protobuf API."""
     import tensorflow as tf
 
     def feature(kind, value):
@@ -147,7 +154,7 @@ def test_fast_encoder_matches_tensorflows_protobuf(record):
             return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
-    reference = tf.train.Example(
+    return tf.train.Example(
         features=tf.train.Features(
             feature={
                 name: feature(kind, value)
@@ -155,8 +162,69 @@ def test_fast_encoder_matches_tensorflows_protobuf(record):
             }
         )
     )
+
+
+@pytest.mark.parametrize("record", EDGE_RECORDS)
+def test_fast_encoder_matches_tensorflows_protobuf(record):
+    import tensorflow as tf
+
+    reference = reference_example(record)
     for encoded in (encode_example(record), encode_example_reference(record)):
         assert tf.train.Example.FromString(encoded) == reference
+
+
+def test_shard_writer_framing_reads_back_with_tensorflow(tmp_path):
+    """TFRecord files written without TensorFlow: every record back, checksums verified."""
+    import tensorflow as tf
+
+    records = EDGE_RECORDS * 3
+    with TFRecordShardWriter(tmp_path, records_per_file=4) as writer:
+        for record in records:
+            writer.write(encode_example(record))
+        path = writer.commit({"total_records": len(records)})
+    files = sorted(str(p) for p in path.glob("track_data_*.tfrecord"))
+    assert len(files) == 4  # 15 records, 4 a shard
+    got = [tf.train.Example.FromString(raw.numpy()) for raw in tf.data.TFRecordDataset(files)]
+    assert got == [reference_example(r) for r in records]
+
+    # A flipped bit in a value fails TensorFlow's data checksum: the CRCs are real.
+    first = Path(files[0])
+    data = bytearray(first.read_bytes())
+    data[40] ^= 0x01
+    first.write_bytes(bytes(data))
+    with pytest.raises(tf.errors.DataLossError, match="(?i)checksum|corrupt"):
+        list(tf.data.TFRecordDataset([str(first)]))
+
+
+def test_crc32c_is_the_castagnoli_checksum():
+    # The standard check value of CRC-32C; an empty record's data CRC is 0, masked.
+    assert crc32c(b"123456789") == 0xE3069283
+    empty = frame_tfrecord(b"")
+    assert len(empty) == 16 and empty[:8] == b"\0" * 8
+    assert empty[12:] == (0xA282EAD8).to_bytes(4, "little")
+
+
+def test_export_path_never_imports_tensorflow(redis_client, redis_server, tmp_path):
+    """Redis export and the sample generator's direct export, each in a fresh process."""
+    seed_redis(redis_client, 500, seed=3)
+    code = f"""
+import sys
+from pathlib import Path
+from imt_ml.export_track_data import cli
+from imt_ml.sample_data import write_export
+try:
+    cli(["-o", {str(tmp_path / "redis")!r}, "--redis-host", "127.0.0.1",
+         "--redis-port", "{redis_server.port}"], standalone_mode=False)
+    write_export(Path({str(tmp_path / "direct")!r}), 500, seed=3, records_per_file=100)
+finally:
+    print("LOADED:", sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED: []" in proc.stdout
+    assert len(read_export(only_export_dir(tmp_path / "redis"))) > 400
+    assert len(read_export(only_export_dir(tmp_path / "direct"))) > 400
 
 
 # ---------------------------------------------------------------------------

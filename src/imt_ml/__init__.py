@@ -1,0 +1,54 @@
+"""imt-ml: track prediction for the Inky MBTA Tracker.
+
+Importing the package is all a consumer needs to load the models it saves:
+
+    import imt_ml
+    import keras
+
+    model = keras.saving.load_model("track_prediction_model_best.keras", compile=False)
+    model({"station_id": ["place-sstat"], "route_id": ["CR-Worcester"], ...})
+
+The models use a few custom layers (train number from trip id, cyclical time,
+labelled output). Keras only finds custom classes that are registered, so the
+package registers them the moment Keras is imported, or at once if it already
+is. Importing the package does not import TensorFlow itself, which keeps the
+exporter light.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+
+def _register_layers() -> None:
+    from imt_ml.tfrecord_reader import custom_layers
+
+    custom_layers()
+
+
+class _RegisterLayersWithKeras:
+    """A meta path finder that runs `_register_layers` right after `import keras`."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "keras":
+            return None
+        sys.meta_path.remove(self)  # once; and so that the real finders answer
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            _register_layers()
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if "keras" in sys.modules:
+    _register_layers()
+else:
+    sys.meta_path.insert(0, _RegisterLayersWithKeras())

@@ -16,8 +16,10 @@ renamed only when complete, so an interrupted export never looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import itertools
+import functools
+import math
 import operator
 import os
 import shutil
@@ -25,13 +27,16 @@ import struct
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
 import click
 import orjson
+
+# google-crc32c: Google's maintained CRC-32C, in C with SSE4.2 / ARMv8 CRC
+# instructions, wheels for Linux, macOS and Windows; imports in ~2 ms.
+from google_crc32c import value as crc32c
 
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/export_track_data.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,9 +47,11 @@ from imt_ml.utils import (
     METADATA_FILE,
     SHARD_PATTERN,
     TRACKER_TIMEZONE,
+    RedisTarget,
     UserError,
     log,
     progress,
+    redis_options,
     timestamped_dir,
     write_json,
 )
@@ -55,6 +62,10 @@ SERIES_PREFIX = "track_timeseries:"
 
 #: Members fetched per ZRANGE + MGET round trip pair.
 FETCH_CHUNK = 2000
+#: Keys SCAN walks per call while looking for the series. The tracker keeps a
+#: string per departure, so the keyspace is large and the series are few; 1,000
+#: a call made the search of 1M keys take a second of round trips.
+SCAN_COUNT = 20_000
 
 #: Why a record was left out, in the order the summary lists them.
 SKIP_REASONS = (
@@ -85,20 +96,30 @@ REQUIRED_FIELDS = (
 Record = tuple  # values in FEATURE_SCHEMA order
 
 
-def _timestamp(value: Any) -> float | None:
-    """Unix seconds of an ISO 8601 string with an offset; None if it is not one."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:  # the tracker always writes an offset
-        return None
+_get_required = operator.itemgetter(*REQUIRED_FIELDS)
+_fromisoformat = dt.datetime.fromisoformat
+_EPOCH = dt.datetime(1970, 1, 1)
+#: "+HH:MM"/"-HH:MM" suffix -> its offset in seconds, learnt from the data.
+_OFFSETS: dict[str, float] = {}
+
+
+def _iso_timestamp(value: Any) -> float:
+    """Unix seconds of an ISO 8601 time with a UTC offset; TypeError/ValueError otherwise.
+
+    fromisoformat builds a new timezone object for every "-05:00" it meets, which
+    costs more than the parse; a known offset suffix is taken off and subtracted.
+    """
+    offset = _OFFSETS.get(value[-6:])
+    if offset is not None:
+        return (_fromisoformat(value[:-6]) - _EPOCH).total_seconds() - offset
+    parsed = _fromisoformat(value)
+    utcoffset = parsed.utcoffset()
+    if utcoffset is None:  # the tracker always writes an offset
+        raise ValueError(f"no UTC offset in {value!r}")
+    suffix = value[-6:]
+    if suffix[0] in "+-" and suffix[3] == ":" and len(_OFFSETS) < 100:
+        _OFFSETS[suffix] = utcoffset.total_seconds()
     return parsed.timestamp()
-
-
-_REQUIRED = frozenset(REQUIRED_FIELDS)
 
 
 def parse_assignment(raw: bytes | str | None) -> Record | str:
@@ -115,10 +136,15 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
         return "invalid_json"
     if type(doc) is not dict:
         return "invalid_json"
-    if not _REQUIRED <= doc.keys():
+    try:
+        (
+            station, route, trip, headsign, kind, direction, weekday, hour, minute, track,
+            scheduled, actual, recorded,
+        ) = _get_required(doc)  # fmt: skip
+    except KeyError:
         return "missing_field"
 
-    track = doc["track_number"]
+
     if track is None:
         return "null_track"
     if type(track) is not str:
@@ -129,17 +155,12 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     if not (track.isascii() and track.isdigit()):
         return "non_numeric_track"
 
-    station, route, trip = doc["station_id"], doc["route_id"], doc["trip_id"]
-    headsign, kind = doc["headsign"], doc["assignment_type"]
     if not (
         type(station) is str and type(route) is str and type(trip) is str
         and type(headsign) is str and type(kind) is str
         and station and route and trip
     ):  # fmt: skip
         return "wrong_type"
-    direction, weekday, hour, minute = (
-        doc["direction_id"], doc["day_of_week"], doc["hour"], doc["minute"]
-    )  # fmt: skip
     # type() rather than isinstance(): a JSON true/false must not pass as 1/0.
     if not (type(direction) is int and type(weekday) is int and type(hour) is int
             and type(minute) is int):  # fmt: skip
@@ -147,15 +168,15 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     if not (0 <= direction <= 1 and 0 <= weekday <= 6 and 0 <= hour <= 23 and 0 <= minute <= 59):
         return "invalid_value"
 
-    scheduled = _timestamp(doc["scheduled_time"])
-    recorded = _timestamp(doc["recorded_time"])
-    actual = 0.0 if doc["actual_time"] is None else _timestamp(doc["actual_time"])
-    if scheduled is None or recorded is None or actual is None:
+    try:
+        scheduled_ts, recorded_ts = _iso_timestamp(scheduled), _iso_timestamp(recorded)
+        actual_ts = 0.0 if actual is None else _iso_timestamp(actual)
+    except (TypeError, ValueError):
         return "invalid_value"
 
     return (
         station, route, trip, headsign, direction, kind, track,
-        scheduled, actual, recorded, weekday, hour, minute,
+        scheduled_ts, actual_ts, recorded_ts, weekday, hour, minute,
     )  # fmt: skip
 
 
@@ -171,8 +192,6 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
 #   Example  { features (1): Features }
 #   Features { feature (1): repeated MapEntry { key (1): string, value (2): Feature } }
 #   Feature  { bytes_list (1) | float_list (2) | int64_list (3) }, each { value (1) }
-# Map entries may come in any order, so the strings go first and the numbers
-# after them in one struct-packed block.
 # ---------------------------------------------------------------------------
 
 _SMALL_VARINTS = [bytes((n,)) for n in range(128)]
@@ -209,42 +228,6 @@ def _feature(kind: str, value: Any) -> bytes:
     return _length_delimited(b"\x1a", _length_delimited(b"\x0a", _varint(value)))
 
 
-_NAMES = list(FEATURE_SCHEMA)
-_STRING_SLOTS = [i for i, kind in enumerate(FEATURE_SCHEMA.values()) if kind == "bytes"]
-_NUMBER_SLOTS = [i for i, kind in enumerate(FEATURE_SCHEMA.values()) if kind != "bytes"]
-_get_strings = operator.itemgetter(*_STRING_SLOTS)
-_get_numbers = operator.itemgetter(*_NUMBER_SLOTS)
-
-
-def _string_headers(name: str) -> list[bytes]:
-    """Everything before a string value's bytes, by value length, while one-byte lengths suffice."""
-    headers = []
-    for n in range(128):
-        entry = _map_entry(name, _feature("bytes", b"\0" * n))
-        if len(entry) - n != len(name) + 10:  # a length no longer fits in one byte
-            break
-        headers.append(entry[: len(entry) - n])
-    return headers
-
-
-_STRING_HEADERS = [_string_headers(_NAMES[i]) for i in _STRING_SLOTS]
-
-
-def _number_block_struct() -> tuple[struct.Struct, list[bytes]]:
-    """One Struct that packs every numeric feature's map entry (ints 0..127 only)."""
-    fmt, prefixes = "<", []
-    for i in _NUMBER_SLOTS:
-        kind = FEATURE_SCHEMA[_NAMES[i]]
-        placeholder = _map_entry(_NAMES[i], _feature(kind, 0.0 if kind == "float" else 0))
-        width = 4 if kind == "float" else 1
-        prefixes.append(placeholder[:-width])
-        fmt += f"{len(placeholder) - width}s" + ("f" if kind == "float" else "B")
-    return struct.Struct(fmt), prefixes
-
-
-_NUMBER_BLOCK, _NUMBER_PREFIXES = _number_block_struct()
-
-
 def encode_example_reference(record: Record) -> bytes:
     """Plain encoder for any values (any string length, any int64)."""
     entries = [
@@ -254,23 +237,87 @@ def encode_example_reference(record: Record) -> bytes:
     return _length_delimited(b"\x0a", b"".join(entries))
 
 
+class ExampleEncoder:
+    """Fast tf.train.Example encoding for a stream of records (FEATURE_SCHEMA order).
+
+    Most values repeat: a few stations, routes, tracks and headsigns, a trip id
+    every day of its season, and only 2 x 7 x 24 x 60 combinations of the small
+    integers. Their encoded map entries are cached, so a typical record costs a
+    few dict lookups, one struct.pack for its floats and one join. Each cache
+    holds at most MAX_CACHED values; later new values are encoded uncached.
+    Map entries may come in any order, so strings, then integers, then floats.
+    """
+
+    MAX_CACHED = 100_000
+
+    def __init__(self) -> None:
+        self.names = list(FEATURE_SCHEMA)
+        kinds = list(FEATURE_SCHEMA.values())
+        string_slots = [i for i, k in enumerate(kinds) if k == "bytes"]
+        self.int_slots = [i for i, k in enumerate(kinds) if k == "int64"]
+        float_slots = [i for i, k in enumerate(kinds) if k == "float"]
+        self.string_lookup: list[tuple[int, dict[str, bytes]]] = [(i, {}) for i in string_slots]
+        self.int_cache: dict[tuple, bytes] = {}
+        self.get_ints = _tuple_getter(self.int_slots)
+        self.get_floats = _tuple_getter(float_slots)
+        fmt, self.float_args = "<", []
+        for i in float_slots:
+            entry = _map_entry(self.names[i], _feature("float", 0.0))
+            fmt += f"{len(entry) - 4}sf"
+            self.float_args += [entry[:-4], 0.0]
+        self.float_block = struct.Struct(fmt)
+
+    def encode(self, record: Record) -> bytes:
+        """The record's serialized tf.train.Example."""
+        try:
+            parts = [cache[record[slot]] for slot, cache in self.string_lookup]
+            parts.append(self.int_cache[self.get_ints(record)])
+        except KeyError:  # a value not seen yet
+            parts = self._encode_and_cache(record)
+        args = self.float_args
+        args[1::2] = self.get_floats(record)
+        parts.append(self.float_block.pack(*args))
+        body = b"".join(parts)
+        return _example_header(len(body)) + body
+
+    def _encode_and_cache(self, record: Record) -> list[bytes]:
+        """The string and integer entries of a record, cached while there is room."""
+        parts = []
+        for slot, cache in self.string_lookup:
+            value = record[slot]
+            entry = cache.get(value) or _map_entry(self.names[slot], _feature("bytes", value))
+            if len(cache) < self.MAX_CACHED:
+                cache[value] = entry
+            parts.append(entry)
+        ints = self.get_ints(record)
+        entry = self.int_cache.get(ints) or b"".join(
+            _map_entry(self.names[i], _feature("int64", v))
+            for i, v in zip(self.int_slots, ints, strict=True)
+        )
+        if len(self.int_cache) < self.MAX_CACHED:
+            self.int_cache[ints] = entry
+        parts.append(entry)
+        return parts
+
+
+@functools.lru_cache(maxsize=4096)
+def _example_header(length: int) -> bytes:
+    return b"\x0a" + _varint(length)
+
+
+def _tuple_getter(slots: list[int]) -> Callable[[Record], tuple]:
+    """itemgetter that returns a tuple even for a single slot."""
+    if len(slots) == 1:
+        return lambda record: (record[slots[0]],)
+    return operator.itemgetter(*slots)
+
+
+_default_encoder = ExampleEncoder()
+
+
 def encode_example(record: Record) -> bytes:
     """Serialize a record (FEATURE_SCHEMA order) as a tf.train.Example."""
-    parts = []
-    try:
-        for headers, value in zip(_STRING_HEADERS, _get_strings(record), strict=True):
-            data = value.encode()
-            parts.append(headers[len(data)])
-            parts.append(data)
-        parts.append(
-            _NUMBER_BLOCK.pack(*itertools.chain.from_iterable(
-                zip(_NUMBER_PREFIXES, _get_numbers(record), strict=True)
-            ))
-        )  # fmt: skip
-    except (IndexError, struct.error):  # a long string or an int beyond one varint byte
-        return encode_example_reference(record)
-    body = b"".join(parts)
-    return b"\x0a" + _varint(len(body)) + body
+    return _default_encoder.encode(record)
 
 
 # ---------------------------------------------------------------------------
@@ -282,24 +329,26 @@ class ExportStats:
     """Counts of written and skipped records; memory bounded by the vocabularies."""
 
     def __init__(self) -> None:
-        self.written = 0
         self.skipped: Counter[str] = Counter()
-        self.stations: Counter[str] = Counter()
-        self.routes: Counter[str] = Counter()
-        self.tracks: dict[str, Counter[str]] = defaultdict(Counter)
-        self.first_scheduled: float | None = None
-        self.last_scheduled: float | None = None
+        #: (station, route, track) -> records; a few hundred keys at most.
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.first_scheduled = math.inf
+        self.last_scheduled = -math.inf
 
     def add(self, record: Record) -> None:
-        self.written += 1
-        station, route, scheduled = record[0], record[1], record[7]
-        self.stations[station] += 1
-        self.routes[route] += 1
-        self.tracks[station][record[6]] += 1
-        if self.first_scheduled is None or scheduled < self.first_scheduled:
+        """Count one written record (runs once per record: kept to the bone)."""
+        key = (record[0], record[1], record[6])
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        scheduled = record[7]
+        if scheduled < self.first_scheduled:
             self.first_scheduled = scheduled
-        if self.last_scheduled is None or scheduled > self.last_scheduled:
+        if scheduled > self.last_scheduled:
             self.last_scheduled = scheduled
+
+    @property
+    def written(self) -> int:
+        return sum(self.counts.values())
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -308,22 +357,31 @@ class ExportStats:
         def iso(ts: float | None) -> str | None:
             return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
+        stations: Counter[str] = Counter()
+        routes: Counter[str] = Counter()
+        tracks: dict[str, Counter[str]] = defaultdict(Counter)
+        for (station, route, track), n in self.counts.items():
+            stations[station] += n
+            routes[route] += n
+            tracks[station][track] += n
+        first = self.first_scheduled if self.counts else None
+        last = self.last_scheduled if self.counts else None
         return {
             "total_records": self.written,
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "schema": dict(FEATURE_SCHEMA),
             "target": "track_number",
             "time_range": {
-                "first_scheduled": iso(self.first_scheduled),
-                "last_scheduled": iso(self.last_scheduled),
-                "first_scheduled_timestamp": self.first_scheduled,
-                "last_scheduled_timestamp": self.last_scheduled,
+                "first_scheduled": iso(first),
+                "last_scheduled": iso(last),
+                "first_scheduled_timestamp": first,
+                "last_scheduled_timestamp": last,
             },
-            "stations": dict(self.stations.most_common()),
-            "routes": dict(self.routes.most_common()),
+            "stations": dict(stations.most_common()),
+            "routes": dict(routes.most_common()),
             "tracks": {
                 station: dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
-                for station, counts in sorted(self.tracks.items())
+                for station, counts in sorted(tracks.items())
             },
             "skipped": {reason: self.skipped.get(reason, 0) for reason in SKIP_REASONS},
             "skipped_total": sum(self.skipped.values()),
@@ -343,14 +401,42 @@ class ExportStats:
 # ---------------------------------------------------------------------------
 
 
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C, rotated right by 15 bits, plus a constant.
+
+    https://www.tensorflow.org/tutorials/load_data/tfrecord#tfrecords_format_details
+    """
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_header(length: int) -> bytes:
+    """A TFRecord's first 12 bytes: the length and its masked CRC (records repeat lengths)."""
+    packed = _LENGTH.pack(length)
+    return packed + _CRC.pack(_masked_crc32c(packed))
+
+
+def frame_tfrecord(data: bytes) -> bytes:
+    """One TFRecord: length (u64 LE), masked CRC of the length, data, masked CRC of the data."""
+    return _record_header(len(data)) + data + _CRC.pack(_masked_crc32c(data))
+
+
 class TFRecordShardWriter:
     """Writes `track_data_NNNN.tfrecord` shards into a hidden `.NAME.partial`
-    directory and renames it to `NAME` (with metadata.json) only on commit()."""
+    directory and renames it to `NAME` (with metadata.json) only on commit().
+
+    The TFRecord framing is written here, without TensorFlow, so an export needs
+    neither its import time nor its memory."""
+
+    #: Bytes buffered per shard before a write(2); records are ~400 bytes.
+    BUFFER_BYTES = 1 << 20
 
     def __init__(self, output_root: Path | str, records_per_file: int) -> None:
-        import tensorflow as tf
-
-        self._tf = tf
         self.output_root = Path(output_root)
         self.records_per_file = records_per_file
         self.output_root.mkdir(parents=True, exist_ok=True)
@@ -358,27 +444,27 @@ class TFRecordShardWriter:
         self.partial_dir = self.output_root / f".{self.final_dir.name}.partial"
         self.partial_dir.mkdir()
         self.files: list[dict[str, Any]] = []
-        self._writer: Any = None
+        self._file: Any = None
         self._in_file = 0
 
     def write(self, serialized: bytes) -> None:
-        if self._writer is None or self._in_file >= self.records_per_file:
+        if self._in_file >= self.records_per_file or self._file is None:
             self._open_next()
-        self._writer.write(serialized)
+        self._file.write(frame_tfrecord(serialized))
         self._in_file += 1
-        self.files[-1]["records"] = self._in_file
 
     def _open_next(self) -> None:
         self._close_current()
         name = SHARD_PATTERN.format(len(self.files))
-        self._writer = self._tf.io.TFRecordWriter(str(self.partial_dir / name))
+        self._file = open(self.partial_dir / name, "wb", buffering=self.BUFFER_BYTES)  # noqa: SIM115
         self._in_file = 0
         self.files.append({"file": name, "records": 0})
 
     def _close_current(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self.files[-1]["records"] = self._in_file
 
     def commit(self, metadata: dict[str, Any]) -> Path:
         """Close the shards, write metadata.json and publish the directory."""
@@ -405,79 +491,13 @@ class TFRecordShardWriter:
 # ---------------------------------------------------------------------------
 
 
-class RedisTarget:
-    """Where to connect, described without the password (safe to print)."""
+class Page(NamedTuple):
+    """One page of a series: its values in score order, less members listed twice."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        password: str | None = None,
-        url: str | None = None,
-        timeout: float = 10.0,
-    ) -> None:
-        self.url = url
-        self.password = password
-        self.timeout = timeout
-        if url:
-            parts = urlsplit(url)
-            if parts.scheme not in ("redis", "rediss", "unix"):
-                raise UserError("--redis-url must start with redis://, rediss:// or unix://")
-            self.host = parts.hostname or "localhost"
-            try:
-                self.port = parts.port or 6379
-            except ValueError as exc:
-                raise UserError(f"--redis-url has an invalid port: {exc}") from None
-            self.secrets = [s for s in (parts.password, parts.username) if s]
-        else:
-            self.host, self.port = host, port
-            self.secrets = [password] if password else []
-
-    @property
-    def label(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def connect(self) -> Any:
-        """A connected client (PING answered), or UserError with one clear line."""
-        import redis
-
-        options: dict[str, Any] = {
-            "socket_connect_timeout": self.timeout,
-            "socket_timeout": self.timeout * 3,
-        }
-        try:
-            if self.url:
-                client = redis.Redis.from_url(self.url, **options)
-            else:
-                client = redis.Redis(
-                    host=self.host, port=self.port, password=self.password or None, **options
-                )
-            client.ping()
-        except Exception as exc:
-            raise self.error(exc) from None
-        return client
-
-    def error(self, exc: BaseException) -> UserError:
-        """Translate a redis-py exception into a one-line message without secrets."""
-        import redis
-
-        text = self.redact(str(exc)) or type(exc).__name__
-        if isinstance(exc, redis.AuthenticationError) or any(
-            word in text for word in ("WRONGPASS", "NOAUTH", "invalid password", "invalid username")
-        ):
-            return UserError(
-                f"Redis at {self.label} refused the credentials (check the password/username)"
-            )
-        if isinstance(exc, redis.TimeoutError):
-            return UserError(f"Redis at {self.label} timed out: {text}")
-        if isinstance(exc, redis.ConnectionError):
-            return UserError(f"cannot reach Redis at {self.label}: {text}")
-        return UserError(f"Redis at {self.label} failed: {type(exc).__name__}: {text}")
+    key: bytes
+    values: list[bytes | None]
+    members: int
+    duplicates: int
 
 
 def _member_owner_series(member: bytes) -> bytes | None:
@@ -488,21 +508,155 @@ def _member_owner_series(member: bytes) -> bytes | None:
     return SERIES_PREFIX.encode() + parts[1] + b":" + parts[2]
 
 
+def _duplicated_elsewhere(client: Any, members: list[bytes]) -> set[bytes]:
+    """Members of a foreign series that their own series also lists."""
+    owned = [(m, _member_owner_series(m)) for m in members]
+    owned = [(m, s) for m, s in owned if s is not None]
+    if not owned:
+        return set()
+    pipe = client.pipeline(transaction=False)
+    for member, series in owned:
+        pipe.zscore(series, member)
+    return {m for (m, _), score in zip(owned, pipe.execute(), strict=True) if score is not None}
+
+
+def fetch_page(client: Any, key: bytes, first: int, last: int) -> Page:
+    """Members ranked first..last of a series and their values (one ZRANGE, one MGET).
+
+    A member that belongs to another station/route and is listed by its own
+    series too is left out here, and counted, so each record is read once."""
+    members = client.zrange(key, first, last)
+    values = client.mget(members) if members else []
+    own_prefix = HISTORY_PREFIX.encode() + key[len(SERIES_PREFIX) :] + b":"
+    foreign = [m for m in members if not m.startswith(own_prefix)]
+    duplicated = _duplicated_elsewhere(client, foreign) if foreign else set()
+    if duplicated:
+        values = [v for m, v in zip(members, values, strict=True) if m not in duplicated]
+    return Page(key, values, len(members), len(duplicated))
+
+
+def read_pages(target: RedisTarget, plans: Any, pages: Any) -> None:
+    """The reader process: take a plan from `plans`, send its pages to `pages` in order.
+
+    An error is sent in place of a page; a closed pipe (the exporter is gone or
+    had nothing to read) ends the process quietly. Ctrl-C is the exporter's."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        plan = plans.recv()
+        client = target.connect()
+        for key, first, last in plan:
+            pages.send(fetch_page(client, key, first, last))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return
+    except Exception as exc:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            pages.send(exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
+    finally:
+        pages.close()
+
+
+class PageReader:
+    """A child process that reads pages from Redis while this one parses and writes.
+
+    Redis replies are parsed while holding the GIL, so a reading thread would
+    take its time from parsing and encoding, the exporter's bottleneck; a
+    process gives each a core. Start it first (a fork is cheap while this
+    process has no threads and no Redis connection), then hand it the plan.
+    """
+
+    def __init__(self, target: RedisTarget) -> None:
+        import multiprocessing
+        import threading
+
+        # By its package name even when this file runs as __main__, so that a
+        # spawned child (used where fork is unsafe) can find it.
+        from imt_ml.export_track_data import read_pages
+
+        method = "fork" if _can_fork() and threading.active_count() == 1 else "spawn"
+        context: Any = multiprocessing.get_context(method)
+        plans_in, self._plans = context.Pipe(duplex=False)
+        self._pages, pages_out = context.Pipe(duplex=False)
+        _widen_pipe(pages_out.fileno())
+        self.process = context.Process(
+            target=read_pages, args=(target, plans_in, pages_out), name="imt-redis-reader",
+            daemon=True,
+        )  # fmt: skip
+        self.process.start()
+        plans_in.close()
+        pages_out.close()
+
+    def pages(self, plan: list[tuple[bytes, int, int]]) -> Iterator[Page]:
+        """The planned pages (series key, first rank, last rank), in order."""
+        self._plans.send(plan)
+        for _ in plan:
+            try:
+                page = self._pages.recv()
+            except EOFError:
+                raise RuntimeError("the Redis reader process ended unexpectedly") from None
+            if isinstance(page, BaseException):
+                raise page
+            yield page
+
+    def close(self) -> None:
+        self._plans.close()
+        self._pages.close()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+
+    def __enter__(self) -> PageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+
+    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _widen_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Let a whole page (~0.8 MB) sit in the pipe, so the reader can fetch the next
+    one while the exporter is busy (Linux; elsewhere the default size stays)."""
+    import fcntl
+
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+
+
+def _picklable(obj: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(obj))
+    except Exception:
+        return False
+    return True
+
+
 class TrackDataExporter:
     """Streams track history from Redis into a TFRecordShardWriter.
 
     Memory stays flat: sorted sets are paged by rank, FETCH_CHUNK members at a
-    time, and each page's values come back in one MGET.
+    time, and each page's values come back in one MGET, read by a PageReader
+    process while this one parses and writes the previous page.
     """
 
     def __init__(
         self,
         client: Any,
+        reader: PageReader,
         since: float | None = None,
         until: float | None = None,
         chunk_size: int = FETCH_CHUNK,
     ) -> None:
         self.client = client
+        self.reader = reader
         self.since = since
         self.until = until
         self.chunk_size = chunk_size
@@ -512,7 +666,7 @@ class TrackDataExporter:
         """Every `track_timeseries:*` sorted set (SCAN, never KEYS)."""
         keys = []
         bar = progress(desc="Scanning Redis", unit=" sets")
-        for key in self.client.scan_iter(match=SERIES_PATTERN, count=1000, _type="zset"):
+        for key in self.client.scan_iter(match=SERIES_PATTERN, count=SCAN_COUNT, _type="zset"):
             keys.append(key)
             bar.update(1)
         bar.close()
@@ -537,44 +691,14 @@ class TrackDataExporter:
                 ranges.append((key, start, end))
         return ranges
 
-    def _duplicated_elsewhere(self, members: list[bytes]) -> set[bytes]:
-        """Members of a foreign series that their own series also lists."""
-        owned = [(m, _member_owner_series(m)) for m in members]
-        owned = [(m, s) for m, s in owned if s is not None]
-        if not owned:
-            return set()
-        pipe = self.client.pipeline(transaction=False)
-        for member, series in owned:
-            pipe.zscore(series, member)
-        return {m for (m, _), score in zip(owned, pipe.execute(), strict=True) if score is not None}
-
-    def _fetch_page(self, key: bytes, first: int, last: int) -> tuple[list, list, set]:
-        """Members ranked first..last, their JSON values, and those duplicated elsewhere."""
-        members = self.client.zrange(key, first, last)
-        values = self.client.mget(members) if members else []
-        own_prefix = HISTORY_PREFIX.encode() + key[len(SERIES_PREFIX) :] + b":"
-        foreign = [m for m in members if not m.startswith(own_prefix)]
-        duplicated = self._duplicated_elsewhere(foreign) if foreign else set()
-        return members, values, duplicated
-
-    def _pages(
-        self, ranges: list[tuple[bytes, int, int]]
-    ) -> Iterator[tuple[bytes, list, list, set]]:
-        """Pages in order, the next one fetched on a second thread while this one is used."""
-        from concurrent.futures import ThreadPoolExecutor
-
+    def _pages(self, ranges: list[tuple[bytes, int, int]]) -> Iterator[Page]:
+        """Every page in order, from the reader process."""
         plan = [
             (key, first, min(first + self.chunk_size, end) - 1)
             for key, start, end in ranges
             for first in range(start, end, self.chunk_size)
         ]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-fetch") as pool:
-            pending = pool.submit(self._fetch_page, *plan[0]) if plan else None
-            for i, (key, _, _) in enumerate(plan):
-                assert pending is not None
-                page = pending.result()
-                pending = pool.submit(self._fetch_page, *plan[i + 1]) if i + 1 < len(plan) else None
-                yield (key, *page)
+        return self.reader.pages(plan)
 
     def iter_records(self, ranges: list[tuple[bytes, int, int]]) -> Iterator[Record]:
         """Valid, de-duplicated records in (series, scheduled time) order."""
@@ -585,13 +709,12 @@ class TrackDataExporter:
         seen: set[tuple[str, str]] = set()
         skip = self.stats.skip
         try:
-            for key, members, values, duplicated in self._pages(ranges):
-                if key != current_key:
-                    current_key, last_scheduled, seen = key, None, set()
-                for member, raw in zip(members, values, strict=True):
-                    if duplicated and member in duplicated:
-                        skip("duplicate")
-                        continue
+            for page in self._pages(ranges):
+                if page.key != current_key:
+                    current_key, last_scheduled, seen = page.key, None, set()
+                if page.duplicates:
+                    self.stats.skipped["duplicate"] += page.duplicates
+                for raw in page.values:
                     record = parse_assignment(raw)
                     if isinstance(record, str):
                         skip(record)
@@ -606,7 +729,7 @@ class TrackDataExporter:
                         continue
                     seen.add(identity)
                     yield record
-                bar.update(len(members))
+                bar.update(page.members)
         finally:
             bar.close()
 
@@ -678,18 +801,22 @@ def run_export(
     """Connect, export and publish; returns (directory, stats, seconds spent exporting)."""
     import redis
 
-    client = target.connect()
-    exporter = TrackDataExporter(client, since=since, until=until)
+    reader = PageReader(target)  # first: it forks, best before any connection or thread
     try:
-        with TFRecordShardWriter(output, records_per_file) as writer:
-            started = time.perf_counter()  # after TensorFlow's import, which the writer does
-            path = exporter.export(writer)
+        client = target.connect()
+        try:
+            exporter = TrackDataExporter(client, reader, since=since, until=until)
+            with TFRecordShardWriter(output, records_per_file) as writer:
+                started = time.perf_counter()
+                path = exporter.export(writer)
+        finally:
+            client.close()
     except redis.RedisError as exc:
         raise target.error(exc) from None
     except OSError as exc:
         raise UserError(f"cannot write the export under {output}: {exc}") from None
     finally:
-        client.close()
+        reader.close()
     return path, exporter.stats, time.perf_counter() - started
 
 
@@ -702,33 +829,7 @@ def run_export(
     show_default=True,
     help="Export root; each export becomes a timestamped directory inside it.",
 )
-@click.option(
-    "--redis-host",
-    envvar="IMT_REDIS_ENDPOINT",
-    default="localhost",
-    show_default=True,
-    help="Redis host [env: IMT_REDIS_ENDPOINT].",
-)
-@click.option(
-    "--redis-port",
-    envvar="IMT_REDIS_PORT",
-    type=int,
-    default=6379,
-    show_default=True,
-    help="Redis port [env: IMT_REDIS_PORT].",
-)
-@click.option(
-    "--redis-password",
-    envvar="IMT_REDIS_PASSWORD",
-    default=None,
-    help="Redis password [env: IMT_REDIS_PASSWORD]; never printed or saved.",
-)
-@click.option(
-    "--redis-url",
-    default=None,
-    help="redis:// or rediss:// URL (may carry an ACL user and password); "
-    "overrides host, port and password.",
-)
+@redis_options
 @click.option(
     "--records-per-file",
     type=click.IntRange(min=1),

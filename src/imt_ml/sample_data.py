@@ -34,11 +34,13 @@ from imt_ml.utils import (
     SAMPLE_TRUTH_FILE,
     TRACKER_TIMEZONE,
     LocalRedisServer,
+    RedisTarget,
     UserError,
     chunked,
     find_redis_server_binary,
     log,
     progress,
+    redis_options,
 )
 
 # ---------------------------------------------------------------------------
@@ -447,10 +449,7 @@ def cli() -> None:
 @cli.command("to-redis")
 @records_option
 @seed_option
-@click.option("--redis-host", envvar="IMT_REDIS_ENDPOINT", default="localhost", show_default=True)
-@click.option("--redis-port", envvar="IMT_REDIS_PORT", type=int, default=6379, show_default=True)
-@click.option("--redis-password", envvar="IMT_REDIS_PASSWORD", default=None)
-@click.option("--redis-url", default=None, help="redis:// URL; overrides host, port, password.")
+@redis_options
 @click.option(
     "--truth-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help=f"Also write the generating probabilities here (name it {SAMPLE_TRUTH_FILE} "
@@ -466,8 +465,6 @@ def to_redis(
     truth_file: Path | None,
 ) -> None:
     """Write sample history into Redis in the tracker's key layout."""
-    from imt_ml.export_track_data import RedisTarget
-
     target = RedisTarget(redis_host, redis_port, redis_password, redis_url)
     client = target.connect()
     dirty = seed_redis(client, records, seed, truth_file)
@@ -523,7 +520,7 @@ def demo(records: int, seed: int, output: Path, epochs: int) -> None:
 
 def run_demo_export(records: int, seed: int, output: Path) -> Path:
     """The demo's data half: through a throwaway Redis when possible, else directly."""
-    from imt_ml.export_track_data import RedisTarget, run_export
+    from imt_ml.export_track_data import run_export
 
     if find_redis_server_binary() is None:
         log("No redis-server available: writing the sample export directly")

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 
@@ -143,6 +144,104 @@ def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> Any:
 def log(message: str) -> None:
     """A status line on stderr, so stdout stays for machine-readable output."""
     click.echo(message, err=True)
+
+
+# ---------------------------------------------------------------------------
+# Connecting to the tracker's Redis: one set of options, errors without secrets.
+# ---------------------------------------------------------------------------
+
+
+def redis_options(func: Callable) -> Callable:
+    """--redis-host/--redis-port/--redis-password/--redis-url, with their IMT_REDIS_* variables."""
+    options = [
+        click.option("--redis-host", envvar="IMT_REDIS_ENDPOINT", default="localhost",
+                     show_default=True, help="Redis host [env: IMT_REDIS_ENDPOINT]."),
+        click.option("--redis-port", envvar="IMT_REDIS_PORT", type=int, default=6379,
+                     show_default=True, help="Redis port [env: IMT_REDIS_PORT]."),
+        click.option("--redis-password", envvar="IMT_REDIS_PASSWORD", default=None,
+                     help="Redis password [env: IMT_REDIS_PASSWORD]; never printed or saved."),
+        click.option("--redis-url", default=None,
+                     help="redis://, rediss:// or unix:// URL (may carry an ACL user and "
+                     "password); overrides host, port and password."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+class RedisTarget:
+    """Where to connect, described without the password (safe to print)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str | None = None,
+        url: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.password = password
+        self.timeout = timeout
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("redis", "rediss", "unix"):
+                raise UserError("--redis-url must start with redis://, rediss:// or unix://")
+            self.host = parts.hostname or "localhost"
+            try:
+                self.port = parts.port or 6379
+            except ValueError as exc:
+                raise UserError(f"--redis-url has an invalid port: {exc}") from None
+            self.secrets = [s for s in (parts.password, parts.username) if s]
+        else:
+            self.host, self.port = host, port
+            self.secrets = [password] if password else []
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def connect(self) -> Any:
+        """A connected client (PING answered), or UserError with one clear line."""
+        import redis
+
+        options: dict[str, Any] = {
+            "socket_connect_timeout": self.timeout,
+            "socket_timeout": self.timeout * 3,
+        }
+        try:
+            if self.url:
+                client = redis.Redis.from_url(self.url, **options)
+            else:
+                client = redis.Redis(
+                    host=self.host, port=self.port, password=self.password or None, **options
+                )
+            client.ping()
+        except Exception as exc:
+            raise self.error(exc) from None
+        return client
+
+    def error(self, exc: BaseException) -> UserError:
+        """Translate a redis-py exception into a one-line message without secrets."""
+        import redis
+
+        text = self.redact(str(exc)) or type(exc).__name__
+        if isinstance(exc, redis.AuthenticationError) or any(
+            word in text for word in ("WRONGPASS", "NOAUTH", "invalid password", "invalid username")
+        ):
+            return UserError(
+                f"Redis at {self.label} refused the credentials (check the password/username)"
+            )
+        if isinstance(exc, redis.TimeoutError):
+            return UserError(f"Redis at {self.label} timed out: {text}")
+        if isinstance(exc, redis.ConnectionError):
+            return UserError(f"cannot reach Redis at {self.label}: {text}")
+        return UserError(f"Redis at {self.label} failed: {type(exc).__name__}: {text}")
 
 
 # ---------------------------------------------------------------------------
