@@ -23,13 +23,14 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import io
 import json
 import math
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,12 @@ from imt_ml.utils import (
     METADATA_FILE,
     SAMPLE_TRUTH_FILE,
     SHARD_GLOB,
+    RedisTarget,
     UserError,
     create_run_dir,
     log,
     progress,
+    redis_options,
     tf_parse_spec,
     write_json,
 )
@@ -81,6 +84,14 @@ MODEL_INPUTS: dict[str, str] = {
     "day_of_week": "int64",
     "scheduled_timestamp": "float32",
 }
+
+
+
+def serving_input_specs() -> dict[str, Any]:
+    """One tf.TensorSpec per model input: a batch of raw values, named as the input."""
+    _load_tensorflow()
+    return {name: tf.TensorSpec([None], dtype, name=name) for name, dtype in MODEL_INPUTS.items()}
+
 
 DEFAULT_MODEL_PATH = "track_prediction_model"
 VALIDATION_FRACTION = 0.2
@@ -434,8 +445,9 @@ def load_tfrecord_dataset(
 
 # ---------------------------------------------------------------------------
 # Model layers. Preprocessing lives in the model, so a saved model takes raw
-# values and carries its vocabularies. Custom layers register under "imt_ml":
-# import imt_ml.tfrecord_reader before keras.models.load_model.
+# values and carries its vocabularies. Custom layers register under "imt_ml"
+# as soon as Keras is imported in a process that imported the package
+# (`import imt_ml`, see __init__.py); then keras.saving.load_model works.
 # ---------------------------------------------------------------------------
 
 
@@ -1234,8 +1246,9 @@ def run_train(
     if not best_path.exists():  # no epoch improved on the first: keep the final one
         model.save(best_path)
 
-    # Evaluate the best checkpoint on the validation records
+    # Evaluate the best checkpoint on the validation records; export it for serving
     best = keras.models.load_model(best_path, compile=False)
+    serving_path = export_serving_model(best, serving_dir_for(best_path))
     truth = load_sample_truth(data.export_dir)
     evaluation = evaluate_model(best, data.columns, data.val_idx, tables, truth)
     curves = plot_learning_curves(history, run_dir / "learning_curves.png")
@@ -1298,7 +1311,10 @@ def run_train(
         "## Files",
         "",
         f"- `{best_path.name}`, `{final_path.name}`: models taking raw values, answering with track probabilities "
-        "(labels in the `track_probabilities` layer); load with `compile=False` after `import imt_ml.tfrecord_reader`",
+        "(labels in the `track_probabilities` layer); `import imt_ml`, then "
+        "`keras.saving.load_model(path, compile=False)`",
+        f"- `{serving_path.name}/`: TensorFlow SavedModel of `{best_path.name}` for any TF runtime; its `serve` "
+        "signature takes the raw fields by name and returns `tracks` (most likely first) and `probabilities`",
         f"- `{vocab_path.name}`: vocabularies and baseline tables",
         "- `logs/`: TensorBoard",
         "",
@@ -1440,6 +1456,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     combined_path = run_dir / f"{mp}_combined.keras"
     build_ensemble_model(members, data.vocab_info).save(combined_path)
     combined = load_saved_model(combined_path)
+    serving_path = export_serving_model(combined, run_dir / f"{mp}_serving")
     soft = evaluate_model(combined, data.columns, data.val_idx, tables, truth)
     true_tracks = data.columns["track_number"][data.val_idx]
     labels = np.array(soft.labels, dtype=object)
@@ -1516,8 +1533,11 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         "",
         f"- `{mp}_{{i}}_best.keras`, `{mp}_{{i}}_final.keras`: each member",
         f"- `{combined_path.name}`: the average of the members' best checkpoints, raw values in, "
-        "track probabilities out (`evaluate` and `predict` accept it)",
+        "track probabilities out (`evaluate`, `predict` and `serve` accept it)",
+        f"- `{serving_path.name}/`: TensorFlow SavedModel of the combined model; its `serve` signature takes the "
+        "raw fields by name and returns `tracks` (most likely first) and `probabilities`",
         f"- `{mp}_vocab.json`: vocabularies and baseline tables",
+        "- Every `.keras` file loads with `keras.saving.load_model(path, compile=False)` after `import imt_ml`",
         "",
     ]
     (run_dir / "training_report.md").write_text("\n".join(report))
@@ -1622,6 +1642,7 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         model = create_simple_model(data.vocab_info, ModelConfig(seed=opts.seed + j))
         history, seconds = fit_model(model, data, opts, None, None, label=f"Fold {j + 1}/{k}")
         model.save(run_dir / f"{opts.model_path}_fold_{j}.keras")
+        export_serving_model(model, run_dir / f"{opts.model_path}_fold_{j}_serving")
         loss = float(model.evaluate(data.val_ds, verbose=0, return_dict=True)["loss"])
         tables = baseline_tables(columns, data.train_idx)
         ev = evaluate_model(model, columns, val_idx, tables, truth)
@@ -1717,7 +1738,8 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         "",
         "## Files",
         "",
-        f"- `{opts.model_path}_fold_{{j}}.keras`: each fold's model",
+        f"- `{opts.model_path}_fold_{{j}}.keras`: each fold's model (`import imt_ml`, then "
+        "`keras.saving.load_model(path, compile=False)`), and `_fold_{j}_serving/`, its TensorFlow SavedModel",
         "- `cv_results.json`: every number above; `fold_assignment.npy`: each record's fold, in export order",
         "",
     ]
@@ -2213,23 +2235,40 @@ class TrackPredictor:
     [('5', 0.81), ('6', 0.11)]
     """
 
+    #: Records per call of the compiled model; larger inputs go in chunks.
+    CHUNK = 4096
+
     def __init__(self, model: Any) -> None:
+        _load_tensorflow()
         self.model = model
         output = model.get_layer("track_probabilities")
         self.labels = list(output.labels)
         self.station_tracks = {s: set(t) for s, t in output.station_tracks.items()}
         self.stations = set(self.station_tracks)
+        # One traced graph for every batch size: model.predict builds a tf.data
+        # pipeline per call, tens of milliseconds a request for a serving loop.
+        self._forward = tf.function(
+            lambda inputs: model(inputs, training=False),
+            input_signature=[serving_input_specs()],
+        )
 
     def probabilities(self, records: list[dict[str, Any]]) -> np.ndarray:
         """Class probabilities (columns in `self.labels` order) for assignment dicts."""
-        features = [features_from_assignment(r) for r in records]
-        columns = {
-            name: np.array(
-                [f[name] for f in features], dtype=object if dtype == "string" else dtype
-            )
-            for name, dtype in MODEL_INPUTS.items()
-        }
-        return predict_probabilities(self.model, columns)
+        return self.probabilities_of_features([features_from_assignment(r) for r in records])
+
+    def probabilities_of_features(self, features: list[dict[str, Any]]) -> np.ndarray:
+        """Class probabilities for records already turned into model inputs."""
+        if not features:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        parts = []
+        for start in range(0, len(features), self.CHUNK):
+            chunk = features[start : start + self.CHUNK]
+            columns = {
+                name: tf.constant([f[name] for f in chunk], dtype=dtype)
+                for name, dtype in MODEL_INPUTS.items()
+            }
+            parts.append(self._forward(columns).numpy())
+        return np.concatenate(parts)
 
     def predict(self, records: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:
         """For each record, (track, probability) pairs, most likely first. Only tracks the
@@ -2296,6 +2335,300 @@ def run_predict(
             flush()
     flush()
     return errors
+
+
+# ---------------------------------------------------------------------------
+# Serving. A TensorFlow SavedModel for any TF runtime (no imt_ml, no Python
+# classes), and a worker that answers the tracker's prediction queue in Redis.
+# ---------------------------------------------------------------------------
+
+
+def serving_dir_for(model_file: Path) -> Path:
+    """`{model_path}_serving/` beside `{model_path}_best.keras` (or any `.keras` file)."""
+    stem = vocab_file_for(model_file).name.removesuffix("_vocab.json")
+    return model_file.with_name(f"{stem}_serving")
+
+
+def export_serving_model(model: Any, path: Path) -> Path:
+    """Write `model` as a SavedModel whose `serve` signature takes the raw record
+    fields by name (batches of MODEL_INPUTS) and returns `tracks` (labels, most
+    likely first) and `probabilities` (in the same order). Inspect it with
+    `saved_model_cli show --dir PATH --all`."""
+    _load_tensorflow()
+    labels = tf.constant(model_labels(model))
+
+    @tf.function(input_signature=[serving_input_specs()])
+    def serve(inputs: dict[str, Any]) -> dict[str, Any]:
+        probabilities = model(inputs, training=False)
+        order = tf.argsort(probabilities, axis=-1, direction="DESCENDING", stable=True)
+        return {
+            "tracks": tf.gather(labels, order),
+            "probabilities": tf.gather(probabilities, order, batch_dims=1),
+        }
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve)
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured tensor
+        archive.write_out(str(path))
+    return path
+
+
+@dataclass
+class ServeOptions:
+    """Where the tracker's requests and results live, and how the worker batches."""
+
+    requests_key: str = field(default="ml:track_predict:requests", metadata={
+        "help": "Redis list the tracker LPUSHes requests on."})
+    processing_key: str = field(default="ml:track_predict:processing", metadata={
+        "help": "Redis list holding requests taken but not yet answered (one per worker)."})
+    result_prefix: str = field(default="ml:track_predict:result:", metadata={
+        "help": "Result key prefix; the request id follows."})
+    latest_prefix: str = field(default="ml:track_predict:latest:", metadata={
+        "help": "Latest-result key prefix; station:route:direction:unix seconds follow."})
+    result_ttl: int = field(default=86_400, metadata={
+        "help": "Seconds before a result expires.", "type": click.IntRange(min=1)})
+    max_batch: int = field(default=256, metadata={
+        "help": "Most requests answered in one model call.", "type": click.IntRange(min=1)})
+    log_interval: float = field(default=60.0, metadata={
+        "help": "Seconds between progress lines.", "type": click.FloatRange(min=0.1)})  # fmt: skip
+
+
+def dataclass_options(cls: type) -> Callable[[Callable], Callable]:
+    """Click options for every field of a dataclass, from its defaults and field metadata
+    ("help", optionally "type"), so each option is declared once, beside its default."""
+
+    def decorate(func: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            func = click.option(
+                f"--{f.name.replace('_', '-')}", f.name, default=f.default, show_default=True,
+                type=f.metadata.get("type", type(f.default)), help=f.metadata.get("help"),
+            )(func)  # fmt: skip
+        return func
+
+    return decorate
+
+
+@dataclass
+class TrackRequest:
+    """One usable request from the tracker."""
+
+    raw: bytes
+    id: str
+    doc: dict[str, Any]
+    features: dict[str, Any]
+
+
+def parse_track_request(raw: bytes) -> TrackRequest | tuple[str | None, str]:
+    """A TrackRequest, or (its id if it has one, why it cannot be answered)."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        return None, f"invalid JSON: {exc}"
+    if not isinstance(doc, dict):
+        return None, "a request must be a JSON object"
+    request_id = doc.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int) or request_id == "":
+        return None, "the request has no usable id"
+    try:
+        features = features_from_assignment(doc)
+    except ValueError as exc:
+        return str(request_id), str(exc)
+    return TrackRequest(raw, str(request_id), doc, features)
+
+
+#: Moves up to ARGV[1] requests to the processing list in one round trip.
+_TAKE_MORE = """
+local taken = {}
+for i = 1, tonumber(ARGV[1]) do
+  local request = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not request then break end
+  taken[i] = request
+end
+return taken
+"""
+
+#: Puts every request left in the processing list back at the head of the queue,
+#: oldest nearest the head, so they are answered first.
+_REQUEUE = """
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
+return n
+"""
+
+
+class PredictionWorker:
+    """Answers the tracker's requests: BLMOVE to a processing list, predict the batch
+    in one call, write the results and remove the batch in one transaction. A request
+    is never lost: whatever a dead worker left in the processing list is requeued
+    when a worker (re)connects."""
+
+    def __init__(self, predictor: TrackPredictor, target: RedisTarget, opts: ServeOptions):
+        self.predictor = predictor
+        self.target = target
+        self.opts = opts
+        self.stopping = False
+        self.answered = self.errors = self.batches = 0
+        labels = predictor.labels
+        self.track_index = np.array([int(label) - 1 for label in labels])
+        self.num_tracks = int(self.track_index.max()) + 1
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then finish the batch in hand and return."""
+        import redis
+
+        client = self.target.connect()  # a wrong password or host: one line, exit 1
+        self._handle_signals()
+        log(f"Serving {len(self.predictor.labels)} tracks on Redis at {self.target.label}, "
+            f"list {self.opts.requests_key}")  # fmt: skip
+        self._requeue(client)
+        last_log, since_log = time.monotonic(), (0, 0, 0)
+        while not self.stopping:
+            try:
+                batch = self._take_batch(client)
+                if batch:
+                    self._answer(client, batch)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                client = self._reconnect(exc)
+            if time.monotonic() - last_log >= self.opts.log_interval:
+                since_log = self._log_progress(since_log)
+                last_log = time.monotonic()
+        log(f"Stopped: answered {self.answered:,} requests ({self.errors:,} with an error) "
+            f"in {self.batches:,} batches")  # fmt: skip
+
+    def _handle_signals(self) -> None:
+        import signal
+
+        def stop(signum: int, _frame: Any) -> None:
+            if not self.stopping:
+                log(f"{signal.Signals(signum).name}: stopping after the batch in hand")
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def _log_progress(self, before: tuple[int, int, int]) -> tuple[int, int, int]:
+        now = (self.answered, self.errors, self.batches)
+        answered, errors, batches = (a - b for a, b in zip(now, before, strict=True))
+        if answered:
+            log(f"Answered {answered:,} requests ({errors:,} with an error) in {batches:,} "
+                f"batches in the last {self.opts.log_interval:g} s")  # fmt: skip
+        return now
+
+    def _reconnect(self, exc: Exception) -> Any:
+        """A new connection after a lost one, retried with backoff (0.5 s doubling to 10 s)."""
+        log(f"Lost Redis at {self.target.label} ({self.target.redact(str(exc)) or type(exc).__name__}); "
+            "reconnecting")  # fmt: skip
+        delay = 0.5
+        while not self.stopping:
+            deadline = time.monotonic() + delay
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(0.05)
+            try:
+                client = self.target.connect()
+                self._requeue(client)
+            except Exception:
+                delay = min(delay * 2, 10.0)
+                continue
+            log(f"Reconnected to Redis at {self.target.label}")
+            return client
+        return None
+
+    # -- Redis ---------------------------------------------------------------
+
+    def _requeue(self, client: Any) -> None:
+        moved = client.eval(_REQUEUE, 2, self.opts.processing_key, self.opts.requests_key)
+        if moved:
+            log(f"Requeued {moved:,} requests left unanswered by an earlier worker")
+
+    def _take_batch(self, client: Any) -> list[bytes]:
+        """Up to max_batch requests, waiting at most a second for the first."""
+        keys = (self.opts.requests_key, self.opts.processing_key)
+        first = client.blmove(*keys, timeout=1, src="RIGHT", dest="LEFT")
+        if first is None:
+            return []
+        if self.opts.max_batch == 1:
+            return [first]
+        return [first, *client.eval(_TAKE_MORE, 2, *keys, self.opts.max_batch - 1)]
+
+    def _answer(self, client: Any, batch: list[bytes]) -> None:
+        """Predict the usable requests in one call; write every answer and drop the batch
+        from the processing list in one transaction."""
+        parsed: list[TrackRequest | tuple[str | None, str]] = [
+            parse_track_request(raw) for raw in batch
+        ]
+        good = [p for p in parsed if isinstance(p, TrackRequest)]
+        writes: list[tuple[str, bytes]] = []
+        try:
+            probabilities = self.predictor.probabilities_of_features([r.features for r in good])
+            writes += self._results(good, probabilities)
+        except Exception as exc:  # the model failed on a batch: answer it, never stop
+            log(f"Prediction failed for a batch of {len(good)}: {type(exc).__name__}: {exc}")
+            failed: list[TrackRequest | tuple[str | None, str]] = [
+                (r.id, f"prediction failed: {type(exc).__name__}") for r in good
+            ]
+            parsed = failed + [p for p in parsed if not isinstance(p, TrackRequest)]
+        created_at = dt.datetime.now(dt.UTC).isoformat()
+        for item in parsed:
+            if isinstance(item, TrackRequest):
+                continue
+            request_id, reason = item
+            self.errors += 1
+            if request_id is None:
+                log(f"Dropped a request without a usable id: {reason}")
+                continue
+            body = {"id": request_id, "error": reason, "created_at": created_at}
+            writes.append((self.opts.result_prefix + request_id, json.dumps(body).encode()))
+        pipe = client.pipeline(transaction=True)
+        for key, value in writes:
+            pipe.set(key, value, ex=self.opts.result_ttl)
+        for raw in batch:
+            pipe.lrem(self.opts.processing_key, 1, raw)
+        pipe.execute()
+        self.answered += len(batch)
+        self.batches += 1
+
+    def _results(
+        self, requests: list[TrackRequest], probabilities: np.ndarray
+    ) -> list[tuple[str, bytes]]:
+        """The result JSON of each request under its result and latest keys."""
+        by_track = np.zeros((len(requests), self.num_tracks))
+        by_track[:, self.track_index] = probabilities  # index i is track i + 1
+        chosen = by_track.argmax(axis=1)
+        created_at = dt.datetime.now(dt.UTC).isoformat()
+        writes = []
+        for request, row, index in zip(requests, by_track, chosen, strict=True):
+            doc = request.doc
+            confidence = round(float(row[index]), 6)
+            body = json.dumps({
+                "id": request.id,
+                "station_id": doc["station_id"],
+                "route_id": doc["route_id"],
+                "direction_id": doc["direction_id"],
+                "scheduled_time": doc["scheduled_time"],
+                "track_number": str(int(index) + 1),
+                "predicted_track_index": int(index),
+                "confidence": confidence,
+                "model_confidence": confidence,
+                "probabilities": [round(float(p), 6) for p in row],
+                "created_at": created_at,
+            }).encode()  # fmt: skip
+            latest = (
+                f"{self.opts.latest_prefix}{doc['station_id']}:{doc['route_id']}:"
+                f"{doc['direction_id']}:{int(request.features['scheduled_timestamp'])}"
+            )
+            writes += [(self.opts.result_prefix + request.id, body), (latest, body)]
+        return writes
+
+
+def run_serve(model_file: Path, target: RedisTarget, opts: ServeOptions) -> PredictionWorker:
+    """`serve`: answer the tracker's prediction requests until stopped."""
+    predictor = load_predictor(model_file)
+    worker = PredictionWorker(predictor, target, opts)
+    worker.run()
+    return worker
 
 
 # ---------------------------------------------------------------------------
@@ -2394,6 +2727,27 @@ def evaluate(ctx: click.Context, model_file: Path) -> None:
 def predict(model_file: Path, input_file: Any) -> None:
     """Predict tracks for JSON lines; one JSON line out per line in (DATA_DIR is not read)."""
     run_predict(model_file, input_file, click.echo)
+
+
+@cli.command()
+@click.option(
+    "--model", "model_file", type=click.Path(path_type=Path), required=True,
+    help="A saved .keras model (e.g. an ensemble's _combined.keras).",
+)  # fmt: skip
+@redis_options
+@dataclass_options(ServeOptions)
+def serve(
+    model_file: Path,
+    redis_host: str,
+    redis_port: int,
+    redis_password: str | None,
+    redis_url: str | None,
+    **options: Any,
+) -> None:
+    """Answer the tracker's prediction requests from Redis until SIGTERM/SIGINT (DATA_DIR is
+    not read). Results go to the result and latest keys, each with a one-day expiry."""
+    target = RedisTarget(redis_host, redis_port, redis_password, redis_url)
+    run_serve(model_file, target, ServeOptions(**options))
 
 
 @cli.command()

@@ -1,0 +1,374 @@
+"""Serving: saved models loaded the way consumers load them, and `serve` on a real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from imt_ml import tfrecord_reader as tr
+from imt_ml.sample_data import write_export
+from imt_ml.utils import LocalRedisServer, free_port
+
+from conftest import REDIS_PASSWORD
+
+REPO = Path(__file__).resolve().parents[1]
+READER = REPO / "src/imt_ml/tfrecord_reader.py"
+REQUESTS = "ml:track_predict:requests"
+PROCESSING = "ml:track_predict:processing"
+RESULT = "ml:track_predict:result:"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One small `train` run whose models the tests serve."""
+    root = tmp_path_factory.mktemp("exports")
+    write_export(root, 3000, seed=8, records_per_file=1000)
+    out = tmp_path_factory.mktemp("output")
+    result = CliRunner().invoke(
+        tr.cli, [str(root), "train", "--epochs", "2", "--batch-size", "64"],
+        env={"IMT_ML_OUTPUT_DIR": str(out)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def model_file(run_dir) -> Path:
+    return run_dir / "track_prediction_model_best.keras"
+
+
+def tracker_request(request_id: str, station: str = "place-sstat", route: str = "CR-Worcester",
+                    trip: str = "CR-Weekday-Spring-24-500", minute: int = 43,
+                    direction: int = 0) -> dict:  # fmt: skip
+    """A request exactly as the tracker LPUSHes it."""
+    return {
+        "id": request_id,
+        "station_id": station,
+        "route_id": route,
+        "direction_id": direction,
+        "scheduled_time": f"2024-03-04T17:{minute:02d}:00-05:00",
+        "trip_id": trip,
+        "headsign": "Worcester - Worcester Ln",
+    }
+
+
+def mixed_requests(n: int) -> list[dict]:
+    stations = [("place-sstat", "CR-Worcester"), ("place-bbsta", "CR-Providence"),
+                ("place-north", "CR-Lowell"), ("place-rugg", "CR-Franklin")]  # fmt: skip
+    return [
+        tracker_request(f"req-{i}", *stations[i % 4], trip=f"CR-Weekday-Spring-24-{500 + i % 40}",
+                        minute=i % 60, direction=i % 2)  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Loading as documented, in fresh processes
+# ---------------------------------------------------------------------------
+
+LOAD_AND_CALL = """
+    import json, sys
+    {imports}
+    import keras
+    import numpy as np
+
+    model = keras.saving.load_model(sys.argv[1] if len(sys.argv) > 1 else {path!r}, compile=False)
+    inputs = {{
+        "station_id": np.array(["place-sstat", "place-north"], dtype=object),
+        "route_id": np.array(["CR-Worcester", "CR-Lowell"], dtype=object),
+        "trip_id": np.array(["CR-Weekday-Spring-24-500", "CR-Weekday-Spring-24-301"], dtype=object),
+        "headsign": np.array(["Worcester - Worcester Ln", "Lowell - Lowell Ln"], dtype=object),
+        "direction_id": np.array([0, 1]),
+        "hour": np.array([17, 8]),
+        "minute": np.array([43, 5]),
+        "day_of_week": np.array([0, 2]),
+        "scheduled_timestamp": np.array([1709592180.0, 1709730300.0], dtype=np.float32),
+    }}
+    probabilities = np.asarray(model(inputs))
+    print(json.dumps({{"labels": model.get_layer("track_probabilities").labels,
+                      "probabilities": probabilities.tolist()}}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["best", "final"])
+def test_keras_files_load_after_importing_only_the_package(run_dir, kind):
+    path = run_dir / f"track_prediction_model_{kind}.keras"
+    proc = run_python(LOAD_AND_CALL.format(imports="import imt_ml", path=str(path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    probabilities = np.array(answer["probabilities"])
+    assert answer["labels"][:3] == ["1", "2", "3"]
+    assert probabilities.shape == (2, len(answer["labels"]))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # North Station has no track 11+: the model keeps them at zero there.
+    assert probabilities[1, answer["labels"].index("13")] < 1e-6
+
+
+def test_without_the_package_keras_cannot_find_the_layers(model_file):
+    """The control for the test above: the registration is what makes it work."""
+    proc = run_python(LOAD_AND_CALL.format(imports="", path=str(model_file)))
+    assert proc.returncode != 0
+    assert "Could not locate class" in proc.stderr
+
+
+def test_saved_model_serves_labels_where_imt_ml_cannot_be_imported(run_dir, model_file):
+    serving = run_dir / "track_prediction_model_serving"
+    assert (serving / "saved_model.pb").is_file()
+    code = f"""
+        import json, sys
+        sys.modules["imt_ml"] = None  # any import of imt_ml now fails
+        try:
+            import imt_ml
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("imt_ml was importable")
+        import tensorflow as tf
+
+        served = tf.saved_model.load({str(serving)!r})
+        out = served.signatures["serve"](
+            station_id=tf.constant(["place-sstat", "place-north"]),
+            route_id=tf.constant(["CR-Worcester", "CR-Lowell"]),
+            trip_id=tf.constant(["CR-Weekday-Spring-24-500", "CR-Weekday-Spring-24-301"]),
+            headsign=tf.constant(["Worcester - Worcester Ln", "Lowell - Lowell Ln"]),
+            direction_id=tf.constant([0, 1], tf.int64),
+            hour=tf.constant([17, 8], tf.int64),
+            minute=tf.constant([43, 5], tf.int64),
+            day_of_week=tf.constant([0, 2], tf.int64),
+            scheduled_timestamp=tf.constant([1709592180.0, 1709730300.0]),
+        )
+        print(json.dumps({{"tracks": [[t.decode() for t in row] for row in out["tracks"].numpy()],
+                          "probabilities": out["probabilities"].numpy().tolist()}}))
+    """
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    predictor = tr.load_predictor(model_file)
+    expected = predictor.predict([
+        tracker_request("a"),
+        tracker_request("b", "place-north", "CR-Lowell", "CR-Weekday-Spring-24-301", 5, 1)
+        | {"scheduled_time": "2024-03-06T08:05:00-05:00", "headsign": "Lowell - Lowell Ln"},
+    ])  # fmt: skip
+    for tracks, probabilities, answer in zip(
+        served["tracks"], served["probabilities"], expected, strict=True
+    ):
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert tracks[0] == answer[0][0]
+        by_track = dict(zip(tracks, probabilities, strict=True))
+        for track, p in answer:
+            assert by_track[track] == pytest.approx(p, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# serve on a real Redis
+# ---------------------------------------------------------------------------
+
+
+class Worker:
+    """`tfrecord_reader.py - serve` as its own process, its log in a file."""
+
+    def __init__(self, model: Path, port: int, tmp_path: Path, *extra: str) -> None:
+        self.log_path = tmp_path / f"serve_{time.monotonic_ns()}.log"
+        self.log_file = open(self.log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, str(READER), "-", "serve", "--model", str(model),
+             "--redis-host", "127.0.0.1", "--redis-port", str(port), "--log-interval", "0.5",
+             *extra],
+            stdout=subprocess.PIPE, stderr=self.log_file, text=True,
+            env={**os.environ, "IMT_ML_NO_PROGRESS": "1"},
+        )  # fmt: skip
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert self.proc.poll() is None, f"worker exited early:\n{self.log}"
+            assert time.monotonic() < deadline, f"no {text!r} in the log:\n{self.log}"
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log_file.close()
+        return code
+
+
+@pytest.fixture
+def workers(model_file, tmp_path):
+    """Start workers with `workers(port, *flags)`; every one is stopped at the end."""
+    started: list[Worker] = []
+
+    def start(port: int, *extra: str) -> Worker:
+        worker = Worker(model_file, port, tmp_path, *extra)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.stop(signal.SIGKILL)
+
+
+def wait_for_results(client, ids: list[str], timeout: float = 60) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        values = client.mget([RESULT + i for i in ids])
+        if all(v is not None for v in values):
+            return {i: json.loads(v) for i, v in zip(ids, values, strict=True)}
+        missing = [i for i, v in zip(ids, values, strict=True) if v is None]
+        assert time.monotonic() < deadline, f"no result for {missing[:5]} ({len(missing)} missing)"
+        time.sleep(0.05)
+
+
+def test_serve_answers_the_trackers_requests_as_predict_does(redis_client, redis_server,
+                                                            workers, model_file):  # fmt: skip
+    requests = mixed_requests(40)
+    redis_client.lpush(REQUESTS, *[json.dumps(r) for r in requests])
+    malformed = [
+        b"{not json",
+        b"[1, 2, 3]",
+        json.dumps({k: v for k, v in tracker_request("x").items() if k != "id"}).encode(),
+        json.dumps(tracker_request("bad-time") | {"scheduled_time": "tomorrow"}).encode(),
+        json.dumps(tracker_request("no-station") | {"station_id": None}).encode(),
+    ]
+    redis_client.lpush(REQUESTS, *malformed)
+    worker = workers(redis_server.port)
+    answers = wait_for_results(redis_client, [r["id"] for r in requests])
+
+    # After the malformed ones, the worker still answers.
+    redis_client.lpush(REQUESTS, json.dumps(tracker_request("after")))
+    after = wait_for_results(redis_client, ["after"])["after"]
+    errors = wait_for_results(redis_client, ["bad-time", "no-station"])
+    assert "scheduled_time" in errors["bad-time"]["error"]
+    assert "station_id" in errors["no-station"]["error"]
+    assert redis_client.llen(PROCESSING) == 0 and redis_client.llen(REQUESTS) == 0
+
+    # The same records through `predict`.
+    lines = "\n".join(json.dumps(r) for r in [*requests, tracker_request("after")])
+    result = CliRunner().invoke(tr.cli, ["-", "predict", "--model", str(model_file)], input=lines)
+    assert result.exit_code == 0, result.output
+    predicted = [json.loads(line)["predictions"] for line in result.stdout.splitlines()]
+    for request, expected in zip([*requests, tracker_request("after")], predicted, strict=True):
+        answer = answers.get(request["id"], after)
+        assert set(answer) == {
+            "id", "station_id", "route_id", "direction_id", "scheduled_time", "track_number",
+            "predicted_track_index", "confidence", "model_confidence", "probabilities",
+            "created_at",
+        }  # fmt: skip
+        assert answer["id"] == request["id"]
+        for key in ("station_id", "route_id", "direction_id", "scheduled_time"):
+            assert answer[key] == request[key]
+        assert answer["track_number"] == expected[0]["track"]
+        assert answer["predicted_track_index"] == int(answer["track_number"]) - 1
+        probabilities = answer["probabilities"]  # index i is track i + 1
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert answer["confidence"] == pytest.approx(probabilities[answer["predicted_track_index"]])
+        for p in expected:
+            assert probabilities[int(p["track"]) - 1] == pytest.approx(p["probability"], abs=1e-5)
+
+    first = requests[0]
+    latest = (f"ml:track_predict:latest:{first['station_id']}:{first['route_id']}:"
+              f"{first['direction_id']}:{int(tr.features_from_assignment(first)['scheduled_timestamp'])}")  # fmt: skip
+    assert json.loads(redis_client.get(latest)) == answers[first["id"]]
+    assert 86_000 < redis_client.ttl(RESULT + first["id"]) <= 86_400
+    assert 86_000 < redis_client.ttl(latest) <= 86_400
+
+    assert worker.stop(signal.SIGTERM) == 0
+    log = worker.log
+    assert "Dropped a request without a usable id" in log
+    assert "Stopped: answered 46 requests (5 with an error)" in log
+    assert "Traceback" not in log
+
+
+def test_requests_in_flight_when_the_worker_is_killed_are_answered_after_restart(
+    redis_client, redis_server, workers
+):
+    requests = mixed_requests(600)
+    ids = [r["id"] for r in requests]
+    redis_client.lpush(REQUESTS, *[json.dumps(r) for r in requests])
+    worker = workers(redis_server.port, "--max-batch", "32")
+    deadline = time.monotonic() + 90
+    while not redis_client.exists(RESULT + ids[0]):
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log
+        time.sleep(0.01)
+    worker.stop(signal.SIGKILL)
+    # Whatever the kill interrupted, plus one request a dead worker had certainly
+    # taken and not answered: moved to the processing list by hand.
+    in_flight = tracker_request("in-flight")
+    redis_client.lpush(PROCESSING, json.dumps(in_flight))
+    unanswered = sum(v is None for v in redis_client.mget([RESULT + i for i in ids]))
+
+    restarted = workers(redis_server.port)
+    answers = wait_for_results(redis_client, [*ids, "in-flight"])
+    assert len(answers) == 601 and unanswered > 0
+    assert "Requeued" in restarted.log
+    assert redis_client.llen(PROCESSING) == 0
+    assert restarted.stop() == 0
+
+
+def test_the_worker_reconnects_after_a_redis_restart(workers, tmp_path):
+    import redis
+
+    server = LocalRedisServer().start()
+    try:
+        client = redis.Redis(host="127.0.0.1", port=server.port)
+        worker = workers(server.port)
+        client.lpush(REQUESTS, json.dumps(tracker_request("before")))
+        wait_for_results(client, ["before"])
+
+        port = server.port
+        server.stop()
+        worker.wait_for_log("Lost Redis")
+        time.sleep(1.0)
+        server = LocalRedisServer()
+        server.port = port
+        server.start()
+        client = redis.Redis(host="127.0.0.1", port=port)
+        client.lpush(REQUESTS, json.dumps(tracker_request("after")))
+        wait_for_results(client, ["after"], timeout=60)
+        assert "Reconnected" in worker.log
+        assert worker.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_bad_credentials_or_no_redis_at_start_are_one_line(password_redis_server, model_file,
+                                                          clean_env):  # fmt: skip
+    for args in (
+        ["--redis-port", str(password_redis_server.port), "--redis-password", "not-the-password"],
+        ["--redis-port", str(free_port())],
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(READER), "-", "serve", "--model", str(model_file),
+             "--redis-host", "127.0.0.1", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and ("refused" in last or "cannot reach" in last)
+        assert "Traceback" not in proc.stderr
+        assert "not-the-password" not in proc.stderr and REDIS_PASSWORD not in proc.stderr
