@@ -54,6 +54,28 @@ def test_ensemble_files_are_named_as_the_tracker_loads_them(ensemble_run):
     assert (ensemble_run / "training_report.md").exists()
 
 
+def test_every_ensemble_file_loads_in_a_fresh_process_after_import_imt_ml(ensemble_run):
+    """As the tracker's worker loads them: plain keras.saving.load_model, compile=False."""
+    import subprocess
+    import sys
+
+    files = [
+        ensemble_run / f"{PREFIX}_{i}_{kind}.keras" for i in range(3) for kind in ("best", "final")
+    ]
+    files.append(ensemble_run / f"{PREFIX}_combined.keras")
+    code = (
+        "import sys, imt_ml, keras\n"
+        "for path in sys.argv[1:]:\n"
+        "    model = keras.saving.load_model(path, compile=False)\n"
+        "    print(model.get_layer('track_probabilities').labels[0])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1"] * len(files)
+    assert (ensemble_run / f"{PREFIX}_serving" / "saved_model.pb").is_file()
+
+
 def test_members_differ_in_architecture(ensemble_run):
     sizes = {
         tr.load_saved_model(ensemble_run / f"{PREFIX}_{i}_best.keras").count_params()
@@ -150,6 +172,10 @@ def test_cv_folds_partition_the_records_in_time(sample_root, tmp_path):
     np.testing.assert_allclose(got, [mean, std, mean - half, mean + half], atol=2e-4)
     assert "contiguous periods of time" in report
     assert "Model minus baseline" in report
+    for j in range(3):
+        assert (
+            run_dir / f"track_prediction_cv_model_fold_{j}_serving" / "saved_model.pb"
+        ).is_file()
 
 
 def test_shuffled_folds_are_disjoint_and_cover_everything():

@@ -66,8 +66,13 @@ def mixed_requests(n: int) -> list[dict]:
     stations = [("place-sstat", "CR-Worcester"), ("place-bbsta", "CR-Providence"),
                 ("place-north", "CR-Lowell"), ("place-rugg", "CR-Franklin")]  # fmt: skip
     return [
-        tracker_request(f"req-{i}", *stations[i % 4], trip=f"CR-Weekday-Spring-24-{500 + i % 40}",
-                        minute=i % 60, direction=i % 2)  # fmt: skip
+        tracker_request(
+            f"req-{i}",
+            *stations[i % 4],
+            trip=f"CR-Weekday-Spring-24-{500 + i % 40}",
+            minute=i % 60,
+            direction=i % 2,
+        )  # fmt: skip
         for i in range(n)
     ]
 
@@ -173,6 +178,27 @@ def test_saved_model_serves_labels_where_imt_ml_cannot_be_imported(run_dir, mode
         by_track = dict(zip(tracks, probabilities, strict=True))
         for track, p in answer:
             assert by_track[track] == pytest.approx(p, abs=1e-5)
+
+
+def test_readme_loading_examples_run_as_written(run_dir, tmp_path):
+    """The README's Keras and SavedModel snippets, each in a fresh process."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    keras_block = next(b for b in blocks if "keras.saving.load_model" in b)
+    saved_block = next(b for b in blocks if "tf.saved_model.load" in b)
+    for block, check in (
+        (keras_block, "print(labels, np.asarray(probabilities).sum())"),
+        (saved_block, "print(out['tracks'][0, 0].numpy(), float(out['probabilities'][0, 0]))"),
+    ):
+        script = block.replace("output/train_...", str(run_dir)) + check + "\n"
+        path = tmp_path / "example.py"
+        path.write_text(script)
+        proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip(), proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------

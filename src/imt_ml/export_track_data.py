@@ -144,7 +144,6 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     except KeyError:
         return "missing_field"
 
-
     if track is None:
         return "null_track"
     if type(track) is not str:

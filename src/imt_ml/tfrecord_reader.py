@@ -86,7 +86,6 @@ MODEL_INPUTS: dict[str, str] = {
 }
 
 
-
 def serving_input_specs() -> dict[str, Any]:
     """One tf.TensorSpec per model input: a batch of raw values, named as the input."""
     _load_tensorflow()
@@ -2378,18 +2377,35 @@ def export_serving_model(model: Any, path: Path) -> Path:
 class ServeOptions:
     """Where the tracker's requests and results live, and how the worker batches."""
 
-    requests_key: str = field(default="ml:track_predict:requests", metadata={
-        "help": "Redis list the tracker LPUSHes requests on."})
-    processing_key: str = field(default="ml:track_predict:processing", metadata={
-        "help": "Redis list holding requests taken but not yet answered (one per worker)."})
-    result_prefix: str = field(default="ml:track_predict:result:", metadata={
-        "help": "Result key prefix; the request id follows."})
-    latest_prefix: str = field(default="ml:track_predict:latest:", metadata={
-        "help": "Latest-result key prefix; station:route:direction:unix seconds follow."})
-    result_ttl: int = field(default=86_400, metadata={
-        "help": "Seconds before a result expires.", "type": click.IntRange(min=1)})
-    max_batch: int = field(default=256, metadata={
-        "help": "Most requests answered in one model call.", "type": click.IntRange(min=1)})
+    requests_key: str = field(
+        default="ml:track_predict:requests",
+        metadata={"help": "Redis list the tracker LPUSHes requests on."},
+    )
+    processing_key: str = field(
+        default="ml:track_predict:processing",
+        metadata={
+            "help": "Redis list holding requests taken but not yet answered (one per worker)."
+        },
+    )
+    result_prefix: str = field(
+        default="ml:track_predict:result:",
+        metadata={"help": "Result key prefix; the request id follows."},
+    )
+    latest_prefix: str = field(
+        default="ml:track_predict:latest:",
+        metadata={"help": "Latest-result key prefix; station:route:direction:unix seconds follow."},
+    )
+    result_ttl: int = field(
+        default=86_400,
+        metadata={"help": "Seconds before a result expires.", "type": click.IntRange(min=1)},
+    )
+    max_batch: int = field(
+        default=256,
+        metadata={
+            "help": "Most requests answered in one model call.",
+            "type": click.IntRange(min=1),
+        },
+    )
     log_interval: float = field(default=60.0, metadata={
         "help": "Seconds between progress lines.", "type": click.FloatRange(min=0.1)})  # fmt: skip
 
