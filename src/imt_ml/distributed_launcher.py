@@ -11,14 +11,15 @@ and alone writes the model, vocab, config and report:
 
 tuner-parallel: each instance trains whole trials on its own machine; the chief
 runs Keras Tuner's oracle service and every instance (the chief included) pulls
-its next trial from it, so no trial runs twice:
+its next trial from it, so no trial runs twice. The chief publishes where its
+oracle listens in the shared tuner directory, where the others find it:
 
     uv run src/imt_ml/distributed_launcher.py tuner-parallel \\
         --tuner-directory /mnt/shared/kt_runs --tuner-id chief \\
-        --oracle-address 192.168.1.10:8000 --data-dir /shared/data --project-name track_tuning
+        --data-dir /shared/data --project-name track_tuning
     uv run src/imt_ml/distributed_launcher.py tuner-parallel \\
         --tuner-directory /mnt/shared/kt_runs --tuner-id tuner0 \\
-        --oracle-address 192.168.1.10:8000 --data-dir /shared/data --project-name track_tuning
+        --data-dir /shared/data --project-name track_tuning
 
 Keras 3 with TensorFlow 2.21 cannot run model.fit under MultiWorkerMirroredStrategy
 (a PerReplica value reaches the trainer's symbolic build), so sync-tune trains
@@ -46,7 +47,7 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/distributed_launcher.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml.utils import UserError, log
+from imt_ml.utils import ENV_OUTPUT, ENV_PROGRESS, UserError, environment_epilog, log
 
 # ---------------------------------------------------------------------------
 # Options and the search space.
@@ -415,9 +416,10 @@ def best_trial_summary(oracle: Any, n: int = 10) -> list[dict[str, Any]]:
 
 
 def train_and_save_best(
-    data: Any, hp_values: dict[str, Any], opts: SearchOptions, mode_lines: list[str]
+    data: Any, hp_values: dict[str, Any], opts: SearchOptions, mode: str, mode_lines: list[str]
 ) -> Path:
-    """Retrain the best hyperparameters like `train` and write its usual outputs."""
+    """Retrain the best hyperparameters like `train` and write its usual outputs under
+    `output/{mode}_<time>/`."""
     import keras_tuner as kt
 
     from imt_ml.tfrecord_reader import TrainOptions, run_train
@@ -440,7 +442,7 @@ def train_and_save_best(
         return mode_lines
 
     result = run_train(
-        data.export_dir, train_opts, cfg, mode="tune", mode_sections=sections, data=data
+        data.export_dir, train_opts, cfg, mode=mode, mode_sections=sections, data=data
     )
     return result.run_dir
 
@@ -460,7 +462,9 @@ def search_section(title: str, lines: list[str], best: list[dict[str, Any]]) -> 
 # ---------------------------------------------------------------------------
 
 
-def run_sync_tune(opts: SearchOptions, workers: str, index: int) -> Path | None:
+def run_sync_tune(
+    opts: SearchOptions, workers: str, index: int, tuner_directory: str = "kt_runs"
+) -> Path | None:
     """Hyperband in lock step on every worker; each trial trains on all of them."""
     hosts = parse_workers(workers, index)
     from imt_ml.tfrecord_reader import find_export_dir, prepare_data
@@ -480,7 +484,7 @@ def run_sync_tune(opts: SearchOptions, workers: str, index: int) -> Path | None:
     # of them walk through the same trials; only the chief keeps its tuner state.
     scratch = None if chief else tempfile.TemporaryDirectory(prefix="imt-sync-worker-")
     if scratch is None:
-        directory = str(Path(os.environ.get("TUNER_DIRECTORY") or "kt_runs").resolve())
+        directory = str(Path(tuner_directory).resolve())
     else:
         directory = scratch.name
     tuner = make_tuner(hypermodel, opts, directory, overwrite=True)
@@ -503,31 +507,146 @@ def run_sync_tune(opts: SearchOptions, workers: str, index: int) -> Path | None:
         f"- Trials run: {len(getattr(tuner, 'ran', []))}; search wall time: {search_seconds:.1f} s",
         f"- Keras Tuner state: `{directory}/{opts.project_name}`",
     ]
-    return train_and_save_best(data, best[0]["hyperparameters"], opts,
+    return train_and_save_best(data, best[0]["hyperparameters"], opts, "sync-tune",
                                search_section("Synchronous Multi-Worker Search", lines, best))  # fmt: skip
 
 
-def oracle_target(address: str | None) -> tuple[str, str]:
-    address = address or (
-        f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-        if "KERASTUNER_ORACLE_IP" in os.environ and "KERASTUNER_ORACLE_PORT" in os.environ
-        else None
-    )
-    if not address:
-        raise UserError(
-            "--oracle-address (or KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT) is required"
-        )
+# ---------------------------------------------------------------------------
+# Parallel trials: the chief's oracle, found through the shared tuner directory.
+# ---------------------------------------------------------------------------
+
+#: Beside the search's state: where the chief's oracle listens, with a heartbeat.
+ORACLE_FILE = "oracle.json"
+HEARTBEAT_S = 1.0
+
+
+def split_host_port(address: str, flag: str = "--oracle-address") -> tuple[str, int]:
+    """(host, port) of `host:port` (port 0: any free port), or one clear error."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--oracle-address {address!r} is not host:port")
-    return host, port
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise UserError(f"{flag} {address!r} is not host:port")
+    return host.strip("[]"), int(port)
 
 
-def wait_for_oracle(host: str, port: str, timeout_s: float) -> None:
+def given_oracle_address(address: str | None) -> tuple[str, int] | None:
+    """--oracle-address, else KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT, else None."""
+    if address:
+        return split_host_port(address)
+    ip, port = os.environ.get("KERASTUNER_ORACLE_IP"), os.environ.get("KERASTUNER_ORACLE_PORT")
+    if ip and port:
+        return split_host_port(f"{ip}:{port}", "KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT")
+    return None
+
+
+def this_machines_address() -> str:
+    """The address other machines most likely reach this one at: the first IPv4 address
+    of its host name that is not loopback and belongs to this machine (a socket can
+    bind to it), else the host name itself, for the others to resolve."""
+    name = socket.gethostname()
+    with contextlib.suppress(OSError):
+        for *_, sockaddr in socket.getaddrinfo(name, None, socket.AF_INET):
+            address = str(sockaddr[0])
+            if address.startswith("127."):
+                continue
+            with contextlib.suppress(OSError), socket.socket() as probe:
+                probe.bind((address, 0))
+                return address
+    return name
+
+
+def free_port_on(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class OracleAddressFile:
+    """`{tuner_directory}/{project}/oracle.json`: where the chief's oracle listens.
+
+    The chief rewrites it every HEARTBEAT_S seconds with a growing `beat` (atomic
+    renames) and marks it finished when the search ends. An instance trusts an
+    address only after seeing its beat grow, so the file of a finished or crashed
+    earlier search is never used, whatever the clocks of the machines say."""
+
+    def __init__(self, tuner_directory: str, project_name: str) -> None:
+        self.path = Path(tuner_directory) / project_name / ORACLE_FILE
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    # -- the chief -----------------------------------------------------------
+
+    def publish(self, host: str, port: int, bind: str) -> None:
+        """Write the address and keep its heartbeat going until finish()."""
+        import uuid
+
+        from imt_ml.utils import write_json
+
+        record: dict[str, Any] = {
+            "host": host, "port": port, "bind": bind, "chief_host": socket.gethostname(),
+            "pid": os.getpid(), "search_id": uuid.uuid4().hex, "beat": 0, "finished": False,
+        }  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, record)
+
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                record["beat"] += 1
+                with contextlib.suppress(OSError):
+                    write_json(self.path, record)
+
+        self._record = record
+        self._thread = threading.Thread(target=beat, daemon=True, name="oracle-heartbeat")
+        self._thread.start()
+
+    def finish(self) -> None:
+        from imt_ml.utils import write_json
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            with contextlib.suppress(OSError):
+                write_json(self.path, {**self._record, "finished": True})
+
+    # -- the other instances ----------------------------------------------------
+
+    def wait_for_live_address(self, timeout_s: float) -> tuple[str, int]:
+        """The address of a chief whose heartbeat is seen to advance, waiting up to timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        first_seen: dict[str, int] = {}  # search id -> first beat seen
+        while time.monotonic() < deadline:
+            data = self.read()
+            if data and not data.get("finished") and "search_id" in data:
+                search, beat = str(data["search_id"]), int(data.get("beat", 0))
+                if search in first_seen and beat > first_seen[search]:
+                    return connect_host(data), int(data["port"])
+                first_seen.setdefault(search, beat)
+            time.sleep(min(0.25, HEARTBEAT_S / 2))
+        raise UserError(
+            f"no chief published a live oracle address in {self.path} within {timeout_s:g} s; "
+            "start the chief (--tuner-id chief) with the same --tuner-directory and --project-name"
+        )
+
+
+def connect_host(record: dict[str, Any]) -> str:
+    """Where to reach a published oracle from here: over loopback when it listens on
+    every interface of this very machine, else at its published host."""
+    if record.get("bind") == "0.0.0.0" and record.get("chief_host") == socket.gethostname():
+        return "127.0.0.1"
+    return str(record["host"])
+
+
+def wait_for_oracle(host: str, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host, int(port)), timeout=2):
+            with socket.create_connection((host, port), timeout=2):
                 return
         except OSError as exc:
             if time.monotonic() > deadline:
@@ -536,35 +655,80 @@ def wait_for_oracle(host: str, port: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def start_oracle_service(oracle: Any, address: tuple[str, int] | None) -> tuple[str, str, int]:
+    """Serve the oracle on a thread; returns (host to publish, host bound, port).
+
+    Given an address, the service binds to it exactly (port 0: a free one). Otherwise
+    it binds to every interface on a free port and publishes this_machines_address()."""
+    from keras_tuner.src.distribute import oracle_chief
+
+    if address:
+        bind_host, port = address
+        publish_host = bind_host
+    else:
+        bind_host, port, publish_host = "0.0.0.0", 0, this_machines_address()
+    port = port or free_port_on(bind_host)
+    # start_server reads these two variables; the service is up before they change.
+    os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"] = bind_host, str(port)
+    threading.Thread(target=oracle_chief.start_server, args=(oracle,), daemon=True,
+                     name="kt-oracle").start()  # fmt: skip
+    wait_for_oracle("127.0.0.1" if bind_host == "0.0.0.0" else bind_host, port, 30)
+    return publish_host, bind_host, port
+
+
 def run_tuner_parallel(opts: SearchOptions, tuner_directory: str, tuner_id: str, oracle_address: str | None,
                        train_best: bool | None, wait_s: float) -> Path | None:  # fmt: skip
-    """Trials spread over instances by the chief's oracle; the chief trains trials too."""
-    host, port = oracle_target(oracle_address)
+    """Trials spread over instances by the chief's oracle; the chief trains trials too.
+
+    The chief serves the oracle and publishes its address in the shared tuner
+    directory; the others find it there, unless an address is given."""
     chief = tuner_id == "chief"
     if not chief and "chief" in tuner_id:
         raise UserError("--tuner-id must be 'chief' or a name without 'chief' in it (e.g. tuner0)")
+    given = given_oracle_address(oracle_address)
     from imt_ml.tfrecord_reader import prepare_data
 
     data = prepare_data(opts.data_dir, opts.batch_size, "time", opts.seed)
     hypermodel = make_hypermodel(data.vocab_info, opts.seed)
-    os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"] = host, port
+    address_file = OracleAddressFile(tuner_directory, opts.project_name)
     started = time.perf_counter()
     server_tuner = None
     if chief:
         # The oracle service, on a thread of this process ...
-        from keras_tuner.src.distribute import oracle_chief
-
         os.environ["KERASTUNER_TUNER_ID"] = "chief"
         server_tuner = make_tuner(hypermodel, opts, tuner_directory, overwrite=True)
         server_tuner.save()
-        threading.Thread(target=oracle_chief.start_server, args=(server_tuner.oracle,), daemon=True,
-                         name="kt-oracle").start()  # fmt: skip
-        log(f"Oracle service for {opts.project_name} listening on {host}:{port}")
+        published, bound, port = start_oracle_service(server_tuner.oracle, given)
+        address_file.publish(published, port, bound)
+        log(f"Oracle service for {opts.project_name} listening on {bound}:{port}, published as "
+            f"{published}:{port} in {address_file.path}")  # fmt: skip
+        host = "127.0.0.1" if bound == "0.0.0.0" else bound
         # ... and a trial runner like any other instance (an id without "chief").
         os.environ["KERASTUNER_TUNER_ID"] = "lead"
     else:
         os.environ["KERASTUNER_TUNER_ID"] = tuner_id
-    wait_for_oracle(host, port, wait_s)
+        if given:
+            host, port = given
+        else:
+            log(f"[{tuner_id}] waiting for the chief's address in {address_file.path}")
+            host, port = address_file.wait_for_live_address(wait_s)
+        wait_for_oracle(host, port, wait_s)
+    os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"] = host, str(port)
+    try:
+        return _search_and_train_best(
+            opts, data, hypermodel, tuner_directory, tuner_id, server_tuner, train_best,
+            f"{host}:{port}", started,
+        )  # fmt: skip
+    finally:
+        if chief:
+            address_file.finish()
+
+
+def _search_and_train_best(opts: SearchOptions, data: Any, hypermodel: Any, tuner_directory: str,
+                           tuner_id: str, server_tuner: Any, train_best: bool | None,
+                           oracle_at: str, started: float) -> Path | None:  # fmt: skip
+    """This instance's trials, then (on the chief, or with --train-best) the best model."""
+    chief = server_tuner is not None
     runner = make_tuner(hypermodel, opts, tuner_directory, overwrite=False)
     from imt_ml.tfrecord_reader import class_weights
 
@@ -593,11 +757,11 @@ def run_tuner_parallel(opts: SearchOptions, tuner_directory: str, tuner_id: str,
     search_seconds = time.perf_counter() - started
     lines = [
         f"- Keras Tuner Hyperband, max {opts.max_epochs} epochs, factor {opts.factor}, "
-        f"{opts.hyperband_iterations} iteration(s), seed {opts.seed}; trials handed out by the chief's oracle at {host}:{port}",
+        f"{opts.hyperband_iterations} iteration(s), seed {opts.seed}; trials handed out by the chief's oracle at {oracle_at}",
         f"- This instance ({tuner_id}) ran {len(ran)} trial(s); search wall time here: {search_seconds:.1f} s",
         f"- Shared tuner directory: `{Path(tuner_directory) / opts.project_name}`",
     ]
-    return train_and_save_best(data, best[0]["hyperparameters"], opts,
+    return train_and_save_best(data, best[0]["hyperparameters"], opts, "tuner-parallel",
                                search_section("Parallel Tuner Search", lines, best))  # fmt: skip
 
 
@@ -607,24 +771,29 @@ def run_tuner_parallel(opts: SearchOptions, tuner_directory: str, tuner_id: str,
 
 
 def search_options(func: Any) -> Any:
+    """The options both modes share. No generic environment variables (a leftover
+    BATCH_SIZE in a shell must not change a run): the Taskfile maps its variables to
+    these flags."""
+    d = SearchOptions(data_dir="")
     options = [
-        click.option("--data-dir", envvar="DATA_DIR", required=True, help="Export directory or root [env: DATA_DIR]."),
-        click.option("--project-name", envvar="PROJECT_NAME", default="track_tuning", show_default=True,
-                     help="Search name [env: PROJECT_NAME]."),
-        click.option("--max-epochs", envvar="MAX_EPOCHS", type=click.IntRange(min=1), default=10, show_default=True,
+        click.option("--data-dir", required=True, help="Export directory or export root."),
+        click.option("--project-name", default=d.project_name, show_default=True,
+                     help="Name of the search in the tuner directory."),
+        click.option("--max-epochs", type=click.IntRange(min=1), default=d.max_epochs, show_default=True,
                      help="Hyperband's most epochs for one model."),
-        click.option("--factor", envvar="FACTOR", type=click.IntRange(min=2), default=3, show_default=True,
+        click.option("--factor", type=click.IntRange(min=2), default=d.factor, show_default=True,
                      help="Hyperband's reduction factor."),
-        click.option("--hyperband-iterations", envvar="HYPERBAND_ITERATIONS", type=click.IntRange(min=1), default=1,
+        click.option("--hyperband-iterations", type=click.IntRange(min=1), default=d.hyperband_iterations,
                      show_default=True),
-        click.option("--executions-per-trial", envvar="EXECUTIONS_PER_TRIAL", type=click.IntRange(min=1), default=1,
+        click.option("--executions-per-trial", type=click.IntRange(min=1), default=d.executions_per_trial,
                      show_default=True),
-        click.option("--batch-size", envvar="BATCH_SIZE", type=click.IntRange(min=1), default=256, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
                      help="Batch size (per worker in sync-tune)."),
-        click.option("--model-path", envvar="MODEL_PATH", default="track_prediction_model", show_default=True),
-        click.option("--final-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--model-path", default=d.model_path, show_default=True,
+                     help="File name prefix of the saved files."),
+        click.option("--final-epochs", type=click.IntRange(min=0), default=d.final_epochs, show_default=True,
                      help="Epochs to retrain the best configuration (0: --max-epochs)."),
-        click.option("--seed", type=int, default=42, show_default=True),
+        click.option("--seed", type=int, default=d.seed, show_default=True),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
@@ -641,19 +810,20 @@ def cli() -> None:
     """Distributed hyperparameter search for imt-ml track models."""
 
 
-@cli.command("sync-tune")
+@cli.command(
+    "sync-tune",
+    epilog=environment_epilog(
+        ENV_OUTPUT, ENV_PROGRESS,
+        f"{READY_FD_ENV} (internal: set by sync-tune for the process it supervises)",
+    ),
+)  # fmt: skip
+@click.option("--workers", required=True, help="host:port of every worker, comma-separated.")
+@click.option("--index", type=int, required=True, help="This worker's position in --workers.")
 @click.option(
-    "--workers",
-    envvar="WORKERS",
-    required=True,
-    help="host:port of every worker, comma-separated [env: WORKERS].",
-)
-@click.option(
-    "--index",
-    envvar="INDEX",
-    type=int,
-    required=True,
-    help="This worker's position in --workers [env: INDEX].",
+    "--tuner-directory",
+    default="kt_runs",
+    show_default=True,
+    help="Where the chief keeps the Keras Tuner state (the other workers keep none).",
 )
 @click.option(
     "--peer-timeout",
@@ -663,7 +833,9 @@ def cli() -> None:
     help="Seconds to wait for every worker to join.",
 )
 @search_options
-def sync_tune(workers: str, index: int, peer_timeout: float, **kwargs: Any) -> None:
+def sync_tune(
+    workers: str, index: int, tuner_directory: str, peer_timeout: float, **kwargs: Any
+) -> None:
     """Hyperband search whose trials each train on all workers (MultiWorkerMirroredStrategy)."""
     if READY_FD_ENV not in os.environ:  # the supervising parent: bounded wait for the peers
         hosts = parse_workers(workers, index)
@@ -671,28 +843,34 @@ def sync_tune(workers: str, index: int, peer_timeout: float, **kwargs: Any) -> N
 
         find_export_dir(kwargs["data_dir"])
         sys.exit(supervise_until_joined(hosts, index, peer_timeout))
-    run_dir = run_sync_tune(_options(kwargs), workers, index)
+    run_dir = run_sync_tune(_options(kwargs), workers, index, tuner_directory)
     if run_dir:
         click.echo(str(run_dir))
 
 
-@cli.command("tuner-parallel")
+@cli.command(
+    "tuner-parallel",
+    epilog=environment_epilog(
+        ENV_OUTPUT,
+        ENV_PROGRESS,
+        "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT (the oracle's address when "
+        "--oracle-address is not given)",
+    ),  # fmt: skip
+)
 @click.option(
     "--tuner-directory",
-    envvar="TUNER_DIRECTORY",
     required=True,
-    help="Keras Tuner directory every instance shares [env: TUNER_DIRECTORY].",
+    help="Keras Tuner directory every instance shares (e.g. on NFS); the chief publishes its "
+    "oracle's address there and the other instances find it.",
 )
-@click.option(
-    "--tuner-id",
-    envvar="TUNER_ID",
-    required=True,
-    help="'chief' or tuner0, tuner1, ... [env: TUNER_ID].",
-)
+@click.option("--tuner-id", required=True, help="'chief' or tuner0, tuner1, ...")
 @click.option(
     "--oracle-address",
     default=None,
-    help="host:port of the chief's oracle [default: KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT].",
+    help="host:port of the oracle. The chief binds it exactly (port 0: any free port) and "
+    "publishes it; others connect to it instead of reading the tuner directory. "
+    "[default: KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT, else the chief listens on every "
+    "interface on a free port and publishes its first non-loopback IPv4 address]",
 )
 @click.option(
     "--train-best/--no-train-best",
@@ -704,7 +882,7 @@ def sync_tune(workers: str, index: int, peer_timeout: float, **kwargs: Any) -> N
     type=click.FloatRange(min=1),
     default=120,
     show_default=True,
-    help="Seconds a worker waits for the chief's oracle.",
+    help="Seconds an instance waits for the chief to publish its address and answer.",
 )
 @search_options
 def tuner_parallel(tuner_directory: str, tuner_id: str, oracle_address: str | None, train_best: bool | None,

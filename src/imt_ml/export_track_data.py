@@ -42,6 +42,8 @@ if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/export_track_da
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imt_ml.utils import (
+    ENV_PROGRESS,
+    ENV_REDIS,
     EXPORT_DIR_FORMAT,
     FEATURE_SCHEMA,
     METADATA_FILE,
@@ -49,6 +51,7 @@ from imt_ml.utils import (
     TRACKER_TIMEZONE,
     RedisTarget,
     UserError,
+    environment_epilog,
     log,
     progress,
     redis_options,
@@ -819,7 +822,10 @@ def run_export(
     return path, exporter.stats, time.perf_counter() - started
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=environment_epilog(ENV_REDIS, ENV_PROGRESS),
+)
 @click.option(
     "--output",
     "-o",

@@ -31,12 +31,16 @@ if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/sample_data.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imt_ml.utils import (
+    ENV_OUTPUT,
+    ENV_PROGRESS,
+    ENV_REDIS,
     SAMPLE_TRUTH_FILE,
     TRACKER_TIMEZONE,
     LocalRedisServer,
     RedisTarget,
     UserError,
     chunked,
+    environment_epilog,
     find_redis_server_binary,
     log,
     progress,
@@ -446,7 +450,7 @@ def cli() -> None:
     """Generate realistic synthetic track history."""
 
 
-@cli.command("to-redis")
+@cli.command("to-redis", epilog=environment_epilog(ENV_REDIS, ENV_PROGRESS))
 @records_option
 @seed_option
 @redis_options
@@ -471,7 +475,7 @@ def to_redis(
     log(f"Wrote {records:,} assignments to Redis at {target.label} ({sum(dirty.values()):,} dirty)")
 
 
-@cli.command("to-export")
+@cli.command("to-export", epilog=environment_epilog(ENV_PROGRESS))
 @records_option
 @seed_option
 @click.option(
@@ -486,7 +490,7 @@ def to_export(records: int, seed: int, output: Path, records_per_file: int) -> N
     click.echo(str(path))
 
 
-@cli.command()
+@cli.command(epilog=environment_epilog(ENV_OUTPUT, ENV_PROGRESS))
 @click.option(
     "--records", "-n", type=click.IntRange(min=1), default=20_000, show_default=True,
     help="Assignments to generate.",

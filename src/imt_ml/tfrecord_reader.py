@@ -41,12 +41,16 @@ if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/tfrecord_reader
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imt_ml.utils import (
+    ENV_OUTPUT,
+    ENV_PROGRESS,
+    ENV_REDIS,
     METADATA_FILE,
     SAMPLE_TRUTH_FILE,
     SHARD_GLOB,
     RedisTarget,
     UserError,
     create_run_dir,
+    environment_epilog,
     log,
     progress,
     redis_options,
@@ -401,9 +405,10 @@ def prepare_split(
         shuffle=True, seed=seed, augment=augmented,
     )  # fmt: skip
     known = data.val_known
-    data.val_ds = make_dataset(
-        model_features(columns, val_idx[known]), val_labels[known], batch_size
-    )
+    if len(known):  # a model refit on every record has no validation records
+        data.val_ds = make_dataset(
+            model_features(columns, val_idx[known]), val_labels[known], batch_size
+        )
     return data
 
 
@@ -1073,7 +1078,8 @@ class TrainOptions:
 
 class CosineWithPlateau:
     """Cosine annealing from the initial rate to 1% of it over `tmax` epochs, times a
-    factor that drops by `factor` after `patience` epochs without a better val_loss."""
+    factor that drops by `factor` after `patience` epochs without a better val_loss
+    (the training loss when there are no validation records)."""
 
     @staticmethod
     def make(base_lr: float, tmax: int, patience: int, factor: float) -> Any:
@@ -1092,7 +1098,7 @@ class CosineWithPlateau:
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
                 logs = logs if logs is not None else {}
                 logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
-                loss = logs.get("val_loss", math.inf)
+                loss = logs.get("val_loss", logs.get("loss", math.inf))
                 if loss < self.best - 1e-6:
                     self.best, self.wait = loss, 0
                 else:
@@ -1335,6 +1341,7 @@ def run_train(
 # ---------------------------------------------------------------------------
 
 DEFAULT_ENSEMBLE_MODEL_PATH = "track_prediction_ensemble_model"
+DEFAULT_CV_MODEL_PATH = "track_prediction_cv_model"
 
 #: Member architectures, cycled; each member also gets its own seed.
 ENSEMBLE_VARIANTS: list[dict[str, Any]] = [
@@ -1613,6 +1620,38 @@ def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> li
     return folds
 
 
+def fit_on_every_record(
+    export: tuple[Path, dict[str, Any], dict[str, np.ndarray]],
+    opts: TrainOptions,
+    epochs: int,
+    config: ModelConfig,
+) -> tuple[Any, PreparedData]:
+    """A model trained on every record for a fixed number of epochs (chosen elsewhere,
+    on validation records), with vocabularies from every record: the model to deploy."""
+    export_dir, metadata, columns = export
+    everything = np.arange(len(columns["track_number"]))
+    data = prepare_split(export_dir, metadata, columns, everything, everything[:0],
+                         {"method": "all records"}, opts.batch_size, opts.seed)  # fmt: skip
+    keras.utils.set_random_seed(config.seed)
+    model = create_simple_model(data.vocab_info, config)
+    refit = dataclasses.replace(opts, epochs=epochs, no_early_stop=True)
+    fit_model(model, data, refit, None, None, label=f"Every record, {epochs} epochs")
+    return model, data
+
+
+def save_deployable_model(
+    model: Any, data: PreparedData, run_dir: Path, model_path: str
+) -> list[Path]:
+    """`{model_path}_best.keras` and `_final.keras` (the same model: no validation records
+    remain to choose an epoch), `_vocab.json` and `_serving/`."""
+    paths = [run_dir / f"{model_path}_{kind}.keras" for kind in ("best", "final")]
+    for path in paths:
+        model.save(path)
+    save_vocab(run_dir / f"{model_path}_vocab.json", data.vocab_info,
+               baseline_tables(data.columns, data.train_idx))  # fmt: skip
+    return [*paths, export_serving_model(model, run_dir / f"{model_path}_serving")]
+
+
 def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool) -> Path:
     """`cv`: train and score one model per fold; report the spread and the intervals."""
     _load_tensorflow()
@@ -1675,6 +1714,13 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         ])  # fmt: skip
     np.save(run_dir / "fold_assignment.npy", assignment)
 
+    # The model to deploy: every record, the settings the folds evaluated
+    deploy_epochs = max(1, int(round(float(np.median([r["epochs"] for r in results])))))
+    final_model, all_data = fit_on_every_record(
+        (export_dir, metadata, columns), opts, deploy_epochs, ModelConfig(seed=opts.seed)
+    )
+    save_deployable_model(final_model, all_data, run_dir, opts.model_path)
+
     accuracy = mean_confidence_interval([r["accuracy"] for r in results])
     difference = mean_confidence_interval([r["difference"] for r in results])
     baseline = mean_confidence_interval([r["baseline_accuracy"] for r in results])
@@ -1735,8 +1781,18 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         "",
         f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s",
         "",
+        "## Deployable Model",
+        "",
+        f"- `{opts.model_path}_best.keras` and `{opts.model_path}_final.keras` are one model trained on all "
+        f"{n:,} records with the options above and the default architecture, for {deploy_epochs} epochs (the median "
+        "of the folds' epoch counts), without early stopping: no validation records remain to choose an epoch, "
+        "so the two files are the same model.",
+        "- Its accuracy is not measured here: the fold figures above estimate it.",
+        "",
         "## Files",
         "",
+        f"- `{opts.model_path}_best.keras`, `{opts.model_path}_final.keras`, `{opts.model_path}_vocab.json`, "
+        f"`{opts.model_path}_serving/`: the deployable model, its vocabularies and its TensorFlow SavedModel",
         f"- `{opts.model_path}_fold_{{j}}.keras`: each fold's model (`import imt_ml`, then "
         "`keras.saving.load_model(path, compile=False)`), and `_fold_{j}_serving/`, its TensorFlow SavedModel",
         "- `cv_results.json`: every number above; `fold_assignment.npy`: each record's fold, in export order",
@@ -2699,7 +2755,11 @@ def cli(ctx: click.Context, data_dir: Path) -> None:
         ctx.invoke(train)
 
 
-@cli.command()
+#: The environment a training mode reads, for its --help.
+TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS)
+
+
+@cli.command(epilog=TRAINING_EPILOG)
 @training_options
 @click.option(
     "--model-path",
@@ -2715,7 +2775,7 @@ def train(ctx: click.Context, **options: Any) -> None:
     click.echo(str(result.run_dir))
 
 
-@cli.command()
+@cli.command(epilog=TRAINING_EPILOG)
 @click.option(
     "--model",
     "model_file",
@@ -2745,7 +2805,7 @@ def predict(model_file: Path, input_file: Any) -> None:
     run_predict(model_file, input_file, click.echo)
 
 
-@cli.command()
+@cli.command(epilog=environment_epilog(ENV_REDIS))
 @click.option(
     "--model", "model_file", type=click.Path(path_type=Path), required=True,
     help="A saved .keras model (e.g. an ensemble's _combined.keras).",
@@ -2766,7 +2826,7 @@ def serve(
     run_serve(model_file, target, ServeOptions(**options))
 
 
-@cli.command()
+@cli.command(epilog=TRAINING_EPILOG)
 @training_options
 @click.option("--num-models", type=click.IntRange(min=1), default=5, show_default=True,
               help="Ensemble members (each of a different architecture and seed).")  # fmt: skip
@@ -2779,30 +2839,31 @@ def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
     click.echo(str(result.run_dir))
 
 
-@cli.command()
+@cli.command(epilog=TRAINING_EPILOG)
 @click.option("--k-folds", type=click.IntRange(min=2), default=5, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
 @click.option(
     "--shuffle-folds", is_flag=True, help="Random folds instead of contiguous periods of time."
 )
+@training_options
+@click.option("--model-path", default=DEFAULT_CV_MODEL_PATH, show_default=True,
+              help="File name prefix of the saved files.")  # fmt: skip
 @click.pass_context
-def cv(
-    ctx: click.Context, k_folds: int, epochs: int, batch_size: int, seed: int, shuffle_folds: bool
-) -> None:
-    """k-fold cross-validation: accuracy per fold, mean and 95% interval; writes output/cv_<time>/."""
-    opts = TrainOptions(
-        epochs=epochs, batch_size=batch_size, seed=seed, model_path="track_prediction_cv_model"
-    )
-    run_dir = run_cv(ctx.obj["data_dir"], opts, k_folds, shuffle_folds)
+def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) -> None:
+    """k-fold cross-validation (accuracy per fold, mean, 95% interval), then the model to
+    deploy trained on every record; writes output/cv_<time>/. --split does not apply."""
+    run_dir = run_cv(ctx.obj["data_dir"], TrainOptions(**options), k_folds, shuffle_folds)
     click.echo(str(run_dir))
 
 
 _TUNE_DEFAULTS = TuneOptions()
 
 
-@cli.command()
+@cli.command(
+    epilog=environment_epilog(
+        ENV_OUTPUT, ENV_PROGRESS,
+        "RAY_ADDRESS (read by Ray: the cluster to join when --ray-address is not given)",
+    )
+)  # fmt: skip
 @click.option(
     "--max-epochs",
     type=click.IntRange(min=1),

@@ -77,6 +77,18 @@ def tf_parse_spec() -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
+#: What the commands read from the environment, for their --help (each command's
+#: epilog lists the ones it reads; nothing else in the environment changes a run).
+ENV_OUTPUT = "IMT_ML_OUTPUT_DIR (the directory output/<mode>_<time>/ goes under; default ./output)"
+ENV_PROGRESS = "IMT_ML_NO_PROGRESS (set to anything: no progress bars)"
+ENV_REDIS = "IMT_REDIS_ENDPOINT, IMT_REDIS_PORT, IMT_REDIS_PASSWORD (see the --redis-* options)"
+
+
+def environment_epilog(*variables: str) -> str:
+    """A --help epilog naming the environment variables a command reads."""
+    return "\b\nEnvironment: " + "; ".join(variables) + "."
+
+
 class UserError(click.ClickException):
     """A problem with the user's input or environment, reported without a traceback."""
 

@@ -56,13 +56,10 @@ def main(records: int) -> None:
         for label, threads, n in [("sync, 1 worker, 2 threads", "2", 1), ("sync, 1 worker, 1 thread", "1", 1),
                                   ("sync, 2 workers, 1 thread each", "1", 2)]:  # fmt: skip
             workers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(n))
-            env = {
-                **base,
-                "TF_NUM_INTRAOP_THREADS": threads,
-                "TUNER_DIRECTORY": str(Path(tmp) / f"kt_{n}_{threads}"),
-            }
+            env = {**base, "TF_NUM_INTRAOP_THREADS": threads}
+            kt = ["--tuner-directory", str(Path(tmp) / f"kt_{n}_{threads}")]
             results[label] = run_all(
-                [[*sync, "--workers", workers, "--index", str(i)] for i in range(n)], env
+                [[*sync, *kt, "--workers", workers, "--index", str(i)] for i in range(n)], env
             )
 
         for label, ids in [("tuner-parallel, chief alone", ["chief"]),
