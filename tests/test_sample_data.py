@@ -10,14 +10,23 @@ from click.testing import CliRunner
 
 from imt_ml import sample_data
 from imt_ml.export_track_data import parse_assignment
-from imt_ml.sample_data import DIRTY_RATES, STATIONS, SampleHistory
+from imt_ml.sample_data import (
+    DIRTY_RATES,
+    SEASONS,
+    STATIONS,
+    ZONE_WEIGHTS,
+    Drift,
+    SampleHistory,
+    season_of,
+)
 from imt_ml.utils import SAMPLE_TRUTH_FILE
 
 from conftest import only_export_dir, read_export
 
 
 def test_history_has_the_tracker_shape():
-    events = list(SampleHistory(seed=3).generate(20_000))
+    still = Drift(home_move_share=0.0, zone_stations=())  # the shape, without the drift
+    events = list(SampleHistory(seed=3, drift=still).generate(20_000))
     assert len(events) == 20_000
     clean = [json.loads(e.payload) for e in events if e.kind == "clean"]
     dirty = Counter(e.kind for e in events if e.kind != "clean")
@@ -106,7 +115,8 @@ def test_direct_export_matches_the_redis_route(redis_client, redis_server, tmp_p
 
 
 def test_generating_probabilities_are_consistent_with_the_draws():
-    history = SampleHistory(seed=11)
+    # Homes that never move, so the final home is every record's home.
+    history = SampleHistory(seed=11, drift=Drift(home_move_share=0.0, zone_stations=()))
     events = [e for e in history.generate(30_000) if e.kind == "clean"]
     best = np.array([e.best_probability for e in events])
     # Most tracks drawn are the home track, at about the rate the generator says.
@@ -115,6 +125,67 @@ def test_generating_probabilities_are_consistent_with_the_draws():
         doc = json.loads(e.payload)
         number = int(doc["trip_id"].rsplit("-", 1)[1])
         hits += history.homes[doc["station_id"], number] == doc["track_number"]
-    # Homes move a little between seasons, so compare loosely.
-    assert abs(hits / len(events) - best.mean()) < 0.03
+    assert abs(hits / len(events) - best.mean()) < 0.02
     assert all(isinstance(parse_assignment(e.payload), tuple) for e in events[:500])
+
+
+def modal_tracks_by_season(drift: Drift, n: int = 70_000, seed: int = 2) -> dict:
+    """(station, train number, season) -> most used track, over clean records."""
+    counts: dict[tuple, Counter] = {}
+    for event in SampleHistory(seed=seed, drift=drift).generate(n):
+        if event.kind != "clean":
+            continue
+        doc = json.loads(event.payload)
+        day = __import__("datetime").date.fromisoformat(doc["scheduled_time"][:10])
+        key = (doc["station_id"], doc["trip_id"].rsplit("-", 1)[1], season_of(day))
+        counts.setdefault(key, Counter())[doc["track_number"]] += 1
+    return {k: c.most_common(1)[0][0] for k, c in counts.items() if sum(c.values()) >= 20}
+
+
+def share_of_moved_homes(drift: Drift) -> float:
+    modes = modal_tracks_by_season(drift)
+    seasons = sorted({k[2] for k in modes}, key=lambda s: (s[1], SEASONS.index(s[0])))
+    first, second = seasons[0], seasons[1]
+    pairs = [(modes[s, n, first], modes[s, n, second]) for s, n, season in modes
+             if season == first and (s, n, second) in modes and s == "place-sstat"]  # fmt: skip
+    return sum(a != b for a, b in pairs) / len(pairs)
+
+
+def test_home_move_share_is_the_share_of_trains_that_move_at_a_season_change():
+    assert share_of_moved_homes(Drift(home_move_share=0.0)) < 0.05
+    assert 0.35 < share_of_moved_homes(Drift(home_move_share=0.5)) < 0.65
+    assert Drift().home_move_share == 0.25  # realistic by default
+
+
+def test_a_zone_station_spreads_each_train_over_its_zone():
+    def north(drift: Drift) -> tuple[float, set[float]]:
+        best, tops, totals = set(), Counter(), Counter()
+        for event in SampleHistory(seed=4, drift=drift).generate(15_000):
+            if event.kind == "clean" and event.truth_key[0] == "place-north":
+                doc = json.loads(event.payload)
+                best.add(round(event.best_probability, 6))
+                tops[doc["trip_id"], doc["track_number"]] += 1
+                totals[doc["trip_id"]] += 1
+        top = Counter()
+        for (trip, _), count in tops.items():
+            top[trip] = max(top[trip], count)
+        return sum(top.values()) / sum(totals.values()), best
+
+    zone_share, zone_best = north(Drift(zone_stations=("place-north",)))
+    home_share, home_best = north(Drift(zone_stations=()))
+    assert zone_best == {round(ZONE_WEIGHTS[0] / sum(ZONE_WEIGHTS), 6)}
+    assert 0.3 < zone_share < 0.55 and home_share > 0.7
+    assert min(home_best) >= 0.55
+
+
+def test_drift_options_reach_the_export(tmp_path):
+    result = CliRunner().invoke(sample_data.cli, [
+        "to-export", "--records", "500", "--output", str(tmp_path), "--home-move-share", "0.1",
+        "--zone-stations", "place-north,place-rugg",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = json.loads((only_export_dir(tmp_path) / "metadata.json").read_text())
+    assert meta["drift"] == {"home_move_share": 0.1, "zone_stations": ["place-north", "place-rugg"]}
+    bad = CliRunner().invoke(sample_data.cli, ["to-export", "--records", "10", "--output",
+                                               str(tmp_path), "--zone-stations", "place-nowhere"])  # fmt: skip
+    assert bad.exit_code == 1 and "unknown zone station" in bad.output

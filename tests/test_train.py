@@ -252,6 +252,34 @@ def record(i: int, track: str) -> tuple:
             "historical", track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
 
 
+def test_report_baselines_on_a_hand_made_export_with_known_answers(tmp_path):
+    """Train 500 moved from track 1 to track 2 with the new season's trip id; the trip-id
+    table knows it, the train-number table does not; an unseen trip falls back."""
+
+    def rec(i: int, trip: str, track: str) -> tuple:
+        return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
+                track, 1.7e9 + 3600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
+
+    trips = (["CR-A-500"] * 6 + ["CR-A-502"] * 6 + ["CR-B-500"] * 4  # training: 16 records
+             + ["CR-B-500"] * 3 + ["CR-C-502"])  # validation: the latest 4 (20%)  # fmt: skip
+    tracks = ["1"] * 6 + ["3"] * 6 + ["2"] * 4 + ["2"] * 3 + ["3"]
+    export = write_records(tmp_path / "exports", [rec(i, t, k) for i, (t, k) in
+                                                  enumerate(zip(trips, tracks, strict=True))])  # fmt: skip
+    result = CliRunner().invoke(tr.cli, [str(export), "train", "--epochs", "1"],
+                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = (Path(result.stdout.strip().splitlines()[-1]) / "training_report.md").read_text()
+    expected = {"station + route |": "0.00%", "station + train number |": "25.00%",
+                "station + trip id, else station + train number |": "100.00%"}  # fmt: skip
+    for name, accuracy in expected.items():
+        row = next(
+            line for line in report.splitlines() if f"most frequent track for the {name}" in line
+        )
+        assert row.rstrip().endswith(f"| {accuracy} |"), row
+    assert ("The strongest lookup table is the most frequent track for the station + trip id, "
+            "else station + train number (100.00%)") in report  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [

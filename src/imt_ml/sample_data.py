@@ -15,7 +15,9 @@ is known, so the best accuracy any model could reach is saved beside it
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import json
 import random
 import sys
@@ -103,8 +105,8 @@ DIRTY_RATES = {
     "duplicate": 0.003,
 }
 
-#: Chance that a train's home track moves when the schedule season changes.
-HOME_CHANGE_PER_SEASON = 0.03
+#: How each train shares its trips over its zone at a zone-only station.
+ZONE_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
 START_DATE = dt.date(2024, 3, 1)
 ONE_YEAR_S = 365 * 24 * 3600
 
@@ -144,12 +146,29 @@ class Assignment:
     best_probability: float = 0.0
 
 
+@dataclass(frozen=True)
+class Drift:
+    """How much the world changes: what makes real history hard to predict."""
+
+    home_move_share: float = 0.25
+    """Share of trains whose home track moves at each change of schedule season."""
+    zone_stations: tuple[str, ...] = ("place-north",)
+    """Stations whose trains keep only to a zone of tracks (their route's window),
+    spread over it with ZONE_WEIGHTS in an order of their own, instead of a home."""
+
+
 class SampleHistory:
     """Deterministic generator of tracker assignments (see the module docstring)."""
 
-    def __init__(self, seed: int = 42) -> None:
+    def __init__(self, seed: int = 42, drift: Drift | None = None) -> None:
         from zoneinfo import ZoneInfo
 
+        self.drift = drift or Drift()
+        unknown = set(self.drift.zone_stations) - set(STATIONS)
+        if unknown:
+            raise UserError(f"unknown zone station(s): {', '.join(sorted(unknown))}")
+        if not 0 <= self.drift.home_move_share <= 1:
+            raise UserError("the home move share must be between 0 and 1")
         self.rng = random.Random(seed)
         self.tz = ZoneInfo(TRACKER_TIMEZONE)
         self.trains = self._timetable()
@@ -164,6 +183,7 @@ class SampleHistory:
                     tracks[(start + i) % len(tracks)] for i in range(width)
                 ]
         self.homes: dict[tuple[str, int], str] = {}
+        self.zones: dict[tuple[str, int], list[str]] = {}  # the zone, most used first
         self._season: tuple[str, int] | None = None
         self.skip_counts: Counter[str] = Counter()
 
@@ -197,17 +217,34 @@ class SampleHistory:
             self.homes[key] = self.rng.choice(self.windows[station, train.route_id])
         return self.homes[key]
 
+    def _zone(self, station: str, train: Train) -> list[str]:
+        key = (station, train.number)
+        if key not in self.zones:
+            self.zones[key] = self.rng.sample(self.windows[station, train.route_id],
+                                              len(self.windows[station, train.route_id]))  # fmt: skip
+        return self.zones[key]
+
     def _new_season(self, season: tuple[str, int]) -> None:
+        """A new schedule: a share of the trains move home (or reorder their zone)."""
         if self._season is not None:
-            for key in list(self.homes):
-                if self.rng.random() < HOME_CHANGE_PER_SEASON:
+            route_of = {t.number: t.route_id for t in self.trains}
+            for key in sorted(self.homes):
+                if self.rng.random() < self.drift.home_move_share:
                     station, number = key
-                    route_id = next(t.route_id for t in self.trains if t.number == number)
-                    self.homes[key] = self.rng.choice(self.windows[station, route_id])
+                    window = self.windows[station, route_of[number]]
+                    others = [t for t in window if t != self.homes[key]] or window
+                    self.homes[key] = self.rng.choice(others)
+            for key in sorted(self.zones):
+                if self.rng.random() < self.drift.home_move_share:
+                    self.zones[key] = self.rng.sample(self.zones[key], len(self.zones[key]))
         self._season = season
 
     def track_distribution(self, station: str, train: Train, hour: int) -> dict[str, float]:
         """The generating distribution over tracks for one departure."""
+        if station in self.drift.zone_stations:
+            zone = self._zone(station, train)
+            shares = ZONE_WEIGHTS[: len(zone)]
+            return {track: w / sum(shares) for track, w in zip(zone, shares, strict=True)}
         home = self._home(station, train)
         others = [t for t in self.windows[station, train.route_id] if t != home]
         p_home = (0.74 if is_rush_hour(hour, train.weekday) else 0.9) * train.reliability
@@ -372,9 +409,12 @@ def save_truth(path: Path, keys: list[tuple[str, str, float]], best: list[float]
         )
 
 
-def seed_redis(client: Any, n_records: int, seed: int, truth_file: Path | None = None) -> Counter:
+def seed_redis(
+    client: Any, n_records: int, seed: int, truth_file: Path | None = None,
+    drift: Drift | None = None,
+) -> Counter:  # fmt: skip
     """Write `n_records` assignments in the tracker's layout; returns dirty counts."""
-    history = SampleHistory(seed)
+    history = SampleHistory(seed, drift)
     truth_keys: list[tuple[str, str, float]] = []
     truth_best: list[float] = []
     events = progress(
@@ -398,7 +438,9 @@ def seed_redis(client: Any, n_records: int, seed: int, truth_file: Path | None =
     return history.skip_counts
 
 
-def write_export(output: Path, n_records: int, seed: int, records_per_file: int) -> Path:
+def write_export(
+    output: Path, n_records: int, seed: int, records_per_file: int, drift: Drift | None = None
+) -> Path:
     """Write an export directory directly (the same files the exporter makes)."""
     from imt_ml.export_track_data import (
         ExportStats,
@@ -407,7 +449,7 @@ def write_export(output: Path, n_records: int, seed: int, records_per_file: int)
         parse_assignment,
     )
 
-    history = SampleHistory(seed)
+    history = SampleHistory(seed, drift)
     stats = ExportStats()
     truth_keys: list[tuple[str, str, float]] = []
     truth_best: list[float] = []
@@ -430,8 +472,9 @@ def write_export(output: Path, n_records: int, seed: int, records_per_file: int)
                 truth_best.append(event.best_probability)
         save_truth(writer.partial_dir / SAMPLE_TRUTH_FILE, truth_keys, truth_best)
         return writer.commit(
-            stats.metadata(source="sample_data", seed=seed, records_per_file=records_per_file)
-        )
+            stats.metadata(source="sample_data", seed=seed, records_per_file=records_per_file,
+                           drift=dataclasses.asdict(history.drift))
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -445,6 +488,27 @@ records_option = click.option(
 seed_option = click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
 
 
+def drift_options(func: Any) -> Any:
+    """--home-move-share and --zone-stations, gathered into a Drift."""
+    d = Drift()
+
+    def to_drift(**kwargs: Any) -> Any:
+        stations = tuple(s for s in kwargs.pop("zone_stations").split(",") if s.strip())
+        kwargs["drift"] = Drift(kwargs.pop("home_move_share"), tuple(s.strip() for s in stations))
+        return func(**kwargs)
+
+    to_drift = functools.wraps(func)(to_drift)
+    to_drift = click.option(
+        "--zone-stations", default=",".join(d.zone_stations), show_default=True,
+        help="Comma-separated stations whose trains keep only to a zone of tracks "
+        "(\"\" for none).",
+    )(to_drift)  # fmt: skip
+    return click.option(
+        "--home-move-share", type=click.FloatRange(0, 1), default=d.home_move_share,
+        show_default=True, help="Share of trains whose home track moves at each schedule season.",
+    )(to_drift)  # fmt: skip
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli() -> None:
     """Generate realistic synthetic track history."""
@@ -453,6 +517,7 @@ def cli() -> None:
 @cli.command("to-redis", epilog=environment_epilog(ENV_REDIS, ENV_PROGRESS))
 @records_option
 @seed_option
+@drift_options
 @redis_options
 @click.option(
     "--truth-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -467,11 +532,12 @@ def to_redis(
     redis_password: str | None,
     redis_url: str | None,
     truth_file: Path | None,
+    drift: Drift,
 ) -> None:
     """Write sample history into Redis in the tracker's key layout."""
     target = RedisTarget(redis_host, redis_port, redis_password, redis_url)
     client = target.connect()
-    dirty = seed_redis(client, records, seed, truth_file)
+    dirty = seed_redis(client, records, seed, truth_file, drift)
     log(f"Wrote {records:,} assignments to Redis at {target.label} ({sum(dirty.values()):,} dirty)")
 
 
@@ -483,9 +549,10 @@ def to_redis(
     default=Path("track_data_export"), show_default=True, help="Export root.",
 )  # fmt: skip
 @click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True)
-def to_export(records: int, seed: int, output: Path, records_per_file: int) -> None:
+@drift_options
+def to_export(records: int, seed: int, output: Path, records_per_file: int, drift: Drift) -> None:
     """Write sample history straight to an export directory (no Redis needed)."""
-    path = write_export(output, records, seed, records_per_file)
+    path = write_export(output, records, seed, records_per_file, drift)
     log(f"Wrote sample export to {path}")
     click.echo(str(path))
 
@@ -501,11 +568,12 @@ def to_export(records: int, seed: int, output: Path, records_per_file: int) -> N
     default=Path("track_data_export"), show_default=True, help="Export root.",
 )  # fmt: skip
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-def demo(records: int, seed: int, output: Path, epochs: int) -> None:
+@drift_options
+def demo(records: int, seed: int, output: Path, epochs: int, drift: Drift) -> None:
     """Sample history -> Redis (when a server can be started) -> export -> train -> report."""
     from imt_ml.tfrecord_reader import TrainOptions, run_train
 
-    path = run_demo_export(records, seed, output)
+    path = run_demo_export(records, seed, output, drift)
     log(f"Demo export ready: {path}")
     result = run_train(path, TrainOptions(epochs=epochs, seed=seed))
     m = result.evaluation.metrics
@@ -516,23 +584,24 @@ def demo(records: int, seed: int, output: Path, epochs: int) -> None:
     log(
         f"  validation top-1 accuracy      {100 * m['top1_accuracy']:6.2f}%  (top-3 {100 * m['top3_accuracy']:.2f}%)"
     )
-    log(f"  baseline: station + train no.  {100 * baselines['station_train']:6.2f}%")
+    for name, accuracy in baselines.items():
+        log(f"  baseline: {name:<20} {100 * accuracy:6.2f}%")
     if best:
         log(f"  best possible (sample data)    {100 * best['accuracy']:6.2f}%")
     log(f"  report: {result.run_dir / 'training_report.md'}")
 
 
-def run_demo_export(records: int, seed: int, output: Path) -> Path:
+def run_demo_export(records: int, seed: int, output: Path, drift: Drift | None = None) -> Path:
     """The demo's data half: through a throwaway Redis when possible, else directly."""
     from imt_ml.export_track_data import run_export
 
     if find_redis_server_binary() is None:
         log("No redis-server available: writing the sample export directly")
-        return write_export(output, records, seed, 10_000)
+        return write_export(output, records, seed, 10_000, drift)
     with LocalRedisServer() as server:
         log(f"Started a throwaway redis-server on 127.0.0.1:{server.port}")
         target = RedisTarget("127.0.0.1", server.port)
-        seed_redis(target.connect(), records, seed, output / SAMPLE_TRUTH_FILE)
+        seed_redis(target.connect(), records, seed, output / SAMPLE_TRUTH_FILE, drift)
         path, stats, seconds = run_export(target, output, 10_000)
     log(f"Exported {stats.written:,} records in {seconds:.1f} s; {stats.summary()}")
     return path

@@ -45,7 +45,8 @@ def main(records: int, num_models: int, epochs: int) -> None:
     print(f"Majority vote:              {pct(result.majority_vote_accuracy)}")
     print(f"Best member:                {pct(max(result.member_accuracy))}")
     print(f"Best possible:              {pct(best)}")
-    print(f"Baseline (station + train): {pct(soft.baselines['station_train'])}")
+    for name, accuracy in soft.baselines.items():
+        print(f"Baseline {name + ':':<18}{pct(accuracy)}")
     print(f"Members all agree on {pct(result.agreement['all_agree'])} of records")
     print(f"Mean fit time per member:   {sum(result.member_seconds) / num_models:.1f} s")
 
