@@ -28,7 +28,17 @@ def ensemble_run(sample_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("output")
     result = CliRunner().invoke(
         tr.cli,
-        [str(sample_root), "ensemble", "--num-models", "3", "--epochs", "2", "--batch-size", "64"],
+        [
+            str(sample_root),
+            "ensemble",
+            "--num-models",
+            "3",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--no-refit",
+        ],  # the report's figures then describe the saved members exactly
         env={"IMT_ML_OUTPUT_DIR": str(out)},
     )
     assert result.exit_code == 0, result.output
@@ -84,6 +94,33 @@ def test_members_differ_in_architecture(ensemble_run):
     assert len(sizes) == 3
 
 
+def assert_is_calibrated_mean(combined, members: list, stations, features) -> None:
+    """The combined model answers the members' mean probabilities with its temperatures."""
+    temperatures = combined.get_layer("track_probabilities").temperatures_for(stations)
+    expected = tr.uncalibrated_probabilities(np.mean(members, axis=0), 1.0 / temperatures)
+    np.testing.assert_allclose(tr.predict_probabilities(combined, features), expected, atol=1e-5)
+
+
+def test_refit_ensemble_members_and_their_calibrated_mean(sample_root, tmp_path):
+    result = CliRunner().invoke(
+        tr.cli, [str(sample_root), "ensemble", "--num-models", "2", "--epochs", "1",
+                 "--batch-size", "128"],
+        env={"IMT_ML_OUTPUT_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert "Every member was then refit on all" in (run_dir / "training_report.md").read_text()
+    columns = tr.read_export_columns(tr.find_export_dir(sample_root))
+    idx = np.arange(200)
+    features = tr.model_features(columns, idx)
+    members = [tr.predict_probabilities(tr.load_saved_model(run_dir / f"{PREFIX}_{i}_best.keras"),
+                                        features) for i in range(2)]  # fmt: skip
+    combined = tr.load_saved_model(run_dir / f"{PREFIX}_combined.keras")
+    assert_is_calibrated_mean(combined, members, columns["station_id"][idx], features)
+    vocab = json.loads((run_dir / f"{PREFIX}_vocab.json").read_text())
+    assert vocab["record_counts"]["train"] == vocab["record_counts"]["total"]  # every record
+
+
 def test_combined_model_is_the_mean_of_the_members(ensemble_run, sample_root):
     columns, val_idx = validation(sample_root)
     features = tr.model_features(columns, val_idx)
@@ -94,9 +131,7 @@ def test_combined_model_is_the_mean_of_the_members(ensemble_run, sample_root):
         for i in range(3)
     ]
     combined = tr.load_saved_model(ensemble_run / f"{PREFIX}_combined.keras")
-    np.testing.assert_allclose(
-        tr.predict_probabilities(combined, features), np.mean(members, axis=0), atol=1e-5
-    )
+    assert_is_calibrated_mean(combined, members, columns["station_id"][val_idx], features)
 
     report = (ensemble_run / "training_report.md").read_text()
     labels = np.array(tr.model_labels(combined))

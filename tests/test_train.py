@@ -30,11 +30,23 @@ def sample_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(sample_root, tmp_path_factory) -> dict:
-    """One `train` run through the CLI, shared by the tests that inspect its outputs."""
+    """One `train` run through the CLI, shared by the tests that inspect its outputs. With
+    --no-refit the saved models are the validated ones, so the report's validation figures
+    describe them exactly (the refit has its own tests)."""
     out = tmp_path_factory.mktemp("output")
     result = CliRunner().invoke(
         tr.cli,
-        [str(sample_root), "train", "--epochs", "3", "--batch-size", "64", "--seed", "3"],
+        [
+            str(sample_root),
+            "train",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "64",
+            "--seed",
+            "3",
+            "--no-refit",
+        ],
         env={"IMT_ML_OUTPUT_DIR": str(out)},
     )
     assert result.exit_code == 0, result.output
@@ -278,6 +290,70 @@ def test_report_baselines_on_a_hand_made_export_with_known_answers(tmp_path):
         assert row.rstrip().endswith(f"| {accuracy} |"), row
     assert ("The strongest lookup table is the most frequent track for the station + trip id, "
             "else station + train number (100.00%)") in report  # fmt: skip
+
+
+def test_calibration_keeps_probabilities_summing_to_one_and_fixes_overconfidence(
+    trained, sample_root
+):
+    """A deliberately over-confident model (its temperature cut to 0.2) gets a temperature
+    that undoes it: lower ECE, probabilities still summing to one, also after saving."""
+    columns, val_idx = val_columns(sample_root)
+    best = tr.load_saved_model(trained["run_dir"] / "track_prediction_model_best.keras")
+    labels = tr.model_labels(best)
+    overconfident = tr.with_temperature(best, 0.2)
+    calibrated, info = tr.calibrate_model(overconfident, columns, val_idx, labels)
+    assert info.temperature > 1.5
+    assert info.ece_after < info.ece_before
+    path = trained["out"] / "recalibrated.keras"
+    calibrated.save(path)
+    reloaded = tr.load_saved_model(path)
+    probs = tr.predict_probabilities(reloaded, tr.model_features(columns, val_idx))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    y = tr.label_indices(columns["track_number"][val_idx], labels)
+    top = probs.argmax(axis=1)
+    ece = tr.expected_calibration_error(probs[np.arange(len(top)), top], top == y)
+    assert ece == pytest.approx(info.ece_after, abs=2e-3)
+    trained_temperature = best.get_layer("track_probabilities").temperature  # fitted in `train`
+    assert reloaded.get_layer("track_probabilities").temperature == pytest.approx(
+        trained_temperature * 0.2 * info.temperature
+    )
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_refit_teaches_the_saved_model_a_train_seen_only_in_the_newest_records(tmp_path, refit):
+    def rec(i: int, trip: str, track: str) -> tuple:
+        return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
+                track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
+
+    old = [("CR-A-500", "1"), ("CR-A-502", "3")] * 300  # 600 training records
+    new = [("CR-A-504", "2"), ("CR-A-500", "1")] * 75  # 504 only in the latest 20%
+    records = [rec(i, t, k) for i, (t, k) in enumerate(old + new)]
+    export = write_records(tmp_path / "exports", records)
+    args = [str(export), "train", "--epochs", "30", "--no-early-stop", "--batch-size", "32"]
+    result = CliRunner().invoke(tr.cli, [*args] + ([] if refit else ["--no-refit"]),
+                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    code = (
+        "import sys, json, imt_ml\n"
+        "from imt_ml.tfrecord_reader import load_predictor\n"
+        "p = load_predictor(sys.argv[1])\n"
+        "print(json.dumps(p.predict([{'station_id': 'place-sstat', 'route_id': 'CR-Worcester',"
+        " 'trip_id': 'CR-A-504', 'headsign': 'Worcester - Worcester Ln', 'direction_id': 0,"
+        " 'scheduled_time': '2023-11-20T17:35:00-05:00'}])[0][0]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code,
+                           str(run_dir / "track_prediction_model_final.keras")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    track, _ = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = (run_dir / "training_report.md").read_text()
+    if refit:
+        assert track == "2"  # learnt from the newest records
+        assert "refit on all 750 records" in report
+    else:
+        assert track != "2"  # the validated model never saw train 504
+        assert "`--no-refit`" in report
 
 
 @pytest.mark.parametrize(
