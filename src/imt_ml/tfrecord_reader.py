@@ -1337,7 +1337,8 @@ def calibration_lines(calibration: Calibration | None) -> list[str]:
         "model's output layer, so `predict`, `load_predictor`, `serve` and the `.keras` file itself all "
         "answer with calibrated probabilities.",
         f"Expected calibration error on those records: {calibration.ece_before:.4f} before, "
-        f"{calibration.ece_after:.4f} after (one parameter fitted on the same records).",
+        f"{calibration.ece_after:.4f} after (the temperatures were fitted on these records' known trips, "
+        "so the figure after is in-sample).",
         "",
         "![Reliability diagram](reliability_diagram.png)",
         "",
@@ -1606,6 +1607,22 @@ def save_vocab(path: Path, vocab_info: dict[str, Any], tables: dict[str, Any]) -
 # ---------------------------------------------------------------------------
 
 
+def save_calibrated(
+    model: Any, data: PreparedData, best_path: Path, final_path: Path
+) -> Calibration:
+    """After a validated fit: calibrate the best checkpoint (the final weights if no epoch
+    beat the first) and the final weights on the validation records, and save both."""
+    if not best_path.exists():
+        model.save(best_path)
+    tracks = data.vocab_info["tracks"]
+    best, calibration = calibrate_model(
+        keras.models.load_model(best_path, compile=False), data.columns, data.val_idx, tracks
+    )
+    best.save(best_path)
+    calibrate_model(model, data.columns, data.val_idx, tracks)[0].save(final_path)
+    return calibration
+
+
 def chosen_epochs(history: dict[str, list[float]], opts: TrainOptions) -> tuple[int, int]:
     """(epochs of the `_best` checkpoint, epochs of the `_final` weights) in a validated run:
     best validation accuracy; and the last epoch, or the best val_loss one when early
@@ -1732,19 +1749,9 @@ def run_train(
     # Train
     model = create_simple_model(data.vocab_info, cfg)
     history, fit_seconds = fit_model(model, data, opts, best_path, run_dir / "logs")
-    model.save(final_path)
-    if not best_path.exists():  # no epoch improved on the first: keep the final one
-        model.save(best_path)
 
     # Calibrate on the validation records; evaluate the best checkpoint as a user loads it
-    best, calibration = calibrate_model(
-        keras.models.load_model(best_path, compile=False), data.columns, data.val_idx,
-        data.vocab_info["tracks"],
-    )  # fmt: skip
-    best.save(best_path)
-    calibrate_model(model, data.columns, data.val_idx, data.vocab_info["tracks"])[0].save(
-        final_path
-    )
+    calibration = save_calibrated(model, data, best_path, final_path)
     best = load_saved_model(best_path)
     truth = load_sample_truth(data.export_dir)
     evaluation = evaluate_model(best, data.columns, data.val_idx, tables, truth, calibration)
@@ -1949,16 +1956,8 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
             label=f"Member {i + 1}/{num_models}: {describe_config(cfg)}",
         )  # fmt: skip
         final_path = run_dir / f"{mp}_{i}_final.keras"
-        if not best_path.exists():
-            model.save(best_path)
-        best, calibration = calibrate_model(
-            keras.models.load_model(best_path, compile=False), data.columns, data.val_idx,
-            data.vocab_info["tracks"],
-        )  # fmt: skip
-        best.save(best_path)
-        calibrate_model(model, data.columns, data.val_idx, data.vocab_info["tracks"])[0].save(
-            final_path
-        )
+        calibration = save_calibrated(model, data, best_path, final_path)
+        best = load_saved_model(best_path)
         runs.append((cfg, history, calibration, best_path, final_path))
         ev = evaluate_model(best, data.columns, data.val_idx, None, None)
         members.append(best)
