@@ -455,15 +455,36 @@ def test_interrupted_export_never_looks_complete(redis_client, redis_server, tmp
             break
         assert proc.poll() is None, "export finished before it could be interrupted"
         time.sleep(0.005)
+    readers = child_pids(proc.pid)
+    assert readers, "the exporter should have its Redis reader process"
     proc.send_signal(sig)
     proc.wait(30)
     assert proc.returncode != 0
+    # The reader process goes too, even when the exporter was killed outright.
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in process_state(pid) for pid in readers):
+        assert time.monotonic() < deadline, f"reader process(es) {readers} outlived the exporter"
+        time.sleep(0.1)
     published = [p for p in out.iterdir() if not p.name.startswith(".")]
     assert published == []
     assert not list(out.rglob(METADATA_FILE))
     if sig == signal.SIGINT:  # a clean interrupt removes its partial directory too
         assert list(out.iterdir()) == []
         assert b"Traceback" not in proc.stderr.read()
+
+
+def child_pids(pid: int) -> list[int]:
+    pids = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        pids += [int(p) for p in children.read_text().split()]
+    return pids
+
+
+def process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 def test_runs_by_path_and_as_console_script():

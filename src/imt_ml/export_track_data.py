@@ -537,13 +537,20 @@ def fetch_page(client: Any, key: bytes, first: int, last: int) -> Page:
     return Page(key, values, len(members), len(duplicated))
 
 
-def read_pages(target: RedisTarget, plans: Any, pages: Any) -> None:
+def read_pages(
+    target: RedisTarget, plans: Any, pages: Any, inherited: tuple[int, ...] = ()
+) -> None:
     """The reader process: take a plan from `plans`, send its pages to `pages` in order.
 
     An error is sent in place of a page; a closed pipe (the exporter is gone or
-    had nothing to read) ends the process quietly. Ctrl-C is the exporter's."""
+    had nothing to read) ends the process quietly. Ctrl-C is the exporter's.
+    `inherited`: the exporter's own ends of the two pipes, which a forked child holds
+    too; closed first, or the child would never see the exporter go."""
     import signal
 
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         plan = plans.recv()
@@ -581,9 +588,10 @@ class PageReader:
         plans_in, self._plans = context.Pipe(duplex=False)
         self._pages, pages_out = context.Pipe(duplex=False)
         _widen_pipe(pages_out.fileno())
+        inherited = (self._plans.fileno(), self._pages.fileno()) if method == "fork" else ()
         self.process = context.Process(
-            target=read_pages, args=(target, plans_in, pages_out), name="imt-redis-reader",
-            daemon=True,
+            target=read_pages, args=(target, plans_in, pages_out, inherited),
+            name="imt-redis-reader", daemon=True,
         )  # fmt: skip
         self.process.start()
         plans_in.close()
