@@ -292,6 +292,31 @@ def test_report_baselines_on_a_hand_made_export_with_known_answers(tmp_path):
             "else station + train number (100.00%)") in report  # fmt: skip
 
 
+def test_history_features_never_count_a_records_own_track_in_training(tmp_path):
+    """Trip CR-B-600 ran on two days (track 1, then track 2). In training each of its
+    records reads only the other day's track; at prediction time both read both."""
+
+    def rec(day: int, trip: str, track: str) -> tuple:
+        return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
+                track, 86_400.0 * (19_700 + day) + 43_200, 0.0, 1.7e9, 2, 12, 0)  # fmt: skip
+
+    records = [rec(0, "CR-B-600", "1"), rec(1, "CR-B-600", "2")]
+    records += [rec(day, "CR-A-500", "3") for day in range(2, 14)]
+    export_dir, metadata, columns = tr.load_export(write_records(tmp_path / "exports", records))
+    every = np.arange(len(records))
+    data = tr.prepare_split(export_dir, metadata, columns, every, every[:0], {"method": "all"})
+    model = tr.create_simple_model(data.vocab_info)
+    history = tr.keras.Model(model.inputs, model.get_layer("station_trip_history").output)
+    features = {k: tr.tf.constant(v) for k, v in tr.model_features(columns, every[:2]).items()}
+    tracks = data.vocab_info["tracks"]
+    assert tracks == ["1", "2", "3"]
+    training = history(features, training=True).numpy()
+    np.testing.assert_allclose(training[:, :3], [[0, 1, 0], [1, 0, 0]], atol=1e-6)
+    predicting = history(features, training=False).numpy()
+    np.testing.assert_allclose(predicting[:, :3], [[0.5, 0.5, 0], [0.5, 0.5, 0]], atol=0.01)
+    assert np.all(predicting[:, 3] > training[:, 3])  # log(1 + count): all of them, not some
+
+
 def test_calibration_keeps_probabilities_summing_to_one_and_fixes_overconfidence(
     trained, sample_root
 ):
