@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -47,7 +47,19 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/distributed_launcher.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml.utils import ENV_OUTPUT, ENV_PROGRESS, UserError, environment_epilog, log
+from imt_ml.utils import (
+    ENV_OUTPUT,
+    ENV_PROGRESS,
+    ENV_TF_LOG,
+    UserError,
+    environment_epilog,
+    keras,
+    log,
+    tf,
+)
+
+if TYPE_CHECKING:
+    from imt_ml.tfrecord_reader import Vocabulary
 
 # ---------------------------------------------------------------------------
 # Options and the search space.
@@ -127,8 +139,6 @@ def create_strategy(hosts: list[str], index: int) -> Any:
     """MultiWorkerMirroredStrategy with every worker joined; tells the supervising
     process (see `supervise_until_joined`) as soon as it is."""
     os.environ["TF_CONFIG"] = tf_config(hosts, index)
-    import tensorflow as tf
-
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.RING
@@ -191,18 +201,15 @@ class SyncTrainer:
     def __init__(
         self, strategy: Any, data: Any, index: int, workers: int, batch_size: int, seed: int
     ):
-        import tensorflow as tf
-
         from imt_ml.tfrecord_reader import class_weights, make_dataset, model_features
 
-        self.tf = tf
         self.strategy = strategy
         self.workers = workers
         self.per_worker_batch = batch_size
         self.global_batch = batch_size * workers
         positions = equal_shard(len(data.train_idx), workers, index, seed)
         shard, labels = data.train_idx[positions], data.train_labels[positions]
-        weights = class_weights(data.train_labels, data.vocab_info["num_classes"], "sqrt")
+        weights = class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt")
         sample_weights = (
             np.array([weights[int(y)] for y in labels], dtype=np.float32)
             if weights
@@ -232,9 +239,7 @@ class SyncTrainer:
 
     def fit(self, model: Any, learning_rate: float, epochs: int, initial_epoch: int = 0,
             callbacks: list | None = None) -> dict[str, list[float]]:  # fmt: skip
-        import keras
-
-        tf, strategy = self.tf, self.strategy
+        strategy = self.strategy
         with strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
@@ -342,9 +347,8 @@ def save_best_epoch(callback: Any, model: Any, logs: dict[str, float]) -> None:
 
 
 def make_hypermodel(
-    vocab_info: dict[str, Any], seed: int, strategy: Any = None, trainer: SyncTrainer | None = None
+    vocab_info: Vocabulary, seed: int, strategy: Any = None, trainer: SyncTrainer | None = None
 ) -> Any:
-    import keras
     import keras_tuner as kt
 
     from imt_ml.tfrecord_reader import compile_model, create_simple_model
@@ -732,7 +736,7 @@ def _search_and_train_best(opts: SearchOptions, data: Any, hypermodel: Any, tune
     runner = make_tuner(hypermodel, opts, tuner_directory, overwrite=False)
     from imt_ml.tfrecord_reader import class_weights
 
-    weights = class_weights(data.train_labels, data.vocab_info["num_classes"], "sqrt")
+    weights = class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt")
     with contextlib.redirect_stdout(sys.stderr):
         runner.search(data.train_ds, validation_data=data.val_ds, class_weight=weights, verbose=0)
     ran = list(getattr(runner, "ran", []))
@@ -813,7 +817,7 @@ def cli() -> None:
 @cli.command(
     "sync-tune",
     epilog=environment_epilog(
-        ENV_OUTPUT, ENV_PROGRESS,
+        ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG,
         f"{READY_FD_ENV} (internal: set by sync-tune for the process it supervises)",
     ),
 )  # fmt: skip
@@ -853,6 +857,7 @@ def sync_tune(
     epilog=environment_epilog(
         ENV_OUTPUT,
         ENV_PROGRESS,
+        ENV_TF_LOG,
         "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT (the oracle's address when "
         "--oracle-address is not given)",
     ),  # fmt: skip

@@ -29,10 +29,10 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import numpy as np
@@ -44,6 +44,7 @@ from imt_ml.utils import (
     ENV_OUTPUT,
     ENV_PROGRESS,
     ENV_REDIS,
+    ENV_TF_LOG,
     METADATA_FILE,
     SAMPLE_TRUTH_FILE,
     SHARD_GLOB,
@@ -51,26 +52,14 @@ from imt_ml.utils import (
     UserError,
     create_run_dir,
     environment_epilog,
+    keras,
     log,
     progress,
     redis_options,
+    tf,
     tf_parse_spec,
     write_json,
 )
-
-# TensorFlow and Keras load on first use, so `--help` answers at once.
-tf: Any = None
-keras: Any = None
-
-
-def _load_tensorflow() -> None:
-    global tf, keras
-    if tf is None:
-        import keras as _keras
-        import tensorflow as _tf
-
-        tf, keras = _tf, _keras
-
 
 # ---------------------------------------------------------------------------
 # Model inputs: the raw values a saved model takes, and their dtypes.
@@ -92,7 +81,6 @@ MODEL_INPUTS: dict[str, str] = {
 
 def serving_input_specs() -> dict[str, Any]:
     """One tf.TensorSpec per model input: a batch of raw values, named as the input."""
-    _load_tensorflow()
     return {name: tf.TensorSpec([None], dtype, name=name) for name, dtype in MODEL_INPUTS.items()}
 
 
@@ -156,7 +144,6 @@ def find_export_dir(data_dir: Path | str) -> Path:
 
 def make_raw_dataset(files: list[str], batch_size: int = 8192) -> Any:
     """A tf.data pipeline of parsed record batches: read, batch, then parse_example."""
-    _load_tensorflow()
     spec = tf_parse_spec()
     return (
         tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
@@ -168,7 +155,6 @@ def make_raw_dataset(files: list[str], batch_size: int = 8192) -> Any:
 
 def read_export_columns(export_dir: Path) -> dict[str, np.ndarray]:
     """Every record of an export as numpy columns (strings as Python str)."""
-    _load_tensorflow()
     files = sorted(str(p) for p in export_dir.glob(SHARD_GLOB))
     try:
         expected = json.loads((export_dir / METADATA_FILE).read_text()).get("total_records")
@@ -248,8 +234,63 @@ def split_records(
     return train, val, info
 
 
-def build_vocab_info(columns: dict[str, np.ndarray], train_idx: np.ndarray) -> dict[str, Any]:
-    """Vocabularies and normalisation constants, from the training records only."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a model knows of its training records: vocabularies (numeric track order),
+    each station's tracks, the timestamp's normalisation, the record counts and split,
+    and the history tables the model reads (see `history_tables`; kept in the model's
+    weights, not in the JSON). `to_json`/`from_json` round-trip the rest; `vocab[key]`
+    reads a field by name, as the dict it replaces did."""
+
+    tracks: list[str]
+    stations: list[str]
+    routes: list[str]
+    headsigns: list[str]
+    train_numbers: list[str]
+    station_trains: list[str]
+    station_trips: list[str]
+    station_tracks: dict[str, list[str]]
+    timestamp_mean: float
+    timestamp_std: float
+    record_counts: dict[str, int] = field(default_factory=dict)
+    split: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    directions: tuple[int, ...] = (0, 1)
+    format_version: int = 1
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.tracks)
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return dict(MODEL_INPUTS)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def sizes(self) -> dict[str, int]:
+        keys = ("stations", "routes", "headsigns", "train_numbers", "station_trains",
+                "station_trips", "tracks")  # fmt: skip
+        return {key: len(self[key]) for key in keys}
+
+    def to_json(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del fields["history"]
+        return {**fields, "directions": list(self.directions), "num_classes": self.num_classes,
+                "inputs": self.inputs}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Vocabulary:
+        names = {f.name for f in dataclasses.fields(cls)} - {"history"}
+        values = {k: v for k, v in doc.items() if k in names}
+        values["directions"] = tuple(values.get("directions", (0, 1)))
+        values.setdefault("station_trips", [])  # vocabularies written before it lack it
+        return cls(**values)
+
+
+def track_labels(columns: dict[str, np.ndarray], train_idx: np.ndarray) -> list[str]:
+    """The model's classes: the numeric tracks of the training records, in numeric order."""
     tracks = columns["track_number"][train_idx]
     labels = sorted({t for t in tracks if t.isdigit()}, key=track_sort_key)
     if len(labels) < 2:
@@ -257,41 +298,46 @@ def build_vocab_info(columns: dict[str, np.ndarray], train_idx: np.ndarray) -> d
             f"the training data holds {len(labels)} track(s) ({', '.join(labels) or 'none'}): "
             "a model needs at least two to choose between"
         )
+    return labels
+
+
+def build_vocabulary(
+    columns: dict[str, np.ndarray],
+    train_idx: np.ndarray,
+    labels: list[str],
+    record_counts: dict[str, int],
+    split: dict[str, Any],
+) -> Vocabulary:
+    """Vocabularies, normalisation constants and history tables, from the training records."""
     stations = columns["station_id"][train_idx]
-    trains = train_numbers(columns["trip_id"][train_idx])
+    trips = columns["trip_id"][train_idx]
+    trains = train_numbers(trips)
     station_tracks: dict[str, set[str]] = defaultdict(set)
-    for station, track in zip(stations, tracks, strict=True):
+    for station, track in zip(stations, columns["track_number"][train_idx], strict=True):
         station_tracks[station].add(track)
     ts = columns["scheduled_timestamp"][train_idx].astype(np.float64)
-    return {
-        "format_version": 1,
-        "tracks": labels,
-        "num_classes": len(labels),
-        "stations": sorted(set(stations) - {""}),
-        "routes": sorted(set(columns["route_id"][train_idx]) - {""}),
-        "headsigns": sorted(set(columns["headsign"][train_idx]) - {""}),
-        "train_numbers": sorted(set(trains) - {""}, key=track_sort_key),
-        "station_trains": sorted({f"{s}:{t}" for s, t in zip(stations, trains, strict=True)}),
+    vocab = Vocabulary(
+        tracks=labels,
+        stations=sorted(set(stations) - {""}),
+        routes=sorted(set(columns["route_id"][train_idx]) - {""}),
+        headsigns=sorted(set(columns["headsign"][train_idx]) - {""}),
+        train_numbers=sorted(set(trains) - {""}, key=track_sort_key),
+        station_trains=sorted({f"{s}:{t}" for s, t in zip(stations, trains, strict=True)}),
         # The season-specific identity of a trip: trip ids change with the schedule.
-        "station_trips": sorted(
-            {f"{s}:{t}" for s, t in zip(stations, columns["trip_id"][train_idx], strict=True)}
-        ),
-        "directions": [0, 1],
-        "station_tracks": {
-            s: sorted(ts_, key=track_sort_key) for s, ts_ in sorted(station_tracks.items())
+        station_trips=sorted({f"{s}:{t}" for s, t in zip(stations, trips, strict=True)}),
+        station_tracks={
+            s: sorted(t, key=track_sort_key) for s, t in sorted(station_tracks.items())
         },
-        "timestamp_mean": float(ts.mean()),
-        "timestamp_std": float(ts.std() or 1.0),
-        "inputs": dict(MODEL_INPUTS),
-    }
-
-
-#: Keys of the vocabulary that hold arrays for the model, not for the vocabulary file.
-HISTORY_KEY = "history"
+        timestamp_mean=float(ts.mean()),
+        timestamp_std=float(ts.std() or 1.0),
+        record_counts=record_counts,
+        split=split,
+    )
+    return dataclasses.replace(vocab, history=history_tables(vocab, columns, train_idx))
 
 
 def history_tables(
-    vocab_info: dict[str, Any], columns: dict[str, np.ndarray], train_idx: np.ndarray
+    vocab: Vocabulary, columns: dict[str, np.ndarray], train_idx: np.ndarray
 ) -> dict[str, np.ndarray]:
     """What each lookup table knows, for the model to read: per station + trip id and per
     station + train number, the recency-weighted count of each track in the training
@@ -299,7 +345,7 @@ def history_tables(
     (`name_folds`: HISTORY_FOLDS blocks of tracks side by side, day number modulo
     HISTORY_FOLDS). In training a record reads the counts of the other groups, so its
     own track never counts as evidence for itself (see the TrackHistory layer)."""
-    labels = vocab_info["tracks"]
+    labels = vocab.tracks
     tracks = label_indices(columns["track_number"][train_idx], labels)
     stations = columns["station_id"][train_idx]
     trips = columns["trip_id"][train_idx]
@@ -309,7 +355,7 @@ def history_tables(
     known = tracks >= 0
     tables = {}
     for name, keys in (("station_trip", trips), ("station_train", train_numbers(trips))):
-        vocabulary = vocab_info[f"{name}s"]
+        vocabulary = vocab[f"{name}s"]
         row = {key: i for i, key in enumerate(vocabulary, start=1)}
         rows = np.array([row.get(f"{s}:{k}", 0) for s, k in zip(stations, keys, strict=True)])
         folds = np.zeros((len(vocabulary) + 1, HISTORY_FOLDS * len(labels)), dtype=np.float32)
@@ -318,12 +364,6 @@ def history_tables(
         tables[name] = folds.reshape(len(folds), HISTORY_FOLDS, len(labels)).sum(axis=1)
         tables[f"{name}_folds"] = folds
     return tables
-
-
-def vocab_sizes(vocab_info: dict[str, Any]) -> dict[str, int]:
-    keys = ("stations", "routes", "headsigns", "train_numbers", "station_trains", "station_trips",
-            "tracks")  # fmt: skip
-    return {key: len(vocab_info[key]) for key in keys if key in vocab_info}
 
 
 # ---------------------------------------------------------------------------
@@ -375,7 +415,6 @@ def make_dataset(
     sample_weights: np.ndarray | None = None,
 ) -> Any:
     """An in-memory tf.data pipeline of (raw feature dict, class index[, weight]) batches."""
-    _load_tensorflow()
     tensors = {name: tf.constant(values) for name, values in features.items()}
     parts: tuple = (tensors, tf.constant(labels))
     if sample_weights is not None:
@@ -397,9 +436,9 @@ def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray
     return weights / weights.mean()
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreparedData:
-    """Everything a training mode needs about one export."""
+    """Everything a training mode needs about one export (built by `prepare_split`)."""
 
     export_dir: Path
     metadata: dict[str, Any]
@@ -407,12 +446,12 @@ class PreparedData:
     train_idx: np.ndarray
     val_idx: np.ndarray
     split_info: dict[str, Any]
-    vocab_info: dict[str, Any]
+    vocab_info: Vocabulary
     train_labels: np.ndarray
     val_labels: np.ndarray  # -1 where the track never occurred in training
     augmented: bool
-    train_ds: Any = None
-    val_ds: Any = None
+    train_ds: Any
+    val_ds: Any  # None when no validation record has a track the model knows
 
     @property
     def val_known(self) -> np.ndarray:
@@ -420,7 +459,15 @@ class PreparedData:
         return np.flatnonzero(self.val_labels >= 0)
 
 
-def load_export(data_dir: Path | str) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+class Export(NamedTuple):
+    """One export, read: its directory, its metadata and its records as columns."""
+
+    export_dir: Path
+    metadata: dict[str, Any]
+    columns: dict[str, np.ndarray]
+
+
+def load_export(data_dir: Path | str) -> Export:
     """(export directory, its metadata, its records as columns), checked for use."""
     export_dir = find_export_dir(data_dir)
     if Path(data_dir).resolve() != export_dir.resolve():
@@ -430,7 +477,7 @@ def load_export(data_dir: Path | str) -> tuple[Path, dict[str, Any], dict[str, n
     n = len(columns["track_number"])
     if n < 10:
         raise UserError(f"the export {export_dir} holds only {n} records: too few to train on")
-    return export_dir, metadata, columns
+    return Export(export_dir, metadata, columns)
 
 
 def prepare_split(
@@ -445,35 +492,29 @@ def prepare_split(
     augment: bool | None = None,
 ) -> PreparedData:
     """Vocabularies from `train_idx`, and the training and validation datasets."""
-    vocab_info = build_vocab_info(columns, train_idx)
-    vocab_info[HISTORY_KEY] = history_tables(vocab_info, columns, train_idx)
-    labels = vocab_info["tracks"]
+    labels = track_labels(columns, train_idx)
     train_labels = label_indices(columns["track_number"][train_idx], labels)
     keep = train_labels >= 0  # the exporter only writes numeric tracks; belt and braces
     train_idx, train_labels = train_idx[keep], train_labels[keep]
     val_labels = label_indices(columns["track_number"][val_idx], labels)
     augmented = len(train_idx) < AUGMENT_BELOW if augment is None else augment
-    vocab_info["record_counts"] = {
+    counts = {
         "total": int(len(columns["track_number"])),
         "train": int(len(train_idx)),
         "validation": int(len(val_idx)),
         "validation_unknown_track": int((val_labels < 0).sum()),
     }
-    vocab_info["split"] = split_info
-    data = PreparedData(
-        export_dir, metadata, columns, train_idx, val_idx, split_info, vocab_info,
-        train_labels, val_labels, augmented,
+    known = np.flatnonzero(val_labels >= 0)  # none when refitting on every record
+    return PreparedData(
+        export_dir=export_dir, metadata=metadata, columns=columns,
+        train_idx=train_idx, val_idx=val_idx, split_info=split_info,
+        vocab_info=build_vocabulary(columns, train_idx, labels, counts, split_info),
+        train_labels=train_labels, val_labels=val_labels, augmented=augmented,
+        train_ds=make_dataset(model_features(columns, train_idx), train_labels, batch_size,
+                              shuffle=True, seed=seed, augment=augmented),
+        val_ds=make_dataset(model_features(columns, val_idx[known]), val_labels[known], batch_size)
+        if len(known) else None,
     )  # fmt: skip
-    data.train_ds = make_dataset(
-        model_features(columns, train_idx), train_labels, batch_size,
-        shuffle=True, seed=seed, augment=augmented,
-    )  # fmt: skip
-    known = data.val_known
-    if len(known):  # a model refit on every record has no validation records
-        data.val_ds = make_dataset(
-            model_features(columns, val_idx[known]), val_labels[known], batch_size
-        )
-    return data
 
 
 def prepare_data(
@@ -500,7 +541,7 @@ def load_tfrecord_dataset(
     split: str = "time",
     validation_split: float = VALIDATION_FRACTION,
     seed: int = 42,
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any, Vocabulary]:
     """(train_ds, val_ds, vocab_info) for an export directory or export root.
 
     Both datasets yield (dict of raw feature batches, track class index). The
@@ -520,14 +561,12 @@ def load_tfrecord_dataset(
 
 
 def _register(cls: type) -> type:
-    _load_tensorflow()
     return keras.saving.register_keras_serializable(package="imt_ml")(cls)
 
 
 @functools.cache
 def custom_layers() -> dict[str, type]:
     """Define (once) and register the custom layers; returns them by name."""
-    _load_tensorflow()
 
     class TrainNumber(keras.layers.Layer):
         """Trip id -> train number, the text after the last '-'."""
@@ -721,7 +760,6 @@ class ModelConfig:
 
 
 def build_raw_inputs() -> dict[str, Any]:
-    _load_tensorflow()
     return {
         name: keras.Input(shape=(), dtype=dtype, name=name) for name, dtype in MODEL_INPUTS.items()
     }
@@ -747,7 +785,7 @@ def _embed(index: Any, vocabulary: list[str], dim: int, name: str) -> Any:
 
 
 def identity_features(
-    inputs: dict[str, Any], vocab_info: dict[str, Any], cfg: ModelConfig, fixed: dict
+    inputs: dict[str, Any], vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict
 ) -> tuple[list[Any], list[Any]]:
     """(features, history features) of the train: its number, and what the lookup tables
     of station + train number and station + trip id know (their embeddings in models
@@ -755,7 +793,7 @@ def identity_features(
     L = custom_layers()
     number = L["TrainNumber"](name="train_number")(inputs["trip_id"])
     keys = {"station_train": L["JoinStrings"](name="station_train")([inputs["station_id"], number])}
-    if "station_trips" in vocab_info:  # vocabularies written before it lack it
+    if vocab_info.station_trips:  # vocabularies written before it lack it
         keys["station_trip"] = L["JoinStrings"](name="station_trip")(
             [inputs["station_id"], inputs["trip_id"]]
         )
@@ -763,16 +801,16 @@ def identity_features(
         "station_train": cfg.station_train_embedding,
         "station_trip": cfg.station_trip_embedding,
     }
-    train = _embed(_lookup(number, vocab_info["train_numbers"], "train"),
-                   vocab_info["train_numbers"], cfg.train_embedding, "train")  # fmt: skip
+    train = _embed(_lookup(number, vocab_info.train_numbers, "train"),
+                   vocab_info.train_numbers, cfg.train_embedding, "train")  # fmt: skip
     features, histories = [train], []
     for name, key in keys.items():
         vocabulary = vocab_info[f"{name}s"]
         index = _lookup(key, vocabulary, name)
-        if HISTORY_KEY not in vocab_info:
+        if not vocab_info.history:
             features.append(_embed(index, vocabulary, dims[name], name))
             continue
-        tables = vocab_info[HISTORY_KEY]
+        tables = vocab_info.history
         counts = [_fixed_table(index, tables[name + suffix], f"{name}_counts{suffix}", fixed)
                   for suffix in ("", "_folds")]  # fmt: skip
         histories.append(L["TrackHistory"](name=f"{name}_history")(
@@ -781,12 +819,12 @@ def identity_features(
     return features + histories, histories
 
 
-def time_features(inputs: dict[str, Any], vocab_info: dict[str, Any]) -> list[Any]:
+def time_features(inputs: dict[str, Any], vocab_info: Vocabulary) -> list[Any]:
     """Hour, minute and day of week as sin/cos pairs; the scheduled time standardised."""
     L = custom_layers()
     timestamp = keras.layers.Normalization(
-        mean=vocab_info["timestamp_mean"],
-        variance=vocab_info["timestamp_std"] ** 2,
+        mean=vocab_info.timestamp_mean,
+        variance=vocab_info.timestamp_std**2,
         name="timestamp_norm",
     )(keras.layers.Reshape((1,), name="timestamp_column")(inputs["scheduled_timestamp"]))
     return [
@@ -812,7 +850,7 @@ def dense_logits(x: Any, num_classes: int, cfg: ModelConfig) -> Any:
 
 
 def create_simple_model(
-    vocab_info: dict[str, Any], config: ModelConfig | None = None, name: str = "track_predictor"
+    vocab_info: Vocabulary, config: ModelConfig | None = None, name: str = "track_predictor"
 ) -> Any:
     """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out.
 
@@ -825,27 +863,26 @@ def create_simple_model(
     learned weight each, and the softmax only spreads probability over the tracks seen
     at the record's station in training (all tracks for an unknown station).
     """
-    _load_tensorflow()
     cfg = config or ModelConfig()
     layers = keras.layers
     inputs = build_raw_inputs()
     fixed: dict[Any, np.ndarray] = {}
-    station_index = _lookup(inputs["station_id"], vocab_info["stations"], "station")
+    station_index = _lookup(inputs["station_id"], vocab_info.stations, "station")
     identity, histories = identity_features(inputs, vocab_info, cfg, fixed)
     direction_index = layers.IntegerLookup(vocabulary=[0, 1], name="direction_lookup")(
         inputs["direction_id"]
     )
     x = layers.Concatenate(name="features")([
-        _embed(station_index, vocab_info["stations"], cfg.station_embedding, "station"),
-        _embed(_lookup(inputs["route_id"], vocab_info["routes"], "route"),
-               vocab_info["routes"], cfg.route_embedding, "route"),
-        _embed(_lookup(inputs["headsign"], vocab_info["headsigns"], "headsign"),
-               vocab_info["headsigns"], cfg.headsign_embedding, "headsign"),
+        _embed(station_index, vocab_info.stations, cfg.station_embedding, "station"),
+        _embed(_lookup(inputs["route_id"], vocab_info.routes, "route"),
+               vocab_info.routes, cfg.route_embedding, "route"),
+        _embed(_lookup(inputs["headsign"], vocab_info.headsigns, "headsign"),
+               vocab_info.headsigns, cfg.headsign_embedding, "headsign"),
         *identity,
         layers.Embedding(3, 2, name="direction_embedding")(direction_index),
         *time_features(inputs, vocab_info),
     ])  # fmt: skip
-    logits = dense_logits(x, vocab_info["num_classes"], cfg)
+    logits = dense_logits(x, vocab_info.num_classes, cfg)
     if histories:
         evidence = custom_layers()["EvidenceLogits"](name="evidence_logits")(histories)
         logits = layers.Add(name="logits_with_evidence")([logits, evidence])
@@ -858,7 +895,7 @@ def create_simple_model(
         layers.Add(name="masked_logits")([logits, penalty])
     )
     outputs = custom_layers()["TrackProbabilities"](
-        vocab_info["tracks"], vocab_info["station_tracks"], name="track_probabilities"
+        vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
     )(probabilities)
     model = keras.Model(inputs=inputs, outputs=outputs, name=name)
     for layer, table in fixed.items():
@@ -866,14 +903,14 @@ def create_simple_model(
     return model
 
 
-def station_track_mask(vocab_info: dict[str, Any]) -> np.ndarray:
+def station_track_mask(vocab_info: Vocabulary) -> np.ndarray:
     """(stations + 1) x tracks of 0/1: which tracks each station used in training."""
-    labels = vocab_info["tracks"]
-    mask = np.zeros((len(vocab_info["stations"]) + 1, len(labels)), dtype=np.float32)
+    labels = vocab_info.tracks
+    mask = np.zeros((len(vocab_info.stations) + 1, len(labels)), dtype=np.float32)
     mask[0] = 1.0
     column = {t: j for j, t in enumerate(labels)}
-    for i, station in enumerate(vocab_info["stations"], start=1):
-        for track in vocab_info["station_tracks"].get(station, labels):
+    for i, station in enumerate(vocab_info.stations, start=1):
+        for track in vocab_info.station_tracks.get(station, labels):
             mask[i, column[track]] = 1.0
     return mask
 
@@ -891,7 +928,6 @@ def model_labels(model: Any) -> list[str]:
 def predict_probabilities(
     model: Any, features: dict[str, np.ndarray], batch_size: int = 4096
 ) -> np.ndarray:
-    _load_tensorflow()
     n = len(next(iter(features.values())))
     if n == 0:
         return np.zeros((0, len(model_labels(model))), dtype=np.float32)
@@ -1055,7 +1091,6 @@ def with_temperature(
     model: Any, temperature: float, station_temperatures: dict[str, float] | None = None
 ) -> Any:
     """The same model with these temperatures applied on top of any it already has."""
-    _load_tensorflow()
     output = model.get_layer("track_probabilities")
     probabilities = output.input[0] if isinstance(output.input, list | tuple) else output.input
     overall = output.temperature * temperature
@@ -1307,6 +1342,74 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Run:
+    """One mode's run: its output directory and when it started."""
+
+    mode: str
+    run_dir: Path
+    started_at: dt.datetime = field(default_factory=dt.datetime.now)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, mode: str) -> Run:
+        run = cls(mode, create_run_dir(mode))
+        log(f"Outputs go to {run.run_dir}")
+        return run
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+def overview_section(run: Run, data: Any, *more: str) -> list[str]:
+    duration = time.perf_counter() - run.started
+    return [
+        "## Overview",
+        "",
+        f"- Command: {run.mode}",
+        f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
+        f"- Output Directory: {run.run_dir}",
+        f"- Data: {data}",
+        *more,
+        "",
+    ]
+
+
+def configuration_section(opts: Any) -> list[str]:
+    rows = [[key, value] for key, value in dataclasses.asdict(opts).items()]
+    return ["## Training Configuration", "", markdown_table(["Option", "Value"], rows), ""]
+
+
+def timing_section(run: Run | None, *lines: str) -> list[str]:
+    """Start and finish of the run (unless None), then the mode's own lines."""
+    clock = [] if run is None else [
+        f"- Started: {run.started_at:%Y-%m-%d %H:%M:%S}",
+        f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+    ]  # fmt: skip
+    return ["## Timing Information", "", *clock, *lines, ""]
+
+
+def files_section(*lines: str) -> list[str]:
+    return ["## Files", "", *lines, ""]
+
+
+def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headline: str) -> Path:
+    """training_report.md of a run from its sections (each a string or a list of lines);
+    logs the headline and where the report went."""
+    lines = [
+        f"# Training Report - {title}",
+        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        "",
+    ]
+    for section in sections:
+        lines.extend([section] if isinstance(section, str) else section)
+    path = run.path("training_report.md")
+    path.write_text("\n".join(lines))
+    log(f"Done: {headline}")
+    log(f"Report: {path}")
+    return path
+
+
 def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
     import matplotlib
 
@@ -1501,7 +1604,7 @@ def answerable_lines(ev: Evaluation) -> list[str]:
 
 
 def dataset_section(data: PreparedData) -> str:
-    counts = data.vocab_info["record_counts"]
+    counts = data.vocab_info.record_counts
     split = data.split_info
     lines = [
         "## Dataset Information",
@@ -1534,11 +1637,9 @@ def dataset_section(data: PreparedData) -> str:
         "",
     ]
     lines.append(
-        markdown_table(
-            ["Vocabulary", "Size"], [[k, v] for k, v in vocab_sizes(data.vocab_info).items()]
-        )
+        markdown_table(["Vocabulary", "Size"], [[k, v] for k, v in data.vocab_info.sizes().items()])
     )
-    lines += ["", f"Tracks (class order): {', '.join(data.vocab_info['tracks'])}", ""]
+    lines += ["", f"Tracks (class order): {', '.join(data.vocab_info.tracks)}", ""]
     return "\n".join(lines)
 
 
@@ -1602,7 +1703,6 @@ class CosineWithPlateau:
 
     @staticmethod
     def make(base_lr: float, tmax: int, patience: int, factor: float) -> Any:
-        _load_tensorflow()
 
         class _Callback(keras.callbacks.Callback):
             def __init__(self) -> None:
@@ -1686,10 +1786,10 @@ def fit_model(
     quiet = bool(os.environ.get("IMT_ML_NO_PROGRESS")) or not sys.stderr.isatty()
     if label:
         log(label)
-    weights = class_weights(data.train_labels, data.vocab_info["num_classes"], opts.class_weight)
+    weights = class_weights(data.train_labels, data.vocab_info.num_classes, opts.class_weight)
     train_ds = data.train_ds
     if opts.recency_half_life > 0:  # class and recency weights together, per record
-        per_class = np.ones(data.vocab_info["num_classes"])
+        per_class = np.ones(data.vocab_info.num_classes)
         for i, w in (weights or {}).items():
             per_class[i] = w
         ts = data.columns["scheduled_timestamp"][data.train_idx]
@@ -1726,10 +1826,9 @@ def vocab_file_for(model_file: Path) -> Path:
     return model_file.with_name(f"{stem}_vocab.json")
 
 
-def save_vocab(path: Path, vocab_info: dict[str, Any], tables: dict[str, Any]) -> None:
+def save_vocab(path: Path, vocab_info: Vocabulary, tables: dict[str, Any]) -> None:
     """The vocabularies as JSON (the history tables live in the model's weights)."""
-    readable = {k: v for k, v in vocab_info.items() if k != HISTORY_KEY}
-    write_json(path, {**readable, "baselines": tables})
+    write_json(path, {**vocab_info.to_json(), "baselines": tables})
 
 
 # ---------------------------------------------------------------------------
@@ -1744,7 +1843,7 @@ def save_calibrated(
     beat the first) and the final weights on the validation records, and save both."""
     if not best_path.exists():
         model.save(best_path)
-    tracks = data.vocab_info["tracks"]
+    tracks = data.vocab_info.tracks
     best, calibration = calibrate_model(
         keras.models.load_model(best_path, compile=False), data.columns, data.val_idx, tracks
     )
@@ -1766,29 +1865,44 @@ def chosen_epochs(history: dict[str, list[float]], opts: TrainOptions) -> tuple[
     return best, final
 
 
+def fit_on_every_record(
+    source: Export | PreparedData,
+    opts: TrainOptions,
+    config: ModelConfig,
+    epochs: int,
+    name: str = "track_predictor",
+    callbacks: list[Any] | None = None,
+) -> tuple[Any, PreparedData, float]:
+    """(model, its data, seconds): the architecture trained on every record of the export
+    `source` came from (vocabularies and recency from all of them) for a fixed number of
+    epochs chosen elsewhere, on validation records."""
+    everything = np.arange(len(source.columns["track_number"]))
+    data = prepare_split(source.export_dir, source.metadata, source.columns, everything,
+                         everything[:0], {"method": "all records"}, opts.batch_size, opts.seed)  # fmt: skip
+    keras.utils.set_random_seed(config.seed)
+    model = create_simple_model(data.vocab_info, config, name=name)
+    fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True)
+    label = f"Refit on all {len(everything):,} records for {epochs} epochs"
+    _, seconds = fit_model(model, data, fixed, None, None, label, callbacks)
+    return model, data, seconds
+
+
 def refit_on_every_record(
     data: PreparedData,
     opts: TrainOptions,
     config: ModelConfig,
     history: dict[str, list[float]],
     calibration: Calibration,
-    best_path: Path,
-    final_path: Path,
-    vocab_path: Path,
+    files: ModelFiles,
     name: str = "track_predictor",
 ) -> dict[str, Any]:
-    """Train the same architecture on every record (vocabularies and recency from all of
-    them), snapshot it at the epoch counts the validated run chose, apply its temperature,
-    and save the snapshots over `best_path` and `final_path`."""
+    """Refit on every record, snapshot the refit at the epoch counts the validated run
+    chose, apply its temperatures, and save the snapshots over `files.best` and
+    `files.final` (and the vocabularies of every record over `files.vocab`)."""
     best_epochs, final_epochs = chosen_epochs(history, opts)
-    everything = np.sort(np.concatenate([data.train_idx, data.val_idx]))
-    all_data = prepare_split(data.export_dir, data.metadata, data.columns, everything,
-                             everything[:0], {"method": "all records"}, opts.batch_size, opts.seed)  # fmt: skip
-    keras.utils.set_random_seed(config.seed)
-    model = create_simple_model(all_data.vocab_info, config, name=name)
-    targets = {best_epochs: [best_path], final_epochs: [final_path]}
-    if best_epochs == final_epochs:
-        targets = {best_epochs: [best_path, final_path]}
+    targets: dict[int, list[Path]] = defaultdict(list)
+    targets[best_epochs].append(files.best)
+    targets[final_epochs].append(files.final)
 
     class Snapshot(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -1797,15 +1911,10 @@ def refit_on_every_record(
                     self.model, calibration.temperature, calibration.station_temperatures
                 ).save(path)
 
-    refit_opts = dataclasses.replace(
-        opts, epochs=max(best_epochs, final_epochs), no_early_stop=True
-    )
-    _, seconds = fit_model(
-        model, all_data, refit_opts, None, None, extra_callbacks=[Snapshot()],
-        label=f"Refit on all {len(everything):,} records for {refit_opts.epochs} epochs",
-    )  # fmt: skip
-    save_vocab(vocab_path, all_data.vocab_info, baseline_tables(data.columns, everything))
-    return {"records": int(len(everything)), "best_epochs": best_epochs,
+    epochs = max(best_epochs, final_epochs)
+    _, all_data, seconds = fit_on_every_record(data, opts, config, epochs, name, [Snapshot()])
+    save_vocab(files.vocab, all_data.vocab_info, baseline_tables(data.columns, all_data.train_idx))
+    return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
             "final_epochs": final_epochs, "seconds": seconds, "temperature": calibration.temperature,
             "vocab_info": all_data.vocab_info}  # fmt: skip
 
@@ -1847,6 +1956,20 @@ class TrainResult:
         return len(self.history.get("loss", []))
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one model's files go: `{prefix}_best.keras`, `_final.keras`, `_vocab.json`."""
+
+    best: Path
+    final: Path
+    vocab: Path
+
+    @classmethod
+    def under(cls, run_dir: Path, prefix: str) -> ModelFiles:
+        return cls(*(run_dir / f"{prefix}_{kind}" for kind in ("best.keras", "final.keras",
+                                                              "vocab.json")))  # fmt: skip
+
+
 def run_train(
     data_dir: Path | str,
     opts: TrainOptions,
@@ -1859,110 +1982,113 @@ def run_train(
 
     `tune` reuses it for its final model: `mode` names the output directory and the
     report, `mode_sections(run_dir)` adds the mode's own report sections."""
-    _load_tensorflow()
-    started_at = dt.datetime.now()
-    started = time.perf_counter()
     keras.utils.set_random_seed(opts.seed)
     cfg = config or ModelConfig(seed=opts.seed)
-
-    # Data
-    if data is None:
-        data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
-    run_dir = create_run_dir(mode)
-    log(f"Outputs go to {run_dir}")
-    best_path = run_dir / f"{opts.model_path}_best.keras"
-    final_path = run_dir / f"{opts.model_path}_final.keras"
-    vocab_path = run_dir / f"{opts.model_path}_vocab.json"
+    data = data or prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
+    run = Run.start(mode)
+    files = ModelFiles.under(run.run_dir, opts.model_path)
     tables = baseline_tables(data.columns, data.train_idx)
-    save_vocab(vocab_path, data.vocab_info, tables)
-
-    # Train
+    save_vocab(files.vocab, data.vocab_info, tables)
     model = create_simple_model(data.vocab_info, cfg)
-    history, fit_seconds = fit_model(model, data, opts, best_path, run_dir / "logs")
-
+    history, fit_seconds = fit_model(model, data, opts, files.best, run.path("logs"))
     # Calibrate on the validation records; evaluate the best checkpoint as a user loads it
-    calibration = save_calibrated(model, data, best_path, final_path)
-    best = load_saved_model(best_path)
+    calibration = save_calibrated(model, data, files.best, files.final)
+    best = load_saved_model(files.best)
     truth = load_sample_truth(data.export_dir)
     evaluation = evaluate_model(best, data.columns, data.val_idx, tables, truth, calibration)
-    plot_reliability_diagram(calibration, run_dir / "reliability_diagram.png")
-
-    # Refit on every record, the newest included, for the epochs chosen above
-    refit = None
+    plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
+    refit = None  # else: every record, the newest included, for the epochs chosen above
     if not opts.no_refit:
-        refit = refit_on_every_record(data, opts, cfg, history, calibration,
-                                      best_path, final_path, vocab_path)  # fmt: skip
-    serving_path = export_serving_model(load_saved_model(best_path), serving_dir_for(best_path))
-    curves = plot_learning_curves(history, run_dir / "learning_curves.png")
-    confusion = plot_confusion_matrix(
-        evaluation.metrics["confusion"], evaluation.labels, run_dir / "confusion_matrix.png"
-    )
-
-    # Report
-    epochs_run = len(history.get("loss", []))
+        refit = refit_on_every_record(data, opts, cfg, history, calibration, files)
+    serving = export_serving_model(load_saved_model(files.best), serving_dir_for(files.best))
     report = [
-        f"# Training Report - {mode.capitalize()}",
-        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
-        "",
-        "## Overview",
-        "",
-        f"- Command: {mode}",
-        f"- Training Duration: {time.perf_counter() - started:.1f} seconds "
-        f"({(time.perf_counter() - started) / 60:.1f} minutes)",
-        f"- Output Directory: {run_dir}",
-        f"- Data: {data.export_dir}",
-        "",
+        overview_section(run, data.export_dir),
+        performance_section(history, files.best),
+        evaluation_section(evaluation),
+        configuration_section(opts),
+        dataset_section(data),
+        timing_section(run, *epoch_lines(history, opts, fit_seconds)),
+        model_section(best, cfg, opts.class_weight, data.augmented),
+        refit_section(refit, files.best, files.final),
+        mode_sections(run.run_dir) if mode_sections else [],
+        schedule_section(opts, mode),
+        figures_section(run, history, evaluation),
+        train_files_section(files, serving),
+    ]
+    write_report(run, mode.capitalize(), report, train_headline(evaluation))
+    return TrainResult(run.run_dir, evaluation, history, fit_seconds)
+
+
+def performance_section(history: dict[str, list[float]], best_path: Path) -> list[str]:
+    epochs_run = len(history.get("loss", []))
+    best_epoch = int(np.argmax(history["val_accuracy"])) + 1
+    return [
         "## Final Performance Metrics",
         "",
         f"- Validation Loss: {history['val_loss'][-1]:.4f} (last epoch)",
         f"- Validation Accuracy: {history['val_accuracy'][-1]:.4f} (last epoch)",
         f"- Best Validation Accuracy: {max(history['val_accuracy']):.4f} "
-        f"(epoch {int(np.argmax(history['val_accuracy'])) + 1} of {epochs_run}; saved as `{best_path.name}`)",
+        f"(epoch {best_epoch} of {epochs_run}; saved as `{best_path.name}`)",
         "- Keras' validation figures leave out validation records whose track never occurred in training; "
         "the evaluation below counts them as wrong.",
         "",
-        evaluation_section(evaluation),
-        "## Training Configuration",
-        "",
-        markdown_table(["Option", "Value"], [[k, v] for k, v in dataclasses.asdict(opts).items()]),
-        "",
-        dataset_section(data),
-        "## Timing Information",
-        "",
-        f"- Started: {started_at:%Y-%m-%d %H:%M:%S}",
-        f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+    ]
+
+
+def epoch_lines(history: dict[str, list[float]], opts: TrainOptions, seconds: float) -> list[str]:
+    epochs_run = len(history.get("loss", []))
+    return [
         f"- Epochs run: {epochs_run} of {opts.epochs}"
         + (" (early stopping)" if epochs_run < opts.epochs else ""),
-        f"- Fit time: {fit_seconds:.1f} s ({fit_seconds / max(epochs_run, 1):.2f} s per epoch)",
-        "",
-        model_section(best, cfg, opts.class_weight, data.augmented),
-        *refit_section(refit, best_path, final_path),
-        *(mode_sections(run_dir) if mode_sections else []),
+        f"- Fit time: {seconds:.1f} s ({seconds / max(epochs_run, 1):.2f} s per epoch)",
+    ]
+
+
+def schedule_section(opts: TrainOptions, mode: str) -> list[str]:
+    stopping = (
+        "off" if opts.no_early_stop
+        else f"on val_loss, patience {opts.early_stop_patience}, min delta "
+        f"{opts.early_stop_min_delta:g}, best weights restored"
+    )  # fmt: skip
+    rate = (
+        "constant" if opts.no_scheduler
+        else f"cosine from {opts.learning_rate:g} to 1% over {opts.scheduler_tmax or opts.epochs} "
+        f"epochs, times {opts.reduce_lr_factor:g} after {opts.reduce_lr_patience} epochs without a "
+        "better val_loss"
+    )  # fmt: skip
+    return [
         "## Train Mode Details" if mode == "train" else "## Final Training Details",
         "",
-        f"- Early stopping: {'off' if opts.no_early_stop else f'on val_loss, patience {opts.early_stop_patience}, min delta {opts.early_stop_min_delta:g}, best weights restored'}",
-        f"- Learning rate: {'constant' if opts.no_scheduler else f'cosine from {opts.learning_rate:g} to 1% over {opts.scheduler_tmax or opts.epochs} epochs, times {opts.reduce_lr_factor:g} after {opts.reduce_lr_patience} epochs without a better val_loss'}",
-        "",
-        "## Learning Curves",
-        "",
-        f"![Learning curves]({curves.name})",
-        "",
-        "## Confusion Matrix",
-        "",
-        f"![Confusion matrix]({confusion.name})",
-        "",
-        "## Files",
-        "",
-        f"- `{best_path.name}`, `{final_path.name}`: models taking raw values, answering with track probabilities "
-        "(labels in the `track_probabilities` layer); `import imt_ml`, then "
-        "`keras.saving.load_model(path, compile=False)`",
-        f"- `{serving_path.name}/`: TensorFlow SavedModel of `{best_path.name}` for any TF runtime; its `serve` "
-        "signature takes the raw fields by name and returns `tracks` (most likely first) and `probabilities`",
-        f"- `{vocab_path.name}`: vocabularies and baseline tables",
-        "- `logs/`: TensorBoard",
+        f"- Early stopping: {stopping}",
+        f"- Learning rate: {rate}",
         "",
     ]
-    (run_dir / "training_report.md").write_text("\n".join(report))
+
+
+def figures_section(run: Run, history: dict[str, list[float]], evaluation: Evaluation) -> list[str]:
+    """Learning curves and the confusion matrix, drawn into the run directory."""
+    curves = plot_learning_curves(history, run.path("learning_curves.png"))
+    confusion = plot_confusion_matrix(
+        evaluation.metrics["confusion"], evaluation.labels, run.path("confusion_matrix.png")
+    )
+    return ["## Learning Curves", "", f"![Learning curves]({curves.name})", "",
+            "## Confusion Matrix", "", f"![Confusion matrix]({confusion.name})", ""]  # fmt: skip
+
+
+def train_files_section(files: ModelFiles, serving: Path) -> list[str]:
+    best, final = files.best.name, files.final.name
+    return files_section(
+        f"- `{best}`, `{final}`: models taking raw values, answering with track probabilities "
+        "(labels in the `track_probabilities` layer); `import imt_ml`, then "
+        "`keras.saving.load_model(path, compile=False)`",
+        f"- `{serving.name}/`: TensorFlow SavedModel of `{best}` for any TF runtime; its `serve` "
+        "signature takes the raw fields by name and returns `tracks` (most likely first) and `probabilities`",
+        f"- `{files.vocab.name}`: vocabularies and baseline tables",
+        "- `logs/`: TensorBoard",
+    )
+
+
+def train_headline(evaluation: Evaluation) -> str:
     m = evaluation.metrics
     headline = f"validation top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])}"
     strongest = strongest_baseline(evaluation.baselines)
@@ -1972,9 +2098,7 @@ def run_train(
         )
     if evaluation.best_possible:
         headline += f"; best possible {_pct(evaluation.best_possible['accuracy'])}"
-    log(f"Done: {headline}")
-    log(f"Report: {run_dir / 'training_report.md'}")
-    return TrainResult(run_dir, evaluation, history, fit_seconds)
+    return headline
 
 
 # ---------------------------------------------------------------------------
@@ -2012,16 +2136,15 @@ def describe_config(cfg: ModelConfig) -> str:
     )
 
 
-def build_ensemble_model(members: list[Any], vocab_info: dict[str, Any]) -> Any:
+def build_ensemble_model(members: list[Any], vocab_info: Vocabulary) -> Any:
     """One model: raw values in, the mean of the members' probabilities out."""
-    _load_tensorflow()
     inputs = build_raw_inputs()
     outputs = [member(inputs) for member in members]
     mean = (
         keras.layers.Average(name="mean_probabilities")(outputs) if len(outputs) > 1 else outputs[0]
     )
     labelled = custom_layers()["TrackProbabilities"](
-        vocab_info["tracks"], vocab_info["station_tracks"], name="track_probabilities"
+        vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
     )(mean)
     return keras.Model(inputs=inputs, outputs=labelled, name="track_ensemble")
 
@@ -2057,137 +2180,175 @@ class EnsembleResult:
     agreement: dict[str, float]
 
 
-def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> EnsembleResult:
-    """`ensemble`: train `num_models` different members, save each and their average."""
-    _load_tensorflow()
-    if num_models < 1:
-        raise UserError("--num-models must be at least 1")
-    started_at, started = dt.datetime.now(), time.perf_counter()
+@dataclass
+class Member:
+    """One trained ensemble member."""
 
-    # Data
-    data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
-    run_dir = create_run_dir("ensemble")
-    log(f"Outputs go to {run_dir}")
-    mp = opts.model_path
-    tables = baseline_tables(data.columns, data.train_idx)
-    save_vocab(run_dir / f"{mp}_vocab.json", data.vocab_info, tables)
-    truth = load_sample_truth(data.export_dir)
+    index: int
+    config: ModelConfig
+    files: ModelFiles
+    history: dict[str, list[float]]
+    calibration: Calibration
+    seconds: float
+    evaluation: Evaluation
 
-    # Members, each calibrated on the validation records
-    members, member_rows, member_probs = [], [], []
-    member_accuracy, member_seconds = [], []
-    runs = []  # (config, history, temperature, best path, final path) per member
-    for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed)):
-        keras.utils.set_random_seed(cfg.seed)
-        model = create_simple_model(data.vocab_info, cfg, name=f"track_predictor_{i}")
-        best_path = run_dir / f"{mp}_{i}_best.keras"
-        history, seconds = fit_model(
-            model, data, opts, best_path, run_dir / "logs" / f"member_{i}",
-            label=f"Member {i + 1}/{num_models}: {describe_config(cfg)}",
-        )  # fmt: skip
-        final_path = run_dir / f"{mp}_{i}_final.keras"
-        calibration = save_calibrated(model, data, best_path, final_path)
-        best = load_saved_model(best_path)
-        runs.append((cfg, history, calibration, best_path, final_path))
-        ev = evaluate_model(best, data.columns, data.val_idx, None, None)
-        members.append(best)
-        member_probs.append(ev.probabilities)
-        member_accuracy.append(ev.metrics["top1_accuracy"])
-        member_seconds.append(seconds)
-        member_rows.append([
-            i, describe_config(cfg), f"{best.count_params():,}", len(history["loss"]),
-            f"{seconds:.1f}", _pct(ev.metrics["top1_accuracy"]),
-        ])  # fmt: skip
-        log(f"Member {i + 1}/{num_models}: validation top-1 {_pct(ev.metrics['top1_accuracy'])}")
+    @property
+    def row(self) -> list[Any]:
+        return [self.index, describe_config(self.config), f"{self.params:,}",
+                len(self.history["loss"]), f"{self.seconds:.1f}",
+                _pct(self.evaluation.metrics["top1_accuracy"])]  # fmt: skip
 
-    # The combined model, calibrated as a whole, saved and scored as a user would load it
-    combined_path = run_dir / f"{mp}_combined.keras"
+    params: int = 0
+
+
+def train_member(
+    run: Run, data: PreparedData, opts: TrainOptions, index: int, cfg: ModelConfig, count: int
+) -> tuple[Member, Any]:
+    """(the member, its calibrated best checkpoint as loaded from disk)."""
+    keras.utils.set_random_seed(cfg.seed)
+    model = create_simple_model(data.vocab_info, cfg, name=f"track_predictor_{index}")
+    files = ModelFiles.under(run.run_dir, f"{opts.model_path}_{index}")
+    history, seconds = fit_model(
+        model, data, opts, files.best, run.path("logs") / f"member_{index}",
+        label=f"Member {index + 1}/{count}: {describe_config(cfg)}",
+    )  # fmt: skip
+    calibration = save_calibrated(model, data, files.best, files.final)
+    best = load_saved_model(files.best)
+    ev = evaluate_model(best, data.columns, data.val_idx, None, None)
+    log(f"Member {index + 1}/{count}: validation top-1 {_pct(ev.metrics['top1_accuracy'])}")
+    member = Member(index, cfg, files, history, calibration, seconds, ev, best.count_params())
+    return member, best
+
+
+def save_combined(
+    members: list[Any], data: PreparedData, tables: dict[str, Any], path: Path
+) -> tuple[Evaluation, Calibration, Any]:
+    """The members' average, calibrated as a whole, saved and scored as a user loads it."""
     combined, calibration = calibrate_model(
         build_ensemble_model(members, data.vocab_info), data.columns, data.val_idx,
-        data.vocab_info["tracks"],
+        data.vocab_info.tracks,
     )  # fmt: skip
-    combined.save(combined_path)
-    combined = load_saved_model(combined_path)
-    soft = evaluate_model(combined, data.columns, data.val_idx, tables, truth, calibration)
-    plot_reliability_diagram(calibration, run_dir / "reliability_diagram.png")
+    combined.save(path)
+    combined = load_saved_model(path)
+    truth = load_sample_truth(data.export_dir)
+    return evaluate_model(combined, data.columns, data.val_idx, tables, truth, calibration), \
+        calibration, combined  # fmt: skip
 
-    # Every member refit on all records for its chosen epochs; their average recombined
+
+def refit_members(
+    members: list[Member], data: PreparedData, opts: TrainOptions, calibration: Calibration,
+    vocab_path: Path, combined_path: Path,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every member refit on all records for its chosen epochs; their average recombined
+    over `combined_path` with the combined temperatures."""
+    refits = []
+    for m in members:
+        log(f"Member {m.index + 1}/{len(members)}: refit")
+        files = dataclasses.replace(m.files, vocab=vocab_path)
+        refits.append(refit_on_every_record(data, opts, m.config, m.history, m.calibration,
+                                            files, name=f"track_predictor_{m.index}"))  # fmt: skip
+    refit = [load_saved_model(m.files.best) for m in members]
+    with_temperature(
+        build_ensemble_model(refit, refits[0]["vocab_info"]),
+        calibration.temperature, calibration.station_temperatures,
+    ).save(combined_path)  # fmt: skip
+    return refits
+
+
+def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> EnsembleResult:
+    """`ensemble`: train `num_models` different members, save each and their average."""
+    if num_models < 1:
+        raise UserError("--num-models must be at least 1")
+    data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
+    run = Run.start("ensemble")
+    mp = opts.model_path
+    tables = baseline_tables(data.columns, data.train_idx)
+    save_vocab(run.path(f"{mp}_vocab.json"), data.vocab_info, tables)
+    trained = [train_member(run, data, opts, i, cfg, num_models)
+               for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed))]  # fmt: skip
+    members = [member for member, _ in trained]
+    combined_path = run.path(f"{mp}_combined.keras")
+    soft, calibration, combined = save_combined(
+        [b for _, b in trained], data, tables, combined_path
+    )
+    plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
     refits = []
     if not opts.no_refit:
-        for i, (cfg, history, member_calibration, best_path, final_path) in enumerate(runs):
-            log(f"Member {i + 1}/{num_models}: refit")
-            refits.append(refit_on_every_record(
-                data, opts, cfg, history, member_calibration, best_path, final_path,
-                run_dir / f"{mp}_vocab.json", name=f"track_predictor_{i}",
-            ))  # fmt: skip
-        refit_members = [load_saved_model(path) for *_, path, _ in runs]
-        with_temperature(
-            build_ensemble_model(refit_members, refits[0]["vocab_info"]),
-            calibration.temperature, calibration.station_temperatures,
-        ).save(combined_path)  # fmt: skip
-    serving_path = export_serving_model(load_saved_model(combined_path), run_dir / f"{mp}_serving")
-    true_tracks = data.columns["track_number"][data.val_idx]
-    labels = np.array(soft.labels, dtype=object)
-    majority_acc = float((labels[majority_vote(member_probs)] == true_tracks).mean())
-    agreement = member_agreement(member_probs)
-    best_member = max(member_accuracy)
-    confusion = plot_confusion_matrix(
-        soft.metrics["confusion"], soft.labels, run_dir / "confusion_matrix.png"
-    )
-
-    # Report
-    duration = time.perf_counter() - started
+        refits = refit_members(members, data, opts, calibration, run.path(f"{mp}_vocab.json"),
+                               combined_path)  # fmt: skip
+    serving = export_serving_model(load_saved_model(combined_path), run.path(f"{mp}_serving"))
+    votes = Votes.of(members, data, soft)
     report = [
-        "# Training Report - Ensemble",
-        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
-        "",
-        "## Overview",
-        "",
-        "- Command: ensemble",
-        f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
-        f"- Output Directory: {run_dir}",
-        f"- Data: {data.export_dir}",
-        f"- Members: {num_models}",
-        "",
-        "## Final Performance Metrics",
-        "",
-        markdown_table(
-            ["", "Validation top-1"],
-            [
-                [
-                    "Ensemble, soft vote (mean probability; the combined model)",
-                    _pct(soft.metrics["top1_accuracy"]),
-                ],
-                [
-                    "Ensemble, majority vote (ties to the higher mean probability)",
-                    _pct(majority_acc),
-                ],
-                ["Best single member", _pct(best_member)],
-            ],
-        ),  # fmt: skip
-        "",
-        f"Members agree on every validation record's track {_pct(agreement['all_agree'])} of the time; "
-        f"two members agree {_pct(agreement['mean_pairwise'])} of the time on average.",
-        "",
-        "## Ensemble Members",
-        "",
-        markdown_table(
-            ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1"],
-            member_rows,
-        ),
-        "",
+        overview_section(run, data.export_dir, f"- Members: {num_models}"),
+        votes.section(),
+        ensemble_members_section(members),
         evaluation_section(soft, "Evaluation of the soft-vote ensemble on the validation records"),
-        "## Training Configuration",
-        "",
-        markdown_table(["Option", "Value"], [[k, v] for k, v in dataclasses.asdict(opts).items()]),
-        "",
+        configuration_section(opts),
         dataset_section(data),
-        "## Timing Information",
-        "",
-        f"- Started: {started_at:%Y-%m-%d %H:%M:%S}",
-        f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
-        f"- Mean fit time per member: {np.mean(member_seconds):.1f} s",
-        "",
+        timing_section(
+            run, f"- Mean fit time per member: {np.mean([m.seconds for m in members]):.1f} s"
+        ),
+        ensemble_model_section(run, combined, opts, data, soft),
+        ensemble_refit_section(refits, calibration),
+        ensemble_files_section(mp, combined_path, serving),
+    ]
+    write_report(run, "Ensemble", report, votes.headline)
+    return EnsembleResult(run.run_dir, soft, votes.majority, votes.members, [m.seconds for m in members],
+                          votes.agreement)  # fmt: skip
+
+
+@dataclass
+class Votes:
+    """How the members vote together, on the validation records."""
+
+    soft: float
+    majority: float
+    members: list[float]
+    agreement: dict[str, float]
+
+    @classmethod
+    def of(cls, members: list[Member], data: PreparedData, soft: Evaluation) -> Votes:
+        probs = [m.evaluation.probabilities for m in members]
+        true_tracks = data.columns["track_number"][data.val_idx]
+        labels = np.array(soft.labels, dtype=object)
+        majority = float((labels[majority_vote(probs)] == true_tracks).mean())
+        accuracy = [m.evaluation.metrics["top1_accuracy"] for m in members]
+        return cls(soft.metrics["top1_accuracy"], majority, accuracy, member_agreement(probs))
+
+    @property
+    def headline(self) -> str:
+        return (f"soft vote {_pct(self.soft)}, majority vote {_pct(self.majority)}, "
+                f"best member {_pct(max(self.members))}")  # fmt: skip
+
+    def section(self) -> list[str]:
+        rows = [
+            ["Ensemble, soft vote (mean probability; the combined model)", _pct(self.soft)],
+            ["Ensemble, majority vote (ties to the higher mean probability)", _pct(self.majority)],
+            ["Best single member", _pct(max(self.members))],
+        ]
+        return [
+            "## Final Performance Metrics",
+            "",
+            markdown_table(["", "Validation top-1"], rows),
+            "",
+            f"Members agree on every validation record's track {_pct(self.agreement['all_agree'])} of the time; "
+            f"two members agree {_pct(self.agreement['mean_pairwise'])} of the time on average.",
+            "",
+        ]
+
+
+def ensemble_members_section(members: list[Member]) -> list[str]:
+    header = ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1"]
+    return ["## Ensemble Members", "", markdown_table(header, [m.row for m in members]), ""]
+
+
+def ensemble_model_section(
+    run: Run, combined: Any, opts: TrainOptions, data: PreparedData, soft: Evaluation
+) -> list[str]:
+    confusion = plot_confusion_matrix(
+        soft.metrics["confusion"], soft.labels, run.path("confusion_matrix.png")
+    )
+    return [
         "## Model Details",
         "",
         f"- Combined model parameters: {combined.count_params():,}",
@@ -2197,38 +2358,36 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         "",
         f"![Confusion matrix]({confusion.name})",
         "",
-        *(
-            [
-                "## Saved Models",
-                "",
-                "- The validation figures above describe the members trained on the training records "
-                "only, and their average.",
-                f"- Every member was then refit on all {refits[0]['records']:,} records, the newest included, "
-                "for the epoch counts its validated run chose ("
-                + ", ".join(f"{r['best_epochs']}/{r['final_epochs']}" for r in refits)
-                + " for best/final), with its own temperature; the combined model averages the refit "
-                f"members' best checkpoints and applies the combined temperature (T = {calibration.temperature:.3f}).",
-                "",
-            ]
-            if refits
-            else []
-        ),
-        "## Files",
+    ]
+
+
+def ensemble_refit_section(refits: list[dict[str, Any]], calibration: Calibration) -> list[str]:
+    if not refits:
+        return []
+    epochs = ", ".join(f"{r['best_epochs']}/{r['final_epochs']}" for r in refits)
+    return [
+        "## Saved Models",
         "",
+        "- The validation figures above describe the members trained on the training records "
+        "only, and their average.",
+        f"- Every member was then refit on all {refits[0]['records']:,} records, the newest included, "
+        f"for the epoch counts its validated run chose ({epochs} for best/final), with its own "
+        "temperature; the combined model averages the refit members' best checkpoints and applies "
+        f"the combined temperature (T = {calibration.temperature:.3f}).",
+        "",
+    ]
+
+
+def ensemble_files_section(mp: str, combined_path: Path, serving: Path) -> list[str]:
+    return files_section(
         f"- `{mp}_{{i}}_best.keras`, `{mp}_{{i}}_final.keras`: each member",
         f"- `{combined_path.name}`: the average of the members' best checkpoints, raw values in, "
         "track probabilities out (`evaluate`, `predict` and `serve` accept it)",
-        f"- `{serving_path.name}/`: TensorFlow SavedModel of the combined model; its `serve` signature takes the "
+        f"- `{serving.name}/`: TensorFlow SavedModel of the combined model; its `serve` signature takes the "
         "raw fields by name and returns `tracks` (most likely first) and `probabilities`",
         f"- `{mp}_vocab.json`: vocabularies and baseline tables",
         "- Every `.keras` file loads with `keras.saving.load_model(path, compile=False)` after `import imt_ml`",
-        "",
-    ]
-    (run_dir / "training_report.md").write_text("\n".join(report))
-    log(f"Done: soft vote {_pct(soft.metrics['top1_accuracy'])}, majority vote {_pct(majority_acc)}, "
-        f"best member {_pct(best_member)}")  # fmt: skip
-    log(f"Report: {run_dir / 'training_report.md'}")
-    return EnsembleResult(run_dir, soft, majority_acc, member_accuracy, member_seconds, agreement)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -2298,25 +2457,6 @@ def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> li
     return folds
 
 
-def fit_on_every_record(
-    export: tuple[Path, dict[str, Any], dict[str, np.ndarray]],
-    opts: TrainOptions,
-    epochs: int,
-    config: ModelConfig,
-) -> tuple[Any, PreparedData]:
-    """A model trained on every record for a fixed number of epochs (chosen elsewhere,
-    on validation records), with vocabularies from every record: the model to deploy."""
-    export_dir, metadata, columns = export
-    everything = np.arange(len(columns["track_number"]))
-    data = prepare_split(export_dir, metadata, columns, everything, everything[:0],
-                         {"method": "all records"}, opts.batch_size, opts.seed)  # fmt: skip
-    keras.utils.set_random_seed(config.seed)
-    model = create_simple_model(data.vocab_info, config)
-    refit = dataclasses.replace(opts, epochs=epochs, no_early_stop=True)
-    fit_model(model, data, refit, None, None, label=f"Every record, {epochs} epochs")
-    return model, data
-
-
 def save_deployable_model(
     model: Any, data: PreparedData, run_dir: Path, model_path: str
 ) -> list[Path]:
@@ -2330,176 +2470,175 @@ def save_deployable_model(
     return [*paths, export_serving_model(model, run_dir / f"{model_path}_serving")]
 
 
+def check_folds_trainable(columns: dict[str, np.ndarray], folds: list[np.ndarray]) -> None:
+    """Every fold must be trainable before any trains."""
+    for j, val_idx in enumerate(folds):
+        if len(set(np.delete(columns["track_number"], val_idx))) < 2:
+            raise UserError(f"fold {j + 1}'s training records hold fewer than two tracks")
+
+
+def validation_period(timestamps: np.ndarray) -> str:
+    first, last = (
+        dt.datetime.fromtimestamp(float(t), dt.UTC) for t in (timestamps.min(), timestamps.max())
+    )
+    return f"{first:%Y-%m-%d} to {last:%Y-%m-%d}"
+
+
+@dataclass
+class Fold:
+    """One cross-validation fold's figures (`result` goes to cv_results.json)."""
+
+    result: dict[str, Any]
+    calibration: Calibration
+
+    def row(self, shuffled: bool) -> list[Any]:
+        r = self.result
+        return [r["fold"], "(shuffled)" if shuffled else r["validation_period"],
+                f"{r['validation_records']:,}", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
+                f"{r['baseline_accuracy']:.4f}", f"{r['difference']:+.4f}",
+                BASELINE_NAMES.get(r["baseline"], "n/a")]  # fmt: skip
+
+
+def cv_fold(
+    run: Run, export: Export, opts: TrainOptions, j: int, folds: list[np.ndarray], shuffled: bool
+) -> Fold:
+    """Train fold j's model on every other fold, calibrate, save and score it."""
+    val_idx, columns = folds[j], export.columns
+    train_idx = np.setdiff1d(np.arange(len(columns["track_number"])), val_idx)
+    split_info = {"method": "cv-random" if shuffled else "cv-time", "fold": j}
+    data = prepare_split(*export, train_idx, val_idx, split_info, opts.batch_size, opts.seed)
+    keras.utils.set_random_seed(opts.seed + j)
+    model = create_simple_model(data.vocab_info, ModelConfig(seed=opts.seed + j))
+    history, seconds = fit_model(model, data, opts, None, None, label=f"Fold {j + 1}/{len(folds)}")
+    loss = float(model.evaluate(data.val_ds, verbose=0, return_dict=True)["loss"])
+    model, calibration = calibrate_model(model, columns, val_idx, data.vocab_info.tracks)
+    model.save(run.path(f"{opts.model_path}_fold_{j}.keras"))
+    export_serving_model(model, run.path(f"{opts.model_path}_fold_{j}_serving"))
+    tables = baseline_tables(columns, data.train_idx)
+    truth = load_sample_truth(export.export_dir)
+    ev = evaluate_model(model, columns, val_idx, tables, truth, calibration)
+    name, baseline = strongest_baseline(ev.baselines) or ("", math.nan)
+    accuracy = ev.metrics["top1_accuracy"]
+    result = {"fold": j + 1, "validation_records": int(len(val_idx)),
+              "training_records": int(len(data.train_idx)),
+              "validation_period": validation_period(columns["scheduled_timestamp"][val_idx]),
+              "accuracy": accuracy, "loss": loss, "baseline": name, "baseline_accuracy": baseline,
+              "difference": accuracy - baseline, "epochs": len(history["loss"]),
+              "fit_seconds": seconds}  # fmt: skip
+    if ev.best_possible:
+        result["best_possible"] = ev.best_possible["accuracy"]
+    log(f"Fold {j + 1}/{len(folds)}: top-1 {_pct(accuracy)}, baseline {_pct(baseline)}")
+    return Fold(result, calibration)
+
+
+def deploy_cv_model(
+    run: Run, export: Export, opts: TrainOptions, folds: list[Fold]
+) -> tuple[int, float]:
+    """The model to deploy: every record, the settings the folds evaluated, for the median
+    of their epoch counts, with the median of their temperatures. (epochs, temperature)"""
+    epochs = max(1, int(round(float(np.median([f.result["epochs"] for f in folds])))))
+    model, all_data, _ = fit_on_every_record(export, opts, ModelConfig(seed=opts.seed), epochs)
+    calibrations = [f.calibration for f in folds]
+    temperature = float(np.median([c.temperature for c in calibrations]))
+    stations = sorted({s for c in calibrations for s in c.station_temperatures})
+    per_station = {
+        s: float(np.median([c.station_temperatures[s] for c in calibrations
+                            if s in c.station_temperatures]))
+        for s in stations
+    }  # fmt: skip
+    save_deployable_model(with_temperature(model, temperature, per_station), all_data,
+                          run.run_dir, opts.model_path)  # fmt: skip
+    return epochs, temperature
+
+
+def interval(ci: dict[str, float]) -> str:
+    return f"{ci['mean']:.4f} (std {ci['std']:.4f}; 95% CI {ci['low']:.4f} to {ci['high']:.4f})"
+
+
 def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool) -> Path:
     """`cv`: train and score one model per fold; report the spread and the intervals."""
-    _load_tensorflow()
-    started = time.perf_counter()
-    export_dir, metadata, columns = load_export(data_dir)
-    n = len(columns["track_number"])
-    folds = fold_indices(columns["scheduled_timestamp"], k, shuffle_folds, opts.seed)
-    everything = np.arange(n)
-    for j, val_idx in enumerate(folds):  # every fold must be trainable before any trains
-        train_tracks = set(np.delete(columns["track_number"], val_idx))
-        if len(train_tracks) < 2:
-            raise UserError(f"fold {j + 1}'s training records hold fewer than two tracks")
-    run_dir = create_run_dir("cv")
-    log(f"Outputs go to {run_dir}")
-    truth = load_sample_truth(export_dir)
-    method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
+    export = load_export(data_dir)
+    n = len(export.columns["track_number"])
+    indices = fold_indices(export.columns["scheduled_timestamp"], k, shuffle_folds, opts.seed)
+    check_folds_trainable(export.columns, indices)
+    run = Run.start("cv")
+    folds = [cv_fold(run, export, opts, j, indices, shuffle_folds) for j in range(k)]
     assignment = np.empty(n, dtype=np.int64)
-    rows, results = [], []
-    temperatures: list[Calibration] = []
-    for j, val_idx in enumerate(folds):
+    for j, val_idx in enumerate(indices):
         assignment[val_idx] = j
-        train_idx = np.setdiff1d(everything, val_idx)
-        split_info = {"method": "cv-random" if shuffle_folds else "cv-time", "fold": j}
-        data = prepare_split(export_dir, metadata, columns, train_idx, val_idx, split_info,
-                             opts.batch_size, opts.seed)  # fmt: skip
-        keras.utils.set_random_seed(opts.seed + j)
-        model = create_simple_model(data.vocab_info, ModelConfig(seed=opts.seed + j))
-        history, seconds = fit_model(model, data, opts, None, None, label=f"Fold {j + 1}/{k}")
-        loss = float(model.evaluate(data.val_ds, verbose=0, return_dict=True)["loss"])
-        model, calibration = calibrate_model(model, columns, val_idx, data.vocab_info["tracks"])
-        temperatures.append(calibration)
-        model.save(run_dir / f"{opts.model_path}_fold_{j}.keras")
-        export_serving_model(model, run_dir / f"{opts.model_path}_fold_{j}_serving")
-        tables = baseline_tables(columns, data.train_idx)
-        ev = evaluate_model(model, columns, val_idx, tables, truth, calibration)
-        strongest = strongest_baseline(ev.baselines) or ("", math.nan)
-        ts = columns["scheduled_timestamp"][val_idx]
-        period = (
-            f"{dt.datetime.fromtimestamp(float(ts.min()), dt.UTC):%Y-%m-%d} to "
-            f"{dt.datetime.fromtimestamp(float(ts.max()), dt.UTC):%Y-%m-%d}"
-        )
-        result = {
-            "fold": j + 1,
-            "validation_records": int(len(val_idx)),
-            "training_records": int(len(data.train_idx)),
-            "validation_period": period,
-            "accuracy": ev.metrics["top1_accuracy"],
-            "loss": loss,
-            "baseline": strongest[0],
-            "baseline_accuracy": strongest[1],
-            "difference": ev.metrics["top1_accuracy"] - strongest[1],
-            "epochs": len(history["loss"]),
-            "fit_seconds": seconds,
-        }
-        if ev.best_possible:
-            result["best_possible"] = ev.best_possible["accuracy"]
-        results.append(result)
-        log(
-            f"Fold {j + 1}/{k}: top-1 {_pct(result['accuracy'])}, baseline {_pct(result['baseline_accuracy'])}"
-        )
-        rows.append([
-            j + 1, period if not shuffle_folds else "(shuffled)", f"{len(val_idx):,}",
-            f"{result['accuracy']:.4f}", f"{loss:.4f}", f"{result['baseline_accuracy']:.4f}",
-            f"{result['difference']:+.4f}", BASELINE_NAMES.get(strongest[0], "n/a"),
-        ])  # fmt: skip
-    np.save(run_dir / "fold_assignment.npy", assignment)
-
-    # The model to deploy: every record, the settings the folds evaluated
-    deploy_epochs = max(1, int(round(float(np.median([r["epochs"] for r in results])))))
-    final_model, all_data = fit_on_every_record(
-        (export_dir, metadata, columns), opts, deploy_epochs, ModelConfig(seed=opts.seed)
-    )
-    deploy_temperature = float(np.median([c.temperature for c in temperatures]))
-    stations = sorted({s for c in temperatures for s in c.station_temperatures})
-    deploy_stations = {
-        s: float(
-            np.median(
-                [c.station_temperatures[s] for c in temperatures if s in c.station_temperatures]
-            )
-        )
-        for s in stations
-    }
-    save_deployable_model(
-        with_temperature(final_model, deploy_temperature, deploy_stations), all_data, run_dir,
-        opts.model_path,
-    )  # fmt: skip
-
-    accuracy = mean_confidence_interval([r["accuracy"] for r in results])
-    difference = mean_confidence_interval([r["difference"] for r in results])
-    baseline = mean_confidence_interval([r["baseline_accuracy"] for r in results])
-    write_json(run_dir / "cv_results.json", {
-        "k_folds": k, "fold_method": method, "folds": results,
-        "accuracy": accuracy, "baseline_accuracy": baseline, "difference": difference,
+    np.save(run.path("fold_assignment.npy"), assignment)
+    deploy_epochs, deploy_temperature = deploy_cv_model(run, export, opts, folds)
+    method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
+    results = [f.result for f in folds]
+    summary = {key: mean_confidence_interval([r[key] for r in results])
+               for key in ("accuracy", "baseline_accuracy", "difference")}  # fmt: skip
+    write_json(run.path("cv_results.json"), {
+        "k_folds": k, "fold_method": method, "folds": results, **summary,
         "options": dataclasses.asdict(opts),
     })  # fmt: skip
-
-    def interval(ci: dict[str, float]) -> str:
-        return f"{ci['mean']:.4f} (std {ci['std']:.4f}; 95% CI {ci['low']:.4f} to {ci['high']:.4f})"
-
-    duration = time.perf_counter() - started
     report = [
-        "# Training Report - Cross-Validation",
-        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
-        "",
-        "## Overview",
-        "",
-        "- Command: cv",
-        f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
-        f"- Output Directory: {run_dir}",
-        f"- Data: {export_dir} ({n:,} records)",
-        f"- Folds: {k}, {method}; each fold validates on its records and trains on all the others",
-        "",
+        overview_section(run, f"{export.export_dir} ({n:,} records)",
+                         f"- Folds: {k}, {method}; each fold validates on its records and trains on all the others"),
+        cv_performance_section(summary),
+        cv_folds_section([f.row(shuffle_folds) for f in folds]),
+        configuration_section(opts),
+        timing_section(None, f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s"),
+        cv_deployable_section(opts.model_path, n, deploy_epochs, deploy_temperature),
+        cv_files_section(opts.model_path),
+    ]  # fmt: skip
+    write_report(run, "Cross-Validation", report, f"mean accuracy {interval(summary['accuracy'])}")
+    return run.run_dir
+
+
+def cv_performance_section(summary: dict[str, dict[str, float]]) -> list[str]:
+    return [
         "## Final Performance Metrics",
         "",
-        f"- Mean validation accuracy: {interval(accuracy)}",
-        f"- Mean accuracy of each fold's strongest lookup table (named per fold below): {interval(baseline)}",
-        f"- Model minus baseline: {interval(difference)}",
+        f"- Mean validation accuracy: {interval(summary['accuracy'])}",
+        "- Mean accuracy of each fold's strongest lookup table (named per fold below): "
+        f"{interval(summary['baseline_accuracy'])}",
+        f"- Model minus baseline: {interval(summary['difference'])}",
         "- Intervals use Student's t distribution with k - 1 degrees of freedom over the fold figures below.",
         "",
+    ]
+
+
+def cv_folds_section(rows: list[list[Any]]) -> list[str]:
+    header = ["Fold", "Validation period", "Records", "Accuracy", "Loss", "Baseline",
+              "Model - baseline", "Strongest lookup table"]  # fmt: skip
+    return [
         "## Cross-Validation Folds",
         "",
-        markdown_table(
-            [
-                "Fold",
-                "Validation period",
-                "Records",
-                "Accuracy",
-                "Loss",
-                "Baseline",
-                "Model - baseline",
-                "Strongest lookup table",
-            ],
-            rows,
-        ),
+        markdown_table(header, rows),
         "",
         "Accuracy counts validation records whose track the fold's training data never saw as wrong; "
         "the loss (Keras) leaves them out.",
         "",
-        "## Training Configuration",
-        "",
-        markdown_table(
-            ["Option", "Value"], [[key, v] for key, v in dataclasses.asdict(opts).items()]
-        ),
-        "",
-        "## Timing Information",
-        "",
-        f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s",
-        "",
+    ]
+
+
+def cv_deployable_section(mp: str, n: int, epochs: int, temperature: float) -> list[str]:
+    return [
         "## Deployable Model",
         "",
-        f"- `{opts.model_path}_best.keras` and `{opts.model_path}_final.keras` are one model trained on all "
-        f"{n:,} records with the options above and the default architecture, for {deploy_epochs} epochs (the median "
+        f"- `{mp}_best.keras` and `{mp}_final.keras` are one model trained on all "
+        f"{n:,} records with the options above and the default architecture, for {epochs} epochs (the median "
         "of the folds' epoch counts), without early stopping: no validation records remain to choose an epoch, "
         "so the two files are the same model. Its probabilities carry the median of the folds' fitted "
-        f"temperatures (T = {deploy_temperature:.3f}).",
+        f"temperatures (T = {temperature:.3f}).",
         "- Its accuracy is not measured here: the fold figures above estimate it.",
         "",
-        "## Files",
-        "",
-        f"- `{opts.model_path}_best.keras`, `{opts.model_path}_final.keras`, `{opts.model_path}_vocab.json`, "
-        f"`{opts.model_path}_serving/`: the deployable model, its vocabularies and its TensorFlow SavedModel",
-        f"- `{opts.model_path}_fold_{{j}}.keras`: each fold's model (`import imt_ml`, then "
+    ]
+
+
+def cv_files_section(mp: str) -> list[str]:
+    return files_section(
+        f"- `{mp}_best.keras`, `{mp}_final.keras`, `{mp}_vocab.json`, "
+        f"`{mp}_serving/`: the deployable model, its vocabularies and its TensorFlow SavedModel",
+        f"- `{mp}_fold_{{j}}.keras`: each fold's model (`import imt_ml`, then "
         "`keras.saving.load_model(path, compile=False)`), and `_fold_{j}_serving/`, its TensorFlow SavedModel",
         "- `cv_results.json`: every number above; `fold_assignment.npy`: each record's fold, in export order",
-        "",
-    ]
-    (run_dir / "training_report.md").write_text("\n".join(report))
-    log(f"Done: mean accuracy {interval(accuracy)}")
-    log(f"Report: {run_dir / 'training_report.md'}")
-    return run_dir
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -2594,7 +2733,6 @@ def tune_trial(
 
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    _load_tensorflow()
     custom_layers()
     data = prepare_split(Path("."), {}, columns, train_idx, val_idx, {"method": "time"},
                          int(config["batch_size"]), seed)  # fmt: skip
@@ -2632,7 +2770,7 @@ def tune_trial(
         validation_data=data.val_ds,
         epochs=max_epochs,
         initial_epoch=start_epoch,
-        class_weight=class_weights(data.train_labels, data.vocab_info["num_classes"], "sqrt"),
+        class_weight=class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt"),
         callbacks=[ReportEachEpoch()],
         verbose=0,
         shuffle=False,
@@ -2729,111 +2867,135 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
     started = time.perf_counter()
     data = prepare_data(data_dir, 256, "time", topts.seed)
     ray_dir = topts.ray_dir if is_uri(topts.ray_dir) else str(Path(topts.ray_dir).resolve())
-    experiment = f"{ray_dir.rstrip('/')}/{topts.project_name}"
+    search = Search.of(run_search(data, topts, ray_dir), topts, ray_dir)
+    search.seconds = time.perf_counter() - started
+    log(f"Search done in {search.seconds:.0f} s: {len(search.finished)} trials, "
+        f"{search.stopped_early} stopped early by ASHA; best validation accuracy "
+        f"{search.best['best_val_accuracy']:.4f}")  # fmt: skip
+    # Retrain the best configuration like `train`
+    config = search.best["config"]
+    opts = TrainOptions(
+        epochs=topts.final_epochs, batch_size=int(config["batch_size"]),
+        learning_rate=float(config["learning_rate"]), model_path=topts.model_path, seed=topts.seed,
+    )  # fmt: skip
+    data = dataclasses.replace(data, train_ds=make_dataset(
+        model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
+        shuffle=True, seed=opts.seed, augment=data.augmented,
+    ))  # fmt: skip
+    return run_train(data.export_dir, opts, model_config_from_trial(config, topts.seed), mode="tune",
+                     mode_sections=functools.partial(search.sections, opts=opts), data=data)  # fmt: skip
 
+
+def make_tuner(trainable: Any, topts: TuneOptions, ray_dir: str) -> Any:
+    """A new Ray Tune search, or the one under `ray_dir` continued with --resume."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    experiment = f"{ray_dir.rstrip('/')}/{topts.project_name}"
+    if topts.resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise UserError(f"--resume: no search to continue at {experiment}")
+        log(f"Resuming the search in {experiment}")
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)  # fmt: skip
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration", max_t=topts.max_epochs,
+        grace_period=min(topts.asha_grace_period, topts.max_epochs),
+        reduction_factor=topts.asha_reduction_factor,
+    )  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        param_space=tune_search_space(),
+        tune_config=tune.TuneConfig(
+            metric="val_accuracy", mode="max", scheduler=scheduler, num_samples=topts.num_samples,
+            search_alg=BasicVariantGenerator(random_state=topts.seed),
+        ),
+        run_config=tune.RunConfig(
+            name=topts.project_name, storage_path=ray_dir,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+        ),
+    )  # fmt: skip
+
+
+def run_search(data: PreparedData, topts: TuneOptions, ray_dir: str) -> list[dict[str, Any]]:
+    """Every trial's configuration, epochs, best validation accuracy and nodes (or error)."""
     ray = connect_ray(topts.ray_address, num_cpus=None)
     try:
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
-        from ray.tune.search.basic_variant import BasicVariantGenerator
 
         from imt_ml.tfrecord_reader import tune_trial as trial_fn  # by module name, for the workers
 
         if topts.ray_address and not is_uri(ray_dir):
             check_shared_storage(ray, Path(ray_dir))
-        threads = max(1, int(topts.cpus_per_trial))
         trainable = tune.with_resources(
             tune.with_parameters(
                 trial_fn, columns=data.columns, train_idx=data.train_idx, val_idx=data.val_idx,
-                max_epochs=topts.max_epochs, seed=topts.seed, threads=threads,
+                max_epochs=topts.max_epochs, seed=topts.seed,
+                threads=max(1, int(topts.cpus_per_trial)),
             ),
             {"cpu": topts.cpus_per_trial, "gpu": topts.gpus_per_trial},
         )  # fmt: skip
-        if topts.resume:
-            if not tune.Tuner.can_restore(experiment):
-                raise UserError(f"--resume: no search to continue at {experiment}")
-            log(f"Resuming the search in {experiment}")
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)  # fmt: skip
-        else:
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration", max_t=topts.max_epochs,
-                grace_period=min(topts.asha_grace_period, topts.max_epochs),
-                reduction_factor=topts.asha_reduction_factor,
-            )  # fmt: skip
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_search_space(),
-                tune_config=tune.TuneConfig(
-                    metric="val_accuracy", mode="max", scheduler=scheduler,
-                    num_samples=topts.num_samples,
-                    search_alg=BasicVariantGenerator(random_state=topts.seed),
-                ),
-                run_config=tune.RunConfig(
-                    name=topts.project_name, storage_path=ray_dir,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    verbose=1,
-                ),
-            )  # fmt: skip
-        log(f"Searching {topts.num_samples} configurations (Ray results: {experiment})")
+        tuner = make_tuner(trainable, topts, ray_dir)
+        log(f"Searching {topts.num_samples} configurations (Ray results: "
+            f"{ray_dir.rstrip('/')}/{topts.project_name})")  # fmt: skip
         with contextlib.redirect_stdout(sys.stderr):
             results = tuner.fit()
-        search_seconds = time.perf_counter() - started
-        trials: list[dict[str, Any]] = []
-        for i in range(len(results)):
-            result = results[i]
-            frame = result.metrics_dataframe
-            if result.error or frame is None or frame.empty:
-                trials.append({"config": result.config, "error": str(result.error)[:200], "epochs": 0,
-                               "best_val_accuracy": float("nan"), "nodes": []})  # fmt: skip
-                continue
-            trials.append({
-                "config": result.config,
-                "epochs": int(frame["training_iteration"].max()),
-                "best_val_accuracy": float(frame["val_accuracy"].max()),
-                "nodes": sorted(set(frame["node_id"])) if "node_id" in frame else [],
-            })  # fmt: skip
+        return [trial_summary(results[i]) for i in range(len(results))]
     finally:
         ray.shutdown()
 
-    finished = [t for t in trials if "error" not in t]
-    if not finished:
-        raise UserError(
-            f"every trial failed; first error: {trials[0].get('error') if trials else 'none ran'}"
-        )
-    finished.sort(key=lambda t: -t["best_val_accuracy"])
-    best = finished[0]
-    stopped_early = sum(t["epochs"] < topts.max_epochs for t in finished)
-    nodes = sorted({n for t in finished for n in t["nodes"]})
-    log(f"Search done in {search_seconds:.0f} s: {len(finished)} trials, {stopped_early} stopped early by ASHA; "
-        f"best validation accuracy {best['best_val_accuracy']:.4f}")  # fmt: skip
 
-    # Retrain the best configuration like `train`
-    config = best["config"]
-    opts = TrainOptions(
-        epochs=topts.final_epochs, batch_size=int(config["batch_size"]),
-        learning_rate=float(config["learning_rate"]), model_path=topts.model_path, seed=topts.seed,
-    )  # fmt: skip
-    data.train_ds = make_dataset(model_features(data.columns, data.train_idx), data.train_labels,
-                                 opts.batch_size, shuffle=True, seed=opts.seed, augment=data.augmented)  # fmt: skip
+def trial_summary(result: Any) -> dict[str, Any]:
+    frame = result.metrics_dataframe
+    if result.error or frame is None or frame.empty:
+        return {"config": result.config, "error": str(result.error)[:200], "epochs": 0,
+                "best_val_accuracy": float("nan"), "nodes": []}  # fmt: skip
+    return {
+        "config": result.config,
+        "epochs": int(frame["training_iteration"].max()),
+        "best_val_accuracy": float(frame["val_accuracy"].max()),
+        "nodes": sorted(set(frame["node_id"])) if "node_id" in frame else [],
+    }
 
-    def sections(run_dir: Path) -> list[str]:
+
+@dataclass
+class Search:
+    """A finished search: its trials, best first, and what the report says of them."""
+
+    trials: list[dict[str, Any]]
+    finished: list[dict[str, Any]]
+    topts: TuneOptions
+    experiment: str
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, trials: list[dict[str, Any]], topts: TuneOptions, ray_dir: str) -> Search:
+        finished = sorted((t for t in trials if "error" not in t),
+                          key=lambda t: -t["best_val_accuracy"])  # fmt: skip
+        if not finished:
+            first = trials[0].get("error") if trials else "none ran"
+            raise UserError(f"every trial failed; first error: {first}")
+        return cls(trials, finished, topts, f"{ray_dir.rstrip('/')}/{topts.project_name}")
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return self.finished[0]
+
+    @property
+    def stopped_early(self) -> int:
+        return sum(t["epochs"] < self.topts.max_epochs for t in self.finished)
+
+    def sections(self, run_dir: Path, opts: TrainOptions) -> list[str]:
+        """The report's search section; writes `{model_path}_config.json` beside the model."""
+        topts, config = self.topts, self.best["config"]
         write_json(run_dir / f"{topts.model_path}_config.json", {
             "hyperparameters": config,
             "model_config": dataclasses.asdict(model_config_from_trial(config, topts.seed)),
             "training": dataclasses.asdict(opts),
-            "search": {**dataclasses.asdict(topts), "best_val_accuracy": best["best_val_accuracy"]},
+            "search": {**dataclasses.asdict(topts), "best_val_accuracy": self.best["best_val_accuracy"]},
         })  # fmt: skip
-        top = finished[:10]
-        rows = []
-        for rank, t in enumerate(top, 1):
-            c = t["config"]
-            rows.append([
-                rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
-                f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
-                f"{c['route_embedding']}/{c['train_embedding']}/{c['station_train_embedding']}",
-                t["epochs"], f"{t['best_val_accuracy']:.4f}",
-            ])  # fmt: skip
+        nodes = sorted({n for t in self.finished for n in t["nodes"]})
         return [
             "## Hyperparameter Search",
             "",
@@ -2841,11 +3003,12 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
             "(reported every epoch)",
             f"- ASHA: max {topts.max_epochs} epochs, grace period {topts.asha_grace_period}, "
             f"reduction factor {topts.asha_reduction_factor}",
-            f"- Trials finished: {len(finished)}; stopped early by ASHA: {stopped_early}; failed: {len(trials) - len(finished)}",
-            f"- Search wall time: {search_seconds:.1f} s",
+            f"- Trials finished: {len(self.finished)}; stopped early by ASHA: {self.stopped_early}; "
+            f"failed: {len(self.trials) - len(self.finished)}",
+            f"- Search wall time: {self.seconds:.1f} s",
             f"- Ray cluster: {topts.ray_address or 'local'}; nodes that ran trials: {len(nodes)}; "
             f"{topts.cpus_per_trial:g} CPU and {topts.gpus_per_trial:g} GPU per trial",
-            f"- Ray results: `{experiment}`",
+            f"- Ray results: `{self.experiment}`",
             "",
             "Search space:",
             "",
@@ -2853,35 +3016,33 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
             "",
             "Top trials:",
             "",
-            markdown_table(
-                [
-                    "Rank",
-                    "Layers",
-                    "Units",
-                    "Decay",
-                    "Dropout",
-                    "L2",
-                    "LR",
-                    "Batch",
-                    "Emb route/train/station+train",
-                    "Epochs",
-                    "Best val acc",
-                ],
-                rows,
-            ),  # fmt: skip
+            markdown_table(TOP_TRIALS_HEADER, top_trial_rows(self.finished[:10])),
             "",
             f"The best configuration is retrained below for up to {topts.final_epochs} epochs and saved with "
             f"`{topts.model_path}_config.json`.",
             "",
         ]
 
-    return run_train(data.export_dir, opts, model_config_from_trial(config, topts.seed), mode="tune",
-                     mode_sections=sections, data=data)  # fmt: skip
+
+TOP_TRIALS_HEADER = ["Rank", "Layers", "Units", "Decay", "Dropout", "L2", "LR", "Batch",
+                     "Emb route/train/station+train", "Epochs", "Best val acc"]  # fmt: skip
+
+
+def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for rank, t in enumerate(trials, 1):
+        c = t["config"]
+        rows.append([
+            rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
+            f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
+            f"{c['route_embedding']}/{c['train_embedding']}/{c['station_train_embedding']}",
+            t["epochs"], f"{t['best_val_accuracy']:.4f}",
+        ])  # fmt: skip
+    return rows
 
 
 def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
     """`evaluate`: score a saved model on every record of an export."""
-    _load_tensorflow()
     custom_layers()
     export_dir = find_export_dir(data_dir)
     model = load_saved_model(model_file)
@@ -2922,7 +3083,6 @@ def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluati
 
 def load_saved_model(model_file: Path | str) -> Any:
     """Load a model saved by this module, with one clear error if it cannot be."""
-    _load_tensorflow()
     custom_layers()
     path = Path(model_file)
     if not path.is_file():
@@ -2992,7 +3152,6 @@ class TrackPredictor:
     CHUNK = 4096
 
     def __init__(self, model: Any) -> None:
-        _load_tensorflow()
         self.model = model
         output = model.get_layer("track_probabilities")
         self.labels = list(output.labels)
@@ -3107,7 +3266,6 @@ def export_serving_model(model: Any, path: Path) -> Path:
     fields by name (batches of MODEL_INPUTS) and returns `tracks` (labels, most
     likely first) and `probabilities` (in the same order). Inspect it with
     `saved_model_cli show --dir PATH --all`."""
-    _load_tensorflow()
     labels = tf.constant(model_labels(model))
 
     @tf.function(input_signature=[serving_input_specs()])
@@ -3468,7 +3626,7 @@ def cli(ctx: click.Context, data_dir: Path) -> None:
 
 
 #: The environment a training mode reads, for its --help.
-TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS)
+TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG)
 
 
 @cli.command(epilog=TRAINING_EPILOG)
@@ -3517,7 +3675,7 @@ def predict(model_file: Path, input_file: Any) -> None:
     run_predict(model_file, input_file, click.echo)
 
 
-@cli.command(epilog=environment_epilog(ENV_REDIS))
+@cli.command(epilog=environment_epilog(ENV_REDIS, ENV_TF_LOG))
 @click.option(
     "--model", "model_file", type=click.Path(path_type=Path), required=True,
     help="A saved .keras model (e.g. an ensemble's _combined.keras).",
@@ -3572,7 +3730,7 @@ _TUNE_DEFAULTS = TuneOptions()
 
 @cli.command(
     epilog=environment_epilog(
-        ENV_OUTPUT, ENV_PROGRESS,
+        ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG,
         "RAY_ADDRESS (read by Ray: the cluster to join when --ray-address is not given)",
     )
 )  # fmt: skip

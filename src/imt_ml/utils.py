@@ -8,7 +8,9 @@ the demo. Nothing here imports TensorFlow, Ray or Redis at import time, so
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import importlib
 import json
 import os
 import shutil
@@ -24,6 +26,8 @@ from urllib.parse import urlsplit
 
 import click
 
+#: Set (to anything) to see TensorFlow's C++ start-up log again (see LazyModule).
+TF_LOG_VARIABLE = "IMT_ML_TF_LOG"
 # TensorFlow's C++ info lines drown a CLI's own output; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -33,6 +37,56 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 (C++ code's stderr too) to /dev/null for a while."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def import_tensorflow() -> Any:
+    """Import TensorFlow once, without its C++ start-up log unless $IMT_ML_TF_LOG is set:
+    its CUDA probing prints lines marked E0000 on every machine without a GPU, which
+    read like errors. Its absl logging ignores TF_CPP_MIN_LOG_LEVEL set from Python,
+    so the import and the device probe run with stderr silenced; Python errors still
+    raise."""
+    if "tensorflow" in sys.modules or os.environ.get(TF_LOG_VARIABLE):
+        return importlib.import_module("tensorflow")
+    with stderr_silenced():
+        module = importlib.import_module("tensorflow")
+        module.config.list_physical_devices()  # where the CUDA probing prints
+    return module
+
+
+class LazyModule:
+    """A module imported on first attribute access: the one place TensorFlow and Keras
+    load (through `import_tensorflow`), only in code that uses them, so `--help`
+    answers at once and the exporter never loads them."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import_tensorflow()
+        return getattr(importlib.import_module(self._name), attr)
+
+
+tf: Any = LazyModule("tensorflow")
+keras: Any = LazyModule("keras")
 
 # ---------------------------------------------------------------------------
 # Schema: one place for the features of every exported record.
@@ -66,8 +120,6 @@ TRACKER_TIMEZONE = "America/New_York"
 
 def tf_parse_spec() -> dict[str, Any]:
     """The `tf.io.parse_example` spec for FEATURE_SCHEMA (imports TensorFlow)."""
-    import tensorflow as tf
-
     dtypes = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
     return {name: tf.io.FixedLenFeature([], dtypes[kind]) for name, kind in FEATURE_SCHEMA.items()}
 
@@ -81,6 +133,7 @@ def tf_parse_spec() -> dict[str, Any]:
 #: epilog lists the ones it reads; nothing else in the environment changes a run).
 ENV_OUTPUT = "IMT_ML_OUTPUT_DIR (the directory output/<mode>_<time>/ goes under; default ./output)"
 ENV_PROGRESS = "IMT_ML_NO_PROGRESS (set to anything: no progress bars)"
+ENV_TF_LOG = f"{TF_LOG_VARIABLE} (set to anything: TensorFlow's C++ start-up log on stderr)"
 ENV_REDIS = "IMT_REDIS_ENDPOINT, IMT_REDIS_PORT, IMT_REDIS_PASSWORD (see the --redis-* options)"
 
 
