@@ -52,9 +52,13 @@ from imt_ml.utils import (
     ENV_PROGRESS,
     ENV_TF_LOG,
     UserError,
+    dataclass_options,
     environment_epilog,
+    from_options,
     keras,
     log,
+    option_field,
+    split_host_port,
     tf,
 )
 
@@ -68,18 +72,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class SearchOptions:
-    """What both modes share."""
+    """What both modes share; every field is also a command-line option. No generic
+    environment variables (a leftover BATCH_SIZE in a shell must not change a run): the
+    Taskfile maps its variables to these flags."""
 
-    data_dir: str
-    project_name: str = "track_tuning"
-    max_epochs: int = 10
-    factor: int = 3
-    hyperband_iterations: int = 1
-    executions_per_trial: int = 1
-    batch_size: int = 256
-    model_path: str = "track_prediction_model"
-    final_epochs: int = 0  # 0: retrain the best configuration for max_epochs
-    seed: int = 42
+    data_dir: str = option_field(help="Export directory or export root.")
+    project_name: str = option_field("track_tuning", "Name of the search in the tuner directory.")
+    max_epochs: int = option_field(
+        10, "Hyperband's most epochs for one model.", click.IntRange(min=1)
+    )
+    factor: int = option_field(3, "Hyperband's reduction factor.", click.IntRange(min=2))
+    hyperband_iterations: int = option_field(1, None, click.IntRange(min=1))
+    executions_per_trial: int = option_field(1, None, click.IntRange(min=1))
+    batch_size: int = option_field(
+        256, "Batch size (per worker in sync-tune).", click.IntRange(min=1)
+    )
+    model_path: str = option_field("track_prediction_model", "File name prefix of the saved files.")
+    final_epochs: int = option_field(
+        0, "Epochs to retrain the best configuration (0: --max-epochs).", click.IntRange(min=0)
+    )
+    seed: int = option_field(42, None)
 
 
 def model_config_from_hp(hp: Any, seed: int) -> Any:
@@ -116,8 +128,7 @@ def parse_workers(workers: str, index: int) -> list[str]:
     if not hosts:
         raise UserError("--workers needs at least one host:port")
     for host in hosts:
-        name, _, port = host.rpartition(":")
-        if not name or not port.isdigit():
+        if split_host_port(host) is None:
             raise UserError(f"--workers entry {host!r} is not host:port")
     if len(set(hosts)) != len(hosts):
         raise UserError("--workers lists the same host:port twice")
@@ -239,11 +250,47 @@ class SyncTrainer:
 
     def fit(self, model: Any, learning_rate: float, epochs: int, initial_epoch: int = 0,
             callbacks: list | None = None) -> dict[str, list[float]]:  # fmt: skip
-        strategy = self.strategy
-        with strategy.scope():
+        with self.strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
-        global_batch = self.global_batch
+        train_step = self._train_step(model, optimizer, loss_fn)
+        history: dict[str, list[float]] = {
+            "loss": [],
+            "accuracy": [],
+            "val_loss": [],
+            "val_accuracy": [],
+        }
+        iterator = iter(self.strategy.experimental_distribute_dataset(self.train_ds))
+        callbacks = callbacks or []
+        for cb in callbacks:
+            cb.set_model(model)
+            cb.on_train_begin()
+        for epoch in range(initial_epoch, epochs):
+            total_loss = total_hits = 0.0
+            for _ in range(self.steps):
+                loss, hits = train_step(iterator)
+                total_loss += float(loss)
+                total_hits += float(hits)
+            val_accuracy, val_loss = self._evaluate(model, loss_fn)
+            logs = {"loss": total_loss / self.steps, "accuracy": total_hits / (self.steps * self.global_batch),
+                    "val_loss": val_loss, "val_accuracy": val_accuracy}  # fmt: skip
+            for key, value in logs.items():
+                history[key].append(float(value))
+            log(f"  epoch {epoch + 1}/{epochs}: loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.4f}, "
+                f"val_accuracy {val_accuracy:.4f}")  # fmt: skip
+            for cb in callbacks:
+                if type(cb).__name__ == "SaveBestEpoch":
+                    save_best_epoch(cb, model, logs)
+                else:
+                    cb.on_epoch_end(epoch, logs)
+        for cb in callbacks:
+            cb.on_train_end()
+        log(f"  weights sha256 {weights_digest(model)}")  # the same on every worker
+        return history
+
+    def _train_step(self, model: Any, optimizer: Any, loss_fn: Any) -> Any:
+        """One synchronous step on every worker: (summed loss, summed hits)."""
+        strategy, global_batch = self.strategy, self.global_batch
 
         @tf.function
         def train_step(iterator: Any) -> Any:
@@ -264,61 +311,24 @@ class SyncTrainer:
             loss, hits = strategy.run(step, args=next(iterator))
             return strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", hits, axis=None)
 
-        def evaluate() -> tuple[float, float]:
-            hits = total = loss_sum = 0.0
-            for features, labels in self.val_ds:
-                probabilities = model(features, training=False)
-                hits += float(
-                    tf.reduce_sum(
-                        tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32)
-                    )
-                )
-                loss_sum += float(tf.reduce_sum(loss_fn(labels, probabilities)))
-                total += float(tf.shape(labels)[0])
-            # Sum every worker's share: all of them then hold the same figures.
-            local = tf.constant([hits, loss_sum, total], tf.float64)
-            summed = strategy.reduce(
-                "SUM", strategy.run(lambda: tf.identity(local)), axis=None
-            ).numpy()
-            return summed[0] / max(summed[2], 1.0), summed[1] / max(summed[2], 1.0)
+        return train_step
 
-        history: dict[str, list[float]] = {
-            "loss": [],
-            "accuracy": [],
-            "val_loss": [],
-            "val_accuracy": [],
-        }
-        iterator = iter(strategy.experimental_distribute_dataset(self.train_ds))
-        callbacks = callbacks or []
-        for cb in callbacks:
-            cb.set_model(model)
-            cb.on_train_begin()
-        for epoch in range(initial_epoch, epochs):
-            total_loss = total_hits = 0.0
-            for _ in range(self.steps):
-                loss, hits = train_step(iterator)
-                total_loss += float(loss)
-                total_hits += float(hits)
-            val_accuracy, val_loss = evaluate()
-            logs = {
-                "loss": total_loss / self.steps,
-                "accuracy": total_hits / (self.steps * global_batch),
-                "val_loss": val_loss,
-                "val_accuracy": val_accuracy,
-            }
-            for key, value in logs.items():
-                history[key].append(float(value))
-            log(f"  epoch {epoch + 1}/{epochs}: loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.4f}, "
-                f"val_accuracy {val_accuracy:.4f}")  # fmt: skip
-            for cb in callbacks:
-                if type(cb).__name__ == "SaveBestEpoch":
-                    save_best_epoch(cb, model, logs)
-                else:
-                    cb.on_epoch_end(epoch, logs)
-        for cb in callbacks:
-            cb.on_train_end()
-        log(f"  weights sha256 {weights_digest(model)}")  # the same on every worker
-        return history
+    def _evaluate(self, model: Any, loss_fn: Any) -> tuple[float, float]:
+        """(accuracy, loss) over every worker's share of the validation records: each
+        worker sums its own, and all of them then hold the same figures."""
+        hits = total = loss_sum = 0.0
+        for features, labels in self.val_ds:
+            probabilities = model(features, training=False)
+            predicted = tf.argmax(probabilities, -1)
+            hits += float(tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32)))
+            loss_sum += float(tf.reduce_sum(loss_fn(labels, probabilities)))
+            total += float(tf.shape(labels)[0])
+        local = tf.constant([hits, loss_sum, total], tf.float64)
+        summed = self.strategy.reduce(
+            "SUM", self.strategy.run(lambda: tf.identity(local)), axis=None
+        )
+        summed = summed.numpy()
+        return summed[0] / max(summed[2], 1.0), summed[1] / max(summed[2], 1.0)
 
 
 def weights_digest(model: Any) -> str:
@@ -524,21 +534,21 @@ ORACLE_FILE = "oracle.json"
 HEARTBEAT_S = 1.0
 
 
-def split_host_port(address: str, flag: str = "--oracle-address") -> tuple[str, int]:
+def oracle_host_port(address: str, flag: str = "--oracle-address") -> tuple[str, int]:
     """(host, port) of `host:port` (port 0: any free port), or one clear error."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    parsed = split_host_port(address)
+    if parsed is None:
         raise UserError(f"{flag} {address!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return parsed
 
 
 def given_oracle_address(address: str | None) -> tuple[str, int] | None:
     """--oracle-address, else KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT, else None."""
     if address:
-        return split_host_port(address)
+        return oracle_host_port(address)
     ip, port = os.environ.get("KERASTUNER_ORACLE_IP"), os.environ.get("KERASTUNER_ORACLE_PORT")
     if ip and port:
-        return split_host_port(f"{ip}:{port}", "KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT")
+        return oracle_host_port(f"{ip}:{port}", "KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT")
     return None
 
 
@@ -774,39 +784,12 @@ def _search_and_train_best(opts: SearchOptions, data: Any, hypermodel: Any, tune
 # ---------------------------------------------------------------------------
 
 
-def search_options(func: Any) -> Any:
-    """The options both modes share. No generic environment variables (a leftover
-    BATCH_SIZE in a shell must not change a run): the Taskfile maps its variables to
-    these flags."""
-    d = SearchOptions(data_dir="")
-    options = [
-        click.option("--data-dir", required=True, help="Export directory or export root."),
-        click.option("--project-name", default=d.project_name, show_default=True,
-                     help="Name of the search in the tuner directory."),
-        click.option("--max-epochs", type=click.IntRange(min=1), default=d.max_epochs, show_default=True,
-                     help="Hyperband's most epochs for one model."),
-        click.option("--factor", type=click.IntRange(min=2), default=d.factor, show_default=True,
-                     help="Hyperband's reduction factor."),
-        click.option("--hyperband-iterations", type=click.IntRange(min=1), default=d.hyperband_iterations,
-                     show_default=True),
-        click.option("--executions-per-trial", type=click.IntRange(min=1), default=d.executions_per_trial,
-                     show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
-                     help="Batch size (per worker in sync-tune)."),
-        click.option("--model-path", default=d.model_path, show_default=True,
-                     help="File name prefix of the saved files."),
-        click.option("--final-epochs", type=click.IntRange(min=0), default=d.final_epochs, show_default=True,
-                     help="Epochs to retrain the best configuration (0: --max-epochs)."),
-        click.option("--seed", type=int, default=d.seed, show_default=True),
-    ]  # fmt: skip
-    for option in reversed(options):
-        func = option(func)
-    return func
+#: The options both modes share, from SearchOptions.
+search_options = dataclass_options(SearchOptions)
 
 
 def _options(kwargs: dict[str, Any]) -> SearchOptions:
-    names = {f.name for f in dataclasses.fields(SearchOptions)}
-    return SearchOptions(**{k: v for k, v in kwargs.items() if k in names})
+    return from_options(SearchOptions, kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -51,11 +51,14 @@ from imt_ml.utils import (
     RedisTarget,
     UserError,
     create_run_dir,
+    dataclass_options,
     environment_epilog,
     keras,
     log,
+    option_field,
     progress,
     redis_options,
+    split_host_port,
     tf,
     tf_parse_spec,
     write_json,
@@ -567,6 +570,11 @@ def _register(cls: type) -> type:
 @functools.cache
 def custom_layers() -> dict[str, type]:
     """Define (once) and register the custom layers; returns them by name."""
+    layers = {**_input_layers(), **_history_layers(), **_output_layers()}
+    return {name: _register(cls) for name, cls in layers.items()}
+
+
+def _input_layers() -> dict[str, type]:
 
     class TrainNumber(keras.layers.Layer):
         """Trip id -> train number, the text after the last '-'."""
@@ -610,74 +618,14 @@ def custom_layers() -> dict[str, type]:
         def get_config(self):
             return {**super().get_config(), "period": self.period}
 
-    class TrackProbabilities(keras.layers.Layer):
-        """The output: class probabilities, with the track label of each class and the
-        tracks each station used in training kept in the saved model
-        (`model.get_layer("track_probabilities").labels` / `.station_tracks`).
+    return {
+        "TrainNumber": TrainNumber,
+        "JoinStrings": JoinStrings,
+        "CyclicalEncoding": CyclicalEncoding,
+    }
 
-        `temperature` (fitted on validation records, see `calibrate_model`) rescales
-        the probabilities to p^(1/T), renormalised: for a softmax that is exactly
-        softmax(logits / T), temperature scaling; T = 1 leaves them unchanged."""
 
-        def __init__(
-            self,
-            labels: list[str],
-            station_tracks: dict[str, list[str]] | None = None,
-            temperature: float = 1.0,
-            station_temperatures: dict[str, float] | None = None,
-            **kwargs,
-        ):
-            super().__init__(**kwargs)
-            self.labels = list(labels)
-            self.station_tracks = dict(station_tracks or {})
-            self.temperature = float(temperature)
-            # Per-station temperatures (the call then takes [probabilities, station_id]);
-            # a station not listed gets `temperature`.
-            self.station_temperatures = {
-                k: float(v) for k, v in (station_temperatures or {}).items()
-            }
-            if self.station_temperatures:
-                self.station_lookup = keras.layers.StringLookup(
-                    vocabulary=list(self.station_temperatures), num_oov_indices=1
-                )
-                self.temperature_table = np.array(
-                    [self.temperature, *self.station_temperatures.values()], dtype=np.float32
-                )
-
-        def build(self, input_shape):
-            if self.station_temperatures:
-                self.station_lookup.build(input_shape[1])
-            self.built = True
-
-        def temperatures_for(self, stations: Iterable[str]) -> np.ndarray:
-            """The temperature applied to each record of these stations."""
-            return np.array([self.station_temperatures.get(s, self.temperature) for s in stations])
-
-        def call(self, inputs):
-            if self.station_temperatures:
-                probabilities, station = inputs
-                index = self.station_lookup(station)
-                temperature = keras.ops.take(self.temperature_table, index)[:, None]
-            else:
-                probabilities, temperature = inputs, self.temperature
-                if temperature == 1.0:
-                    return probabilities
-            powered = keras.ops.power(probabilities, 1.0 / temperature)
-            return powered / keras.ops.sum(powered, axis=-1, keepdims=True)
-
-        def compute_output_spec(self, inputs):
-            probabilities = inputs[0] if isinstance(inputs, list | tuple) else inputs
-            return keras.KerasTensor(probabilities.shape, dtype="float32")
-
-        def get_config(self):
-            return {
-                **super().get_config(),
-                "labels": self.labels,
-                "station_tracks": self.station_tracks,
-                "temperature": self.temperature,
-                "station_temperatures": self.station_temperatures,
-            }
-
+def _history_layers() -> dict[str, type]:
     class TrackHistory(keras.layers.Layer):
         """Lookup-table evidence as features: from a key's track counts, each track's
         share and log(1 + count).
@@ -725,15 +673,69 @@ def custom_layers() -> dict[str, type]:
             history = inputs[0]
             return keras.KerasTensor((history.shape[0], history.shape[1] - 1), dtype="float32")
 
-    layers = {
-        "EvidenceLogits": EvidenceLogits,
-        "TrackHistory": TrackHistory,
-        "TrainNumber": TrainNumber,
-        "JoinStrings": JoinStrings,
-        "CyclicalEncoding": CyclicalEncoding,
-        "TrackProbabilities": TrackProbabilities,
-    }
-    return {name: _register(cls) for name, cls in layers.items()}
+    return {"TrackHistory": TrackHistory, "EvidenceLogits": EvidenceLogits}
+
+
+def _output_layers() -> dict[str, type]:
+    class TrackProbabilities(keras.layers.Layer):
+        """The output: class probabilities, with the track label of each class and the
+        tracks each station used in training kept in the saved model
+        (`model.get_layer("track_probabilities").labels` / `.station_tracks`).
+
+        `temperature` (fitted on validation records, see `calibrate_model`) rescales
+        the probabilities to p^(1/T), renormalised: for a softmax that is exactly
+        softmax(logits / T), temperature scaling; T = 1 leaves them unchanged."""
+
+        def __init__(self, labels: list[str], station_tracks: dict[str, list[str]] | None = None,
+                     temperature: float = 1.0, station_temperatures: dict[str, float] | None = None,
+                     **kwargs):  # fmt: skip
+            super().__init__(**kwargs)
+            self.labels = list(labels)
+            self.station_tracks = dict(station_tracks or {})
+            self.temperature = float(temperature)
+            # Per-station temperatures (the call then takes [probabilities, station_id]);
+            # a station not listed gets `temperature`.
+            self.station_temperatures = {
+                k: float(v) for k, v in (station_temperatures or {}).items()
+            }
+            if self.station_temperatures:
+                self.station_lookup = keras.layers.StringLookup(
+                    vocabulary=list(self.station_temperatures), num_oov_indices=1
+                )
+                self.temperature_table = np.array(
+                    [self.temperature, *self.station_temperatures.values()], dtype=np.float32
+                )
+
+        def build(self, input_shape):
+            if self.station_temperatures:
+                self.station_lookup.build(input_shape[1])
+            self.built = True
+
+        def temperatures_for(self, stations: Iterable[str]) -> np.ndarray:
+            """The temperature applied to each record of these stations."""
+            return np.array([self.station_temperatures.get(s, self.temperature) for s in stations])
+
+        def call(self, inputs):
+            if self.station_temperatures:
+                probabilities, station = inputs
+                index = self.station_lookup(station)
+                temperature = keras.ops.take(self.temperature_table, index)[:, None]
+            else:
+                probabilities, temperature = inputs, self.temperature
+                if temperature == 1.0:
+                    return probabilities
+            powered = keras.ops.power(probabilities, 1.0 / temperature)
+            return powered / keras.ops.sum(powered, axis=-1, keepdims=True)
+
+        def compute_output_spec(self, inputs):
+            probabilities = inputs[0] if isinstance(inputs, list | tuple) else inputs
+            return keras.KerasTensor(probabilities.shape, dtype="float32")
+
+        def get_config(self):
+            return {**super().get_config(), "labels": self.labels, "station_tracks": self.station_tracks,
+                    "temperature": self.temperature, "station_temperatures": self.station_temperatures}  # fmt: skip
+
+    return {"TrackProbabilities": TrackProbabilities}
 
 
 @dataclass
@@ -1485,58 +1487,26 @@ def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
 
 def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validation records") -> str:
     m = ev.metrics
-    rows = [
-        ["Model (top-1)", _pct(m["top1_accuracy"])],
-        ["Model (top-3)", _pct(m["top3_accuracy"])],
-    ]
-    for key, acc in ev.baselines.items():
-        rows.append([f"Baseline: {BASELINE_NAMES[key]}", _pct(acc)])
-    if ev.best_possible:
-        bp = ev.best_possible
-        rows.append([
-            f"Best possible (sample data's generating probabilities, {bp['matched']:,} records)",
-            _pct(bp["accuracy"]),
-        ])  # fmt: skip
+    unknown = m["unknown_track_records"]
     parts = [
         f"## {title}",
         "",
         f"{m['records']:,} records"
-        + (
-            f", of which {m['unknown_track_records']:,} have a track never seen in training "
-            "(counted as wrong)"
-            if m["unknown_track_records"]
-            else ""
-        )  # fmt: skip
+        + (f", of which {unknown:,} have a track never seen in training (counted as wrong)"
+           if unknown else "")
         + ". All figures below are measured on these same records.",
         "",
-        markdown_table(["", "Accuracy"], rows),
+        markdown_table(["", "Accuracy"], accuracy_rows(ev)),
         "",
-    ]
-    strongest = strongest_baseline(ev.baselines)
-    if strongest:
-        name, accuracy = strongest
-        delta = m["top1_accuracy"] - accuracy
-        parts += [
-            f"The strongest lookup table is the {BASELINE_NAMES[name]} ({_pct(accuracy)}); "
-            f"the model {'beats it by' if delta > 0 else 'trails it by'} {100 * abs(delta):.2f} points.",
-            "",
-        ]
-    if ev.best_possible:
-        ratio = m["top1_accuracy"] / ev.best_possible["accuracy"]
-        parts += [f"Model accuracy is {100 * ratio:.1f}% of the best possible.", ""]
-    parts += [
+        *margin_lines(ev),
         "### Accuracy at coverage",
         "",
         "Answer only when the top probability reaches a threshold: the share of records "
         "answered and the accuracy on them.",
         "",
-        markdown_table(
-            ["Threshold", "Coverage", "Accuracy"],
-            [
-                [f"{c['threshold']:.2f}", _pct(c["coverage"]), _pct(c["accuracy"])]
-                for c in m["coverage"]
-            ],
-        ),
+        markdown_table(["Threshold", "Coverage", "Accuracy"],
+                       [[f"{c['threshold']:.2f}", _pct(c["coverage"]), _pct(c["accuracy"])]
+                        for c in m["coverage"]]),
         "",
         f"Expected calibration error (10 bins): {m['expected_calibration_error']:.4f} "
         f"(mean top-1 confidence {_pct(m['mean_confidence'])} vs accuracy {_pct(m['top1_accuracy'])}).",
@@ -1545,13 +1515,43 @@ def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validatio
         *answerable_lines(ev),
         "### Accuracy per station",
         "",
-        markdown_table(
-            ["Station", "Records", "Accuracy"],
-            [[s, f"{v['records']:,}", _pct(v["accuracy"])] for s, v in m["per_station"].items()],
-        ),
+        markdown_table(["Station", "Records", "Accuracy"],
+                       [[s, f"{v['records']:,}", _pct(v["accuracy"])]
+                        for s, v in m["per_station"].items()]),
         "",
-    ]
+    ]  # fmt: skip
     return "\n".join(parts)
+
+
+def accuracy_rows(ev: Evaluation) -> list[list[str]]:
+    """The model, every lookup table and (on sample data) the best possible."""
+    m = ev.metrics
+    rows = [
+        ["Model (top-1)", _pct(m["top1_accuracy"])],
+        ["Model (top-3)", _pct(m["top3_accuracy"])],
+    ]
+    rows += [[f"Baseline: {BASELINE_NAMES[key]}", _pct(acc)] for key, acc in ev.baselines.items()]
+    if ev.best_possible:
+        bp = ev.best_possible
+        rows.append([f"Best possible (sample data's generating probabilities, {bp['matched']:,} records)",
+                     _pct(bp["accuracy"])])  # fmt: skip
+    return rows
+
+
+def margin_lines(ev: Evaluation) -> list[str]:
+    """The model's margin over the strongest lookup table, and its share of the best possible."""
+    top1, lines = ev.metrics["top1_accuracy"], []
+    strongest = strongest_baseline(ev.baselines)
+    if strongest:
+        name, accuracy = strongest
+        delta = top1 - accuracy
+        lines += [f"The strongest lookup table is the {BASELINE_NAMES[name]} ({_pct(accuracy)}); "
+                  f"the model {'beats it by' if delta > 0 else 'trails it by'} {100 * abs(delta):.2f} points.",
+                  ""]  # fmt: skip
+    if ev.best_possible:
+        ratio = top1 / ev.best_possible["accuracy"]
+        lines += [f"Model accuracy is {100 * ratio:.1f}% of the best possible.", ""]
+    return lines
 
 
 def calibration_lines(calibration: Calibration | None) -> list[str]:
@@ -1673,27 +1673,56 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
 
 @dataclass
 class TrainOptions:
-    """Options shared by the training modes (declared once, see `training_options`)."""
+    """Options shared by the training modes; every field is also a command-line option."""
 
-    epochs: int = 50
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    model_path: str = DEFAULT_MODEL_PATH
-    seed: int = 42
-    early_stop_patience: int = 8
-    early_stop_min_delta: float = 1e-4
-    reduce_lr_patience: int = 4
-    reduce_lr_factor: float = 0.5
-    scheduler_tmax: int = 0  # 0: the number of epochs
-    no_early_stop: bool = False
-    no_scheduler: bool = False
-    split: str = "time"
+    epochs: int = option_field(50, "Maximum epochs.", click.IntRange(min=1))
+    batch_size: int = option_field(256, None, click.IntRange(min=1))
+    learning_rate: float = option_field(1e-3, None, click.FloatRange(min=0, min_open=True))
+    model_path: str = option_field(DEFAULT_MODEL_PATH, "File name prefix of the saved files.")
+    seed: int = option_field(42, "Random seed.")
+    early_stop_patience: int = option_field(
+        8, "Epochs without a better val_loss before stopping.", click.IntRange(min=1)
+    )
+    early_stop_min_delta: float = option_field(
+        1e-4, "Smallest val_loss change that counts as better."
+    )
+    reduce_lr_patience: int = option_field(
+        4, "Epochs without a better val_loss before the rate is cut.", click.IntRange(min=1)
+    )
+    reduce_lr_factor: float = option_field(
+        0.5,
+        "Factor applied to the rate on a plateau.",
+        click.FloatRange(0, 1, min_open=True, max_open=True),
+    )
+    scheduler_tmax: int = option_field(
+        0, "Epochs of the cosine schedule (0: --epochs).", click.IntRange(min=0)
+    )
+    no_early_stop: bool = option_field(False, "Train all --epochs.")
+    no_scheduler: bool = option_field(False, "Keep the learning rate constant.")
+    split: str = option_field(
+        "time",
+        f"time: the latest 20% (at most {VALIDATION_DAYS} days) validate; random: a seeded shuffle.",
+        click.Choice(["time", "random"]),
+    )
     # No class weights: weighted classes shift the probabilities away from the
     # frequencies they should match, which costs calibration (ECE 0.044 against
     # 0.028 on held-out drift data, bench-drift at 50k records) and top-1 accuracy.
-    class_weight: str = "none"
-    recency_half_life: float = RECENCY_HALF_LIFE_DAYS
-    no_refit: bool = False
+    class_weight: str = option_field(
+        "none", "Per-class loss weights.", click.Choice(["balanced", "sqrt", "none"])
+    )
+    recency_half_life: float = option_field(
+        RECENCY_HALF_LIFE_DAYS,
+        "A record's weight halves with every DAYS of age before the newest (0: all equal).",
+        click.FloatRange(min=0),
+        metavar="DAYS",
+    )
+    no_refit: bool = option_field(
+        False, "Save the validated models instead of refitting them on every record."
+    )
+
+
+#: The options of `train`, `ensemble` and `cv`, from TrainOptions.
+training_options = dataclass_options(TrainOptions)
 
 
 class CosineWithPlateau:
@@ -1753,19 +1782,11 @@ def compile_model(model: Any, learning_rate: float) -> None:
     )
 
 
-def fit_model(
-    model: Any,
-    data: PreparedData,
-    opts: TrainOptions,
-    best_path: Path | None,
-    log_dir: Path | None,
-    label: str = "",
-    extra_callbacks: list[Any] | None = None,
-) -> tuple[dict[str, list[float]], float]:
-    """Compile and fit with the options' callbacks; returns (history, seconds)."""
-    import os
-
-    callbacks = list(extra_callbacks or [])
+def training_callbacks(
+    opts: TrainOptions, best_path: Path | None, log_dir: Path | None
+) -> list[Any]:
+    """Best checkpoint, early stopping, the learning-rate schedule and TensorBoard, as asked."""
+    callbacks = []
     if best_path is not None:
         callbacks.append(keras.callbacks.ModelCheckpoint(
             str(best_path), monitor="val_accuracy", mode="max", save_best_only=True
@@ -1782,35 +1803,52 @@ def fit_model(
         ))  # fmt: skip
     if log_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False))
+    return callbacks
+
+
+def weighted_training_data(data: PreparedData, opts: TrainOptions) -> tuple[Any, Any]:
+    """(training dataset, class weights for Keras): with a recency half-life, class and
+    recency weights go together into per-record sample weights."""
+    weights = class_weights(data.train_labels, data.vocab_info.num_classes, opts.class_weight)
+    if opts.recency_half_life <= 0:
+        return data.train_ds, weights
+    per_class = np.ones(data.vocab_info.num_classes)
+    for i, w in (weights or {}).items():
+        per_class[i] = w
+    ts = data.columns["scheduled_timestamp"][data.train_idx]
+    sample_weights = per_class[data.train_labels] * recency_weights(ts, opts.recency_half_life)
+    return make_dataset(
+        model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
+        shuffle=True, seed=opts.seed, augment=data.augmented, sample_weights=sample_weights,
+    ), None  # fmt: skip
+
+
+def fit_model(
+    model: Any,
+    data: PreparedData,
+    opts: TrainOptions,
+    best_path: Path | None,
+    log_dir: Path | None,
+    label: str = "",
+    extra_callbacks: list[Any] | None = None,
+) -> tuple[dict[str, list[float]], float]:
+    """Compile and fit with the options' callbacks; returns (history, seconds)."""
+    import os
+
+    callbacks = list(extra_callbacks or []) + training_callbacks(opts, best_path, log_dir)
     compile_model(model, opts.learning_rate)
     quiet = bool(os.environ.get("IMT_ML_NO_PROGRESS")) or not sys.stderr.isatty()
     if label:
         log(label)
-    weights = class_weights(data.train_labels, data.vocab_info.num_classes, opts.class_weight)
-    train_ds = data.train_ds
-    if opts.recency_half_life > 0:  # class and recency weights together, per record
-        per_class = np.ones(data.vocab_info.num_classes)
-        for i, w in (weights or {}).items():
-            per_class[i] = w
-        ts = data.columns["scheduled_timestamp"][data.train_idx]
-        train_ds = make_dataset(
-            model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
-            shuffle=True, seed=opts.seed, augment=data.augmented,
-            sample_weights=per_class[data.train_labels] * recency_weights(ts, opts.recency_half_life),
-        )  # fmt: skip
-        weights = None
+    train_ds, weights = weighted_training_data(data, opts)
     started = time.perf_counter()
     # Keras prints epoch lines on stdout; keep stdout for the paths the modes print.
     with contextlib.redirect_stdout(sys.stderr):
         history = model.fit(
-            train_ds,
-            validation_data=data.val_ds,
-            epochs=opts.epochs,
-            class_weight=weights,
-            callbacks=callbacks,
-            verbose=2 if quiet else 1,
+            train_ds, validation_data=data.val_ds, epochs=opts.epochs, class_weight=weights,
+            callbacks=callbacks, verbose=2 if quiet else 1,
             shuffle=False,  # train_ds already reshuffles every epoch
-        )
+        )  # fmt: skip
     return {
         k: [float(v) for v in vals] for k, vals in history.history.items()
     }, time.perf_counter() - started
@@ -2649,21 +2687,36 @@ def cv_files_section(mp: str) -> list[str]:
 
 @dataclass
 class TuneOptions:
-    """Options of `tune` (see the CLI for their help)."""
+    """Options of `tune`; every field is also a command-line option."""
 
-    max_epochs: int = 30
-    final_epochs: int = 50
-    num_samples: int = 20
-    project_name: str = "track_tuning"
-    asha_grace_period: int = 3
-    asha_reduction_factor: int = 3
-    ray_dir: str = "ray_results"
-    ray_address: str | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    seed: int = 42
-    resume: bool = False
-    model_path: str = DEFAULT_MODEL_PATH
+    max_epochs: int = option_field(
+        30, "Epochs a trial may run (ASHA stops weak ones earlier).", click.IntRange(min=1)
+    )
+    final_epochs: int = option_field(
+        50, "Epochs for retraining the best configuration.", click.IntRange(min=1)
+    )
+    num_samples: int = option_field(20, "Configurations to try.")
+    project_name: str = option_field("track_tuning", "Name of the search in --ray-dir.")
+    asha_grace_period: int = option_field(
+        3, "Epochs every trial gets before ASHA may stop it.", click.IntRange(min=1)
+    )
+    asha_reduction_factor: int = option_field(
+        3, "ASHA keeps the best 1/factor of trials at each rung.", click.IntRange(min=2)
+    )
+    ray_dir: str = option_field(
+        "ray_results",
+        "Where Ray keeps results: a local path, shared storage, or a URI (s3://, gs://).",
+    )
+    ray_address: str | None = option_field(
+        None, "Join a running Ray cluster (host:port, ray://host:10001 or auto)."
+    )
+    cpus_per_trial: float = option_field(1.0, None, click.FloatRange(min=0, min_open=True))
+    gpus_per_trial: float = option_field(0.0, None, click.FloatRange(min=0))
+    seed: int = option_field(42, "Random seed.")
+    resume: bool = option_field(
+        False, "Continue an interrupted search found in --ray-dir/--project-name."
+    )
+    model_path: str = option_field(DEFAULT_MODEL_PATH, "File name prefix of the saved files.")
 
 
 def tune_search_space() -> dict[str, Any]:
@@ -2726,9 +2779,7 @@ def tune_trial(
     """One Ray Tune trial: train for up to max_epochs, report every epoch (with a
     checkpoint, so a resumed search continues the trial where it stopped)."""
     import os
-    import tempfile
 
-    import ray
     from ray import tune
 
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
@@ -2746,46 +2797,45 @@ def tune_trial(
         keras.utils.set_random_seed(seed)
         model = create_simple_model(data.vocab_info, model_config_from_trial(config, seed))
         compile_model(model, float(config["learning_rate"]))
+    model.fit(
+        data.train_ds, validation_data=data.val_ds, epochs=max_epochs, initial_epoch=start_epoch,
+        class_weight=class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt"),
+        callbacks=[report_each_epoch()], verbose=0, shuffle=False,
+    )  # fmt: skip
+
+
+def report_each_epoch() -> Any:
+    """A callback that reports a trial's epoch to Ray Tune, with a checkpoint."""
+    import tempfile
+
+    import ray
+    from ray import tune
+
     node_id = ray.get_runtime_context().get_node_id()
 
     class ReportEachEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
+            metrics = {"val_accuracy": float(logs.get("val_accuracy", 0.0)),
+                       "val_loss": float(logs.get("val_loss", math.inf)),
+                       "accuracy": float(logs.get("accuracy", 0.0)), "epoch": epoch + 1,
+                       "node_id": node_id}  # fmt: skip
             with tempfile.TemporaryDirectory() as folder:
                 self.model.save(Path(folder) / "model.keras")  # optimizer state included
                 (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch + 1}))
-                tune.report(
-                    {
-                        "val_accuracy": float(logs.get("val_accuracy", 0.0)),
-                        "val_loss": float(logs.get("val_loss", math.inf)),
-                        "accuracy": float(logs.get("accuracy", 0.0)),
-                        "epoch": epoch + 1,
-                        "node_id": node_id,
-                    },
-                    checkpoint=tune.Checkpoint.from_directory(folder),
-                )
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    model.fit(
-        data.train_ds,
-        validation_data=data.val_ds,
-        epochs=max_epochs,
-        initial_epoch=start_epoch,
-        class_weight=class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt"),
-        callbacks=[ReportEachEpoch()],
-        verbose=0,
-        shuffle=False,
-    )
+    return ReportEachEpoch()
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
     """(host, port) of a Ray address such as ray://h:10001 or h:6379; None for 'auto'."""
     if address == "auto":
         return None
-    bare = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = bare.rpartition(":")
-    if not host or not port.isdigit():
+    parsed = split_host_port(address.split("://", 1)[-1].rstrip("/"))
+    if parsed is None:
         raise UserError(f"--ray-address {address!r} should look like host:port or ray://host:port")
-    return host, int(port)
+    return parsed
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> Any:
@@ -3322,21 +3372,6 @@ class ServeOptions:
         "help": "Seconds between progress lines.", "type": click.FloatRange(min=0.1)})  # fmt: skip
 
 
-def dataclass_options(cls: type) -> Callable[[Callable], Callable]:
-    """Click options for every field of a dataclass, from its defaults and field metadata
-    ("help", optionally "type"), so each option is declared once, beside its default."""
-
-    def decorate(func: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
-            func = click.option(
-                f"--{f.name.replace('_', '-')}", f.name, default=f.default, show_default=True,
-                type=f.metadata.get("type", type(f.default)), help=f.metadata.get("help"),
-            )(func)  # fmt: skip
-        return func
-
-    return decorate
-
-
 @dataclass
 class TrackRequest:
     """One usable request from the tracker."""
@@ -3573,41 +3608,6 @@ def run_serve(model_file: Path, target: RedisTarget, opts: ServeOptions) -> Pred
 # ---------------------------------------------------------------------------
 
 
-def training_options(func: Callable) -> Callable:
-    """The options `train` and `ensemble` share, declared once."""
-    d = TrainOptions()
-    options = [
-        click.option("--epochs", type=click.IntRange(min=1), default=d.epochs, show_default=True, help="Maximum epochs."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True),
-        click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=d.learning_rate, show_default=True),
-        click.option("--seed", type=int, default=d.seed, show_default=True, help="Random seed."),
-        click.option("--early-stop-patience", type=click.IntRange(min=1), default=d.early_stop_patience, show_default=True,
-                     help="Epochs without a better val_loss before stopping."),
-        click.option("--early-stop-min-delta", type=float, default=d.early_stop_min_delta, show_default=True,
-                     help="Smallest val_loss change that counts as better."),
-        click.option("--reduce-lr-patience", type=click.IntRange(min=1), default=d.reduce_lr_patience, show_default=True,
-                     help="Epochs without a better val_loss before the rate is cut."),
-        click.option("--reduce-lr-factor", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                     default=d.reduce_lr_factor, show_default=True, help="Factor applied to the rate on a plateau."),
-        click.option("--scheduler-tmax", type=click.IntRange(min=0), default=d.scheduler_tmax, show_default=True,
-                     help="Epochs of the cosine schedule (0: --epochs)."),
-        click.option("--no-early-stop", is_flag=True, help="Train all --epochs."),
-        click.option("--no-scheduler", is_flag=True, help="Keep the learning rate constant."),
-        click.option("--split", type=click.Choice(["time", "random"]), default=d.split, show_default=True,
-                     help="time: latest 20% validate; random: a seeded shuffle."),
-        click.option("--class-weight", type=click.Choice(["balanced", "sqrt", "none"]), default=d.class_weight,
-                     show_default=True, help="Per-class loss weights."),
-        click.option("--recency-half-life", type=click.FloatRange(min=0), default=d.recency_half_life,
-                     show_default=True, metavar="DAYS",
-                     help="A record's weight halves with every DAYS of age before the newest (0: all equal)."),
-        click.option("--no-refit", is_flag=True,
-                     help="Save the validated models instead of refitting them on every record."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 @click.group(
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
@@ -3631,17 +3631,10 @@ TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG)
 
 @cli.command(epilog=TRAINING_EPILOG)
 @training_options
-@click.option(
-    "--model-path",
-    default=DEFAULT_MODEL_PATH,
-    show_default=True,
-    help="File name prefix of the saved files.",
-)
 @click.pass_context
 def train(ctx: click.Context, **options: Any) -> None:
     """Train one model; writes models, vocab and training_report.md under output/train_<time>/."""
-    opts = TrainOptions(**{k: v for k, v in options.items() if v is not None})
-    result = run_train(ctx.obj["data_dir"], opts)
+    result = run_train(ctx.obj["data_dir"], TrainOptions(**options))
     click.echo(str(result.run_dir))
 
 
@@ -3697,11 +3690,9 @@ def serve(
 
 
 @cli.command(epilog=TRAINING_EPILOG)
-@training_options
+@dataclass_options(TrainOptions, model_path=DEFAULT_ENSEMBLE_MODEL_PATH)
 @click.option("--num-models", type=click.IntRange(min=1), default=5, show_default=True,
               help="Ensemble members (each of a different architecture and seed).")  # fmt: skip
-@click.option("--model-path", default=DEFAULT_ENSEMBLE_MODEL_PATH, show_default=True,
-              help="File name prefix of the saved files.")  # fmt: skip
 @click.pass_context
 def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
     """Train several different models and average them; writes output/ensemble_<time>/."""
@@ -3714,9 +3705,7 @@ def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
 @click.option(
     "--shuffle-folds", is_flag=True, help="Random folds instead of contiguous periods of time."
 )
-@training_options
-@click.option("--model-path", default=DEFAULT_CV_MODEL_PATH, show_default=True,
-              help="File name prefix of the saved files.")  # fmt: skip
+@dataclass_options(TrainOptions, model_path=DEFAULT_CV_MODEL_PATH)
 @click.pass_context
 def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) -> None:
     """k-fold cross-validation (accuracy per fold, mean, 95% interval), then the model to
@@ -3725,91 +3714,13 @@ def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) ->
     click.echo(str(run_dir))
 
 
-_TUNE_DEFAULTS = TuneOptions()
-
-
 @cli.command(
     epilog=environment_epilog(
         ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG,
         "RAY_ADDRESS (read by Ray: the cluster to join when --ray-address is not given)",
     )
 )  # fmt: skip
-@click.option(
-    "--max-epochs",
-    type=click.IntRange(min=1),
-    default=_TUNE_DEFAULTS.max_epochs,
-    show_default=True,
-    help="Epochs a trial may run (ASHA stops weak ones earlier).",
-)
-@click.option(
-    "--final-epochs",
-    type=click.IntRange(min=1),
-    default=_TUNE_DEFAULTS.final_epochs,
-    show_default=True,
-    help="Epochs for retraining the best configuration.",
-)
-@click.option(
-    "--num-samples",
-    type=int,
-    default=_TUNE_DEFAULTS.num_samples,
-    show_default=True,
-    help="Configurations to try.",
-)
-@click.option(
-    "--project-name",
-    default=_TUNE_DEFAULTS.project_name,
-    show_default=True,
-    help="Name of the search in --ray-dir.",
-)
-@click.option(
-    "--asha-grace-period",
-    type=click.IntRange(min=1),
-    default=_TUNE_DEFAULTS.asha_grace_period,
-    show_default=True,
-    help="Epochs every trial gets before ASHA may stop it.",
-)
-@click.option(
-    "--asha-reduction-factor",
-    type=click.IntRange(min=2),
-    default=_TUNE_DEFAULTS.asha_reduction_factor,
-    show_default=True,
-    help="ASHA keeps the best 1/factor of trials at each rung.",
-)
-@click.option(
-    "--ray-dir",
-    default=_TUNE_DEFAULTS.ray_dir,
-    show_default=True,
-    help="Where Ray keeps results: a local path, shared storage, or a URI (s3://, gs://).",
-)
-@click.option(
-    "--ray-address",
-    default=None,
-    help="Join a running Ray cluster (host:port, ray://host:10001 or auto).",
-)
-@click.option(
-    "--cpus-per-trial",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_TUNE_DEFAULTS.cpus_per_trial,
-    show_default=True,
-)
-@click.option(
-    "--gpus-per-trial",
-    type=click.FloatRange(min=0),
-    default=_TUNE_DEFAULTS.gpus_per_trial,
-    show_default=True,
-)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue an interrupted search found in --ray-dir/--project-name.",
-)
-@click.option(
-    "--model-path",
-    default=DEFAULT_MODEL_PATH,
-    show_default=True,
-    help="File name prefix of the saved files.",
-)
+@dataclass_options(TuneOptions)
 @click.pass_context
 def tune(ctx: click.Context, **options: Any) -> None:
     """Search hyperparameters with Ray Tune and ASHA, then train the best; writes output/tune_<time>/."""

@@ -9,6 +9,7 @@ the demo. Nothing here imports TensorFlow, Ray or Redis at import time, so
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -214,6 +215,53 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------
 # Connecting to the tracker's Redis: one set of options, errors without secrets.
 # ---------------------------------------------------------------------------
+
+
+def split_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of `host:port` (brackets around an IPv6 host dropped), or None when
+    it is not one; each caller names its own flag in the error."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def option_field(default: Any = dataclasses.MISSING, help: str | None = None, type: Any = None,
+                 **extra: Any) -> Any:  # fmt: skip
+    """A dataclass field that is also a command-line option (see `dataclass_options`)."""
+    metadata = {"help": help, **({"type": type} if type is not None else {}), **extra}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def dataclass_options(cls: type, **defaults: Any) -> Callable[[Callable], Callable]:
+    """Click options for every field of a dataclass, so each is declared once, beside its
+    default: `--field-name`, the field's default (or `defaults[name]`, for a command
+    whose default differs), "help", "type" and "metavar" from the field's metadata. A
+    bool field that defaults to False is a flag; a field without a default is required."""
+
+    def decorate(func: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            default = defaults.get(f.name, f.default)
+            kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
+            if "metavar" in f.metadata:
+                kwargs["metavar"] = f.metadata["metavar"]
+            if default is dataclasses.MISSING:
+                kwargs["required"] = True
+            elif default is False:
+                kwargs["is_flag"] = True
+            else:
+                kwargs.update(default=default, show_default=default is not None,
+                              type=f.metadata.get("type", str if default is None else type(default)))  # fmt: skip
+            func = click.option(f"--{f.name.replace('_', '-')}", f.name, **kwargs)(func)
+        return func
+
+    return decorate
+
+
+def from_options(cls: type[T], options: dict[str, Any]) -> T:
+    """The dataclass built from a command's options (those that are its fields)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in options.items() if k in names})
 
 
 def redis_options(func: Callable) -> Callable:
