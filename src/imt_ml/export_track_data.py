@@ -96,7 +96,27 @@ REQUIRED_FIELDS = (
     "recorded_time",
 )  # fmt: skip
 
-Record = tuple  # values in FEATURE_SCHEMA order
+
+class Record(NamedTuple):
+    """One exported record; its fields are FEATURE_SCHEMA's, in its order (a plain tuple
+    in that order encodes the same)."""
+
+    station_id: str
+    route_id: str
+    trip_id: str
+    headsign: str
+    direction_id: int
+    assignment_type: str
+    track_number: str
+    scheduled_timestamp: float
+    actual_timestamp: float
+    recorded_timestamp: float
+    day_of_week: int
+    hour: int
+    minute: int
+
+
+assert Record._fields == tuple(FEATURE_SCHEMA), "Record must follow FEATURE_SCHEMA"
 
 
 _get_required = operator.itemgetter(*REQUIRED_FIELDS)
@@ -176,7 +196,7 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     except (TypeError, ValueError):
         return "invalid_value"
 
-    return (
+    return Record(
         station, route, trip, headsign, direction, kind, track,
         scheduled_ts, actual_ts, recorded_ts, weekday, hour, minute,
     )  # fmt: skip
@@ -230,7 +250,7 @@ def _feature(kind: str, value: Any) -> bytes:
     return _length_delimited(b"\x1a", _length_delimited(b"\x0a", _varint(value)))
 
 
-def encode_example_reference(record: Record) -> bytes:
+def encode_example_reference(record: tuple) -> bytes:
     """Plain encoder for any values (any string length, any int64)."""
     entries = [
         _map_entry(name, _feature(kind, value))
@@ -269,7 +289,7 @@ class ExampleEncoder:
             self.float_args += [entry[:-4], 0.0]
         self.float_block = struct.Struct(fmt)
 
-    def encode(self, record: Record) -> bytes:
+    def encode(self, record: tuple) -> bytes:
         """The record's serialized tf.train.Example."""
         try:
             parts = [cache[record[slot]] for slot, cache in self.string_lookup]
@@ -282,7 +302,7 @@ class ExampleEncoder:
         body = b"".join(parts)
         return _example_header(len(body)) + body
 
-    def _encode_and_cache(self, record: Record) -> list[bytes]:
+    def _encode_and_cache(self, record: tuple) -> list[bytes]:
         """The string and integer entries of a record, cached while there is room."""
         parts = []
         for slot, cache in self.string_lookup:
@@ -307,7 +327,7 @@ def _example_header(length: int) -> bytes:
     return b"\x0a" + _varint(length)
 
 
-def _tuple_getter(slots: list[int]) -> Callable[[Record], tuple]:
+def _tuple_getter(slots: list[int]) -> Callable[[tuple], tuple]:
     """itemgetter that returns a tuple even for a single slot."""
     if len(slots) == 1:
         return lambda record: (record[slots[0]],)
@@ -317,7 +337,7 @@ def _tuple_getter(slots: list[int]) -> Callable[[Record], tuple]:
 _default_encoder = ExampleEncoder()
 
 
-def encode_example(record: Record) -> bytes:
+def encode_example(record: tuple) -> bytes:
     """Serialize a record (FEATURE_SCHEMA order) as a tf.train.Example."""
     return _default_encoder.encode(record)
 
@@ -339,10 +359,10 @@ class ExportStats:
 
     def add(self, record: Record) -> None:
         """Count one written record (runs once per record: kept to the bone)."""
-        key = (record[0], record[1], record[6])
+        key = (record.station_id, record.route_id, record.track_number)
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
-        scheduled = record[7]
+        scheduled = record.scheduled_timestamp
         if scheduled < self.first_scheduled:
             self.first_scheduled = scheduled
         if scheduled > self.last_scheduled:
@@ -731,9 +751,9 @@ class TrackDataExporter:
                         continue
                     # The same trip at the same station and scheduled time under two
                     # keys: the score is the scheduled time, so they sit side by side.
-                    if record[7] != last_scheduled:
-                        last_scheduled, seen = record[7], set()
-                    identity = (record[0], record[2])
+                    if record.scheduled_timestamp != last_scheduled:
+                        last_scheduled, seen = record.scheduled_timestamp, set()
+                    identity = (record.station_id, record.trip_id)
                     if identity in seen:
                         skip("duplicate")
                         continue
