@@ -18,6 +18,34 @@ from imt_ml.utils import LocalRedisServer, find_redis_server_binary  # noqa: E40
 REDIS_PASSWORD = "correct horse battery staple"
 
 
+def sample_root_fixture(records: int, seed: int):
+    """A module-scoped `sample_root` fixture: an export root holding one small sample
+    export (with its truth file), made by the project's own generator."""
+
+    @pytest.fixture(scope="module")
+    def sample_root(tmp_path_factory) -> Path:
+        from imt_ml.sample_data import write_export
+
+        root = tmp_path_factory.mktemp("exports")
+        write_export(root, records, seed=seed, records_per_file=1000)
+        return root
+
+    return sample_root
+
+
+def run_mode(data: Path | str, *args: str, out: Path, **invoke):
+    """Run a tfrecord_reader command through click's runner with outputs under `out`;
+    (result, the run directory it printed last). Fails the test on a non-zero exit."""
+    from click.testing import CliRunner
+
+    from imt_ml import tfrecord_reader as tr
+
+    result = CliRunner().invoke(tr.cli, [str(data), *args], env={"IMT_ML_OUTPUT_DIR": str(out)},
+                                **invoke)  # fmt: skip
+    assert result.exit_code == 0, result.output[-3000:]
+    return result, Path(result.stdout.strip().splitlines()[-1])
+
+
 def _require_redis_server() -> None:
     if find_redis_server_binary() is None:
         if os.environ.get("CI"):

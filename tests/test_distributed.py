@@ -14,18 +14,15 @@ from pathlib import Path
 import pytest
 
 from imt_ml import tfrecord_reader as tr
-from imt_ml.sample_data import write_export
 from imt_ml.utils import free_port
+
+from conftest import sample_root_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = str(REPO / "src/imt_ml/distributed_launcher.py")
 
 
-@pytest.fixture(scope="module")
-def sample_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("exports")
-    write_export(root, 1500, seed=13, records_per_file=1000)
-    return root
+sample_root = sample_root_fixture(1500, seed=13)
 
 
 def launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -11,39 +11,22 @@ import pytest
 from click.testing import CliRunner
 
 from imt_ml import tfrecord_reader as tr
-from imt_ml.sample_data import write_export
+
+from conftest import run_mode, sample_root_fixture
 
 PREFIX = "track_prediction_ensemble_model"
 
 
-@pytest.fixture(scope="module")
-def sample_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("exports")
-    write_export(root, 2500, seed=5, records_per_file=1000)
-    return root
+sample_root = sample_root_fixture(2500, seed=5)
 
 
 @pytest.fixture(scope="module")
 def ensemble_run(sample_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("output")
-    result = CliRunner().invoke(
-        tr.cli,
-        [
-            str(sample_root),
-            "ensemble",
-            "--num-models",
-            "3",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "64",
-            "--no-refit",
-        ],  # the report's figures then describe the saved members exactly
-        env={"IMT_ML_OUTPUT_DIR": str(out)},
-    )
-    assert result.exit_code == 0, result.output
+    # --no-refit: the report's figures then describe the saved members exactly
+    result, run_dir = run_mode(sample_root, "ensemble", "--num-models", "3", "--epochs", "2",
+                               "--batch-size", "64", "--no-refit",
+                               out=tmp_path_factory.mktemp("output"))  # fmt: skip
     assert "Member 3/3" in result.stderr  # progress names the member and the total
-    run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert re.fullmatch(r"ensemble_\d{8}_\d{6}", run_dir.name)
     return run_dir
 
@@ -102,13 +85,8 @@ def assert_is_calibrated_mean(combined, members: list, stations, features) -> No
 
 
 def test_refit_ensemble_members_and_their_calibrated_mean(sample_root, tmp_path):
-    result = CliRunner().invoke(
-        tr.cli, [str(sample_root), "ensemble", "--num-models", "2", "--epochs", "1",
-                 "--batch-size", "128"],
-        env={"IMT_ML_OUTPUT_DIR": str(tmp_path)},
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    _, run_dir = run_mode(sample_root, "ensemble", "--num-models", "2", "--epochs", "1",
+                          "--batch-size", "128", out=tmp_path)  # fmt: skip
     assert "Every member was then refit on all" in (run_dir / "training_report.md").read_text()
     columns = tr.read_export_columns(tr.find_export_dir(sample_root))
     idx = np.arange(200)

@@ -19,7 +19,7 @@ from imt_ml import tfrecord_reader as tr
 from imt_ml.sample_data import write_export
 from imt_ml.utils import LocalRedisServer, free_port
 
-from conftest import REDIS_PASSWORD
+from conftest import REDIS_PASSWORD, run_mode
 
 REPO = Path(__file__).resolve().parents[1]
 READER = REPO / "src/imt_ml/tfrecord_reader.py"
@@ -34,12 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("exports")
     write_export(root, 3000, seed=8, records_per_file=1000)
     out = tmp_path_factory.mktemp("output")
-    result = CliRunner().invoke(
-        tr.cli, [str(root), "train", "--epochs", "2", "--batch-size", "64"],
-        env={"IMT_ML_OUTPUT_DIR": str(out)},
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return Path(result.stdout.strip().splitlines()[-1])
+    return run_mode(root, "train", "--epochs", "2", "--batch-size", "64", out=out)[1]
 
 
 @pytest.fixture(scope="module")

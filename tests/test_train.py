@@ -15,17 +15,13 @@ from click.testing import CliRunner
 
 from imt_ml import tfrecord_reader as tr
 from imt_ml.export_track_data import TFRecordShardWriter, encode_example
-from imt_ml.sample_data import write_export
+
+from conftest import run_mode, sample_root_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sample_root(tmp_path_factory) -> Path:
-    """An export root holding one small sample export (with its truth file)."""
-    root = tmp_path_factory.mktemp("exports")
-    write_export(root, 3000, seed=21, records_per_file=1000)
-    return root
+sample_root = sample_root_fixture(3000, seed=21)
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +30,8 @@ def trained(sample_root, tmp_path_factory) -> dict:
     --no-refit the saved models are the validated ones, so the report's validation figures
     describe them exactly (the refit has its own tests)."""
     out = tmp_path_factory.mktemp("output")
-    result = CliRunner().invoke(
-        tr.cli,
-        [
-            str(sample_root),
-            "train",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "64",
-            "--seed",
-            "3",
-            "--no-refit",
-        ],
-        env={"IMT_ML_OUTPUT_DIR": str(out)},
-    )
-    assert result.exit_code == 0, result.output
-    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    result, run_dir = run_mode(sample_root, "train", "--epochs", "3", "--batch-size", "64",
+                               "--seed", "3", "--no-refit", out=out)  # fmt: skip
     return {"run_dir": run_dir, "result": result, "out": out}
 
 
@@ -277,10 +258,8 @@ def test_report_baselines_on_a_hand_made_export_with_known_answers(tmp_path):
     tracks = ["1"] * 6 + ["3"] * 6 + ["2"] * 4 + ["2"] * 3 + ["3"]
     export = write_records(tmp_path / "exports", [rec(i, t, k) for i, (t, k) in
                                                   enumerate(zip(trips, tracks, strict=True))])  # fmt: skip
-    result = CliRunner().invoke(tr.cli, [str(export), "train", "--epochs", "1"],
-                                env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
-    assert result.exit_code == 0, result.output
-    report = (Path(result.stdout.strip().splitlines()[-1]) / "training_report.md").read_text()
+    _, run_dir = run_mode(export, "train", "--epochs", "1", out=tmp_path / "out")
+    report = (run_dir / "training_report.md").read_text()
     expected = {"station + route |": "0.00%", "station + train number |": "25.00%",
                 "station + trip id, else station + train number |": "100.00%"}  # fmt: skip
     for name, accuracy in expected.items():

@@ -16,17 +16,14 @@ import pytest
 from click.testing import CliRunner
 
 from imt_ml import tfrecord_reader as tr
-from imt_ml.sample_data import write_export
 from imt_ml.utils import free_port
+
+from conftest import sample_root_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sample_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("exports")
-    write_export(root, 2000, seed=8, records_per_file=1000)
-    return root
+sample_root = sample_root_fixture(2000, seed=8)
 
 
 def tune_cli(sample_root: Path, tmp_path: Path, *args: str):
