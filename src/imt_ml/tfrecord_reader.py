@@ -1721,6 +1721,12 @@ class TrainOptions:
     )
 
 
+def model_option(help: str = "A saved .keras model.") -> Callable[[Callable], Callable]:
+    """--model, a saved model file (`evaluate`, `predict`, `serve`)."""
+    return click.option("--model", "model_file", type=click.Path(path_type=Path), required=True,
+                        help=help)  # fmt: skip
+
+
 #: The options of `train`, `ensemble` and `cv`, from TrainOptions.
 training_options = dataclass_options(TrainOptions)
 
@@ -3639,13 +3645,7 @@ def train(ctx: click.Context, **options: Any) -> None:
 
 
 @cli.command(epilog=TRAINING_EPILOG)
-@click.option(
-    "--model",
-    "model_file",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="A saved .keras model.",
-)
+@model_option()
 @click.pass_context
 def evaluate(ctx: click.Context, model_file: Path) -> None:
     """Score a saved model on every record of the export in DATA_DIR."""
@@ -3654,13 +3654,7 @@ def evaluate(ctx: click.Context, model_file: Path) -> None:
 
 
 @cli.command()
-@click.option(
-    "--model",
-    "model_file",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="A saved .keras model.",
-)
+@model_option()
 @click.option("--input", "input_file", type=click.File("r"), default="-", show_default=True,
               help="JSON lines of tracker assignments (- for stdin).")  # fmt: skip
 def predict(model_file: Path, input_file: Any) -> None:
@@ -3669,10 +3663,7 @@ def predict(model_file: Path, input_file: Any) -> None:
 
 
 @cli.command(epilog=environment_epilog(ENV_REDIS, ENV_TF_LOG))
-@click.option(
-    "--model", "model_file", type=click.Path(path_type=Path), required=True,
-    help="A saved .keras model (e.g. an ensemble's _combined.keras).",
-)  # fmt: skip
+@model_option("A saved .keras model (e.g. an ensemble's _combined.keras).")
 @redis_options
 @dataclass_options(ServeOptions)
 def serve(
