@@ -436,7 +436,7 @@ def train_and_save_best(
     `output/{mode}_<time>/`."""
     import keras_tuner as kt
 
-    from imt_ml.tfrecord_reader import TrainOptions, run_train
+    from imt_ml.tfrecord_reader import TrainOptions, retrain_best
 
     hp = kt.HyperParameters()
     hp.values.update(hp_values)
@@ -446,17 +446,8 @@ def train_and_save_best(
         learning_rate=learning_rate_from_hp(hp), model_path=opts.model_path, seed=opts.seed,
     )  # fmt: skip
 
-    def sections(run_dir: Path) -> list[str]:
-        from imt_ml.utils import write_json
-
-        write_json(run_dir / f"{opts.model_path}_config.json", {
-            "hyperparameters": hp_values, "model_config": dataclasses.asdict(cfg),
-            "training": dataclasses.asdict(train_opts), "search": dataclasses.asdict(opts),
-        })  # fmt: skip
-        return mode_lines
-
-    result = run_train(
-        data.export_dir, train_opts, cfg, mode=mode, mode_sections=sections, data=data
+    result = retrain_best(
+        data, train_opts, cfg, mode, hp_values, dataclasses.asdict(opts), mode_lines
     )
     return result.run_dir
 

@@ -2923,8 +2923,8 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
     started = time.perf_counter()
     data = prepare_data(data_dir, 256, "time", topts.seed)
     ray_dir = topts.ray_dir if is_uri(topts.ray_dir) else str(Path(topts.ray_dir).resolve())
-    search = Search.of(run_search(data, topts, ray_dir), topts, ray_dir)
-    search.seconds = time.perf_counter() - started
+    trials = run_search(data, topts, ray_dir)
+    search = Search.of(trials, topts, ray_dir, time.perf_counter() - started)
     log(f"Search done in {search.seconds:.0f} s: {len(search.finished)} trials, "
         f"{search.stopped_early} stopped early by ASHA; best validation accuracy "
         f"{search.best['best_val_accuracy']:.4f}")  # fmt: skip
@@ -2938,8 +2938,30 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
         model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
         shuffle=True, seed=opts.seed, augment=data.augmented,
     ))  # fmt: skip
-    return run_train(data.export_dir, opts, model_config_from_trial(config, topts.seed), mode="tune",
-                     mode_sections=functools.partial(search.sections, opts=opts), data=data)  # fmt: skip
+    search_record = {
+        **dataclasses.asdict(topts),
+        "best_val_accuracy": search.best["best_val_accuracy"],
+    }
+    return retrain_best(data, opts, model_config_from_trial(config, topts.seed), "tune", config,
+                        search_record, search.lines())  # fmt: skip
+
+
+def retrain_best(
+    data: PreparedData, opts: TrainOptions, cfg: ModelConfig, mode: str,
+    hyperparameters: dict[str, Any], search: dict[str, Any], lines: list[str],
+) -> TrainResult:  # fmt: skip
+    """Retrain a search's best configuration like `train` (under output/{mode}_<time>/),
+    with `{model_path}_config.json` beside the model (its hyperparameters, model
+    configuration, training and search options) and the search's report `lines`."""
+
+    def sections(run_dir: Path) -> list[str]:
+        write_json(run_dir / f"{opts.model_path}_config.json", {
+            "hyperparameters": hyperparameters, "model_config": dataclasses.asdict(cfg),
+            "training": dataclasses.asdict(opts), "search": search,
+        })  # fmt: skip
+        return lines
+
+    return run_train(data.export_dir, opts, cfg, mode=mode, mode_sections=sections, data=data)
 
 
 def make_tuner(trainable: Any, topts: TuneOptions, ray_dir: str) -> Any:
@@ -3023,16 +3045,18 @@ class Search:
     finished: list[dict[str, Any]]
     topts: TuneOptions
     experiment: str
-    seconds: float = 0.0
+    seconds: float
 
     @classmethod
-    def of(cls, trials: list[dict[str, Any]], topts: TuneOptions, ray_dir: str) -> Search:
+    def of(
+        cls, trials: list[dict[str, Any]], topts: TuneOptions, ray_dir: str, seconds: float
+    ) -> Search:
         finished = sorted((t for t in trials if "error" not in t),
                           key=lambda t: -t["best_val_accuracy"])  # fmt: skip
         if not finished:
             first = trials[0].get("error") if trials else "none ran"
             raise UserError(f"every trial failed; first error: {first}")
-        return cls(trials, finished, topts, f"{ray_dir.rstrip('/')}/{topts.project_name}")
+        return cls(trials, finished, topts, f"{ray_dir.rstrip('/')}/{topts.project_name}", seconds)
 
     @property
     def best(self) -> dict[str, Any]:
@@ -3042,15 +3066,9 @@ class Search:
     def stopped_early(self) -> int:
         return sum(t["epochs"] < self.topts.max_epochs for t in self.finished)
 
-    def sections(self, run_dir: Path, opts: TrainOptions) -> list[str]:
-        """The report's search section; writes `{model_path}_config.json` beside the model."""
-        topts, config = self.topts, self.best["config"]
-        write_json(run_dir / f"{topts.model_path}_config.json", {
-            "hyperparameters": config,
-            "model_config": dataclasses.asdict(model_config_from_trial(config, topts.seed)),
-            "training": dataclasses.asdict(opts),
-            "search": {**dataclasses.asdict(topts), "best_val_accuracy": self.best["best_val_accuracy"]},
-        })  # fmt: skip
+    def lines(self) -> list[str]:
+        """The report's search section."""
+        topts = self.topts
         nodes = sorted({n for t in self.finished for n in t["nodes"]})
         return [
             "## Hyperparameter Search",
