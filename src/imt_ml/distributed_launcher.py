@@ -76,22 +76,19 @@ class SearchOptions:
     environment variables (a leftover BATCH_SIZE in a shell must not change a run): the
     Taskfile maps its variables to these flags."""
 
+    # fmt: off
     data_dir: str = option_field(help="Export directory or export root.")
     project_name: str = option_field("track_tuning", "Name of the search in the tuner directory.")
-    max_epochs: int = option_field(
-        10, "Hyperband's most epochs for one model.", click.IntRange(min=1)
-    )
+    max_epochs: int = option_field(10, "Hyperband's most epochs for one model.", click.IntRange(min=1))
     factor: int = option_field(3, "Hyperband's reduction factor.", click.IntRange(min=2))
     hyperband_iterations: int = option_field(1, None, click.IntRange(min=1))
     executions_per_trial: int = option_field(1, None, click.IntRange(min=1))
-    batch_size: int = option_field(
-        256, "Batch size (per worker in sync-tune).", click.IntRange(min=1)
-    )
+    batch_size: int = option_field(256, "Batch size (per worker in sync-tune).", click.IntRange(min=1))
     model_path: str = option_field("track_prediction_model", "File name prefix of the saved files.")
-    final_epochs: int = option_field(
-        0, "Epochs to retrain the best configuration (0: --max-epochs).", click.IntRange(min=0)
-    )
+    final_epochs: int = option_field(0, "Epochs to retrain the best configuration (0: --max-epochs).",
+                                     click.IntRange(min=0))
     seed: int = option_field(42, None)
+    # fmt: on
 
 
 def model_config_from_hp(hp: Any, seed: int) -> Any:
@@ -105,7 +102,6 @@ def model_config_from_hp(hp: Any, seed: int) -> Any:
         dropout=hp.Float("dropout", 0.1, 0.5, step=0.1, default=0.3),
         l2=hp.Float("l2", 1e-6, 1e-3, sampling="log", default=1e-4),
         train_embedding=hp.Choice("train_embedding", [8, 16, 24], default=16),
-        station_train_embedding=hp.Choice("station_train_embedding", [16, 24, 32], default=24),
         # Batch statistics would differ between workers; sync-tune gets identical
         # weights on every worker only without them.
         batch_norm=False,

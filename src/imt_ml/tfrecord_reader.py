@@ -756,8 +756,6 @@ class ModelConfig:
     route_embedding: int = 6
     headsign_embedding: int = 6
     train_embedding: int = 16
-    station_train_embedding: int = 24
-    station_trip_embedding: int = 16
     seed: int = 42
 
 
@@ -789,45 +787,35 @@ def _embed(index: Any, vocabulary: list[str], dim: int, name: str) -> Any:
 def identity_features(
     inputs: dict[str, Any], vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict
 ) -> tuple[list[Any], list[Any]]:
-    """(features, history features) of the train: its number, and what the lookup tables
-    of station + train number and station + trip id know (their embeddings in models
-    built before the history tables)."""
+    """(features, history features) of the train: its number's embedding, and what the
+    lookup tables of station + train number and station + trip id know of it."""
+    if not vocab_info.history:
+        raise ValueError("the vocabulary has no history tables: build it from the records "
+                         "(prepare_split or load_tfrecord_dataset)")  # fmt: skip
     L = custom_layers()
     number = L["TrainNumber"](name="train_number")(inputs["trip_id"])
-    keys = {"station_train": L["JoinStrings"](name="station_train")([inputs["station_id"], number])}
-    if vocab_info.station_trips:  # vocabularies written before it lack it
-        keys["station_trip"] = L["JoinStrings"](name="station_trip")(
-            [inputs["station_id"], inputs["trip_id"]]
-        )
-    dims = {
-        "station_train": cfg.station_train_embedding,
-        "station_trip": cfg.station_trip_embedding,
-    }
+    keys = {
+        "station_train": L["JoinStrings"](name="station_train")([inputs["station_id"], number]),
+        "station_trip": L["JoinStrings"](name="station_trip")([inputs["station_id"], inputs["trip_id"]]),
+    }  # fmt: skip
     train = _embed(_lookup(number, vocab_info.train_numbers, "train"),
                    vocab_info.train_numbers, cfg.train_embedding, "train")  # fmt: skip
-    features, histories = [train], []
-    for name, key in keys.items():
-        vocabulary = vocab_info[f"{name}s"]
-        index = _lookup(key, vocabulary, name)
-        if not vocab_info.history:
-            features.append(_embed(index, vocabulary, dims[name], name))
-            continue
-        tables = vocab_info.history
-        counts = [_fixed_table(index, tables[name + suffix], f"{name}_counts{suffix}", fixed)
+    histories = []
+    for name in ("station_trip", "station_train"):
+        index = _lookup(keys[name], vocab_info[f"{name}s"], name)
+        counts = [_fixed_table(index, vocab_info.history[name + suffix], f"{name}_counts{suffix}", fixed)
                   for suffix in ("", "_folds")]  # fmt: skip
         histories.append(L["TrackHistory"](name=f"{name}_history")(
             [*counts, inputs["scheduled_timestamp"]]
         ))  # fmt: skip
-    return features + histories, histories
+    return [train, *histories], histories
 
 
 def time_features(inputs: dict[str, Any], vocab_info: Vocabulary) -> list[Any]:
     """Hour, minute and day of week as sin/cos pairs; the scheduled time standardised."""
     L = custom_layers()
     timestamp = keras.layers.Normalization(
-        mean=vocab_info.timestamp_mean,
-        variance=vocab_info.timestamp_std**2,
-        name="timestamp_norm",
+        mean=vocab_info.timestamp_mean, variance=vocab_info.timestamp_std**2, name="timestamp_norm"
     )(keras.layers.Reshape((1,), name="timestamp_column")(inputs["scheduled_timestamp"]))
     return [
         L["CyclicalEncoding"](24, name="hour_cyclical")(inputs["hour"]),
@@ -1652,8 +1640,9 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
         f"- Parameters: {total:,} ({trainable:,} trainable)",
         f"- Dense layers: {' -> '.join(str(u) for u in cfg.hidden_units)} -> {model.output.shape[-1]} (softmax)",
         f"- Embeddings: station {cfg.station_embedding}, route {cfg.route_embedding}, headsign "
-        f"{cfg.headsign_embedding}, train number {cfg.train_embedding}, station+train number "
-        f"{cfg.station_train_embedding}, direction 2",
+        f"{cfg.headsign_embedding}, train number {cfg.train_embedding}, direction 2",
+        "- Lookup-table evidence: each track's share and the record count for the station + trip id and "
+        "the station + train number, with their log-shares added to the logits (a learned weight each)",
         "- Time features: hour, minute and day of week as sin/cos pairs; scheduled timestamp standardised",
         f"- Regularisation: L1 {cfg.l1:g}, L2 {cfg.l2:g} on dense kernels; dropout {cfg.dropout:g}; "
         f"batch normalisation {'on' if cfg.batch_norm else 'off'}",
@@ -1675,50 +1664,36 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
 class TrainOptions:
     """Options shared by the training modes; every field is also a command-line option."""
 
+    # fmt: off
     epochs: int = option_field(50, "Maximum epochs.", click.IntRange(min=1))
     batch_size: int = option_field(256, None, click.IntRange(min=1))
     learning_rate: float = option_field(1e-3, None, click.FloatRange(min=0, min_open=True))
     model_path: str = option_field(DEFAULT_MODEL_PATH, "File name prefix of the saved files.")
     seed: int = option_field(42, "Random seed.")
-    early_stop_patience: int = option_field(
-        8, "Epochs without a better val_loss before stopping.", click.IntRange(min=1)
-    )
-    early_stop_min_delta: float = option_field(
-        1e-4, "Smallest val_loss change that counts as better."
-    )
-    reduce_lr_patience: int = option_field(
-        4, "Epochs without a better val_loss before the rate is cut.", click.IntRange(min=1)
-    )
-    reduce_lr_factor: float = option_field(
-        0.5,
-        "Factor applied to the rate on a plateau.",
-        click.FloatRange(0, 1, min_open=True, max_open=True),
-    )
-    scheduler_tmax: int = option_field(
-        0, "Epochs of the cosine schedule (0: --epochs).", click.IntRange(min=0)
-    )
+    early_stop_patience: int = option_field(8, "Epochs without a better val_loss before stopping.",
+                                            click.IntRange(min=1))
+    early_stop_min_delta: float = option_field(1e-4, "Smallest val_loss change that counts as better.")
+    reduce_lr_patience: int = option_field(4, "Epochs without a better val_loss before the rate is cut.",
+                                           click.IntRange(min=1))
+    reduce_lr_factor: float = option_field(0.5, "Factor applied to the rate on a plateau.",
+                                           click.FloatRange(0, 1, min_open=True, max_open=True))
+    scheduler_tmax: int = option_field(0, "Epochs of the cosine schedule (0: --epochs).",
+                                       click.IntRange(min=0))
     no_early_stop: bool = option_field(False, "Train all --epochs.")
     no_scheduler: bool = option_field(False, "Keep the learning rate constant.")
-    split: str = option_field(
-        "time",
-        f"time: the latest 20% (at most {VALIDATION_DAYS} days) validate; random: a seeded shuffle.",
-        click.Choice(["time", "random"]),
-    )
+    split: str = option_field("time", f"time: the latest 20% (at most {VALIDATION_DAYS} days) validate; "
+                              "random: a seeded shuffle.", click.Choice(["time", "random"]))
     # No class weights: weighted classes shift the probabilities away from the
     # frequencies they should match, which costs calibration (ECE 0.044 against
     # 0.028 on held-out drift data, bench-drift at 50k records) and top-1 accuracy.
-    class_weight: str = option_field(
-        "none", "Per-class loss weights.", click.Choice(["balanced", "sqrt", "none"])
-    )
+    class_weight: str = option_field("none", "Per-class loss weights.",
+                                     click.Choice(["balanced", "sqrt", "none"]))
     recency_half_life: float = option_field(
-        RECENCY_HALF_LIFE_DAYS,
-        "A record's weight halves with every DAYS of age before the newest (0: all equal).",
-        click.FloatRange(min=0),
-        metavar="DAYS",
-    )
-    no_refit: bool = option_field(
-        False, "Save the validated models instead of refitting them on every record."
-    )
+        RECENCY_HALF_LIFE_DAYS, "A record's weight halves with every DAYS of age before the newest "
+        "(0: all equal).", click.FloatRange(min=0), metavar="DAYS")
+    no_refit: bool = option_field(False, "Save the validated models instead of refitting them on "
+                                  "every record.")
+    # fmt: on
 
 
 def model_option(help: str = "A saved .keras model.") -> Callable[[Callable], Callable]:
@@ -2156,11 +2131,11 @@ DEFAULT_CV_MODEL_PATH = "track_prediction_cv_model"
 ENSEMBLE_VARIANTS: list[dict[str, Any]] = [
     {"hidden_units": (256, 128), "dropout": 0.3},
     {"hidden_units": (512, 256, 128), "dropout": 0.4, "train_embedding": 24,
-     "station_train_embedding": 32, "l2": 2e-4},
+     "l2": 2e-4},
     {"hidden_units": (128,), "dropout": 0.2, "station_embedding": 3, "route_embedding": 4,
-     "headsign_embedding": 4, "train_embedding": 12, "station_train_embedding": 16, "l2": 1e-5},
+     "headsign_embedding": 4, "train_embedding": 12, "l2": 1e-5},
     {"hidden_units": (256, 256), "dropout": 0.3, "batch_norm": False, "l1": 1e-5},
-    {"hidden_units": (384, 192), "dropout": 0.35, "station_train_embedding": 28, "l2": 3e-4},
+    {"hidden_units": (384, 192), "dropout": 0.35, "l2": 3e-4},
 ]  # fmt: skip
 
 
@@ -2176,7 +2151,7 @@ def describe_config(cfg: ModelConfig) -> str:
         f"dense {'-'.join(map(str, cfg.hidden_units))}, dropout {cfg.dropout:g}, "
         f"L1 {cfg.l1:g}, L2 {cfg.l2:g}, batch norm {'on' if cfg.batch_norm else 'off'}, "
         f"embeddings {cfg.station_embedding}/{cfg.route_embedding}/{cfg.headsign_embedding}/"
-        f"{cfg.train_embedding}/{cfg.station_train_embedding}, seed {cfg.seed}"
+        f"{cfg.train_embedding}, seed {cfg.seed}"
     )
 
 
@@ -2695,34 +2670,27 @@ def cv_files_section(mp: str) -> list[str]:
 class TuneOptions:
     """Options of `tune`; every field is also a command-line option."""
 
-    max_epochs: int = option_field(
-        30, "Epochs a trial may run (ASHA stops weak ones earlier).", click.IntRange(min=1)
-    )
-    final_epochs: int = option_field(
-        50, "Epochs for retraining the best configuration.", click.IntRange(min=1)
-    )
+    # fmt: off
+    max_epochs: int = option_field(30, "Epochs a trial may run (ASHA stops weak ones earlier).",
+                                   click.IntRange(min=1))
+    final_epochs: int = option_field(50, "Epochs for retraining the best configuration.",
+                                     click.IntRange(min=1))
     num_samples: int = option_field(20, "Configurations to try.")
     project_name: str = option_field("track_tuning", "Name of the search in --ray-dir.")
-    asha_grace_period: int = option_field(
-        3, "Epochs every trial gets before ASHA may stop it.", click.IntRange(min=1)
-    )
-    asha_reduction_factor: int = option_field(
-        3, "ASHA keeps the best 1/factor of trials at each rung.", click.IntRange(min=2)
-    )
-    ray_dir: str = option_field(
-        "ray_results",
-        "Where Ray keeps results: a local path, shared storage, or a URI (s3://, gs://).",
-    )
-    ray_address: str | None = option_field(
-        None, "Join a running Ray cluster (host:port, ray://host:10001 or auto)."
-    )
+    asha_grace_period: int = option_field(3, "Epochs every trial gets before ASHA may stop it.",
+                                          click.IntRange(min=1))
+    asha_reduction_factor: int = option_field(3, "ASHA keeps the best 1/factor of trials at each rung.",
+                                              click.IntRange(min=2))
+    ray_dir: str = option_field("ray_results", "Where Ray keeps results: a local path, shared storage, "
+                                "or a URI (s3://, gs://).")
+    ray_address: str | None = option_field(None, "Join a running Ray cluster (host:port, "
+                                           "ray://host:10001 or auto).")
     cpus_per_trial: float = option_field(1.0, None, click.FloatRange(min=0, min_open=True))
     gpus_per_trial: float = option_field(0.0, None, click.FloatRange(min=0))
     seed: int = option_field(42, "Random seed.")
-    resume: bool = option_field(
-        False, "Continue an interrupted search found in --ray-dir/--project-name."
-    )
+    resume: bool = option_field(False, "Continue an interrupted search found in --ray-dir/--project-name.")
     model_path: str = option_field(DEFAULT_MODEL_PATH, "File name prefix of the saved files.")
+    # fmt: on
 
 
 def tune_search_space() -> dict[str, Any]:
@@ -2739,22 +2707,23 @@ def tune_search_space() -> dict[str, Any]:
         "batch_size": tune.choice([64, 128, 256, 512]),
         "route_embedding": tune.choice([4, 6, 8]),
         "train_embedding": tune.choice([8, 16, 24]),
-        "station_train_embedding": tune.choice([16, 24, 32]),
     }
 
 
-SEARCH_SPACE_TEXT = [
-    ["hidden_layers", "choice of 1, 2, 3"],
-    ["first_units", "choice of 128, 256, 512 (later layers: times width_decay per layer)"],
-    ["width_decay", "choice of 0.5, 1.0"],
-    ["dropout", "uniform 0.1 to 0.5"],
-    ["l2", "log-uniform 1e-6 to 1e-3"],
-    ["learning_rate", "log-uniform 3e-4 to 3e-3"],
-    ["batch_size", "choice of 64, 128, 256, 512"],
-    ["route_embedding", "choice of 4, 6, 8"],
-    ["train_embedding", "choice of 8, 16, 24"],
-    ["station_train_embedding", "choice of 16, 24, 32"],
-]
+def describe_search_space() -> list[list[str]]:
+    """[name, distribution] of each hyperparameter, read from the search space itself."""
+    rows = []
+    for name, domain in tune_search_space().items():
+        if hasattr(domain, "categories"):
+            text = "choice of " + ", ".join(str(c) for c in domain.categories)
+        else:
+            log_scale = "LogUniform" in type(domain.get_sampler()).__name__
+            text = (
+                f"{'log-uniform' if log_scale else 'uniform'} {domain.lower:g} to {domain.upper:g}"
+            )
+        rows.append([name, text + (" (later layers: times width_decay per layer)"
+                                   if name == "first_units" else "")])  # fmt: skip
+    return rows
 
 
 def model_config_from_trial(config: dict[str, Any], seed: int) -> ModelConfig:
@@ -2768,7 +2737,6 @@ def model_config_from_trial(config: dict[str, Any], seed: int) -> ModelConfig:
         l2=float(config["l2"]),
         route_embedding=int(config["route_embedding"]),
         train_embedding=int(config["train_embedding"]),
-        station_train_embedding=int(config["station_train_embedding"]),
         seed=seed,
     )
 
@@ -3086,7 +3054,7 @@ class Search:
             "",
             "Search space:",
             "",
-            markdown_table(["Hyperparameter", "Distribution"], SEARCH_SPACE_TEXT),
+            markdown_table(["Hyperparameter", "Distribution"], describe_search_space()),
             "",
             "Top trials:",
             "",
@@ -3099,7 +3067,7 @@ class Search:
 
 
 TOP_TRIALS_HEADER = ["Rank", "Layers", "Units", "Decay", "Dropout", "L2", "LR", "Batch",
-                     "Emb route/train/station+train", "Epochs", "Best val acc"]  # fmt: skip
+                     "Emb route/train", "Epochs", "Best val acc"]  # fmt: skip
 
 
 def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
@@ -3109,7 +3077,7 @@ def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
         rows.append([
             rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
             f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
-            f"{c['route_embedding']}/{c['train_embedding']}/{c['station_train_embedding']}",
+            f"{c['route_embedding']}/{c['train_embedding']}",
             t["epochs"], f"{t['best_val_accuracy']:.4f}",
         ])  # fmt: skip
     return rows
@@ -3234,8 +3202,7 @@ class TrackPredictor:
         # One traced graph for every batch size: model.predict builds a tf.data
         # pipeline per call, tens of milliseconds a request for a serving loop.
         self._forward = tf.function(
-            lambda inputs: model(inputs, training=False),
-            input_signature=[serving_input_specs()],
+            lambda inputs: model(inputs, training=False), input_signature=[serving_input_specs()]
         )
 
     def probabilities(self, records: list[dict[str, Any]]) -> np.ndarray:
@@ -3363,37 +3330,19 @@ def export_serving_model(model: Any, path: Path) -> Path:
 class ServeOptions:
     """Where the tracker's requests and results live, and how the worker batches."""
 
-    requests_key: str = field(
-        default="ml:track_predict:requests",
-        metadata={"help": "Redis list the tracker LPUSHes requests on."},
-    )
-    processing_key: str = field(
-        default="ml:track_predict:processing",
-        metadata={
-            "help": "Redis list holding requests taken but not yet answered (one per worker)."
-        },
-    )
-    result_prefix: str = field(
-        default="ml:track_predict:result:",
-        metadata={"help": "Result key prefix; the request id follows."},
-    )
-    latest_prefix: str = field(
-        default="ml:track_predict:latest:",
-        metadata={"help": "Latest-result key prefix; station:route:direction:unix seconds follow."},
-    )
-    result_ttl: int = field(
-        default=86_400,
-        metadata={"help": "Seconds before a result expires.", "type": click.IntRange(min=1)},
-    )
-    max_batch: int = field(
-        default=256,
-        metadata={
-            "help": "Most requests answered in one model call.",
-            "type": click.IntRange(min=1),
-        },
-    )
-    log_interval: float = field(default=60.0, metadata={
-        "help": "Seconds between progress lines.", "type": click.FloatRange(min=0.1)})  # fmt: skip
+    # fmt: off
+    requests_key: str = option_field("ml:track_predict:requests",
+                                     "Redis list the tracker LPUSHes requests on.")
+    processing_key: str = option_field("ml:track_predict:processing",
+        "Redis list holding requests taken but not yet answered (one per worker).")
+    result_prefix: str = option_field("ml:track_predict:result:",
+                                      "Result key prefix; the request id follows.")
+    latest_prefix: str = option_field("ml:track_predict:latest:",
+        "Latest-result key prefix; station:route:direction:unix seconds follow.")
+    result_ttl: int = option_field(86_400, "Seconds before a result expires.", click.IntRange(min=1))
+    max_batch: int = option_field(256, "Most requests answered in one model call.", click.IntRange(min=1))
+    log_interval: float = option_field(60.0, "Seconds between progress lines.", click.FloatRange(min=0.1))
+    # fmt: on
 
 
 @dataclass
