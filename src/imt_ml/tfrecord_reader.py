@@ -453,6 +453,7 @@ class PreparedData:
     train_labels: np.ndarray
     val_labels: np.ndarray  # -1 where the track never occurred in training
     augmented: bool
+    batch_size: int
     train_ds: Any
     val_ds: Any  # None when no validation record has a track the model knows
 
@@ -512,7 +513,7 @@ def prepare_split(
         export_dir=export_dir, metadata=metadata, columns=columns,
         train_idx=train_idx, val_idx=val_idx, split_info=split_info,
         vocab_info=build_vocabulary(columns, train_idx, labels, counts, split_info),
-        train_labels=train_labels, val_labels=val_labels, augmented=augmented,
+        train_labels=train_labels, val_labels=val_labels, augmented=augmented, batch_size=batch_size,
         train_ds=make_dataset(model_features(columns, train_idx), train_labels, batch_size,
                               shuffle=True, seed=seed, augment=augmented),
         val_ds=make_dataset(model_features(columns, val_idx[known]), val_labels[known], batch_size)
@@ -1792,7 +1793,12 @@ def weighted_training_data(data: PreparedData, opts: TrainOptions) -> tuple[Any,
     recency weights go together into per-record sample weights."""
     weights = class_weights(data.train_labels, data.vocab_info.num_classes, opts.class_weight)
     if opts.recency_half_life <= 0:
-        return data.train_ds, weights
+        if opts.batch_size == data.batch_size:  # the prepared dataset will do
+            return data.train_ds, weights
+        return make_dataset(
+            model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
+            shuffle=True, seed=opts.seed, augment=data.augmented,
+        ), weights  # fmt: skip
     per_class = np.ones(data.vocab_info.num_classes)
     for i, w in (weights or {}).items():
         per_class[i] = w
@@ -1985,8 +1991,8 @@ class ModelFiles:
 
     @classmethod
     def under(cls, run_dir: Path, prefix: str) -> ModelFiles:
-        return cls(*(run_dir / f"{prefix}_{kind}" for kind in ("best.keras", "final.keras",
-                                                              "vocab.json")))  # fmt: skip
+        best, final, vocab = (f"{prefix}_{k}" for k in ("best.keras", "final.keras", "vocab.json"))
+        return cls(run_dir / best, run_dir / final, run_dir / vocab)
 
 
 def run_train(
@@ -2210,14 +2216,13 @@ class Member:
     calibration: Calibration
     seconds: float
     evaluation: Evaluation
+    params: int
 
     @property
     def row(self) -> list[Any]:
         return [self.index, describe_config(self.config), f"{self.params:,}",
                 len(self.history["loss"]), f"{self.seconds:.1f}",
                 _pct(self.evaluation.metrics["top1_accuracy"])]  # fmt: skip
-
-    params: int = 0
 
 
 def train_member(
@@ -2902,10 +2907,6 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
         epochs=topts.final_epochs, batch_size=int(config["batch_size"]),
         learning_rate=float(config["learning_rate"]), model_path=topts.model_path, seed=topts.seed,
     )  # fmt: skip
-    data = dataclasses.replace(data, train_ds=make_dataset(
-        model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
-        shuffle=True, seed=opts.seed, augment=data.augmented,
-    ))  # fmt: skip
     search_record = {
         **dataclasses.asdict(topts),
         "best_val_accuracy": search.best["best_val_accuracy"],

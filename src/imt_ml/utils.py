@@ -80,10 +80,13 @@ class LazyModule:
 
     def __init__(self, name: str) -> None:
         self._name = name
+        self._module: Any = None
 
     def __getattr__(self, attr: str) -> Any:
-        import_tensorflow()
-        return getattr(importlib.import_module(self._name), attr)
+        if self._module is None:  # first use only: later lookups go straight to the module
+            import_tensorflow()
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
 
 
 tf: Any = LazyModule("tensorflow")
