@@ -33,6 +33,26 @@ def sample_root_fixture(records: int, seed: int):
     return sample_root
 
 
+def assignment(
+    when: str = "2025-01-15T17:35:00-05:00", station: str = "place-sstat", route: str = "CR-Worcester",
+    trip: str = "CR-733772-520", headsign: str = "Worcester - Worcester Ln", direction: int = 0,
+    track: str | None = "5", **fields,
+) -> dict:  # fmt: skip
+    """A tracker assignment built by the sample generator's own builder (by default the
+    example record of tracker-redis-layout.md); `fields` override any field."""
+    import datetime as dt
+
+    from imt_ml.sample_data import assignment_doc
+
+    scheduled = dt.datetime.fromisoformat(when)
+    return assignment_doc(station, route, trip, headsign, direction, scheduled, track, **fields)
+
+
+#: A request-time assignment (no track yet) at the zone-only station.
+NORTH_STATION_ASSIGNMENT = assignment("2024-03-20T08:10:00-04:00", "place-north", "CR-Lowell",
+                                      "CR-Weekday-Spring-24-301", "North Station - Lowell Ln", 1, None)  # fmt: skip
+
+
 def run_mode(data: Path | str, *args: str, out: Path, **invoke):
     """Run a tfrecord_reader command through click's runner with outputs under `out`;
     (result, the run directory it printed last). Fails the test on a non-zero exit."""

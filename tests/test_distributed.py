@@ -16,7 +16,7 @@ import pytest
 from imt_ml import tfrecord_reader as tr
 from imt_ml.utils import free_port
 
-from conftest import sample_root_fixture
+from conftest import NORTH_STATION_ASSIGNMENT, sample_root_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = str(REPO / "src/imt_ml/distributed_launcher.py")
@@ -176,11 +176,7 @@ def test_seed_tuner_parallel_commands_meet_through_the_shared_directory(sample_r
     run_dir = Path(out0.strip().splitlines()[-1])
     assert run_dir.name.startswith("tuner-parallel_")
     predictor = tr.load_predictor(run_dir / "track_prediction_model_best.keras")
-    answer = predictor.predict([{
-        "station_id": "place-north", "route_id": "CR-Lowell", "trip_id": "CR-Weekday-Spring-24-301",
-        "headsign": "North Station - Lowell Ln", "direction_id": 1,
-        "scheduled_time": "2024-03-20T08:10:00-04:00",
-    }])[0]  # fmt: skip
+    answer = predictor.predict([NORTH_STATION_ASSIGNMENT])[0]
     assert answer[0][0] in {str(t) for t in range(1, 11)}
     assert "Parallel Tuner Search" in (run_dir / "training_report.md").read_text()
     assert not (tmp_path / "out_tuner0").exists()  # by default only the chief trains the best

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from imt_ml import tfrecord_reader as tr
 
-from conftest import run_mode, sample_root_fixture
+from conftest import NORTH_STATION_ASSIGNMENT, run_mode, sample_root_fixture
 
 PREFIX = "track_prediction_ensemble_model"
 
@@ -77,11 +77,29 @@ def test_members_differ_in_architecture(ensemble_run):
     assert len(sizes) == 3
 
 
-def assert_is_calibrated_mean(combined, members: list, stations, features) -> None:
-    """The combined model answers the members' mean probabilities with its temperatures."""
-    temperatures = combined.get_layer("track_probabilities").temperatures_for(stations)
-    expected = tr.uncalibrated_probabilities(np.mean(members, axis=0), 1.0 / temperatures)
+def weighted_mean(combined, members: list) -> np.ndarray:
+    """The members' probabilities weighted as the saved combined model weighs them."""
+    weights = [combined.get_layer(f"member_weight_{i}").scale for i in range(len(members))]
+    assert min(weights) >= 0 and sum(weights) == pytest.approx(1.0, abs=1e-3)
+    return np.tensordot(weights, np.stack(members), axes=1).astype(np.float32)
+
+
+def assert_is_calibrated_mean(combined, members: list, features) -> None:
+    """The combined model answers the members' weighted mean probabilities through its
+    confidence map."""
+    calibrate = combined.get_layer("track_probabilities")
+    expected = np.asarray(calibrate(weighted_mean(combined, members)))
     np.testing.assert_allclose(tr.predict_probabilities(combined, features), expected, atol=1e-5)
+    assert calibrate.confidence_map is not None
+
+
+def test_member_weights_favour_the_member_that_fits_the_records():
+    labels = np.array([0, 1, 0, 1, 0, 1, -1])
+    right = np.eye(2)[np.maximum(labels, 0)] * 0.8 + 0.1
+    wrong = right[:, ::-1]
+    assert tr.member_weights([right, wrong], labels) == pytest.approx([1.0, 0.0], abs=1e-3)
+    assert tr.member_weights([right, right.copy()], labels) == pytest.approx([0.5, 0.5])
+    assert tr.member_weights([right, wrong], np.full(7, -1)) == [0.5, 0.5]  # nothing to fit on
 
 
 def test_refit_ensemble_members_and_their_calibrated_mean(sample_root, tmp_path):
@@ -94,12 +112,12 @@ def test_refit_ensemble_members_and_their_calibrated_mean(sample_root, tmp_path)
     members = [tr.predict_probabilities(tr.load_saved_model(run_dir / f"{PREFIX}_{i}_best.keras"),
                                         features) for i in range(2)]  # fmt: skip
     combined = tr.load_saved_model(run_dir / f"{PREFIX}_combined.keras")
-    assert_is_calibrated_mean(combined, members, columns["station_id"][idx], features)
+    assert_is_calibrated_mean(combined, members, features)
     vocab = json.loads((run_dir / f"{PREFIX}_vocab.json").read_text())
     assert vocab["record_counts"]["train"] == vocab["record_counts"]["total"]  # every record
 
 
-def test_combined_model_is_the_mean_of_the_members(ensemble_run, sample_root):
+def test_combined_model_is_the_weighted_mean_of_the_members(ensemble_run, sample_root):
     columns, val_idx = validation(sample_root)
     features = tr.model_features(columns, val_idx)
     members = [
@@ -109,20 +127,22 @@ def test_combined_model_is_the_mean_of_the_members(ensemble_run, sample_root):
         for i in range(3)
     ]
     combined = tr.load_saved_model(ensemble_run / f"{PREFIX}_combined.keras")
-    assert_is_calibrated_mean(combined, members, columns["station_id"][val_idx], features)
+    assert_is_calibrated_mean(combined, members, features)
 
     report = (ensemble_run / "training_report.md").read_text()
     labels = np.array(tr.model_labels(combined))
     truth = columns["track_number"][val_idx]
-    soft = (labels[np.mean(members, axis=0).argmax(axis=1)] == truth).mean()
+    soft = (labels[weighted_mean(combined, members).argmax(axis=1)] == truth).mean()
     majority = (labels[tr.majority_vote(members)] == truth).mean()
-    assert f"soft vote (mean probability; the combined model) | {100 * soft:.2f}% |" in report
+    assert (
+        f"soft vote (weighted mean probability; the combined model) | {100 * soft:.2f}% |" in report
+    )
     assert (
         f"majority vote (ties to the higher mean probability) | {100 * majority:.2f}% |" in report
     )
     for i, probs in enumerate(members):
         acc = (labels[probs.argmax(axis=1)] == truth).mean()
-        assert re.search(rf"\| {i} \| dense .*\| {100 * acc:.2f}% \|", report), i
+        assert re.search(rf"\| {i} \| dense .*\| {100 * acc:.2f}% \| [01]\.\d{{3}} \|", report), i
     assert "Baseline: most frequent track for the station + train number" in report
     assert "### Accuracy at coverage" in report
     agree = (np.stack([p.argmax(axis=1) for p in members]) == members[0].argmax(axis=1)).all(axis=0)
@@ -134,11 +154,7 @@ def test_evaluate_and_predict_accept_the_combined_model(ensemble_run, sample_roo
     result = CliRunner().invoke(tr.cli, [str(sample_root), "evaluate", "--model", str(model_file)],
                                 env={"IMT_ML_OUTPUT_DIR": str(tmp_path)})  # fmt: skip
     assert result.exit_code == 0, result.output
-    line = json.dumps({
-        "station_id": "place-north", "route_id": "CR-Lowell", "trip_id": "CR-Weekday-Spring-24-301",
-        "headsign": "North Station - Lowell Ln", "direction_id": 1,
-        "scheduled_time": "2024-03-20T08:10:00-04:00", "track_number": None,
-    })  # fmt: skip
+    line = json.dumps(NORTH_STATION_ASSIGNMENT)
     result = CliRunner().invoke(tr.cli, ["-", "predict", "--model", str(model_file)], input=line)
     assert result.exit_code == 0, result.output
     predictions = json.loads(result.stdout)["predictions"]

@@ -27,30 +27,10 @@ from imt_ml.export_track_data import (
 from imt_ml.sample_data import SampleHistory, seed_redis
 from imt_ml.utils import FEATURE_SCHEMA, METADATA_FILE, free_port
 
-from conftest import REDIS_PASSWORD, only_export_dir, read_export
+from conftest import REDIS_PASSWORD, assignment, only_export_dir, read_export
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_YEAR = 365 * 24 * 3600
-
-
-def assignment(**overrides) -> dict:
-    doc = {
-        "station_id": "place-sstat",
-        "route_id": "CR-Worcester",
-        "trip_id": "CR-733772-520",
-        "headsign": "Worcester - Worcester Ln",
-        "direction_id": 0,
-        "assignment_type": "historical",
-        "track_number": "5",
-        "scheduled_time": "2025-01-15T17:35:00-05:00",
-        "actual_time": "2025-01-15T17:37:12-05:00",
-        "recorded_time": "2025-01-15T17:20:03.123456Z",
-        "day_of_week": 2,
-        "hour": 17,
-        "minute": 35,
-    }
-    doc.update(overrides)
-    return doc
 
 
 def put(client, doc: dict | None, *, raw: str | None = None, series: str | None = None,
@@ -236,20 +216,20 @@ def test_each_kind_of_dirty_record_is_skipped_and_counted(redis_client, redis_se
                                                           clean_env):  # fmt: skip
     good = assignment()
     put(redis_client, good)
-    put(redis_client, assignment(trip_id="CR-1-1", track_number=None))
-    put(redis_client, assignment(trip_id="CR-1-2", track_number=""))
-    put(redis_client, assignment(trip_id="CR-1-3", track_number="Commuter Rail"))
-    put(redis_client, assignment(trip_id="CR-1-4"), raw='{"station_id": "place-sstat", "rou')
-    missing = assignment(trip_id="CR-1-5")
+    put(redis_client, assignment(trip="CR-1-1", track=None))
+    put(redis_client, assignment(trip="CR-1-2", track=""))
+    put(redis_client, assignment(trip="CR-1-3", track="Commuter Rail"))
+    put(redis_client, assignment(trip="CR-1-4"), raw='{"station_id": "place-sstat", "rou')
+    missing = assignment(trip="CR-1-5")
     del missing["headsign"]
     put(redis_client, missing)
-    put(redis_client, assignment(trip_id="CR-1-6", direction_id="0"))
-    put(redis_client, assignment(trip_id="CR-1-7", hour=True))
-    put(redis_client, assignment(trip_id="CR-1-8", minute=75))
+    put(redis_client, assignment(trip="CR-1-6", direction_id="0"))
+    put(redis_client, assignment(trip="CR-1-7", hour=True))
+    put(redis_client, assignment(trip="CR-1-8", minute=75))
     put(
         redis_client,
         None,
-        raw=json.dumps(assignment(trip_id="CR-1-9", scheduled_time="soon")),
+        raw=json.dumps(assignment(trip="CR-1-9", scheduled_time="soon")),
         member="track_history:place-sstat:CR-Worcester:CR-1-9:2025-01-15",
     )
     put(
@@ -335,8 +315,7 @@ def test_since_and_until_select_by_local_scheduled_date(redis_client, redis_serv
                                                         clean_env):  # fmt: skip
     for i, day in enumerate(["2025-01-14", "2025-01-15", "2025-01-16", "2025-01-17"]):
         # 23:30 local is already the next day in UTC: dates are the tracker's local dates.
-        put(redis_client, assignment(trip_id=f"CR-1-{i}", scheduled_time=f"{day}T23:30:00-05:00",
-                                     hour=23, minute=30))  # fmt: skip
+        put(redis_client, assignment(f"{day}T23:30:00-05:00", trip=f"CR-1-{i}"))
     result, out = export(tmp_path, redis_server.port, "--since", "2025-01-15", "--until",
                          "2025-01-16")  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -353,7 +332,7 @@ def test_since_and_until_select_by_local_scheduled_date(redis_client, redis_serv
 
 def test_records_per_file_shards_the_export(redis_client, redis_server, tmp_path, clean_env):
     for i in range(250):
-        put(redis_client, assignment(trip_id=f"CR-1-{i}"))
+        put(redis_client, assignment(trip=f"CR-1-{i}"))
     result, out = export(tmp_path, redis_server.port, "--records-per-file", "100")
     assert result.exit_code == 0, result.output
     path = only_export_dir(out)

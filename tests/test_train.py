@@ -43,23 +43,16 @@ def val_columns(sample_root: Path) -> tuple[dict, np.ndarray]:
 
 
 def assignment_json(columns: dict, i: int) -> dict:
-    """A tracker assignment for record i, rebuilt from its exported fields."""
+    """A tracker assignment for record i, rebuilt from its exported fields (the clock
+    fields are the local ones the record carries)."""
     import datetime as dt
 
+    from imt_ml.sample_data import assignment_doc
+
     when = dt.datetime.fromtimestamp(float(columns["scheduled_timestamp"][i]), dt.UTC)
-    return {
-        "station_id": columns["station_id"][i],
-        "route_id": columns["route_id"][i],
-        "trip_id": columns["trip_id"][i],
-        "headsign": columns["headsign"][i],
-        "direction_id": int(columns["direction_id"][i]),
-        "assignment_type": "historical",
-        "track_number": None,
-        "scheduled_time": when.isoformat(),
-        "day_of_week": int(columns["day_of_week"][i]),
-        "hour": int(columns["hour"][i]),
-        "minute": int(columns["minute"][i]),
-    }
+    fields = {k: int(columns[k][i]) for k in ("day_of_week", "hour", "minute")}
+    return assignment_doc(*(str(columns[k][i]) for k in ("station_id", "route_id", "trip_id", "headsign")),
+                          int(columns["direction_id"][i]), when, None, **fields)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -309,31 +302,45 @@ def test_history_features_never_count_a_records_own_track_in_training(tmp_path):
     assert np.all(predicting[:, 3] > training[:, 3])  # log(1 + count): all of them, not some
 
 
+def overconfident(model):
+    """The same model with its logits five times as large (and no calibration)."""
+    layers = tr.keras.layers
+    sharp = layers.Activation("softmax")(
+        layers.Rescaling(5.0)(model.get_layer("masked_logits").output)
+    )
+    output = model.get_layer("track_probabilities")
+    labelled = tr.custom_layers()["TrackProbabilities"](
+        output.labels, output.station_tracks, name="track_probabilities"
+    )
+    return tr.keras.Model(model.inputs, labelled(sharp))
+
+
 def test_calibration_keeps_probabilities_summing_to_one_and_fixes_overconfidence(
     trained, sample_root
 ):
-    """A deliberately over-confident model (its temperature cut to 0.2) gets a temperature
-    that undoes it: lower ECE, probabilities still summing to one, also after saving."""
+    """A deliberately over-confident model gets a confidence map that pulls its high
+    confidences down: lower ECE, the same answers, probabilities still summing to one,
+    also after saving and loading."""
     columns, val_idx = val_columns(sample_root)
     best = tr.load_saved_model(trained["run_dir"] / "track_prediction_model_best.keras")
     labels = tr.model_labels(best)
-    overconfident = tr.with_temperature(best, 0.2)
-    calibrated, info = tr.calibrate_model(overconfident, columns, val_idx, labels)
-    assert info.temperature > 1.5
-    assert info.ece_after < info.ece_before
+    sharp = overconfident(best)
+    features = tr.model_features(columns, val_idx)
+    before = tr.predict_probabilities(sharp, features)
+    calibrated, info = tr.calibrate_model(sharp, columns, val_idx, labels)
+    assert info.ece_before > 0.05 and info.ece_after < info.ece_before / 2
+    assert info.confidence_map.at(np.array([0.99]))[0] < 0.95  # promised 0.99, delivered less
     path = trained["out"] / "recalibrated.keras"
     calibrated.save(path)
     reloaded = tr.load_saved_model(path)
-    probs = tr.predict_probabilities(reloaded, tr.model_features(columns, val_idx))
+    probs = tr.predict_probabilities(reloaded, features)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(axis=1), before.argmax(axis=1))
     y = tr.label_indices(columns["track_number"][val_idx], labels)
     top = probs.argmax(axis=1)
     ece = tr.expected_calibration_error(probs[np.arange(len(top)), top], top == y)
     assert ece == pytest.approx(info.ece_after, abs=2e-3)
-    trained_temperature = best.get_layer("track_probabilities").temperature  # fitted in `train`
-    assert reloaded.get_layer("track_probabilities").temperature == pytest.approx(
-        trained_temperature * 0.2 * info.temperature
-    )
+    assert reloaded.get_layer("track_probabilities").confidence_map == info.confidence_map
 
 
 @pytest.mark.parametrize("refit", [True, False])

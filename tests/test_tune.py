@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from imt_ml import tfrecord_reader as tr
 from imt_ml.utils import free_port
 
-from conftest import sample_root_fixture
+from conftest import assignment, sample_root_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,11 +63,7 @@ def test_tiny_search_saves_the_best_model_with_its_config(sample_root, tmp_path)
     assert config["model_config"]["dropout"] == pytest.approx(config["hyperparameters"]["dropout"])
 
     predictor = tr.load_predictor(run_dir / "track_prediction_model_best.keras")
-    answer = predictor.predict([{
-        "station_id": "place-sstat", "route_id": "CR-Worcester", "trip_id": "CR-1-520",
-        "headsign": "Worcester - Worcester Ln", "direction_id": 0,
-        "scheduled_time": "2024-03-20T17:35:00-04:00",
-    }])[0]  # fmt: skip
+    answer = predictor.predict([assignment("2024-03-20T17:35:00-04:00", trip="CR-1-520")])[0]
     assert answer[0][0] in predictor.labels and answer[0][1] >= answer[-1][1]
 
     report = (run_dir / "training_report.md").read_text()

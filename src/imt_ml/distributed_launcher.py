@@ -484,10 +484,7 @@ def run_sync_tune(
     # Every worker runs the same seeded oracle on the same reduced metrics, so all
     # of them walk through the same trials; only the chief keeps its tuner state.
     scratch = None if chief else tempfile.TemporaryDirectory(prefix="imt-sync-worker-")
-    if scratch is None:
-        directory = str(Path(tuner_directory).resolve())
-    else:
-        directory = scratch.name
+    directory = scratch.name if scratch else str(Path(tuner_directory).resolve())
     tuner = make_tuner(hypermodel, opts, directory, overwrite=True)
     tuner.search(verbose=0)
     search_seconds = time.perf_counter() - started
@@ -793,19 +790,10 @@ def cli() -> None:
 )  # fmt: skip
 @click.option("--workers", required=True, help="host:port of every worker, comma-separated.")
 @click.option("--index", type=int, required=True, help="This worker's position in --workers.")
-@click.option(
-    "--tuner-directory",
-    default="kt_runs",
-    show_default=True,
-    help="Where the chief keeps the Keras Tuner state (the other workers keep none).",
-)
-@click.option(
-    "--peer-timeout",
-    type=click.FloatRange(min=1),
-    default=300,
-    show_default=True,
-    help="Seconds to wait for every worker to join.",
-)
+@click.option("--tuner-directory", default="kt_runs", show_default=True,
+              help="Where the chief keeps the Keras Tuner state (the other workers keep none).")  # fmt: skip
+@click.option("--peer-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Seconds to wait for every worker to join.")  # fmt: skip
 @search_options
 def sync_tune(
     workers: str, index: int, tuner_directory: str, peer_timeout: float, **kwargs: Any
@@ -825,40 +813,24 @@ def sync_tune(
 @cli.command(
     "tuner-parallel",
     epilog=environment_epilog(
-        ENV_OUTPUT,
-        ENV_PROGRESS,
-        ENV_TF_LOG,
+        ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG,
         "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT (the oracle's address when "
         "--oracle-address is not given)",
-    ),  # fmt: skip
-)
-@click.option(
-    "--tuner-directory",
-    required=True,
-    help="Keras Tuner directory every instance shares (e.g. on NFS); the chief publishes its "
-    "oracle's address there and the other instances find it.",
-)
+    ),
+)  # fmt: skip
+@click.option("--tuner-directory", required=True,
+              help="Keras Tuner directory every instance shares (e.g. on NFS); the chief "
+              "publishes its oracle's address there and the other instances find it.")  # fmt: skip
 @click.option("--tuner-id", required=True, help="'chief' or tuner0, tuner1, ...")
-@click.option(
-    "--oracle-address",
-    default=None,
-    help="host:port of the oracle. The chief binds it exactly (port 0: any free port) and "
-    "publishes it; others connect to it instead of reading the tuner directory. "
-    "[default: KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT, else the chief listens on every "
-    "interface on a free port and publishes its first non-loopback IPv4 address]",
-)
-@click.option(
-    "--train-best/--no-train-best",
-    default=None,
-    help="Retrain and save the best model here [default: only on the chief].",
-)
-@click.option(
-    "--oracle-wait",
-    type=click.FloatRange(min=1),
-    default=120,
-    show_default=True,
-    help="Seconds an instance waits for the chief to publish its address and answer.",
-)
+@click.option("--oracle-address", default=None,
+              help="host:port of the oracle. The chief binds it exactly (port 0: any free port) "
+              "and publishes it; others connect to it instead of reading the tuner directory. "
+              "[default: KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT, else the chief listens on "
+              "every interface on a free port and publishes its first non-loopback IPv4 address]")  # fmt: skip
+@click.option("--train-best/--no-train-best", default=None,
+              help="Retrain and save the best model here [default: only on the chief].")  # fmt: skip
+@click.option("--oracle-wait", type=click.FloatRange(min=1), default=120, show_default=True,
+              help="Seconds an instance waits for the chief to publish its address and answer.")  # fmt: skip
 @search_options
 def tuner_parallel(tuner_directory: str, tuner_id: str, oracle_address: str | None, train_best: bool | None,
                    oracle_wait: float, **kwargs: Any) -> None:  # fmt: skip

@@ -854,51 +854,27 @@ def run_export(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=environment_epilog(ENV_REDIS, ENV_PROGRESS),
 )
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("track_data_export"),
-    show_default=True,
-    help="Export root; each export becomes a timestamped directory inside it.",
-)
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("track_data_export"), show_default=True,
+              help="Export root; each export becomes a timestamped directory inside it.")  # fmt: skip
 @redis_options
-@click.option(
-    "--records-per-file",
-    type=click.IntRange(min=1),
-    default=10_000,
-    show_default=True,
-    help="Records per TFRecord shard.",
-)
+@click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Records per TFRecord shard.")  # fmt: skip
 @click.option("--since", default=None, help="First scheduled date (YYYY-MM-DD, local) to export.")
 @click.option("--until", default=None, help="Last scheduled date (YYYY-MM-DD, local), inclusive.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for Redis to connect.",
-)
-def cli(
-    output: Path,
-    redis_host: str,
-    redis_port: int,
-    redis_password: str | None,
-    redis_url: str | None,
-    records_per_file: int,
-    since: str | None,
-    until: str | None,
-    timeout: float,
-) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for Redis to connect.")  # fmt: skip
+def cli(output: Path, redis: RedisTarget, records_per_file: int, since: str | None,
+        until: str | None, timeout: float) -> None:  # fmt: skip
     """Export track assignments from the tracker's Redis to TFRecord files."""
     since_ts = parse_time_bound(since, end=False)
     until_ts = parse_time_bound(until, end=True)
     if since_ts is not None and until_ts is not None and until_ts <= since_ts:
         raise UserError("--until must not be earlier than --since")
 
-    target = RedisTarget(redis_host, redis_port, redis_password, redis_url, timeout)
-    log(f"Reading track history from Redis at {target.label}")
-    path, stats, seconds = run_export(target, output, records_per_file, since_ts, until_ts)
+    redis.timeout = timeout
+    log(f"Reading track history from Redis at {redis.label}")
+    path, stats, seconds = run_export(redis, output, records_per_file, since_ts, until_ts)
     rate = stats.written / seconds if seconds > 0 else float("inf")
     log(
         f"Exported {stats.written:,} records in {seconds:.1f} s ({rate:,.0f} records/s) "

@@ -331,21 +331,11 @@ class SampleHistory:
         if rng.random() > 0.1:
             actual = local + dt.timedelta(seconds=rng.randint(-30, 600))
         recorded = local - dt.timedelta(seconds=rng.randint(300, 1800))
-        doc: dict[str, Any] = {
-            "station_id": station,
-            "route_id": train.route_id,
-            "trip_id": trip_id,
-            "headsign": train.headsign,
-            "direction_id": train.direction_id,
-            "assignment_type": "historical" if rng.random() > 0.02 else "predicted",
-            "track_number": track,
-            "scheduled_time": local.isoformat(),
-            "actual_time": actual.isoformat() if actual else None,
-            "recorded_time": recorded.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "day_of_week": local.weekday(),
-            "hour": local.hour,
-            "minute": local.minute,
-        }
+        doc = assignment_doc(
+            station, train.route_id, trip_id, train.headsign, train.direction_id, local, track,
+            assignment_type="historical" if rng.random() > 0.02 else "predicted",
+            actual_time=actual.isoformat() if actual else None, recorded=recorded,
+        )  # fmt: skip
         if kind == "null_track":
             doc["track_number"] = None
         elif kind == "empty_track":
@@ -391,6 +381,24 @@ class SampleHistory:
 # ---------------------------------------------------------------------------
 # Destinations: a Redis in the tracker's layout, or an export directory.
 # ---------------------------------------------------------------------------
+
+
+def assignment_doc(
+    station: str, route_id: str, trip_id: str, headsign: str, direction_id: int,
+    scheduled: dt.datetime, track: str | None, recorded: dt.datetime | None = None, **fields: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """One track assignment as the tracker stores it (see tracker-redis-layout.md), with
+    its day, hour and minute taken from the local `scheduled` time; `fields` override
+    any other field (actual_time, assignment_type, ...)."""
+    recorded = recorded or scheduled - dt.timedelta(minutes=15)
+    return {
+        "station_id": station, "route_id": route_id, "trip_id": trip_id, "headsign": headsign,
+        "direction_id": direction_id, "assignment_type": "historical", "track_number": track,
+        "scheduled_time": scheduled.isoformat(), "actual_time": None,
+        "recorded_time": recorded.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "day_of_week": scheduled.weekday(), "hour": scheduled.hour, "minute": scheduled.minute,
+        **fields,
+    }  # fmt: skip
 
 
 def save_truth(path: Path, keys: list[tuple[str, str, float]], best: list[float]) -> None:
@@ -525,20 +533,11 @@ def cli() -> None:
     "inside the export root and training reports find it).",
 )  # fmt: skip
 def to_redis(
-    records: int,
-    seed: int,
-    redis_host: str,
-    redis_port: int,
-    redis_password: str | None,
-    redis_url: str | None,
-    truth_file: Path | None,
-    drift: Drift,
+    records: int, seed: int, redis: RedisTarget, truth_file: Path | None, drift: Drift
 ) -> None:
     """Write sample history into Redis in the tracker's key layout."""
-    target = RedisTarget(redis_host, redis_port, redis_password, redis_url)
-    client = target.connect()
-    dirty = seed_redis(client, records, seed, truth_file, drift)
-    log(f"Wrote {records:,} assignments to Redis at {target.label} ({sum(dirty.values()):,} dirty)")
+    dirty = seed_redis(redis.connect(), records, seed, truth_file, drift)
+    log(f"Wrote {records:,} assignments to Redis at {redis.label} ({sum(dirty.values()):,} dirty)")
 
 
 @cli.command("to-export", epilog=environment_epilog(ENV_PROGRESS))

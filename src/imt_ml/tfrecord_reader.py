@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -683,58 +683,46 @@ def _output_layers() -> dict[str, type]:
         tracks each station used in training kept in the saved model
         (`model.get_layer("track_probabilities").labels` / `.station_tracks`).
 
-        `temperature` (fitted on validation records, see `calibrate_model`) rescales
-        the probabilities to p^(1/T), renormalised: for a softmax that is exactly
-        softmax(logits / T), temperature scaling; T = 1 leaves them unchanged."""
+        `confidence_map` (fitted on validation records, see `calibrate_model`) maps the
+        top probability to the accuracy records with that confidence had, piecewise
+        linearly between its knots; the other tracks share the rest in their own
+        proportions, and the top track stays on top. None leaves them unchanged."""
 
         def __init__(self, labels: list[str], station_tracks: dict[str, list[str]] | None = None,
-                     temperature: float = 1.0, station_temperatures: dict[str, float] | None = None,
-                     **kwargs):  # fmt: skip
+                     confidence_map: dict[str, list[float]] | None = None, **kwargs):  # fmt: skip
             super().__init__(**kwargs)
             self.labels = list(labels)
             self.station_tracks = dict(station_tracks or {})
-            self.temperature = float(temperature)
-            # Per-station temperatures (the call then takes [probabilities, station_id]);
-            # a station not listed gets `temperature`.
-            self.station_temperatures = {
-                k: float(v) for k, v in (station_temperatures or {}).items()
-            }
-            if self.station_temperatures:
-                self.station_lookup = keras.layers.StringLookup(
-                    vocabulary=list(self.station_temperatures), num_oov_indices=1
-                )
-                self.temperature_table = np.array(
-                    [self.temperature, *self.station_temperatures.values()], dtype=np.float32
-                )
+            self.confidence_map = ConfidenceMap(**confidence_map) if confidence_map else None
 
-        def build(self, input_shape):
-            if self.station_temperatures:
-                self.station_lookup.build(input_shape[1])
-            self.built = True
+        def call(self, probabilities):
+            if self.confidence_map is None:
+                return probabilities
+            x, y = (np.asarray(v, dtype=np.float32) for v in self.confidence_map)
+            top = keras.ops.max(probabilities, axis=-1, keepdims=True)
+            chosen = keras.ops.one_hot(keras.ops.argmax(probabilities, axis=-1), len(self.labels))
+            # y[0] plus each segment's slope times how far into it the top probability lies.
+            slopes = np.diff(y) / np.maximum(np.diff(x), 1e-9)
+            into = keras.ops.clip(top - x[:-1], 0.0, np.diff(x))
+            mapped = y[0] + keras.ops.sum(into * slopes, axis=-1, keepdims=True)
+            rest = keras.ops.sum(probabilities * (1.0 - chosen), axis=-1, keepdims=True)
+            second = keras.ops.max(probabilities * (1.0 - chosen), axis=-1, keepdims=True)
+            # At second / (second + rest) the top and the next track would tie; stay above.
+            floor = second / keras.ops.maximum(second + rest, 1e-9) + 1e-5
+            mapped = keras.ops.minimum(keras.ops.maximum(mapped, floor), 1.0)
+            others = keras.ops.where(
+                rest > 1e-6, probabilities * (1.0 - mapped) / keras.ops.maximum(rest, 1e-6),
+                (1.0 - mapped) / max(len(self.labels) - 1, 1),
+            )  # fmt: skip
+            return chosen * mapped + (1.0 - chosen) * others
 
-        def temperatures_for(self, stations: Iterable[str]) -> np.ndarray:
-            """The temperature applied to each record of these stations."""
-            return np.array([self.station_temperatures.get(s, self.temperature) for s in stations])
-
-        def call(self, inputs):
-            if self.station_temperatures:
-                probabilities, station = inputs
-                index = self.station_lookup(station)
-                temperature = keras.ops.take(self.temperature_table, index)[:, None]
-            else:
-                probabilities, temperature = inputs, self.temperature
-                if temperature == 1.0:
-                    return probabilities
-            powered = keras.ops.power(probabilities, 1.0 / temperature)
-            return powered / keras.ops.sum(powered, axis=-1, keepdims=True)
-
-        def compute_output_spec(self, inputs):
-            probabilities = inputs[0] if isinstance(inputs, list | tuple) else inputs
+        def compute_output_spec(self, probabilities):
             return keras.KerasTensor(probabilities.shape, dtype="float32")
 
         def get_config(self):
-            return {**super().get_config(), "labels": self.labels, "station_tracks": self.station_tracks,
-                    "temperature": self.temperature, "station_temperatures": self.station_temperatures}  # fmt: skip
+            cmap = self.confidence_map._asdict() if self.confidence_map else None
+            return {**super().get_config(), "labels": self.labels,
+                    "station_tracks": self.station_tracks, "confidence_map": cmap}  # fmt: skip
 
     return {"TrackProbabilities": TrackProbabilities}
 
@@ -1034,73 +1022,53 @@ def expected_calibration_error(
     return float(total / len(confidence))
 
 
-#: Temperatures tried, log-spaced; below 0.5 a temperature mostly means the records
-#: were too easy to tell (a near-perfect model would sharpen without end).
-TEMPERATURE_GRID = np.exp(np.linspace(math.log(0.5), math.log(20.0), 97))
+class ConfidenceMap(NamedTuple):
+    """A monotone map of the top probability: knots `x` (increasing) and the accuracy
+    `y` at each; linear between knots, flat beyond them."""
+
+    x: list[float]
+    y: list[float]
+
+    def at(self, confidence: np.ndarray) -> np.ndarray:
+        return np.interp(confidence, self.x, self.y)
+
+    @classmethod
+    def mean(cls, maps: list[ConfidenceMap]) -> ConfidenceMap:
+        """The pointwise mean of several maps (still monotone), on all their knots."""
+        x = np.unique(np.concatenate([m.x for m in maps]))
+        return cls(x.tolist(), np.mean([m.at(x) for m in maps], axis=0).tolist())
 
 
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T whose p^(1/T) (renormalised) best matches confidence to accuracy
-    on labelled records: the lowest expected calibration error over TEMPERATURE_GRID.
+def fit_confidence_map(confidence: np.ndarray, correct: np.ndarray) -> ConfidenceMap:
+    """Isotonic regression of correctness on the top probability (pool adjacent
+    violators): each block of records becomes one knot at its mean confidence, with its
+    accuracy, shrunk by half a record towards 1/2 so no knot promises certainty.
 
-    Temperature scaling (Guo et al. 2017, https://arxiv.org/abs/1706.04599) fits T by
-    log-loss; on drifting track history that was dominated by the few records whose
-    track the model all but excluded and softened everything else, so the criterion
-    here is the one the display needs. Unknown labels (-1) are left out."""
-    rows = np.flatnonzero(labels >= 0)
-    if len(rows) < 50:
-        return 1.0
-    p = probabilities[rows].astype(np.float64)
-    top = p.argmax(axis=1)  # a temperature never changes the answer
-    correct = top == labels[rows]
-    best_t, best_error = 1.0, expected_calibration_error(p[np.arange(len(rows)), top], correct)
-    for t in TEMPERATURE_GRID:
-        powered = p ** (1.0 / t)
-        confidence = powered[np.arange(len(rows)), top] / powered.sum(axis=1)
-        error = expected_calibration_error(confidence, correct)
-        if error < best_error - 1e-4:
-            best_t, best_error = float(t), error
-    return best_t
+    Temperature scaling (Guo et al. 2017) bends every confidence the same way; on
+    drifting track history the model is under-confident in the middle and
+    over-confident near 1, which one temperature cannot mend (it made held-out ECE
+    worse than no calibration in the drift benchmark), and a monotone map can."""
+    order = np.argsort(confidence, kind="stable")
+    blocks: list[list[float]] = []  # [sum of confidence, correct, records]
+    for c, k in zip(confidence[order], correct[order].astype(float), strict=True):
+        blocks.append([float(c), k, 1.0])
+        while len(blocks) > 1 and blocks[-2][1] * blocks[-1][2] >= blocks[-1][1] * blocks[-2][2]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last, strict=True)]
+    sums = np.array(blocks)
+    x = sums[:, 0] / sums[:, 2]
+    y = np.maximum.accumulate((sums[:, 1] + 0.5) / (sums[:, 2] + 1.0))
+    return ConfidenceMap([round(float(v), 6) for v in x], [round(float(v), 6) for v in y])
 
 
-def fit_station_temperatures(
-    probabilities: np.ndarray, labels: np.ndarray, stations: np.ndarray, min_records: int = 200
-) -> tuple[float, dict[str, float]]:
-    """(one temperature for all records, one per station with enough records): stations
-    differ (one keeps to zones of tracks, others to homes), and one temperature cannot
-    match confidence to accuracy at both."""
-    overall = fit_temperature(probabilities, labels)
-    per_station = {}
-    for station in sorted(set(stations)):
-        sel = (stations == station) & (labels >= 0)
-        if sel.sum() >= min_records:
-            per_station[str(station)] = fit_temperature(probabilities[sel], labels[sel])
-    return overall, per_station
-
-
-def with_temperature(
-    model: Any, temperature: float, station_temperatures: dict[str, float] | None = None
-) -> Any:
-    """The same model with these temperatures applied on top of any it already has."""
+def with_calibration(model: Any, confidence_map: ConfidenceMap | None) -> Any:
+    """The same model with its output layer's confidence map replaced by this one."""
     output = model.get_layer("track_probabilities")
-    probabilities = output.input[0] if isinstance(output.input, list | tuple) else output.input
-    overall = output.temperature * temperature
-    stations = sorted(set(output.station_temperatures) | set(station_temperatures or {}))
-    combined = {
-        s: output.station_temperatures.get(s, output.temperature)
-        * (station_temperatures or {}).get(s, temperature)
-        for s in stations
-    }
     layer = custom_layers()["TrackProbabilities"](
-        output.labels, output.station_tracks, temperature=overall, station_temperatures=combined,
-        name="track_probabilities",
+        output.labels, output.station_tracks, name="track_probabilities",
+        confidence_map=confidence_map._asdict() if confidence_map else None,
     )  # fmt: skip
-    if combined:
-        station_id = next(t for t in model.inputs if t.name == "station_id")
-        calibrated = layer([probabilities, station_id])
-    else:
-        calibrated = layer(probabilities)
-    return keras.Model(inputs=model.inputs, outputs=calibrated, name=model.name)
+    return keras.Model(inputs=model.inputs, outputs=layer(output.input), name=model.name)
 
 
 def known_trips(model: Any, columns: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
@@ -1116,34 +1084,40 @@ def known_trips(model: Any, columns: dict[str, np.ndarray], idx: np.ndarray) -> 
     return np.array([k in vocabulary for k in keys], dtype=bool)
 
 
-def uncalibrated_probabilities(probabilities: np.ndarray, temperature: Any) -> np.ndarray:
-    """Undo a temperature (one, or one per record): p^T, renormalised (the model's own
-    softmax)."""
-    temperature = np.asarray(temperature, dtype=np.float64)
-    if temperature.ndim == 1:
-        temperature = temperature[:, None]
-    powered = np.power(probabilities.astype(np.float64), temperature)
-    return powered / powered.sum(axis=-1, keepdims=True)
+def uncalibrated(model: Any) -> Any:
+    """The model's own probabilities, before its output layer's confidence map."""
+    return keras.Model(model.inputs, model.get_layer("track_probabilities").input)
 
 
 @dataclass
 class Calibration:
-    """A temperature fitted on validation records, and what it changed there."""
+    """A confidence map fitted on validation records, and what it changed there."""
 
-    temperature: float
+    confidence_map: ConfidenceMap | None
     ece_before: float
     ece_after: float
     records: int
     reliability_before: list[dict[str, float]]
     reliability_after: list[dict[str, float]]
-    station_temperatures: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return describe_map(self.confidence_map)
+
+
+def describe_map(cmap: ConfidenceMap | None) -> str:
+    """A few points of the map, for reports."""
+    if cmap is None:
+        return "none: too few validation records to fit one"
+    points = np.array([0.5, 0.7, 0.9, 0.99])
+    return ", ".join(f"{p:g} -> {m:.3f}" for p, m in zip(points, cmap.at(points), strict=True))
 
 
 def calibrate_model(
     model: Any, columns: dict[str, np.ndarray], idx: np.ndarray, labels: list[str]
 ) -> tuple[Any, Calibration]:
-    """Fit a temperature on the records `idx` and return the model with it applied."""
-    probs = predict_probabilities(model, model_features(columns, idx))
+    """Fit a confidence map on the records `idx` and return the model with it applied
+    (in place of any it had)."""
+    probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
     y = label_indices(columns["track_number"][idx], labels)
     # Fit on the records of trips the model knows: the weeks after a cut-off ask mostly
     # about those; a new schedule's first days (unknown trip ids) would soften every
@@ -1151,21 +1125,18 @@ def calibrate_model(
     known = known_trips(model, columns, idx)
     if known.sum() < 100:
         known[:] = True
-    stations = columns["station_id"][idx]
-    temperature, per_station = fit_station_temperatures(probs[known], y[known], stations[known])
-    applied = np.array([per_station.get(s, temperature) for s in stations])
-    calibrated = uncalibrated_probabilities(probs, 1.0 / applied)
-
-    def confidence_and_correct(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        top = p.argmax(axis=1)
-        return p[np.arange(len(p)), top], top == y
-
-    before, after = confidence_and_correct(probs), confidence_and_correct(calibrated)
+    top = probs.argmax(axis=1)  # the map never changes the answer
+    confidence, correct = probs[np.arange(len(top)), top], top == y
+    fit = known & (y >= 0)
+    cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
+    calibrated = with_calibration(model, cmap)
+    after = np.asarray(calibrated.get_layer("track_probabilities")(probs)).max(axis=1)
     info = Calibration(
-        temperature, expected_calibration_error(*before), expected_calibration_error(*after),
-        int(len(idx)), reliability_bins(*before), reliability_bins(*after), per_station,
+        cmap, expected_calibration_error(confidence, correct),
+        expected_calibration_error(after, correct), int(len(idx)),
+        reliability_bins(confidence, correct), reliability_bins(after, correct),
     )  # fmt: skip
-    return with_temperature(model, temperature, per_station), info
+    return calibrated, info
 
 
 def reliability_bins(
@@ -1401,76 +1372,65 @@ def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headli
     return path
 
 
-def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
+@contextlib.contextmanager
+def figure(path: Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """(figure, axes) of a matplotlib figure saved to `path` (PNG) when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = range(1, len(history.get("loss", [])) + 1)
-    for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
-        if key in history:
-            ax.plot(epochs, history[key], label=f"train {key}")
-        if f"val_{key}" in history:
-            ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
+    with figure(path, ncols=2, figsize=(11, 4)) as (_, axes):
+        epochs = range(1, len(history.get("loss", [])) + 1)
+        for key, ax in zip(("loss", "accuracy"), axes, strict=True):
+            for name, label in ((key, "train"), (f"val_{key}", "validation")):
+                if name in history:
+                    ax.plot(epochs, history[name], label=f"{label} {key}")
+            ax.set(xlabel="epoch", title=key)
+            ax.grid(alpha=0.3)
+            ax.legend()
     return path
 
 
 def plot_confusion_matrix(confusion: np.ndarray, labels: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = confusion.sum(axis=1, keepdims=True)
     share = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
     size = max(5.0, 0.45 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted track")
-    ax.set_ylabel("actual track")
-    ax.set_title("Validation confusion matrix (row-normalised)")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(size, size * 0.85)) as (fig, ax):
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set(xlabel="predicted track", ylabel="actual track",
+               title="Validation confusion matrix (row-normalised)")  # fmt: skip
+        fig.colorbar(image, ax=ax, fraction=0.046)
     return path
 
 
 def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
-    """Accuracy against confidence per bin, before and after the temperature."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    for bins, label, style in (
-        (calibration.reliability_before, f"model (ECE {calibration.ece_before:.3f})", "o-"),
-        (calibration.reliability_after,
-         f"T = {calibration.temperature:.2f} (ECE {calibration.ece_after:.3f})", "s-"),
-    ):  # fmt: skip
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=label)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top probability), mean per bin")
-    ax.set_ylabel("accuracy in the bin")
-    ax.set_title(f"Reliability on {calibration.records:,} validation records")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Accuracy against confidence per bin, before and after the confidence map."""
+    c = calibration
+    with figure(path, figsize=(5.5, 5)) as (_, ax):
+        ax.plot(
+            [0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration"
+        )
+        for bins, label, style in ((c.reliability_before, f"model (ECE {c.ece_before:.3f})", "o-"),
+                                   (c.reliability_after, f"calibrated (ECE {c.ece_after:.3f})", "s-")):  # fmt: skip
+            ax.plot(
+                [b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=label
+            )
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability), mean per bin",
+               ylabel="accuracy in the bin", title=f"Reliability on {c.records:,} validation records")  # fmt: skip
+        ax.legend(loc="upper left")
     return path
 
 
@@ -1549,15 +1509,13 @@ def calibration_lines(calibration: Calibration | None) -> list[str]:
     return [
         "### Calibration",
         "",
-        f"The saved model's probabilities carry temperatures fitted on the validation records whose "
-        "trip the model knew, so that confidence matches accuracy (lowest expected calibration error): "
-        f"T = {calibration.temperature:.3f} overall"
-        + "".join(f", {s} {t:.3f}" for s, t in calibration.station_temperatures.items())
-        + ". Each record's probabilities become p^(1/T), renormalised, with its station's T, inside the "
-        "model's output layer, so `predict`, `load_predictor`, `serve` and the `.keras` file itself all "
-        "answer with calibrated probabilities.",
+        "The saved model's output layer maps its top probability to the accuracy that validation "
+        "records with that confidence had (isotonic regression on the records whose trip the model "
+        f"knew; {calibration.describe()}); the other tracks share the rest in proportion and the "
+        "answer never changes. So `predict`, `load_predictor`, `serve` and the `.keras` file itself "
+        "all answer with calibrated probabilities.",
         f"Expected calibration error on those records: {calibration.ece_before:.4f} before, "
-        f"{calibration.ece_after:.4f} after (the temperatures were fitted on these records' known trips, "
+        f"{calibration.ece_after:.4f} after (the map was fitted on these records' known trips, "
         "so the figure after is in-sample).",
         "",
         "![Reliability diagram](reliability_diagram.png)",
@@ -1620,15 +1578,10 @@ def dataset_section(data: PreparedData) -> str:
     skipped = data.metadata.get("skipped_total")
     if skipped is not None:
         lines.append(f"- Records the exporter skipped: {skipped:,}")
-    lines += [
-        "",
-        "Vocabulary sizes (from the training records; one more index for unknown values):",
-        "",
-    ]
-    lines.append(
-        markdown_table(["Vocabulary", "Size"], [[k, v] for k, v in data.vocab_info.sizes().items()])
-    )
-    lines += ["", f"Tracks (class order): {', '.join(data.vocab_info.tracks)}", ""]
+    sizes = [[k, v] for k, v in data.vocab_info.sizes().items()]
+    lines += ["", "Vocabulary sizes (from the training records; one more index for unknown values):",
+              "", markdown_table(["Vocabulary", "Size"], sizes), "",
+              f"Tracks (class order): {', '.join(data.vocab_info.tracks)}", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -1922,7 +1875,7 @@ def refit_on_every_record(
     name: str = "track_predictor",
 ) -> dict[str, Any]:
     """Refit on every record, snapshot the refit at the epoch counts the validated run
-    chose, apply its temperatures, and save the snapshots over `files.best` and
+    chose, apply its confidence map, and save the snapshots over `files.best` and
     `files.final` (and the vocabularies of every record over `files.vocab`)."""
     best_epochs, final_epochs = chosen_epochs(history, opts)
     targets: dict[int, list[Path]] = defaultdict(list)
@@ -1932,15 +1885,13 @@ def refit_on_every_record(
     class Snapshot(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             for path in targets.get(epoch + 1, []):
-                with_temperature(
-                    self.model, calibration.temperature, calibration.station_temperatures
-                ).save(path)
+                with_calibration(self.model, calibration.confidence_map).save(path)
 
     epochs = max(best_epochs, final_epochs)
     _, all_data, seconds = fit_on_every_record(data, opts, config, epochs, name, [Snapshot()])
     save_vocab(files.vocab, all_data.vocab_info, baseline_tables(data.columns, all_data.train_idx))
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
-            "final_epochs": final_epochs, "seconds": seconds, "temperature": calibration.temperature,
+            "final_epochs": final_epochs, "seconds": seconds, "calibration": calibration.describe(),
             "vocab_info": all_data.vocab_info}  # fmt: skip
 
 
@@ -1962,7 +1913,7 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
         f"- The saved models were then refit on all {refit['records']:,} records, the newest included, "
         f"with vocabularies from all of them: `{best_path.name}` after {refit['best_epochs']} epochs and "
         f"`{final_path.name}` after {refit['final_epochs']} (the counts the validated run chose; "
-        f"{refit['seconds']:.1f} s), each with the temperature fitted above (T = {refit['temperature']:.3f}).",
+        f"{refit['seconds']:.1f} s), each with the confidence map fitted above ({refit['calibration']}).",
         "- The refit models have no held-out records left; the figures above estimate them. "
         "`--no-refit` saves the validated models instead.",
         "",
@@ -2133,15 +2084,16 @@ def train_headline(evaluation: Evaluation) -> str:
 DEFAULT_ENSEMBLE_MODEL_PATH = "track_prediction_ensemble_model"
 DEFAULT_CV_MODEL_PATH = "track_prediction_cv_model"
 
-#: Member architectures, cycled; each member also gets its own seed.
+#: Member architectures, cycled; each member also gets its own seed. All stay near
+#: the default's capacity: a much smaller or much more regularised member was
+#: clearly weaker (validation log-loss 0.88 and 0.82 against 0.80 in the drift
+#: benchmark) and only dragged the average down.
 ENSEMBLE_VARIANTS: list[dict[str, Any]] = [
     {"hidden_units": (256, 128), "dropout": 0.3},
-    {"hidden_units": (512, 256, 128), "dropout": 0.4, "train_embedding": 24,
-     "l2": 2e-4},
-    {"hidden_units": (128,), "dropout": 0.2, "station_embedding": 3, "route_embedding": 4,
-     "headsign_embedding": 4, "train_embedding": 12, "l2": 1e-5},
+    {"hidden_units": (384, 192), "dropout": 0.3, "train_embedding": 24},
+    {"hidden_units": (256, 128, 64), "dropout": 0.25, "l2": 5e-5},
     {"hidden_units": (256, 256), "dropout": 0.3, "batch_norm": False, "l1": 1e-5},
-    {"hidden_units": (384, 192), "dropout": 0.35, "l2": 3e-4},
+    {"hidden_units": (320, 160), "dropout": 0.35, "l2": 2e-4, "route_embedding": 8},
 ]  # fmt: skip
 
 
@@ -2161,13 +2113,33 @@ def describe_config(cfg: ModelConfig) -> str:
     )
 
 
-def build_ensemble_model(members: list[Any], vocab_info: Vocabulary) -> Any:
-    """One model: raw values in, the mean of the members' probabilities out."""
+def member_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> list[float]:
+    """Weights (summing to one) for the members' probabilities that minimise the log-loss
+    of their weighted mean on labelled records (exponentiated gradient on the simplex;
+    equal weights when no record has a known track). A member that is weaker on these
+    records gets less say instead of dragging the vote down."""
+    rows = np.flatnonzero(labels >= 0)
+    weights = np.full(len(probabilities), 1.0 / len(probabilities))
+    if len(rows) == 0 or len(probabilities) == 1:
+        return weights.tolist()
+    true = np.stack([p[rows, labels[rows]] for p in probabilities], axis=1).astype(np.float64)
+    for _ in range(500):
+        gradient = -(true / np.maximum(true @ weights, 1e-12)[:, None]).mean(axis=0)
+        weights = weights * np.exp(-2.0 * (gradient - gradient.min()))
+        weights /= weights.sum()
+    return [round(float(w), 4) for w in weights / weights.sum()]
+
+
+def build_ensemble_model(
+    members: list[Any], vocab_info: Vocabulary, weights: list[float] | None = None
+) -> Any:
+    """One model: raw values in, the weighted mean of the members' probabilities out
+    (equal weights by default; each weight is the scale of a `member_weight_i` layer)."""
     inputs = build_raw_inputs()
-    outputs = [member(inputs) for member in members]
-    mean = (
-        keras.layers.Average(name="mean_probabilities")(outputs) if len(outputs) > 1 else outputs[0]
-    )
+    weights = weights or [1.0 / len(members)] * len(members)
+    outputs = [keras.layers.Rescaling(w, name=f"member_weight_{i}")(member(inputs))
+               for i, (member, w) in enumerate(zip(members, weights, strict=True))]  # fmt: skip
+    mean = keras.layers.Add(name="mean_probabilities")(outputs) if len(outputs) > 1 else outputs[0]
     labelled = custom_layers()["TrackProbabilities"](
         vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
     )(mean)
@@ -2245,11 +2217,12 @@ def train_member(
 
 
 def save_combined(
-    members: list[Any], data: PreparedData, tables: dict[str, Any], path: Path
+    members: list[Any], weights: list[float], data: PreparedData, tables: dict[str, Any], path: Path
 ) -> tuple[Evaluation, Calibration, Any]:
-    """The members' average, calibrated as a whole, saved and scored as a user loads it."""
+    """The members' weighted average, calibrated as a whole, saved and scored as a user
+    loads it."""
     combined, calibration = calibrate_model(
-        build_ensemble_model(members, data.vocab_info), data.columns, data.val_idx,
+        build_ensemble_model(members, data.vocab_info, weights), data.columns, data.val_idx,
         data.vocab_info.tracks,
     )  # fmt: skip
     combined.save(path)
@@ -2260,11 +2233,11 @@ def save_combined(
 
 
 def refit_members(
-    members: list[Member], data: PreparedData, opts: TrainOptions, calibration: Calibration,
-    vocab_path: Path, combined_path: Path,
+    members: list[Member], weights: list[float], data: PreparedData, opts: TrainOptions,
+    calibration: Calibration, vocab_path: Path, combined_path: Path,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Every member refit on all records for its chosen epochs; their average recombined
-    over `combined_path` with the combined temperatures."""
+    """Every member refit on all records for its chosen epochs; their weighted average
+    recombined over `combined_path` with the combined confidence map."""
     refits = []
     for m in members:
         log(f"Member {m.index + 1}/{len(members)}: refit")
@@ -2272,10 +2245,9 @@ def refit_members(
         refits.append(refit_on_every_record(data, opts, m.config, m.history, m.calibration,
                                             files, name=f"track_predictor_{m.index}"))  # fmt: skip
     refit = [load_saved_model(m.files.best) for m in members]
-    with_temperature(
-        build_ensemble_model(refit, refits[0]["vocab_info"]),
-        calibration.temperature, calibration.station_temperatures,
-    ).save(combined_path)  # fmt: skip
+    with_calibration(
+        build_ensemble_model(refit, refits[0]["vocab_info"], weights), calibration.confidence_map
+    ).save(combined_path)
     return refits
 
 
@@ -2291,21 +2263,23 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     trained = [train_member(run, data, opts, i, cfg, num_models)
                for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed))]  # fmt: skip
     members = [member for member, _ in trained]
+    true_labels = label_indices(data.columns["track_number"][data.val_idx], data.vocab_info.tracks)
+    weights = member_weights([m.evaluation.probabilities for m in members], true_labels)
     combined_path = run.path(f"{mp}_combined.keras")
     soft, calibration, combined = save_combined(
-        [b for _, b in trained], data, tables, combined_path
+        [b for _, b in trained], weights, data, tables, combined_path
     )
     plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
     refits = []
     if not opts.no_refit:
-        refits = refit_members(members, data, opts, calibration, run.path(f"{mp}_vocab.json"),
-                               combined_path)  # fmt: skip
+        refits = refit_members(members, weights, data, opts, calibration,
+                               run.path(f"{mp}_vocab.json"), combined_path)  # fmt: skip
     serving = export_serving_model(load_saved_model(combined_path), run.path(f"{mp}_serving"))
     votes = Votes.of(members, data, soft)
     report = [
         overview_section(run, data.export_dir, f"- Members: {num_models}"),
         votes.section(),
-        ensemble_members_section(members),
+        ensemble_members_section(members, weights),
         evaluation_section(soft, "Evaluation of the soft-vote ensemble on the validation records"),
         configuration_section(opts),
         dataset_section(data),
@@ -2346,7 +2320,10 @@ class Votes:
 
     def section(self) -> list[str]:
         rows = [
-            ["Ensemble, soft vote (mean probability; the combined model)", _pct(self.soft)],
+            [
+                "Ensemble, soft vote (weighted mean probability; the combined model)",
+                _pct(self.soft),
+            ],
             ["Ensemble, majority vote (ties to the higher mean probability)", _pct(self.majority)],
             ["Best single member", _pct(max(self.members))],
         ]
@@ -2361,9 +2338,22 @@ class Votes:
         ]
 
 
-def ensemble_members_section(members: list[Member]) -> list[str]:
-    header = ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1"]
-    return ["## Ensemble Members", "", markdown_table(header, [m.row for m in members]), ""]
+def ensemble_members_section(members: list[Member], weights: list[float]) -> list[str]:
+    header = [
+        "Member",
+        "Architecture",
+        "Parameters",
+        "Epochs",
+        "Fit s",
+        "Validation top-1",
+        "Weight",
+    ]
+    rows = [[*m.row, f"{w:.3f}"] for m, w in zip(members, weights, strict=True)]
+    return [
+        "## Ensemble Members", "", markdown_table(header, rows), "",
+        "The combined model is the weighted mean of the members' probabilities, with the weights "
+        "(summing to one) that minimise its log-loss on the validation records.", "",
+    ]  # fmt: skip
 
 
 def ensemble_model_section(
@@ -2396,8 +2386,8 @@ def ensemble_refit_section(refits: list[dict[str, Any]], calibration: Calibratio
         "only, and their average.",
         f"- Every member was then refit on all {refits[0]['records']:,} records, the newest included, "
         f"for the epoch counts its validated run chose ({epochs} for best/final), with its own "
-        "temperature; the combined model averages the refit members' best checkpoints and applies "
-        f"the combined temperature (T = {calibration.temperature:.3f}).",
+        "confidence map; the combined model averages the refit members' best checkpoints with the "
+        f"weights above and applies the combined map ({calibration.describe()}).",
         "",
     ]
 
@@ -2557,22 +2547,15 @@ def cv_fold(
 
 def deploy_cv_model(
     run: Run, export: Export, opts: TrainOptions, folds: list[Fold]
-) -> tuple[int, float]:
+) -> tuple[int, str]:
     """The model to deploy: every record, the settings the folds evaluated, for the median
-    of their epoch counts, with the median of their temperatures. (epochs, temperature)"""
+    of their epoch counts, with the mean of their confidence maps. (epochs, that map)"""
     epochs = max(1, int(round(float(np.median([f.result["epochs"] for f in folds])))))
     model, all_data, _ = fit_on_every_record(export, opts, ModelConfig(seed=opts.seed), epochs)
-    calibrations = [f.calibration for f in folds]
-    temperature = float(np.median([c.temperature for c in calibrations]))
-    stations = sorted({s for c in calibrations for s in c.station_temperatures})
-    per_station = {
-        s: float(np.median([c.station_temperatures[s] for c in calibrations
-                            if s in c.station_temperatures]))
-        for s in stations
-    }  # fmt: skip
-    save_deployable_model(with_temperature(model, temperature, per_station), all_data,
-                          run.run_dir, opts.model_path)  # fmt: skip
-    return epochs, temperature
+    maps = [f.calibration.confidence_map for f in folds if f.calibration.confidence_map]
+    cmap = ConfidenceMap.mean(maps) if maps else None
+    save_deployable_model(with_calibration(model, cmap), all_data, run.run_dir, opts.model_path)
+    return epochs, describe_map(cmap)
 
 
 def interval(ci: dict[str, float]) -> str:
@@ -2591,7 +2574,7 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     for j, val_idx in enumerate(indices):
         assignment[val_idx] = j
     np.save(run.path("fold_assignment.npy"), assignment)
-    deploy_epochs, deploy_temperature = deploy_cv_model(run, export, opts, folds)
+    deploy_epochs, deploy_calibration = deploy_cv_model(run, export, opts, folds)
     method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
     results = [f.result for f in folds]
     summary = {key: mean_confidence_interval([r[key] for r in results])
@@ -2607,7 +2590,7 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         cv_folds_section([f.row(shuffle_folds) for f in folds]),
         configuration_section(opts),
         timing_section(None, f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s"),
-        cv_deployable_section(opts.model_path, n, deploy_epochs, deploy_temperature),
+        cv_deployable_section(opts.model_path, n, deploy_epochs, deploy_calibration),
         cv_files_section(opts.model_path),
     ]  # fmt: skip
     write_report(run, "Cross-Validation", report, f"mean accuracy {interval(summary['accuracy'])}")
@@ -2641,15 +2624,15 @@ def cv_folds_section(rows: list[list[Any]]) -> list[str]:
     ]
 
 
-def cv_deployable_section(mp: str, n: int, epochs: int, temperature: float) -> list[str]:
+def cv_deployable_section(mp: str, n: int, epochs: int, calibration: str) -> list[str]:
     return [
         "## Deployable Model",
         "",
         f"- `{mp}_best.keras` and `{mp}_final.keras` are one model trained on all "
         f"{n:,} records with the options above and the default architecture, for {epochs} epochs (the median "
         "of the folds' epoch counts), without early stopping: no validation records remain to choose an epoch, "
-        "so the two files are the same model. Its probabilities carry the median of the folds' fitted "
-        f"temperatures (T = {temperature:.3f}).",
+        "so the two files are the same model. Its probabilities carry the mean of the folds' fitted "
+        f"confidence maps ({calibration}).",
         "- Its accuracy is not measured here: the fold figures above estimate it.",
         "",
     ]
@@ -3201,9 +3184,11 @@ class TrackPredictor:
         self.station_tracks = {s: set(t) for s, t in output.station_tracks.items()}
         self.stations = set(self.station_tracks)
         # One traced graph for every batch size: model.predict builds a tf.data
-        # pipeline per call, tens of milliseconds a request for a serving loop.
+        # pipeline per call, tens of milliseconds a request for a serving loop. It
+        # answers the calibrated probabilities and the model's own, before calibration.
+        both = keras.Model(model.inputs, [model.output, output.input])
         self._forward = tf.function(
-            lambda inputs: model(inputs, training=False), input_signature=[serving_input_specs()]
+            lambda inputs: both(inputs, training=False), input_signature=[serving_input_specs()]
         )
 
     def probabilities(self, records: list[dict[str, Any]]) -> np.ndarray:
@@ -3212,8 +3197,12 @@ class TrackPredictor:
 
     def probabilities_of_features(self, features: list[dict[str, Any]]) -> np.ndarray:
         """Class probabilities for records already turned into model inputs."""
+        return self.both_probabilities(features)[0]
+
+    def both_probabilities(self, features: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """(calibrated, the model's own before calibration) class probabilities."""
         if not features:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return (np.zeros((0, len(self.labels)), dtype=np.float32),) * 2
         parts = []
         for start in range(0, len(features), self.CHUNK):
             chunk = features[start : start + self.CHUNK]
@@ -3221,8 +3210,9 @@ class TrackPredictor:
                 name: tf.constant([f[name] for f in chunk], dtype=dtype)
                 for name, dtype in MODEL_INPUTS.items()
             }
-            parts.append(self._forward(columns).numpy())
-        return np.concatenate(parts)
+            parts.append([t.numpy() for t in self._forward(columns)])
+        calibrated, raw = zip(*parts, strict=True)
+        return np.concatenate(calibrated), np.concatenate(raw)
 
     def predict(self, records: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:
         """For each record, (track, probability) pairs, most likely first. Only tracks the
@@ -3407,7 +3397,6 @@ class PredictionWorker:
         self.stopping = False
         self.answered = self.errors = self.batches = 0
         labels = predictor.labels
-        self.output_layer = predictor.model.get_layer("track_probabilities")
         self.track_index = np.array([int(label) - 1 for label in labels])
         self.num_tracks = int(self.track_index.max()) + 1
 
@@ -3500,8 +3489,8 @@ class PredictionWorker:
         good = [p for p in parsed if isinstance(p, TrackRequest)]
         writes: list[tuple[str, bytes]] = []
         try:
-            probabilities = self.predictor.probabilities_of_features([r.features for r in good])
-            writes += self._results(good, probabilities)
+            both = self.predictor.both_probabilities([r.features for r in good])
+            writes += self._results(good, *both)
         except Exception as exc:  # the model failed on a batch: answer it, never stop
             log(f"Prediction failed for a batch of {len(good)}: {type(exc).__name__}: {exc}")
             failed: list[TrackRequest | tuple[str | None, str]] = [
@@ -3529,16 +3518,12 @@ class PredictionWorker:
         self.batches += 1
 
     def _results(
-        self, requests: list[TrackRequest], probabilities: np.ndarray
+        self, requests: list[TrackRequest], probabilities: np.ndarray, raw: np.ndarray
     ) -> list[tuple[str, bytes]]:
         """The result JSON of each request under its result and latest keys."""
         by_track = np.zeros((len(requests), self.num_tracks))
         by_track[:, self.track_index] = probabilities  # index i is track i + 1
         chosen = by_track.argmax(axis=1)
-        # The model's own probability of the chosen track, before its temperature.
-        raw = uncalibrated_probabilities(
-            probabilities, self.output_layer.temperatures_for(r.doc["station_id"] for r in requests)
-        )
         raw_by_track = np.zeros_like(by_track)
         raw_by_track[:, self.track_index] = raw
         created_at = dt.datetime.now(dt.UTC).isoformat()
@@ -3634,18 +3619,10 @@ def predict(model_file: Path, input_file: Any) -> None:
 @model_option("A saved .keras model (e.g. an ensemble's _combined.keras).")
 @redis_options
 @dataclass_options(ServeOptions)
-def serve(
-    model_file: Path,
-    redis_host: str,
-    redis_port: int,
-    redis_password: str | None,
-    redis_url: str | None,
-    **options: Any,
-) -> None:
+def serve(model_file: Path, redis: RedisTarget, **options: Any) -> None:
     """Answer the tracker's prediction requests from Redis until SIGTERM/SIGINT (DATA_DIR is
     not read). Results go to the result and latest keys, each with a one-day expiry."""
-    target = RedisTarget(redis_host, redis_port, redis_password, redis_url)
-    run_serve(model_file, target, ServeOptions(**options))
+    run_serve(model_file, redis, ServeOptions(**options))
 
 
 @cli.command(epilog=TRAINING_EPILOG)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import importlib
 import json
 import os
@@ -268,7 +269,14 @@ def from_options(cls: type[T], options: dict[str, Any]) -> T:
 
 
 def redis_options(func: Callable) -> Callable:
-    """--redis-host/--redis-port/--redis-password/--redis-url, with their IMT_REDIS_* variables."""
+    """--redis-host/--redis-port/--redis-password/--redis-url, with their IMT_REDIS_*
+    variables, handed to the command as one `redis` RedisTarget."""
+
+    @functools.wraps(func)
+    def with_target(redis_host: str, redis_port: int, redis_password: str | None,
+                    redis_url: str | None, **kwargs: Any) -> Any:  # fmt: skip
+        return func(redis=RedisTarget(redis_host, redis_port, redis_password, redis_url), **kwargs)
+
     options = [
         click.option("--redis-host", envvar="IMT_REDIS_ENDPOINT", default="localhost",
                      show_default=True, help="Redis host [env: IMT_REDIS_ENDPOINT]."),
@@ -281,8 +289,8 @@ def redis_options(func: Callable) -> Callable:
                      "password); overrides host, port and password."),
     ]  # fmt: skip
     for option in reversed(options):
-        func = option(func)
-    return func
+        with_target = option(with_target)
+    return with_target
 
 
 class RedisTarget:

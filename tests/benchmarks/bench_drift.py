@@ -136,8 +136,10 @@ def main(records: int, levels: str, ensemble_level: float, seed: int) -> None:
                 )
                 prefix = "track_prediction_ensemble_model"
                 members = [score(ens_dir / f"{prefix}_{i}_best.keras", test) for i in range(3)]
-                combined = score(ens_dir / f"{prefix}_combined.keras", test)
-                checks.append((level, members, combined, ens_seconds))
+                combined_file = ens_dir / f"{prefix}_combined.keras"
+                weights = [tr.load_saved_model(combined_file).get_layer(f"member_weight_{i}").scale
+                           for i in range(3)]  # fmt: skip
+                checks.append((level, members, score(combined_file, test), ens_seconds, weights))
 
     names = list(tr.BASELINE_NAMES)
     print(f"\nDrift benchmark: {records:,} sample records per level, held-out {HELD_OUT_DAYS} days "
@@ -166,13 +168,14 @@ def main(records: int, levels: str, ensemble_level: float, seed: int) -> None:
         print(f"moves {level:.2f}: >= 97% of best {verdict(of_best)}; above every baseline "
               f"{verdict(above)}; ECE <= 0.03 {verdict(ece_ok)}; coverage at 80% >= lookup "
               f"{verdict(cover_ok)}")  # fmt: skip
-    for level, members, combined, seconds in checks:
+    for level, members, combined, seconds, weights in checks:
         accs = [e.metrics["top1_accuracy"] for e in members]
         top = combined.metrics["top1_accuracy"]
         print(f"ensemble of 3 at moves {level:.2f} ({seconds:.0f} s): members "
               + ", ".join(pct(a).strip() for a in accs)
-              + f"; combined {pct(top).strip()} -> at least its best member "
-              f"{verdict(top >= max(accs))}")  # fmt: skip
+              + f" (weights {', '.join(f'{w:.2f}' for w in weights)}); combined {pct(top).strip()}"
+              f", ECE {combined.metrics['expected_calibration_error']:.3f} -> at least its best "
+              f"member {verdict(top >= max(accs))}")  # fmt: skip
 
 
 if __name__ == "__main__":
