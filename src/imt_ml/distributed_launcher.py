@@ -212,15 +212,12 @@ class SyncTrainer:
 
         self.strategy = strategy
         self.workers = workers
-        self.per_worker_batch = batch_size
         self.global_batch = batch_size * workers
         positions = equal_shard(len(data.train_idx), workers, index, seed)
         shard, labels = data.train_idx[positions], data.train_labels[positions]
         weights = class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt")
-        sample_weights = (
-            np.array([weights[int(y)] for y in labels], dtype=np.float32)
-            if weights
-            else np.ones(len(labels), np.float32)
+        sample_weights = np.array(
+            [(weights or {}).get(int(y), 1.0) for y in labels], dtype=np.float32
         )
         self.steps = len(shard) // batch_size
         if self.steps == 0:
@@ -232,12 +229,8 @@ class SyncTrainer:
         features = model_features(data.columns, shard)
         ds = tf.data.Dataset.from_tensor_slices(({k: tf.constant(v) for k, v in features.items()},
                                                  tf.constant(labels), tf.constant(sample_weights)))  # fmt: skip
-        self.train_ds = (
-            ds.shuffle(len(labels), seed=seed)
-            .batch(batch_size, drop_remainder=True)
-            .repeat()
-            .with_options(options)
-        )
+        batches = ds.shuffle(len(labels), seed=seed).batch(batch_size, drop_remainder=True)
+        self.train_ds = batches.repeat().with_options(options)
         known = data.val_known
         val_part = data.val_idx[known][index::workers]
         self.val_ds = make_dataset(
@@ -251,10 +244,7 @@ class SyncTrainer:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
         train_step = self._train_step(model, optimizer, loss_fn)
         history: dict[str, list[float]] = {
-            "loss": [],
-            "accuracy": [],
-            "val_loss": [],
-            "val_accuracy": [],
+            k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")
         }
         iterator = iter(self.strategy.experimental_distribute_dataset(self.train_ds))
         callbacks = callbacks or []
@@ -364,8 +354,7 @@ def make_hypermodel(
             cfg = model_config_from_hp(hp, seed)
             lr = learning_rate_from_hp(hp)
             keras.utils.set_random_seed(seed)
-            scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-            with scope:
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
                 model = create_simple_model(vocab_info, cfg)
             if trainer is None:
                 compile_model(model, lr)
@@ -402,17 +391,11 @@ def make_tuner(hypermodel: Any, opts: SearchOptions, directory: str, overwrite: 
             super().on_trial_begin(trial)
 
     return RecordingHyperband(
-        hypermodel,
-        objective=kt.Objective("val_accuracy", direction="max"),
-        max_epochs=opts.max_epochs,
-        factor=opts.factor,
-        hyperband_iterations=opts.hyperband_iterations,
-        executions_per_trial=opts.executions_per_trial,
-        seed=opts.seed,
-        directory=directory,
-        project_name=opts.project_name,
-        overwrite=overwrite,
-    )
+        hypermodel, objective=kt.Objective("val_accuracy", direction="max"),
+        max_epochs=opts.max_epochs, factor=opts.factor, hyperband_iterations=opts.hyperband_iterations,
+        executions_per_trial=opts.executions_per_trial, seed=opts.seed, directory=directory,
+        project_name=opts.project_name, overwrite=overwrite,
+    )  # fmt: skip
 
 
 def best_trial_summary(oracle: Any, n: int = 10) -> list[dict[str, Any]]:
@@ -842,17 +825,5 @@ def tuner_parallel(tuner_directory: str, tuner_id: str, oracle_address: str | No
         click.echo(str(run_dir))
 
 
-def sync_tune_main() -> None:
-    sync_tune()
-
-
-def tuner_parallel_main() -> None:
-    tuner_parallel()
-
-
-def main() -> None:
-    cli()
-
-
 if __name__ == "__main__":
-    main()
+    cli()

@@ -883,9 +883,5 @@ def cli(output: Path, redis: RedisTarget, records_per_file: int, since: str | No
     click.echo(str(path))
 
 
-def main() -> None:
-    cli()
-
-
 if __name__ == "__main__":
-    main()
+    cli()

@@ -494,6 +494,10 @@ records_option = click.option(
     help="Assignments to generate, dirty ones included.",
 )  # fmt: skip
 seed_option = click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
+output_option = click.option(
+    "--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+    default=Path("track_data_export"), show_default=True, help="Export root.",
+)  # fmt: skip
 
 
 def drift_options(func: Any) -> Any:
@@ -543,10 +547,7 @@ def to_redis(
 @cli.command("to-export", epilog=environment_epilog(ENV_PROGRESS))
 @records_option
 @seed_option
-@click.option(
-    "--output", "-o", type=click.Path(file_okay=False, path_type=Path),
-    default=Path("track_data_export"), show_default=True, help="Export root.",
-)  # fmt: skip
+@output_option
 @click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True)
 @drift_options
 def to_export(records: int, seed: int, output: Path, records_per_file: int, drift: Drift) -> None:
@@ -562,10 +563,7 @@ def to_export(records: int, seed: int, output: Path, records_per_file: int, drif
     help="Assignments to generate.",
 )  # fmt: skip
 @seed_option
-@click.option(
-    "--output", "-o", type=click.Path(file_okay=False, path_type=Path),
-    default=Path("track_data_export"), show_default=True, help="Export root.",
-)  # fmt: skip
+@output_option
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @drift_options
 def demo(records: int, seed: int, output: Path, epochs: int, drift: Drift) -> None:
@@ -575,18 +573,15 @@ def demo(records: int, seed: int, output: Path, epochs: int, drift: Drift) -> No
     path = run_demo_export(records, seed, output, drift)
     log(f"Demo export ready: {path}")
     result = run_train(path, TrainOptions(epochs=epochs, seed=seed))
-    m = result.evaluation.metrics
-    baselines = result.evaluation.baselines
-    best = result.evaluation.best_possible
-    log("")
-    log(f"Demo finished in {result.run_dir}")
+    ev, m = result.evaluation, result.evaluation.metrics
+    log(f"\nDemo finished in {result.run_dir}")
     log(
         f"  validation top-1 accuracy      {100 * m['top1_accuracy']:6.2f}%  (top-3 {100 * m['top3_accuracy']:.2f}%)"
     )
-    for name, accuracy in baselines.items():
+    for name, accuracy in ev.baselines.items():
         log(f"  baseline: {name:<20} {100 * accuracy:6.2f}%")
-    if best:
-        log(f"  best possible (sample data)    {100 * best['accuracy']:6.2f}%")
+    if ev.best_possible:
+        log(f"  best possible (sample data)    {100 * ev.best_possible['accuracy']:6.2f}%")
     log(f"  report: {result.run_dir / 'training_report.md'}")
 
 

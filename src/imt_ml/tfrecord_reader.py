@@ -50,6 +50,7 @@ from imt_ml.utils import (
     SHARD_GLOB,
     RedisTarget,
     UserError,
+    chunked,
     create_run_dir,
     dataclass_options,
     environment_epilog,
@@ -1355,17 +1356,14 @@ def files_section(*lines: str) -> list[str]:
     return ["## Files", "", *lines, ""]
 
 
-def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headline: str) -> Path:
-    """training_report.md of a run from its sections (each a string or a list of lines);
+def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headline: str,
+                 name: str = "training_report.md") -> Path:  # fmt: skip
+    """The report `name` of a run from its sections (each a string or a list of lines);
     logs the headline and where the report went."""
-    lines = [
-        f"# Training Report - {title}",
-        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
-        "",
-    ]
+    lines = [f"# {title}", f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
     for section in sections:
         lines.extend([section] if isinstance(section, str) else section)
-    path = run.path("training_report.md")
+    path = run.path(name)
     path.write_text("\n".join(lines))
     log(f"Done: {headline}")
     log(f"Report: {path}")
@@ -1991,7 +1989,7 @@ def run_train(
         figures_section(run, history, evaluation),
         train_files_section(files, serving),
     ]
-    write_report(run, mode.capitalize(), report, train_headline(evaluation))
+    write_report(run, f"Training Report - {mode.capitalize()}", report, train_headline(evaluation))
     return TrainResult(run.run_dir, evaluation, history, fit_seconds)
 
 
@@ -2290,7 +2288,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         ensemble_refit_section(refits, calibration),
         ensemble_files_section(mp, combined_path, serving),
     ]
-    write_report(run, "Ensemble", report, votes.headline)
+    write_report(run, "Training Report - Ensemble", report, votes.headline)
     return EnsembleResult(run.run_dir, soft, votes.majority, votes.members, [m.seconds for m in members],
                           votes.agreement)  # fmt: skip
 
@@ -2593,7 +2591,8 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         cv_deployable_section(opts.model_path, n, deploy_epochs, deploy_calibration),
         cv_files_section(opts.model_path),
     ]  # fmt: skip
-    write_report(run, "Cross-Validation", report, f"mean accuracy {interval(summary['accuracy'])}")
+    write_report(run, "Training Report - Cross-Validation", report,
+                 f"mean accuracy {interval(summary['accuracy'])}")  # fmt: skip
     return run.run_dir
 
 
@@ -2705,12 +2704,13 @@ def describe_search_space() -> list[list[str]]:
         if hasattr(domain, "categories"):
             text = "choice of " + ", ".join(str(c) for c in domain.categories)
         else:
-            log_scale = "LogUniform" in type(domain.get_sampler()).__name__
-            text = (
-                f"{'log-uniform' if log_scale else 'uniform'} {domain.lower:g} to {domain.upper:g}"
+            scale = (
+                "log-uniform" if "LogUniform" in type(domain.get_sampler()).__name__ else "uniform"
             )
-        rows.append([name, text + (" (later layers: times width_decay per layer)"
-                                   if name == "first_units" else "")])  # fmt: skip
+            text = f"{scale} {domain.lower:g} to {domain.upper:g}"
+        if name == "first_units":
+            text += " (later layers: times width_decay per layer)"
+        rows.append([name, text])
     return rows
 
 
@@ -3058,12 +3058,9 @@ def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for rank, t in enumerate(trials, 1):
         c = t["config"]
-        rows.append([
-            rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
-            f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
-            f"{c['route_embedding']}/{c['train_embedding']}",
-            t["epochs"], f"{t['best_val_accuracy']:.4f}",
-        ])  # fmt: skip
+        rows.append([rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
+                     f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
+                     f"{c['route_embedding']}/{c['train_embedding']}", t["epochs"], f"{t['best_val_accuracy']:.4f}"])  # fmt: skip
     return rows
 
 
@@ -3077,34 +3074,20 @@ def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluati
     vocab_path = vocab_file_for(model_file)
     tables = json.loads(vocab_path.read_text()).get("baselines") if vocab_path.exists() else None
     evaluation = evaluate_model(model, columns, idx, tables, load_sample_truth(export_dir))
-    run_dir = create_run_dir("evaluate")
-    confusion = plot_confusion_matrix(
-        evaluation.metrics["confusion"], evaluation.labels, run_dir / "confusion_matrix.png"
-    )
-    report = [
-        "# Evaluation Report",
-        f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
-        "",
-        f"- Model: `{model_file}`",
-        f"- Data: `{export_dir}` (all {len(idx):,} records)",
-        "- Baselines: "
-        + (
-            f"tables from the model's training data (`{vocab_path.name}`)"
-            if tables
-            else "not available (no vocab JSON beside the model)"
-        ),
-        "",
-        evaluation_section(evaluation, "Evaluation"),
-        f"![Confusion matrix]({confusion.name})",
-        "",
-    ]
-    (run_dir / "evaluation_report.md").write_text("\n".join(report))
+    run = Run.start("evaluate")
     m = evaluation.metrics
-    log(
-        f"Top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])} on {len(idx):,} records"
+    confusion = plot_confusion_matrix(
+        m["confusion"], evaluation.labels, run.path("confusion_matrix.png")
     )
-    log(f"Report: {run_dir / 'evaluation_report.md'}")
-    return run_dir, evaluation
+    baselines = (f"tables from the model's training data (`{vocab_path.name}`)" if tables
+                 else "not available (no vocab JSON beside the model)")  # fmt: skip
+    about = [f"- Model: `{model_file}`", f"- Data: `{export_dir}` (all {len(idx):,} records)",
+             f"- Baselines: {baselines}", ""]  # fmt: skip
+    write_report(run, "Evaluation Report", [about, evaluation_section(evaluation, "Evaluation"),
+                                            [f"![Confusion matrix]({confusion.name})", ""]],
+                 f"top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])} on {len(idx):,} records",
+                 name="evaluation_report.md")  # fmt: skip
+    return run.run_dir, evaluation
 
 
 def load_saved_model(model_file: Path | str) -> Any:
@@ -3239,46 +3222,37 @@ def run_predict(
     A line that is not usable gets `{"error": ...}` and the rest go on."""
     predictor = load_predictor(model_file)
     errors = 0
-    batch: list[tuple[Any, str | None]] = []  # (assignment, error)
-
-    def flush() -> None:
-        nonlocal errors
-        good = [doc for doc, error in batch if error is None]
+    for block in chunked((line for line in lines if line.strip()), chunk):  # blank: no record
+        parsed = [parse_prediction_line(line) for line in block]
+        good = [doc for doc, error in parsed if error is None]
         predictions = iter(predictor.predict(good) if good else [])
-        for doc, error in batch:
+        for doc, error in parsed:
             if error is not None:
                 errors += 1
                 write(json.dumps({"error": error}))
                 continue
-            answer: dict[str, Any] = {
-                "predictions": [
-                    {"track": t, "probability": round(p, 6)} for t, p in next(predictions)
-                ]
-            }
+            answer: dict[str, Any] = {"predictions": [
+                {"track": t, "probability": round(p, 6)} for t, p in next(predictions)
+            ]}  # fmt: skip
             if doc["station_id"] not in predictor.stations:
                 answer["warning"] = (
                     f"unknown station_id {doc['station_id']!r}: every track considered"
                 )
             write(json.dumps(answer))
-        batch.clear()
-
-    for line in lines:
-        if not line.strip():
-            continue  # blank lines are not records
-        try:
-            doc = json.loads(line)
-        except ValueError as exc:
-            batch.append((None, f"invalid JSON: {exc}"))
-        else:
-            try:
-                features_from_assignment(doc)
-                batch.append((doc, None))
-            except ValueError as exc:
-                batch.append((None, str(exc)))
-        if len(batch) >= chunk:
-            flush()
-    flush()
     return errors
+
+
+def parse_prediction_line(line: str) -> tuple[Any, str | None]:
+    """(the assignment, None), or (None, why it cannot be answered)."""
+    try:
+        doc = json.loads(line)
+    except ValueError as exc:
+        return None, f"invalid JSON: {exc}"
+    try:
+        features_from_assignment(doc)
+    except ValueError as exc:
+        return None, str(exc)
+    return doc, None
 
 
 # ---------------------------------------------------------------------------
@@ -3664,9 +3638,5 @@ def tune(ctx: click.Context, **options: Any) -> None:
     click.echo(str(result.run_dir))
 
 
-def main() -> None:
-    cli()
-
-
 if __name__ == "__main__":
-    main()
+    cli()

@@ -114,7 +114,6 @@ FEATURE_SCHEMA: dict[str, str] = {
     "minute": "int64",
 }
 
-TARGET_FEATURE = "track_number"
 SHARD_PATTERN = "track_data_{:04d}.tfrecord"
 SHARD_GLOB = "track_data_*.tfrecord"
 METADATA_FILE = "metadata.json"
