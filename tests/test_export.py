@@ -223,7 +223,7 @@ def test_each_kind_of_dirty_record_is_skipped_and_counted(redis_client, redis_se
     missing = assignment(trip="CR-1-5")
     del missing["headsign"]
     put(redis_client, missing)
-    put(redis_client, assignment(trip="CR-1-6", direction_id="0"))
+    put(redis_client, assignment(trip="CR-1-6", direction="0"))
     put(redis_client, assignment(trip="CR-1-7", hour=True))
     put(redis_client, assignment(trip="CR-1-8", minute=75))
     put(
