@@ -116,6 +116,26 @@ def test_saved_model_takes_raw_values_and_answers_with_labels(trained, sample_ro
     assert probs[back_bay][:, allowed].sum(axis=1) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_model_saved_with_temperatures_is_refused_in_one_line(trained, tmp_path):
+    """A .keras file from before confidence maps (its output layer carries a
+    temperature): predict says to train it again, without a traceback."""
+    import zipfile
+
+    source = trained["run_dir"] / "track_prediction_model_best.keras"
+    old = tmp_path / "old.keras"
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(old, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "config.json":
+                data = data.replace(
+                    b'"confidence_map": ', b'"temperature": 1.2, "confidence_map": '
+                )
+            zout.writestr(item, data)
+    result = CliRunner().invoke(tr.cli, ["-", "predict", "--model", str(old)], input="{}\n")
+    assert result.exit_code == 1
+    assert "calibrated with temperatures" in result.output and "Traceback" not in result.output
+
+
 def test_predict_agrees_with_the_saved_model(trained, sample_root, tmp_path):
     model_file = trained["run_dir"] / "track_prediction_model_best.keras"
     predictor = tr.load_predictor(model_file)

@@ -3100,6 +3100,9 @@ def load_saved_model(model_file: Path | str) -> Any:
         model = keras.models.load_model(path, compile=False)
         model_labels(model)
     except Exception as exc:  # Keras raises many kinds for a foreign or broken file
+        if "'temperature'" in str(exc):
+            raise UserError(f"{path} was saved by an imt-ml that calibrated with temperatures; "
+                            "this one calibrates with a confidence map: train it again") from None  # fmt: skip
         raise UserError(
             f"cannot load {path} as an imt-ml model: {type(exc).__name__}: {str(exc)[:200]}"
         ) from None
