@@ -706,8 +706,9 @@ def _output_layers() -> dict[str, type]:
             slopes = np.diff(y) / np.maximum(np.diff(x), 1e-9)
             into = keras.ops.clip(top - x[:-1], 0.0, np.diff(x))
             mapped = y[0] + keras.ops.sum(into * slopes, axis=-1, keepdims=True)
-            rest = keras.ops.sum(probabilities * (1.0 - chosen), axis=-1, keepdims=True)
-            second = keras.ops.max(probabilities * (1.0 - chosen), axis=-1, keepdims=True)
+            not_top = probabilities * (1.0 - chosen)
+            rest = keras.ops.sum(not_top, axis=-1, keepdims=True)
+            second = keras.ops.max(not_top, axis=-1, keepdims=True)
             # At second / (second + rest) the top and the next track would tie; stay above.
             floor = second / keras.ops.maximum(second + rest, 1e-9) + 1e-5
             mapped = keras.ops.minimum(keras.ops.maximum(mapped, floor), 1.0)
@@ -2125,7 +2126,7 @@ def member_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> list[
         gradient = -(true / np.maximum(true @ weights, 1e-12)[:, None]).mean(axis=0)
         weights = weights * np.exp(-2.0 * (gradient - gradient.min()))
         weights /= weights.sum()
-    return [round(float(w), 4) for w in weights / weights.sum()]
+    return [round(float(w), 4) for w in weights]
 
 
 def build_ensemble_model(
@@ -2337,15 +2338,8 @@ class Votes:
 
 
 def ensemble_members_section(members: list[Member], weights: list[float]) -> list[str]:
-    header = [
-        "Member",
-        "Architecture",
-        "Parameters",
-        "Epochs",
-        "Fit s",
-        "Validation top-1",
-        "Weight",
-    ]
+    header = ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1",
+              "Weight"]  # fmt: skip
     rows = [[*m.row, f"{w:.3f}"] for m, w in zip(members, weights, strict=True)]
     return [
         "## Ensemble Members", "", markdown_table(header, rows), "",
