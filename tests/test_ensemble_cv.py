@@ -33,7 +33,7 @@ def ensemble_run(sample_root, tmp_path_factory) -> Path:
 
 def validation(sample_root: Path) -> tuple[dict, np.ndarray]:
     columns = tr.read_export_columns(tr.find_export_dir(sample_root))
-    _, val_idx, _ = tr.split_records(columns["scheduled_timestamp"], "time", seed=0)
+    _, val_idx, _, _ = tr.split_records(columns["scheduled_timestamp"], "time", seed=0)
     return columns, val_idx
 
 

@@ -219,6 +219,7 @@ def test_each_kind_of_dirty_record_is_skipped_and_counted(redis_client, redis_se
     put(redis_client, assignment(trip="CR-1-1", track=None))
     put(redis_client, assignment(trip="CR-1-2", track=""))
     put(redis_client, assignment(trip="CR-1-3", track="Commuter Rail"))
+    put(redis_client, assignment(trip="CR-1-11", track="0"))  # no platform is track 0
     put(redis_client, assignment(trip="CR-1-4"), raw='{"station_id": "place-sstat", "rou')
     missing = assignment(trip="CR-1-5")
     del missing["headsign"]
@@ -251,12 +252,12 @@ def test_each_kind_of_dirty_record_is_skipped_and_counted(redis_client, redis_se
     meta = metadata(only_export_dir(out))
     assert meta["total_records"] == 1
     assert meta["skipped"] == {
-        "null_track": 1, "empty_track": 1, "non_numeric_track": 1, "invalid_json": 1,
-        "missing_field": 1, "wrong_type": 2, "invalid_value": 2, "expired_key": 1,
-        "duplicate": 2,
+        "null_track": 1, "empty_track": 1, "non_numeric_track": 1, "invalid_track": 1,
+        "invalid_json": 1, "missing_field": 1, "wrong_type": 2, "invalid_value": 2,
+        "expired_key": 1, "duplicate": 2,
     }  # fmt: skip
     # One summary line, not a line per record.
-    assert "skipped 12 (" in result.stderr
+    assert "skipped 13 (" in result.stderr
     assert result.stderr.count("\n") <= 3
 
 
@@ -476,3 +477,35 @@ def test_runs_by_path_and_as_console_script():
     assert script.exists()
     assert "--redis-url" in subprocess.run([str(script), "--help"], capture_output=True,
                                            text=True, check=True).stdout  # fmt: skip
+
+
+def test_track_labels_are_normalised_so_05_is_track_5(redis_client, redis_server, tmp_path,
+                                                       clean_env):  # fmt: skip
+    """One platform, one label: "05" and "5" are the same class, and the queue's "index i is
+    track i + 1" holds (before, "05" was a class of its own and "0" wrapped to the last)."""
+    put(redis_client, assignment(trip="CR-1-520", track="05"))
+    put(redis_client, assignment(trip="CR-1-522", track="5"))
+    put(redis_client, assignment(trip="CR-1-524", track="10"))
+    result, out = export(tmp_path, redis_server.port)
+    assert result.exit_code == 0, result.output
+    export_dir = only_export_dir(out)
+    assert sorted(r["track_number"] for r in read_export(export_dir)) == ["10", "5", "5"]
+    assert metadata(export_dir)["tracks"] == {"place-sstat": {"5": 2, "10": 1}}
+
+
+def test_clock_fields_are_written_in_boston_time_from_the_instant(
+    redis_client, redis_server, tmp_path, clean_env
+):
+    """The tracker's UTC record and a local-offset record of the same departure export the
+    same Boston clock (Thursday 20:05), whatever the record's own hour/day_of_week say."""
+    utc = assignment("2026-01-15T20:05:00-05:00", trip="CR-1-143", utc=True)
+    local = assignment("2026-01-15T20:05:00-05:00", trip="CR-1-145", utc=False)
+    assert (utc["hour"], utc["day_of_week"]) == (1, 4)  # as the tracker wrote it: UTC
+    put(redis_client, utc)
+    put(redis_client, local)
+    result, out = export(tmp_path, redis_server.port)
+    assert result.exit_code == 0, result.output
+    export_dir = only_export_dir(out)
+    rows = read_export(export_dir)
+    assert {(r["day_of_week"], r["hour"], r["minute"]) for r in rows} == {(3, 20, 5)}
+    assert metadata(export_dir)["clock"] == "America/New_York"

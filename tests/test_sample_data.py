@@ -14,9 +14,9 @@ from imt_ml.sample_data import (
     DIRTY_RATES,
     SEASONS,
     STATIONS,
-    ZONE_WEIGHTS,
     Drift,
     SampleHistory,
+    World,
     season_of,
 )
 from imt_ml.utils import SAMPLE_TRUTH_FILE
@@ -173,7 +173,8 @@ def test_a_zone_station_spreads_each_train_over_its_zone():
 
     zone_share, zone_best = north(Drift(zone_stations=("place-north",)))
     home_share, home_best = north(Drift(zone_stations=()))
-    assert zone_best == {round(ZONE_WEIGHTS[0] / sum(ZONE_WEIGHTS), 6)}
+    weights = SampleHistory(seed=4).world.zone_weights
+    assert zone_best == {round(weights[0] / sum(weights), 6)}
     assert 0.3 < zone_share < 0.55 and home_share > 0.7
     assert min(home_best) >= 0.55
 
@@ -189,3 +190,41 @@ def test_drift_options_reach_the_export(tmp_path):
     bad = CliRunner().invoke(sample_data.cli, ["to-export", "--records", "10", "--output",
                                                str(tmp_path), "--zone-stations", "place-nowhere"])  # fmt: skip
     assert bad.exit_code == 1 and "unknown zone station" in bad.output
+
+
+def test_records_are_in_the_trackers_real_format_by_default():
+    """UTC times with a Z, UTC clock fields, the scheduled time again as actual_time, and
+    the UTC date in the key; --local-times gives the local-offset form of other writers."""
+    import datetime as dt
+
+    real = [e for e in SampleHistory(seed=9).generate(3000) if e.kind == "clean"]
+    for event in real[:500]:
+        doc = json.loads(event.payload)
+        when = dt.datetime.fromisoformat(doc["scheduled_time"])
+        assert doc["scheduled_time"].endswith("Z") and doc["actual_time"] == doc["scheduled_time"]
+        assert (doc["day_of_week"], doc["hour"], doc["minute"]) == (
+            when.weekday(),
+            when.hour,
+            when.minute,
+        )
+        assert event.member_key.endswith(f":{when.date().isoformat()}")
+        assert when.timestamp() == event.score
+    # Evening departures in Boston fall on the next UTC day, as the tracker stored them.
+    evening = [json.loads(e.payload) for e in real if json.loads(e.payload)["hour"] < 4]
+    assert evening
+
+    local = [e for e in SampleHistory(seed=9, local_times=True).generate(3000)
+             if e.kind == "clean"]  # fmt: skip
+    assert [e.score for e in local] == [e.score for e in real]  # the same departures
+    doc = json.loads(local[0].payload)
+    assert doc["scheduled_time"][-6:] in ("-05:00", "-04:00")
+
+
+def test_each_seed_draws_a_world_of_its_own():
+    worlds = {SampleHistory(seed=s).world for s in range(5)}
+    assert len(worlds) == 5
+    for world in worlds:
+        assert 0.6 < world.rush_home_share < world.home_share < 1
+        assert abs(sum(world.zone_weights) - 1) < 0.01
+        assert list(world.zone_weights) == sorted(world.zone_weights, reverse=True)
+    assert World.draw(3) == SampleHistory(seed=3).world

@@ -44,8 +44,8 @@ def model_file(run_dir) -> Path:
 
 def tracker_request(request_id: str, station: str = "place-sstat", route: str = "CR-Worcester",
                     trip: str = "CR-Weekday-Spring-24-500", minute: int = 43,
-                    direction: int = 0) -> dict:  # fmt: skip
-    """A request exactly as the tracker LPUSHes it."""
+                    direction: int = 0, **fields) -> dict:  # fmt: skip
+    """A request exactly as the tracker LPUSHes it (`fields` override or add fields)."""
     return {
         "id": request_id,
         "station_id": station,
@@ -54,6 +54,7 @@ def tracker_request(request_id: str, station: str = "place-sstat", route: str = 
         "scheduled_time": f"2024-03-04T17:{minute:02d}:00-05:00",
         "trip_id": trip,
         "headsign": "Worcester - Worcester Ln",
+        **fields,
     }
 
 
@@ -94,10 +95,7 @@ LOAD_AND_CALL = """
         "trip_id": np.array(["CR-Weekday-Spring-24-500", "CR-Weekday-Spring-24-301"], dtype=object),
         "headsign": np.array(["Worcester - Worcester Ln", "Lowell - Lowell Ln"], dtype=object),
         "direction_id": np.array([0, 1]),
-        "hour": np.array([17, 8]),
-        "minute": np.array([43, 5]),
-        "day_of_week": np.array([0, 2]),
-        "scheduled_timestamp": np.array([1709592180.0, 1709730300.0], dtype=np.float32),
+        "scheduled_timestamp": np.array([1709592180.0, 1709730300.0]),
     }}
     probabilities = np.asarray(model(inputs))
     print(json.dumps({{"labels": model.get_layer("track_probabilities").labels,
@@ -147,10 +145,7 @@ def test_saved_model_serves_labels_where_imt_ml_cannot_be_imported(run_dir, mode
             trip_id=tf.constant(["CR-Weekday-Spring-24-500", "CR-Weekday-Spring-24-301"]),
             headsign=tf.constant(["Worcester - Worcester Ln", "Lowell - Lowell Ln"]),
             direction_id=tf.constant([0, 1], tf.int64),
-            hour=tf.constant([17, 8], tf.int64),
-            minute=tf.constant([43, 5], tf.int64),
-            day_of_week=tf.constant([0, 2], tf.int64),
-            scheduled_timestamp=tf.constant([1709592180.0, 1709730300.0]),
+            scheduled_timestamp=tf.constant([1709592180.0, 1709730300.0], tf.float64),
         )
         print(json.dumps({{"tracks": [[t.decode() for t in row] for row in out["tracks"].numpy()],
                           "probabilities": out["probabilities"].numpy().tolist()}}))
@@ -173,6 +168,64 @@ def test_saved_model_serves_labels_where_imt_ml_cannot_be_imported(run_dir, mode
         by_track = dict(zip(tracks, probabilities, strict=True))
         for track, p in answer:
             assert by_track[track] == pytest.approx(p, abs=1e-5)
+
+
+#: The same two departures (Monday 17:43 at South Station, Wednesday 20:05 at North Station,
+#: both Boston time), written with three offsets: the tracker's UTC, Boston's, and another.
+SAME_INSTANTS = {
+    "utc": ["2024-03-04T22:43:00Z", "2024-03-07T01:05:00Z"],
+    "boston": ["2024-03-04T17:43:00-05:00", "2024-03-06T20:05:00-05:00"],
+    "no_offset": ["2024-03-04T17:43:00", "2024-03-06T20:05:00"],  # read as Boston time
+    "tokyo": ["2024-03-05T07:43:00+09:00", "2024-03-07T10:05:00+09:00"],
+}
+
+
+def clock_requests(times: list[str]) -> list[dict]:
+    """Requests for SAME_INSTANTS, with the clock fields a UTC writer would add (ignored)."""
+    return [
+        tracker_request("a", scheduled_time=times[0], hour=22, day_of_week=0),
+        tracker_request("b", "place-north", "CR-Lowell", "CR-Weekday-Spring-24-301", direction=1,
+                        scheduled_time=times[1], hour=1, day_of_week=3),
+    ]  # fmt: skip
+
+
+def test_the_same_instant_in_any_offset_gets_the_same_answer_everywhere(run_dir, model_file,
+                                                                       tmp_path):  # fmt: skip
+    """Through `predict` (a subprocess), the .keras file and the SavedModel (fresh
+    processes): the same departures asked in UTC, Boston time, without an offset and in
+    Tokyo time get identical probabilities, to the last digit."""
+    answers = {}
+    for name, times in SAME_INSTANTS.items():
+        lines = "\n".join(json.dumps(r) for r in clock_requests(times)) + "\n"
+        proc = subprocess.run(
+            [sys.executable, str(READER), "-", "predict", "--model", str(model_file)],
+            input=lines, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answers[name] = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert all(a == answers["utc"] for a in answers.values()), answers
+
+    # The instants as Unix seconds, from each written form, through the saved model files.
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    def seconds(text: str) -> float:
+        when = dt.datetime.fromisoformat(text)
+        return (
+            when if when.tzinfo else when.replace(tzinfo=ZoneInfo("America/New_York"))
+        ).timestamp()
+
+    stamps = {name: [seconds(t) for t in times] for name, times in SAME_INSTANTS.items()}
+    assert all(v == stamps["utc"] for v in stamps.values())
+    code = LOAD_AND_CALL.format(imports="import imt_ml", path=str(model_file)).replace(
+        "[1709592180.0, 1709730300.0]", repr(stamps["utc"])
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    keras_probs = json.loads(proc.stdout.strip().splitlines()[-1])["probabilities"]
+    for row, answer in zip(keras_probs, answers["utc"], strict=True):
+        top = answer["predictions"][0]
+        assert max(row) == pytest.approx(top["probability"], abs=1e-6)
 
 
 def test_readme_loading_examples_run_as_written(run_dir, tmp_path):
@@ -393,3 +446,22 @@ def test_bad_credentials_or_no_redis_at_start_are_one_line(password_redis_server
         assert last.startswith("Error: ") and ("refused" in last or "cannot reach" in last)
         assert "Traceback" not in proc.stderr
         assert "not-the-password" not in proc.stderr and REDIS_PASSWORD not in proc.stderr
+
+
+def test_serve_answers_the_same_instant_identically_in_any_offset(redis_client, redis_server,
+                                                                  workers):  # fmt: skip
+    """The tracker's queue sends UTC times; clients with the MBTA API's Boston times, or none."""
+    asked = {}
+    for name, times in SAME_INSTANTS.items():
+        for request in clock_requests(times):
+            request["id"] = f"{name}-{request['id']}"
+            asked[request["id"]] = request
+    redis_client.lpush(REQUESTS, *[json.dumps(r) for r in asked.values()])
+    worker = workers(redis_server.port)
+    answers = wait_for_results(redis_client, list(asked))
+    for name in SAME_INSTANTS:
+        for key in ("a", "b"):
+            mine, utc = answers[f"{name}-{key}"], answers[f"utc-{key}"]
+            assert mine["probabilities"] == utc["probabilities"], name
+            assert mine["confidence"] == utc["confidence"]
+    assert worker.stop(signal.SIGTERM) == 0

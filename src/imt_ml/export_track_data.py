@@ -51,6 +51,7 @@ from imt_ml.utils import (
     TRACKER_TIMEZONE,
     RedisTarget,
     UserError,
+    boston_clock,
     environment_epilog,
     log,
     progress,
@@ -75,6 +76,7 @@ SKIP_REASONS = (
     "null_track",
     "empty_track",
     "non_numeric_track",
+    "invalid_track",
     "invalid_json",
     "missing_field",
     "wrong_type",
@@ -176,6 +178,10 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
         return "empty_track"
     if not (track.isascii() and track.isdigit()):
         return "non_numeric_track"
+    if track[0] == "0":  # one label per platform: "05" is track 5; "0" is no platform
+        track = track.lstrip("0")
+        if not track:
+            return "invalid_track"
 
     if not (
         type(station) is str and type(route) is str and type(trip) is str
@@ -196,6 +202,9 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     except (TypeError, ValueError):
         return "invalid_value"
 
+    # The clock fields are written in Boston time, from the instant: the tracker's own
+    # are UTC, other writers' local (they are only checked above, never trusted).
+    weekday, hour, minute = boston_clock(scheduled_ts)
     return Record(
         station, route, trip, headsign, direction, kind, track,
         scheduled_ts, actual_ts, recorded_ts, weekday, hour, minute,
@@ -392,6 +401,8 @@ class ExportStats:
             "total_records": self.written,
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "schema": dict(FEATURE_SCHEMA),
+            # day_of_week, hour and minute: the scheduled instant's Boston wall clock.
+            "clock": TRACKER_TIMEZONE,
             "target": "track_number",
             "time_range": {
                 "first_scheduled": iso(first),

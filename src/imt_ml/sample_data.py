@@ -154,16 +154,57 @@ class Drift:
     """Share of trains whose home track moves at each change of schedule season."""
     zone_stations: tuple[str, ...] = ("place-north",)
     """Stations whose trains keep only to a zone of tracks (their route's window),
-    spread over it with ZONE_WEIGHTS in an order of their own, instead of a home."""
+    spread over it with the world's zone weights in an order of their own, instead of a home."""
+
+
+@dataclass(frozen=True)
+class World:
+    """The character of one generated world, drawn from the seed, so that a model (or its
+    defaults) cannot be fitted to one fixed generator: how firmly trains keep their home
+    track, how a zone station spreads its trains, how often a departure is cancelled
+    (no record), and a share of trains whose track depends on the weekday."""
+
+    home_share: float = 0.9
+    """Chance of the home track off-peak, before the train's own reliability."""
+    rush_home_share: float = 0.74
+    """The same in weekday rush hours."""
+    reliability_low: float = 0.85
+    """Each train's reliability is drawn from [reliability_low, 1]."""
+    zone_weights: tuple[float, ...] = ZONE_WEIGHTS
+    """How a zone station's train shares its trips over its zone, most used first."""
+    cancel_rate: float = 0.0
+    """Share of departures cancelled (never recorded)."""
+    weekday_share: float = 0.0
+    """Share of weekday trains with a second home on some weekdays of their own."""
+
+    @classmethod
+    def draw(cls, seed: int) -> World:
+        rng = random.Random(f"world-{seed}")
+        zone = sorted((rng.uniform(0.05, 1.0) for _ in ZONE_WEIGHTS), reverse=True)
+        return cls(
+            home_share=round(rng.uniform(0.82, 0.95), 3),
+            rush_home_share=round(rng.uniform(0.62, 0.8), 3),
+            reliability_low=round(rng.uniform(0.78, 0.92), 3),
+            zone_weights=tuple(round(w / sum(zone), 3) for w in zone),
+            cancel_rate=round(rng.uniform(0.0, 0.04), 3),
+            weekday_share=round(rng.uniform(0.0, 0.2), 3),
+        )
 
 
 class SampleHistory:
     """Deterministic generator of tracker assignments (see the module docstring)."""
 
-    def __init__(self, seed: int = 42, drift: Drift | None = None) -> None:
+    def __init__(
+        self, seed: int = 42, drift: Drift | None = None, world: World | None = None,
+        local_times: bool = False,
+    ) -> None:  # fmt: skip
         from zoneinfo import ZoneInfo
 
         self.drift = drift or Drift()
+        self.world = world or World.draw(seed)
+        #: False: the tracker's real format (UTC times and clock fields, the UTC date in
+        #: the key); True: Boston local times with their offset, as other writers wrote.
+        self.local_times = local_times
         unknown = set(self.drift.zone_stations) - set(STATIONS)
         if unknown:
             raise UserError(f"unknown zone station(s): {', '.join(sorted(unknown))}")
@@ -172,6 +213,12 @@ class SampleHistory:
         self.rng = random.Random(seed)
         self.tz = ZoneInfo(TRACKER_TIMEZONE)
         self.trains = self._timetable()
+        #: Train number -> the weekdays (0 = Monday) on which it uses its second home.
+        self.second_home_days: dict[int, frozenset[int]] = {
+            t.number: frozenset(self.rng.sample(range(5), self.rng.randint(1, 2)))
+            for t in self.trains if t.weekday and self.rng.random() < self.world.weekday_share
+        }  # fmt: skip
+        self.second_homes: dict[tuple[str, int], str] = {}
         # Each route favours a window of neighbouring platforms at each station;
         # the windows overlap and together cover every platform.
         self.windows: dict[tuple[str, str], list[str]] = {}
@@ -206,15 +253,21 @@ class SampleHistory:
                         trains.append(
                             Train(
                                 route_id, number, direction_id, f"{dest} - {route.line} Ln",
-                                minutes, weekday, self.rng.uniform(0.85, 1.0),
+                                minutes, weekday, self.rng.uniform(self.world.reliability_low, 1.0),
                             )
                         )  # fmt: skip
         return trains
 
-    def _home(self, station: str, train: Train) -> str:
+    def _home(self, station: str, train: Train, weekday: int | None = None) -> str:
         key = (station, train.number)
         if key not in self.homes:
             self.homes[key] = self.rng.choice(self.windows[station, train.route_id])
+        if weekday in self.second_home_days.get(train.number, ()):
+            if key not in self.second_homes:
+                window = self.windows[station, train.route_id]
+                others = [t for t in window if t != self.homes[key]] or window
+                self.second_homes[key] = self.rng.choice(others)
+            return self.second_homes[key]
         return self.homes[key]
 
     def _zone(self, station: str, train: Train) -> list[str]:
@@ -239,15 +292,20 @@ class SampleHistory:
                     self.zones[key] = self.rng.sample(self.zones[key], len(self.zones[key]))
         self._season = season
 
-    def track_distribution(self, station: str, train: Train, hour: int) -> dict[str, float]:
-        """The generating distribution over tracks for one departure."""
+    def track_distribution(
+        self, station: str, train: Train, hour: int, weekday: int | None = None
+    ) -> dict[str, float]:
+        """The generating distribution over tracks for one departure (Boston `hour` and
+        `weekday`)."""
         if station in self.drift.zone_stations:
             zone = self._zone(station, train)
-            shares = ZONE_WEIGHTS[: len(zone)]
+            shares = self.world.zone_weights[: len(zone)]
             return {track: w / sum(shares) for track, w in zip(zone, shares, strict=True)}
-        home = self._home(station, train)
+        home = self._home(station, train, weekday)
         others = [t for t in self.windows[station, train.route_id] if t != home]
-        p_home = (0.74 if is_rush_hour(hour, train.weekday) else 0.9) * train.reliability
+        w = self.world
+        p_home = w.rush_home_share if is_rush_hour(hour, train.weekday) else w.home_share
+        p_home *= train.reliability
         p_home = max(p_home, 0.55)
         dist = {home: p_home}
         if others:
@@ -301,6 +359,8 @@ class SampleHistory:
             for station, train, local in self._departures(day):
                 if emitted >= n_records:
                     return
+                if rng.random() < self.world.cancel_rate:
+                    continue  # cancelled: the tracker never sees a track
                 kind = "clean"
                 if rng.random() < dirty_total:
                     kind = rng.choices(reasons, reason_weights)[0]
@@ -325,16 +385,20 @@ class SampleHistory:
     def _assignment(self, station: str, train: Train, local: dt.datetime, kind: str) -> Assignment:
         rng = self.rng
         trip_id = self._trip_id(train, local.date())
-        dist = self.track_distribution(station, train, local.hour)
+        dist = self.track_distribution(station, train, local.hour, local.weekday())
         track: str | None = rng.choices(list(dist), list(dist.values()))[0]
-        actual = None
-        if rng.random() > 0.1:
-            actual = local + dt.timedelta(seconds=rng.randint(-30, 600))
         recorded = local - dt.timedelta(seconds=rng.randint(300, 1800))
+        # Other writers knew an actual time, sometimes (drawn either way, so both formats
+        # describe the same departures and tracks).
+        actual = local + dt.timedelta(seconds=rng.randint(-30, 600))
+        known = rng.random() > 0.1
+        extra: dict[str, Any] = {}
+        if self.local_times:
+            extra["actual_time"] = actual.isoformat() if known else None
         doc = assignment_doc(
             station, train.route_id, trip_id, train.headsign, train.direction_id, local, track,
             assignment_type="historical" if rng.random() > 0.02 else "predicted",
-            actual_time=actual.isoformat() if actual else None, recorded=recorded,
+            recorded=recorded, utc=not self.local_times, **extra,
         )  # fmt: skip
         if kind == "null_track":
             doc["track_number"] = None
@@ -354,7 +418,9 @@ class SampleHistory:
         elif kind == "expired_key":
             payload = None
         series = f"track_timeseries:{station}:{train.route_id}"
-        member = f"track_history:{station}:{train.route_id}:{trip_id}:{local.date().isoformat()}"
+        # The key holds the scheduled date as the writer saw it: UTC for the tracker.
+        keyed = local if self.local_times else local.astimezone(dt.UTC)
+        member = f"track_history:{station}:{train.route_id}:{trip_id}:{keyed.date().isoformat()}"
         score = local.timestamp()
         event = Assignment(series, member, score, payload, kind)
         if kind == "clean":
@@ -383,20 +449,32 @@ class SampleHistory:
 # ---------------------------------------------------------------------------
 
 
+def utc_iso(when: dt.datetime) -> str:
+    """An aware time as the tracker wrote it: UTC with a `Z` (microseconds when present)."""
+    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
 def assignment_doc(
     station: str, route_id: str, trip_id: str, headsign: str, direction_id: int,
-    scheduled: dt.datetime, track: str | None, recorded: dt.datetime | None = None, **fields: Any,
+    scheduled: dt.datetime, track: str | None, recorded: dt.datetime | None = None,
+    utc: bool = True, **fields: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """One track assignment as the tracker stores it (see tracker-redis-layout.md), with
-    its day, hour and minute taken from the local `scheduled` time; `fields` override
-    any other field (actual_time, assignment_type, ...)."""
+    """One track assignment as the tracker stores it (docs/tracker-layout.md).
+
+    `utc` (the tracker's real format): `scheduled_time` in UTC with a `Z`, `actual_time`
+    the same (the tracker never knew the actual time), and `day_of_week`, `hour` and
+    `minute` of the UTC time. Otherwise the local-offset form other writers used: the
+    aware `scheduled` time as given, its own clock fields, no actual time. `fields`
+    override any field (actual_time, assignment_type, ...)."""
     recorded = recorded or scheduled - dt.timedelta(minutes=15)
+    written = scheduled.astimezone(dt.UTC) if utc else scheduled
+    text = utc_iso(scheduled) if utc else scheduled.isoformat()
     return {
         "station_id": station, "route_id": route_id, "trip_id": trip_id, "headsign": headsign,
         "direction_id": direction_id, "assignment_type": "historical", "track_number": track,
-        "scheduled_time": scheduled.isoformat(), "actual_time": None,
+        "scheduled_time": text, "actual_time": text if utc else None,
         "recorded_time": recorded.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "day_of_week": scheduled.weekday(), "hour": scheduled.hour, "minute": scheduled.minute,
+        "day_of_week": written.weekday(), "hour": written.hour, "minute": written.minute,
         **fields,
     }  # fmt: skip
 
@@ -419,10 +497,10 @@ def save_truth(path: Path, keys: list[tuple[str, str, float]], best: list[float]
 
 def seed_redis(
     client: Any, n_records: int, seed: int, truth_file: Path | None = None,
-    drift: Drift | None = None,
+    drift: Drift | None = None, local_times: bool = False,
 ) -> Counter:  # fmt: skip
     """Write `n_records` assignments in the tracker's layout; returns dirty counts."""
-    history = SampleHistory(seed, drift)
+    history = SampleHistory(seed, drift, local_times=local_times)
     truth_keys: list[tuple[str, str, float]] = []
     truth_best: list[float] = []
     events = progress(
@@ -447,7 +525,12 @@ def seed_redis(
 
 
 def write_export(
-    output: Path, n_records: int, seed: int, records_per_file: int, drift: Drift | None = None
+    output: Path,
+    n_records: int,
+    seed: int,
+    records_per_file: int,
+    drift: Drift | None = None,
+    local_times: bool = False,
 ) -> Path:
     """Write an export directory directly (the same files the exporter makes)."""
     from imt_ml.export_track_data import (
@@ -457,7 +540,7 @@ def write_export(
         parse_assignment,
     )
 
-    history = SampleHistory(seed, drift)
+    history = SampleHistory(seed, drift, local_times=local_times)
     stats = ExportStats()
     truth_keys: list[tuple[str, str, float]] = []
     truth_best: list[float] = []
@@ -481,7 +564,8 @@ def write_export(
         save_truth(writer.partial_dir / SAMPLE_TRUTH_FILE, truth_keys, truth_best)
         return writer.commit(
             stats.metadata(source="sample_data", seed=seed, records_per_file=records_per_file,
-                           drift=dataclasses.asdict(history.drift))
+                           drift=dataclasses.asdict(history.drift),
+                           world=dataclasses.asdict(history.world), local_times=local_times)
         )  # fmt: skip
 
 
@@ -494,6 +578,11 @@ records_option = click.option(
     help="Assignments to generate, dirty ones included.",
 )  # fmt: skip
 seed_option = click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
+local_times_option = click.option(
+    "--local-times", is_flag=True,
+    help="Write Boston local times with their offset (as older writers did) instead of the "
+    "tracker's real format (UTC times, UTC clock fields, the UTC date in the key).",
+)  # fmt: skip
 output_option = click.option(
     "--output", "-o", type=click.Path(file_okay=False, path_type=Path),
     default=Path("track_data_export"), show_default=True, help="Export root.",
@@ -530,6 +619,7 @@ def cli() -> None:
 @records_option
 @seed_option
 @drift_options
+@local_times_option
 @redis_options
 @click.option(
     "--truth-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -537,10 +627,11 @@ def cli() -> None:
     "inside the export root and training reports find it).",
 )  # fmt: skip
 def to_redis(
-    records: int, seed: int, redis: RedisTarget, truth_file: Path | None, drift: Drift
-) -> None:
+    records: int, seed: int, redis: RedisTarget, truth_file: Path | None, drift: Drift,
+    local_times: bool,
+) -> None:  # fmt: skip
     """Write sample history into Redis in the tracker's key layout."""
-    dirty = seed_redis(redis.connect(), records, seed, truth_file, drift)
+    dirty = seed_redis(redis.connect(), records, seed, truth_file, drift, local_times)
     log(f"Wrote {records:,} assignments to Redis at {redis.label} ({sum(dirty.values()):,} dirty)")
 
 
@@ -550,9 +641,12 @@ def to_redis(
 @output_option
 @click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True)
 @drift_options
-def to_export(records: int, seed: int, output: Path, records_per_file: int, drift: Drift) -> None:
+@local_times_option
+def to_export(
+    records: int, seed: int, output: Path, records_per_file: int, drift: Drift, local_times: bool
+) -> None:
     """Write sample history straight to an export directory (no Redis needed)."""
-    path = write_export(output, records, seed, records_per_file, drift)
+    path = write_export(output, records, seed, records_per_file, drift, local_times)
     log(f"Wrote sample export to {path}")
     click.echo(str(path))
 

@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ from imt_ml.utils import (
     SHARD_GLOB,
     RedisTarget,
     UserError,
+    boston_offsets,
     chunked,
     create_run_dir,
     dataclass_options,
@@ -57,6 +58,7 @@ from imt_ml.utils import (
     keras,
     log,
     option_field,
+    parse_instant,
     progress,
     redis_options,
     split_host_port,
@@ -69,17 +71,16 @@ from imt_ml.utils import (
 # Model inputs: the raw values a saved model takes, and their dtypes.
 # ---------------------------------------------------------------------------
 
-#: Input name -> dtype. Strings are raw ids; numbers are as the tracker writes them.
+#: Input name -> dtype. Strings are raw ids. The clock comes only from the scheduled
+#: instant (Unix seconds, float64 so it is exact to the second): the model converts it
+#: to Boston time itself, so no caller's offset or clock fields can change an answer.
 MODEL_INPUTS: dict[str, str] = {
     "station_id": "string",
     "route_id": "string",
     "trip_id": "string",
     "headsign": "string",
     "direction_id": "int64",
-    "hour": "int64",
-    "minute": "int64",
-    "day_of_week": "int64",
-    "scheduled_timestamp": "float32",
+    "scheduled_timestamp": "float64",
 }
 
 
@@ -95,7 +96,9 @@ VALIDATION_FRACTION = 0.2
 #: calibration are chosen on the same horizon (a longer window reaches back across a
 #: change of schedule and chooses for trains without history).
 VALIDATION_DAYS = 28
-AUGMENT_BELOW = 10_000  # augment only training sets smaller than this
+#: The newest days every mode holds out of checkpointing, early stopping, calibration,
+#: ensemble weights and trial selection: the report's headline figures come from them.
+TEST_DAYS = 7.0
 #: A schedule season lasts about 90 days; 60 lets the current one outweigh the last.
 RECENCY_HALF_LIFE_DAYS = 60.0
 SECONDS_PER_DAY = 86_400
@@ -182,7 +185,31 @@ def read_export_columns(export_dir: Path) -> dict[str, np.ndarray]:
     for name, values in columns.items():
         if values.dtype == object:
             columns[name] = np.array([v.decode() for v in values], dtype=object)
+    columns["scheduled_timestamp"] = exact_timestamps(
+        columns["scheduled_timestamp"], columns["minute"]
+    )
     return columns
+
+
+def exact_timestamps(approx: np.ndarray, minute: np.ndarray) -> np.ndarray:
+    """Scheduled instants, exact, from the TFRecord's float32 seconds (within about 64 s
+    of the truth at today's dates) and the record's minute of the hour: the instant is
+    the whole minute `minute` of the nearest hour. Boston's offsets from UTC are whole
+    hours, so the minute is the same whichever clock the writer used."""
+    t = approx.astype(np.float64) - minute.astype(np.float64) * 60
+    return np.round(t / 3600) * 3600 + minute.astype(np.float64) * 60
+
+
+def boston_days(timestamps: np.ndarray) -> np.ndarray:
+    """Day number (days since 1970-01-01) of each instant on Boston's calendar."""
+    instants, offsets = boston_offsets()
+    local = (
+        timestamps
+        + np.asarray(offsets, dtype=np.float64)[
+            np.searchsorted(np.asarray(instants), timestamps, side="right")
+        ]
+    )
+    return np.floor(local / SECONDS_PER_DAY).astype(np.int64)
 
 
 def train_numbers(trip_ids: Iterable[str]) -> np.ndarray:
@@ -200,42 +227,65 @@ def track_sort_key(track: str) -> tuple[int, str]:
     return (int(track), track) if track.isdigit() else (10**9, track)
 
 
+def iso_utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def period(timestamps: np.ndarray) -> list[str]:
+    """[first, last] scheduled time of some records, for reports."""
+    return [iso_utc(timestamps.min()), iso_utc(timestamps.max())] if len(timestamps) else []
+
+
 def split_records(
-    timestamps: np.ndarray, split: str, seed: int, val_fraction: float = VALIDATION_FRACTION
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(train indices, validation indices, description).
+    timestamps: np.ndarray, split: str, seed: int, val_fraction: float = VALIDATION_FRACTION,
+    test_days: float = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
+    """(train indices, validation indices, test indices, description).
 
-    "time": the earliest records train and the latest validate, cut between two
-    distinct timestamps so every validation record is strictly later than every
-    training record. "random": a seeded shuffle (the same train can then appear,
-    days apart, on both sides).
-    """
+    The test window is the newest `test_days` days: nothing is tuned on it (no
+    checkpoint, early stopping, calibration, weights or trial choice), so the headline
+    figures come from there. Of the rest, "time": the earliest records train and the
+    latest validate (20%, at most VALIDATION_DAYS days), cut between two distinct
+    timestamps so every validation record is strictly later than every training record;
+    "random": a seeded shuffle (the same train can then appear, days apart, on both
+    sides)."""
     n = len(timestamps)
+    test = np.zeros(0, dtype=np.int64)
+    rest = np.arange(n)
+    if test_days > 0:
+        test_cut = timestamps.max() - test_days * SECONDS_PER_DAY
+        test = np.flatnonzero(timestamps > test_cut)
+        rest = np.flatnonzero(timestamps <= test_cut)
+        if len(rest) < 10:
+            days = (timestamps.max() - timestamps.min()) / SECONDS_PER_DAY
+            raise UserError(f"the export covers {days:.1f} days: holding out the newest {test_days:g} "
+                            "(--test-days) leaves too little to train on; lower it, or 0 for none")  # fmt: skip
+        test = test[np.argsort(timestamps[test], kind="stable")]
+    ts = timestamps[rest]
     if split == "random":
-        order = np.random.default_rng(seed).permutation(n)
-        n_val = max(1, int(round(n * val_fraction)))
-        return np.sort(order[n_val:]), np.sort(order[:n_val]), {"method": "random", "seed": seed}
-    order = np.argsort(timestamps, kind="stable")
-    cut_time = timestamps[order[int(n * (1 - val_fraction))]] if n > 1 else timestamps[0]
-    # No more than the horizon the model is used for: the weeks after its newest record.
-    cut_time = max(cut_time, timestamps.max() - VALIDATION_DAYS * SECONDS_PER_DAY)
-    train = np.flatnonzero(timestamps < cut_time)
-    val = np.flatnonzero(timestamps >= cut_time)
-    if len(train) == 0 or len(val) == 0:
-        raise UserError("cannot split by time: every record has the same scheduled time")
-    train = train[np.argsort(timestamps[train], kind="stable")]
-    val = val[np.argsort(timestamps[val], kind="stable")]
-
-    def iso(ts: float) -> str:
-        return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-    info = {
-        "method": "time",
-        "train_period": [iso(timestamps[train[0]]), iso(timestamps[train[-1]])],
-        "validation_period": [iso(timestamps[val[0]]), iso(timestamps[val[-1]])],
-        "cut_timestamp": float(cut_time),
-    }
-    return train, val, info
+        order = rest[np.random.default_rng(seed).permutation(len(rest))]
+        n_val = max(1, int(round(len(rest) * val_fraction)))
+        info = {"method": "random", "seed": seed}
+        train, val = np.sort(order[n_val:]), np.sort(order[:n_val])
+    else:
+        order = np.argsort(ts, kind="stable")
+        cut_time = ts[order[int(len(ts) * (1 - val_fraction))]] if len(ts) > 1 else ts[0]
+        # No more than the horizon the model is used for: the weeks after its newest record.
+        cut_time = max(cut_time, ts.max() - VALIDATION_DAYS * SECONDS_PER_DAY)
+        train = rest[ts < cut_time]
+        val = rest[ts >= cut_time]
+        if len(train) == 0 or len(val) == 0:
+            raise UserError("cannot split by time: every record has the same scheduled time")
+        train = train[np.argsort(timestamps[train], kind="stable")]
+        val = val[np.argsort(timestamps[val], kind="stable")]
+        info = {"method": "time", "cut_timestamp": float(cut_time)}
+    info.update({
+        "train_period": period(timestamps[train]),
+        "validation_period": period(timestamps[val]),
+        "test_days": float(test_days),
+        "test_period": period(timestamps[test]),
+    })  # fmt: skip
+    return train, val, test, info
 
 
 @dataclass(frozen=True)
@@ -260,7 +310,10 @@ class Vocabulary:
     split: dict[str, Any] = field(default_factory=dict)
     history: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     directions: tuple[int, ...] = (0, 1)
-    format_version: int = 1
+    #: Days in which a record's weight in the history tables halves (0: all equal).
+    recency_half_life: float = RECENCY_HALF_LIFE_DAYS
+    #: 2: the clock comes from the scheduled instant in Boston time (no hour inputs).
+    format_version: int = 2
 
     @property
     def num_classes(self) -> int:
@@ -311,6 +364,7 @@ def build_vocabulary(
     labels: list[str],
     record_counts: dict[str, int],
     split: dict[str, Any],
+    recency_half_life: float = RECENCY_HALF_LIFE_DAYS,
 ) -> Vocabulary:
     """Vocabularies, normalisation constants and history tables, from the training records."""
     stations = columns["station_id"][train_idx]
@@ -336,6 +390,7 @@ def build_vocabulary(
         timestamp_std=float(ts.std() or 1.0),
         record_counts=record_counts,
         split=split,
+        recency_half_life=recency_half_life,
     )
     return dataclasses.replace(vocab, history=history_tables(vocab, columns, train_idx))
 
@@ -353,9 +408,9 @@ def history_tables(
     tracks = label_indices(columns["track_number"][train_idx], labels)
     stations = columns["station_id"][train_idx]
     trips = columns["trip_id"][train_idx]
-    ts = columns["scheduled_timestamp"][train_idx].astype(np.float32)
-    weights = recency_weights(ts, RECENCY_HALF_LIFE_DAYS).astype(np.float32)
-    fold = (np.floor(ts / np.float32(SECONDS_PER_DAY)) % HISTORY_FOLDS).astype(np.int64)
+    ts = columns["scheduled_timestamp"][train_idx]
+    weights = recency_weights(ts, vocab.recency_half_life).astype(np.float32)
+    fold = boston_days(ts) % HISTORY_FOLDS
     known = tracks >= 0
     tables = {}
     for name, keys in (("station_trip", trips), ("station_train", train_numbers(trips))):
@@ -393,19 +448,30 @@ def label_indices(tracks: np.ndarray, labels: list[str]) -> np.ndarray:
     return np.array([index.get(t, -1) for t in tracks], dtype=np.int64)
 
 
-def _augment(features: dict[str, Any], labels: Any, *weights: Any) -> tuple:
-    """Small-data augmentation on a batch: jitter the clock by up to 3 minutes and hide
-    10% of trip ids, so the model also learns to answer for trains it has not seen."""
+#: Shares of training records whose identity is hidden in each batch, so the unknown
+#: buckets learn at any training size: a new trip id of a known train (what every
+#: record of a new schedule season looks like) and a train never seen at all.
+HIDE_TRIP_SHARE = 0.15
+HIDE_TRAIN_SHARE = 0.03
+#: The trip id a hidden trip takes: unknown to every vocabulary, same train number.
+UNSEEN_TRIP_PREFIX = "unseen-trip-"
+
+
+def _hide_identities(features: dict[str, Any], labels: Any, *weights: Any) -> tuple:
+    """Training augmentation on a batch: a share of records lose their trip id but keep
+    their train number (a new season), and a smaller share lose both (a new train), so
+    the model learns what to answer for both. Only identities are touched; the clock
+    and the record's group of days stay as they were (no own track as evidence)."""
     batch = tf.shape(labels)[0]
-    shift = tf.random.uniform([batch], -3, 4, dtype=tf.int64)
-    total = features["hour"] * 60 + features["minute"] + shift
-    total = tf.math.floormod(total, 24 * 60)
-    hide = tf.random.uniform([batch]) < 0.1
+    draw = tf.random.uniform([batch])
+    trip_id = features["trip_id"]
+    number = tf.strings.regex_replace(trip_id, r"^.*-", "")
     out = dict(features)
-    out["hour"] = total // 60
-    out["minute"] = total % 60
-    out["scheduled_timestamp"] = features["scheduled_timestamp"] + tf.cast(shift * 60, tf.float32)
-    out["trip_id"] = tf.where(hide, tf.fill([batch], ""), features["trip_id"])
+    out["trip_id"] = tf.where(
+        draw < HIDE_TRAIN_SHARE, tf.fill([batch], ""),
+        tf.where(draw < HIDE_TRAIN_SHARE + HIDE_TRIP_SHARE,
+                 tf.strings.join([UNSEEN_TRIP_PREFIX, number]), trip_id),
+    )  # fmt: skip
     return (out, labels, *weights)
 
 
@@ -428,13 +494,15 @@ def make_dataset(
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment:
-        ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(_hide_identities, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray:
     """0.5 ** (age / half-life), age counted back from the newest record, scaled to mean 1
-    so the loss and the learning rate keep their meaning."""
+    so the loss and the learning rate keep their meaning (all 1 for a half-life of 0)."""
+    if half_life_days <= 0:
+        return np.ones(len(timestamps))
     age_days = (timestamps.max() - timestamps.astype(np.float64)) / 86_400
     weights = 0.5 ** (age_days / half_life_days)
     return weights / weights.mean()
@@ -457,11 +525,18 @@ class PreparedData:
     batch_size: int
     train_ds: Any
     val_ds: Any  # None when no validation record has a track the model knows
+    #: The newest records, held out of every choice made in training (headline figures).
+    test_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def val_known(self) -> np.ndarray:
         """Validation positions whose track the model can name."""
         return np.flatnonzero(self.val_labels >= 0)
+
+    @property
+    def fit_idx(self) -> np.ndarray:
+        """Every record a model may learn from: all but the test window."""
+        return np.sort(np.concatenate([self.train_idx, self.val_idx]))
 
 
 class Export(NamedTuple):
@@ -495,26 +570,32 @@ def prepare_split(
     batch_size: int = 256,
     seed: int = 42,
     augment: bool | None = None,
+    test_idx: np.ndarray | None = None,
+    recency_half_life: float = RECENCY_HALF_LIFE_DAYS,
 ) -> PreparedData:
-    """Vocabularies from `train_idx`, and the training and validation datasets."""
+    """Vocabularies (and the history tables, weighted by `recency_half_life`) from
+    `train_idx`, and the training and validation datasets."""
     labels = track_labels(columns, train_idx)
     train_labels = label_indices(columns["track_number"][train_idx], labels)
     keep = train_labels >= 0  # the exporter only writes numeric tracks; belt and braces
     train_idx, train_labels = train_idx[keep], train_labels[keep]
     val_labels = label_indices(columns["track_number"][val_idx], labels)
-    augmented = len(train_idx) < AUGMENT_BELOW if augment is None else augment
+    augmented = True if augment is None else augment
+    test_idx = np.zeros(0, dtype=np.int64) if test_idx is None else test_idx
     counts = {
         "total": int(len(columns["track_number"])),
         "train": int(len(train_idx)),
         "validation": int(len(val_idx)),
         "validation_unknown_track": int((val_labels < 0).sum()),
+        "test": int(len(test_idx)),
     }
     known = np.flatnonzero(val_labels >= 0)  # none when refitting on every record
+    vocab = build_vocabulary(columns, train_idx, labels, counts, split_info, recency_half_life)
     return PreparedData(
         export_dir=export_dir, metadata=metadata, columns=columns,
-        train_idx=train_idx, val_idx=val_idx, split_info=split_info,
-        vocab_info=build_vocabulary(columns, train_idx, labels, counts, split_info),
-        train_labels=train_labels, val_labels=val_labels, augmented=augmented, batch_size=batch_size,
+        train_idx=train_idx, val_idx=val_idx, test_idx=test_idx, split_info=split_info,
+        vocab_info=vocab, train_labels=train_labels, val_labels=val_labels,
+        augmented=augmented, batch_size=batch_size,
         train_ds=make_dataset(model_features(columns, train_idx), train_labels, batch_size,
                               shuffle=True, seed=seed, augment=augmented),
         val_ds=make_dataset(model_features(columns, val_idx[known]), val_labels[known], batch_size)
@@ -529,15 +610,19 @@ def prepare_data(
     seed: int = 42,
     validation_split: float = VALIDATION_FRACTION,
     augment: bool | None = None,
+    test_days: float = 0,
+    recency_half_life: float = RECENCY_HALF_LIFE_DAYS,
 ) -> PreparedData:
-    """Read an export, split it, build the vocabularies and the two datasets."""
+    """Read an export, hold out the newest `test_days`, split the rest, build the
+    vocabularies and the two datasets."""
     export_dir, metadata, columns = load_export(data_dir)
-    train_idx, val_idx, split_info = split_records(
-        columns["scheduled_timestamp"], split, seed, validation_split
+    train_idx, val_idx, test_idx, split_info = split_records(
+        columns["scheduled_timestamp"], split, seed, validation_split, test_days
     )
     return prepare_split(
-        export_dir, metadata, columns, train_idx, val_idx, split_info, batch_size, seed, augment
-    )
+        export_dir, metadata, columns, train_idx, val_idx, split_info, batch_size, seed, augment,
+        test_idx=test_idx, recency_half_life=recency_half_life,
+    )  # fmt: skip
 
 
 def load_tfrecord_dataset(
@@ -546,14 +631,16 @@ def load_tfrecord_dataset(
     split: str = "time",
     validation_split: float = VALIDATION_FRACTION,
     seed: int = 42,
+    test_days: float = 7,
 ) -> tuple[Any, Any, Vocabulary]:
     """(train_ds, val_ds, vocab_info) for an export directory or export root.
 
-    Both datasets yield (dict of raw feature batches, track class index). The
-    split is by time unless `split="random"`; validation records whose track
+    Both datasets yield (dict of raw feature batches, track class index). The newest
+    `test_days` are held out of both, as the training modes hold them out; of the
+    rest, the split is by time unless `split="random"`; validation records whose track
     never occurs in training are left out of val_ds (the reports count them).
     """
-    data = prepare_data(data_dir, batch_size, split, seed, validation_split)
+    data = prepare_data(data_dir, batch_size, split, seed, validation_split, test_days=test_days)
     return data.train_ds, data.val_ds, data.vocab_info
 
 
@@ -603,26 +690,64 @@ def _input_layers() -> dict[str, type]:
         def get_config(self):
             return {**super().get_config(), "separator": self.separator}
 
-    class CyclicalEncoding(keras.layers.Layer):
-        """x -> [sin(2 pi x / period), cos(2 pi x / period)]: 23:59 sits next to 00:00."""
+    class BostonClock(keras.layers.Layer):
+        """Unix seconds -> [hour, minute, day of week (0 = Monday), day number] on Boston's
+        wall clock, from the changes of America/New_York's offset kept in the layer
+        (`utils.boston_offsets`), so a saved model needs no tz database. Computed in
+        float64: a float32 timestamp is only good to about two minutes."""
 
-        def __init__(self, period: float, **kwargs):
+        def __init__(self, instants: list[float] | None = None, offsets: list[int] | None = None,
+                     **kwargs):  # fmt: skip
+            kwargs.setdefault("dtype", "float64")  # keep the input's precision
+            super().__init__(**kwargs)
+            if instants is None or offsets is None:
+                instants, offsets = boston_offsets()
+            self.instants, self.offsets = list(instants), list(offsets)
+
+        def call(self, timestamp):
+            t = tf.reshape(tf.cast(timestamp, tf.float64), [-1])
+            change = tf.searchsorted(tf.constant(self.instants, tf.float64), t, side="right")
+            local = t + tf.gather(tf.constant(self.offsets, tf.float64), change)
+            minutes = tf.floor(local / 60.0)
+            day = tf.floor(minutes / 1440.0)
+            minute_of_day = minutes - day * 1440.0
+            hour = tf.floor(minute_of_day / 60.0)
+            weekday = tf.math.floormod(day + 3.0, 7.0)  # 1970-01-01 was a Thursday
+            clock = tf.stack([hour, minute_of_day - hour * 60.0, weekday, day], axis=-1)
+            return tf.cast(clock, tf.float32)
+
+        def compute_output_spec(self, timestamp):
+            return keras.KerasTensor((timestamp.shape[0], 4), dtype="float32")
+
+        def get_config(self):
+            return {**super().get_config(), "instants": self.instants, "offsets": self.offsets}
+
+    class CyclicalEncoding(keras.layers.Layer):
+        """x -> [sin(2 pi x / period), cos(2 pi x / period)]: 23:59 sits next to 00:00.
+        With `column`, x is that column of a 2-D input (e.g. BostonClock's hour)."""
+
+        def __init__(self, period: float, column: int | None = None, **kwargs):
             super().__init__(**kwargs)
             self.period = float(period)
+            self.column = column
 
         def call(self, x):
+            if self.column is not None:
+                x = x[:, self.column]
             angle = keras.ops.cast(x, "float32") * (2.0 * math.pi / self.period)
             return keras.ops.stack([keras.ops.sin(angle), keras.ops.cos(angle)], axis=-1)
 
         def compute_output_spec(self, x):
-            return keras.KerasTensor((*x.shape, 2), dtype="float32")
+            shape = x.shape[:1] if self.column is not None else x.shape
+            return keras.KerasTensor((*shape, 2), dtype="float32")
 
         def get_config(self):
-            return {**super().get_config(), "period": self.period}
+            return {**super().get_config(), "period": self.period, "column": self.column}
 
     return {
         "TrainNumber": TrainNumber,
         "JoinStrings": JoinStrings,
+        "BostonClock": BostonClock,
         "CyclicalEncoding": CyclicalEncoding,
     }
 
@@ -633,15 +758,15 @@ def _history_layers() -> dict[str, type]:
         share and log(1 + count).
 
         Its inputs: the counts over every training record, the same per group of days
-        (HISTORY_FOLDS blocks side by side) and the scheduled timestamp. In training a
-        record reads the counts of the other groups of days, scaled up to the whole, so
-        its own track is never evidence for itself; otherwise it reads them all."""
+        (HISTORY_FOLDS blocks side by side) and the record's Boston clock (BostonClock;
+        its day number). In training a record reads the counts of the other groups of
+        days (Boston day number modulo HISTORY_FOLDS), scaled up to the whole, so its own
+        track is never evidence for itself; otherwise it reads them all."""
 
         def call(self, inputs, training=None):
-            counts, fold_counts, timestamp = inputs
+            counts, fold_counts, clock = inputs
             if training:
-                day = keras.ops.floor(keras.ops.cast(timestamp, "float32") / SECONDS_PER_DAY)
-                fold = keras.ops.cast(keras.ops.mod(day, float(HISTORY_FOLDS)), "int32")
+                fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
                 blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
                 own = keras.ops.sum(
                     blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1
@@ -712,9 +837,15 @@ def _output_layers() -> dict[str, type]:
             # At second / (second + rest) the top and the next track would tie; stay above.
             floor = second / keras.ops.maximum(second + rest, 1e-9) + 1e-5
             mapped = keras.ops.minimum(keras.ops.maximum(mapped, floor), 1.0)
+            # When the other tracks hold (almost) nothing, the rest goes evenly to the ones
+            # the station can use: the softmax gives exactly 0 to a track it never used
+            # (its logit is 1e4 lower). With no such track the top keeps everything.
+            usable = keras.ops.cast(not_top > 0.0, "float32")
+            count = keras.ops.sum(usable, axis=-1, keepdims=True)
+            mapped = keras.ops.where(count > 0.0, mapped, 1.0)
             others = keras.ops.where(
                 rest > 1e-6, probabilities * (1.0 - mapped) / keras.ops.maximum(rest, 1e-6),
-                (1.0 - mapped) / max(len(self.labels) - 1, 1),
+                usable * (1.0 - mapped) / keras.ops.maximum(count, 1.0),
             )  # fmt: skip
             return chosen * mapped + (1.0 - chosen) * others
 
@@ -776,7 +907,7 @@ def _embed(index: Any, vocabulary: list[str], dim: int, name: str) -> Any:
 
 
 def identity_features(
-    inputs: dict[str, Any], vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict
+    inputs: dict[str, Any], vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict, clock: Any
 ) -> tuple[list[Any], list[Any]]:
     """(features, history features) of the train: its number's embedding, and what the
     lookup tables of station + train number and station + trip id know of it."""
@@ -797,21 +928,21 @@ def identity_features(
         counts = [_fixed_table(index, vocab_info.history[name + suffix], f"{name}_counts{suffix}", fixed)
                   for suffix in ("", "_folds")]  # fmt: skip
         histories.append(L["TrackHistory"](name=f"{name}_history")(
-            [*counts, inputs["scheduled_timestamp"]]
+            [*counts, clock]
         ))  # fmt: skip
     return [train, *histories], histories
 
 
-def time_features(inputs: dict[str, Any], vocab_info: Vocabulary) -> list[Any]:
-    """Hour, minute and day of week as sin/cos pairs; the scheduled time standardised."""
+def time_features(inputs: dict[str, Any], vocab_info: Vocabulary, clock: Any) -> list[Any]:
+    """Boston hour, minute and day of week as sin/cos pairs; the scheduled time standardised."""
     L = custom_layers()
     timestamp = keras.layers.Normalization(
         mean=vocab_info.timestamp_mean, variance=vocab_info.timestamp_std**2, name="timestamp_norm"
     )(keras.layers.Reshape((1,), name="timestamp_column")(inputs["scheduled_timestamp"]))
     return [
-        L["CyclicalEncoding"](24, name="hour_cyclical")(inputs["hour"]),
-        L["CyclicalEncoding"](60, name="minute_cyclical")(inputs["minute"]),
-        L["CyclicalEncoding"](7, name="day_cyclical")(inputs["day_of_week"]),
+        L["CyclicalEncoding"](24, column=0, name="hour_cyclical")(clock),
+        L["CyclicalEncoding"](60, column=1, name="minute_cyclical")(clock),
+        L["CyclicalEncoding"](7, column=2, name="day_cyclical")(clock),
         timestamp,
     ]
 
@@ -849,7 +980,8 @@ def create_simple_model(
     inputs = build_raw_inputs()
     fixed: dict[Any, np.ndarray] = {}
     station_index = _lookup(inputs["station_id"], vocab_info.stations, "station")
-    identity, histories = identity_features(inputs, vocab_info, cfg, fixed)
+    clock = custom_layers()["BostonClock"](name="boston_clock")(inputs["scheduled_timestamp"])
+    identity, histories = identity_features(inputs, vocab_info, cfg, fixed, clock)
     direction_index = layers.IntegerLookup(vocabulary=[0, 1], name="direction_lookup")(
         inputs["direction_id"]
     )
@@ -861,7 +993,7 @@ def create_simple_model(
                vocab_info.headsigns, cfg.headsign_embedding, "headsign"),
         *identity,
         layers.Embedding(3, 2, name="direction_embedding")(direction_index),
-        *time_features(inputs, vocab_info),
+        *time_features(inputs, vocab_info, clock),
     ])  # fmt: skip
     logits = dense_logits(x, vocab_info.num_classes, cfg)
     if histories:
@@ -916,42 +1048,70 @@ def predict_probabilities(
     return np.asarray(model.predict(ds.batch(batch_size), verbose=0))
 
 
-#: The lookup tables a skeptic would try, in the order reports list them.
-BASELINE_NAMES = {
-    "station_route": "most frequent track for the station + route",
-    "station_train": "most frequent track for the station + train number",
-    "station_trip": "most frequent track for the station + trip id, else station + train number",
+#: The lookup tables a skeptic would try, in the order reports list them: each counted
+#: plainly and with the model's recency weighting (`_weighted`).
+_TABLE_KEYS = {
+    "station_route": "the station + route",
+    "station_train": "the station + train number",
+    "station_trip": "the station + trip id, else station + train number",
 }
+BASELINE_NAMES = {
+    **{name: f"most frequent track for {key}" for name, key in _TABLE_KEYS.items()},
+    **{f"{name}_weighted": f"most frequent track for {key}, recency-weighted"
+       for name, key in _TABLE_KEYS.items()},
+}  # fmt: skip
 
 
-def baseline_tables(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, Any]:
-    """Most frequent track per station+route, station+train number, station+trip id,
-    station, and overall, among the records `idx`."""
-    stations = columns["station_id"][idx]
-    routes = columns["route_id"][idx]
-    trips = columns["trip_id"][idx]
-    trains = train_numbers(trips)
-    tracks = columns["track_number"][idx]
-
-    def most_common(keys: Iterable[str]) -> dict[str, list]:
-        """key -> [its most frequent track, that track's share of the key's records]."""
-        counts: dict[str, Counter[str]] = defaultdict(Counter)
-        for key, track in zip(keys, tracks, strict=True):
-            counts[key][track] += 1
-        table = {}
-        for key, c in counts.items():
-            # Ties go to the lower track number, so the table is deterministic.
-            track, n = min(c.items(), key=lambda kv: (-kv[1], track_sort_key(kv[0])))
-            table[key] = [track, round(n / c.total(), 4)]
-        return table
-
+def _table_keys(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Each lookup table's key per record ("station|route", ...)."""
+    stations = columns["station_id"][idx].astype(str)
+    trips = columns["trip_id"][idx].astype(str)
+    joined = np.char.add(stations, "|")
     return {
-        "station_route": most_common(f"{s}|{r}" for s, r in zip(stations, routes, strict=True)),
-        "station_train": most_common(f"{s}|{t}" for s, t in zip(stations, trains, strict=True)),
-        "station_trip": most_common(f"{s}|{t}" for s, t in zip(stations, trips, strict=True)),
-        "station": most_common(stations),
-        "overall": most_common(["*"] * len(tracks))["*"],
+        "station_route": np.char.add(joined, columns["route_id"][idx].astype(str)),
+        "station_train": np.char.add(joined, train_numbers(trips).astype(str)),
+        "station_trip": np.char.add(joined, trips),
+        "station": stations,
+        "overall": np.full(len(idx), "*"),
     }
+
+
+def most_frequent_tracks(keys: np.ndarray, tracks: np.ndarray, weights: np.ndarray) -> dict:
+    """key -> [its most frequent track (by weight), that track's share of the key's weight].
+    Ties go to the lower track number, so a table is deterministic."""
+    if len(keys) == 0:
+        return {}
+    labels = sorted(set(tracks.tolist()), key=track_sort_key)
+    column = label_indices(tracks, labels)
+    unique, row = np.unique(keys, return_inverse=True)
+    counts = np.zeros((len(unique), len(labels)))
+    np.add.at(counts, (row, column), weights)
+    best = counts.argmax(axis=1)  # the first maximum: the lowest track number
+    share = counts[np.arange(len(unique)), best] / np.maximum(counts.sum(axis=1), 1e-12)
+    return {k: [labels[b], round(float(v), 4)] for k, b, v in zip(unique.tolist(), best, share,
+                                                                   strict=True)}  # fmt: skip
+
+
+def baseline_tables(
+    columns: dict[str, np.ndarray], idx: np.ndarray,
+    half_life_days: float = RECENCY_HALF_LIFE_DAYS,
+) -> dict[str, Any]:  # fmt: skip
+    """Most frequent track per station+route, station+train number, station+trip id,
+    station, and overall, among the records `idx`: counted plainly, and (`_weighted`)
+    with the recency weights the model's history tables use."""
+    keys = _table_keys(columns, idx)
+    tracks = columns["track_number"][idx]
+    plain = np.ones(len(idx))
+    weighted = (recency_weights(columns["scheduled_timestamp"][idx], half_life_days)
+                if half_life_days > 0 and len(idx) else plain)  # fmt: skip
+    tables: dict[str, Any] = {}
+    for name, key in keys.items():
+        tables[name] = most_frequent_tracks(key, tracks, plain)
+        if name in _TABLE_KEYS:
+            tables[f"{name}_weighted"] = most_frequent_tracks(key, tracks, weighted)
+    tables["overall"] = tables["overall"].get("*", ["", 0.0])
+    tables["recency_half_life"] = half_life_days
+    return tables
 
 
 def baseline_answers(
@@ -960,11 +1120,9 @@ def baseline_answers(
     """Each lookup table's (predicted track, confidence) per record. The confidence is
     the track's share of the training records under the key used. A key the table
     lacks falls back to the station (station + trip id first falls back to station +
-    train number), then to the overall most frequent track."""
-    stations = columns["station_id"][idx]
-    routes = columns["route_id"][idx]
-    trips = columns["trip_id"][idx]
-    trains = train_numbers(trips)
+    train number of the same weighting), then to the overall most frequent track."""
+    keys = _table_keys(columns, idx)
+    stations = keys["station"]
 
     def entry(value: Any) -> tuple[str, float]:  # tables written before shares: bare tracks
         return (value[0], float(value[1])) if isinstance(value, list) else (value, math.nan)
@@ -972,24 +1130,24 @@ def baseline_answers(
     overall = entry(tables["overall"])
     by_station = {s: entry(v) for s, v in tables["station"].items()}
 
-    def lookup(name: str, keys: Iterable[str], fallback: list | None = None) -> list:
+    def lookup(name: str, fallback: list | None = None) -> list:
         table = tables[name]
+        base = name.removesuffix("_weighted")
         return [
             entry(table[k]) if k in table else (back or by_station.get(s, overall))
-            for k, back, s in zip(keys, fallback or [None] * len(stations), stations, strict=True)
-        ]
+            for k, back, s in zip(keys[base], fallback or [None] * len(stations), stations,
+                                  strict=True)
+        ]  # fmt: skip
 
-    by_train = lookup("station_train", (f"{s}|{t}" for s, t in zip(stations, trains, strict=True)))
-    answers = {
-        "station_route": lookup(
-            "station_route", (f"{s}|{r}" for s, r in zip(stations, routes, strict=True))
-        ),
-        "station_train": by_train,
-    }
-    if "station_trip" in tables:  # tables saved before the trip-id baseline lack it
-        answers["station_trip"] = lookup(
-            "station_trip", (f"{s}|{t}" for s, t in zip(stations, trips, strict=True)), by_train
-        )
+    answers = {}
+    for suffix in ("", "_weighted"):
+        if f"station_route{suffix}" not in tables:  # tables saved before the weighted ones
+            continue
+        by_train = lookup(f"station_train{suffix}")
+        answers[f"station_route{suffix}"] = lookup(f"station_route{suffix}")
+        answers[f"station_train{suffix}"] = by_train
+        if f"station_trip{suffix}" in tables:
+            answers[f"station_trip{suffix}"] = lookup(f"station_trip{suffix}", by_train)
     return {
         name: (np.array([a[0] for a in rows], dtype=object), np.array([a[1] for a in rows]))
         for name, rows in answers.items()
@@ -1596,13 +1754,14 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
         f"{cfg.headsign_embedding}, train number {cfg.train_embedding}, direction 2",
         "- Lookup-table evidence: each track's share and the record count for the station + trip id and "
         "the station + train number, with their log-shares added to the logits (a learned weight each)",
-        "- Time features: hour, minute and day of week as sin/cos pairs; scheduled timestamp standardised",
+        "- Time features: Boston hour, minute and day of week of the scheduled instant as sin/cos pairs; "
+        "scheduled timestamp standardised",
         f"- Regularisation: L1 {cfg.l1:g}, L2 {cfg.l2:g} on dense kernels; dropout {cfg.dropout:g}; "
         f"batch normalisation {'on' if cfg.batch_norm else 'off'}",
         "- Output restricted to the tracks each station used in training (all tracks for an unknown station)",
         f"- Class weights: {class_weight}",
-        f"- Data augmentation: {'on' if augmented else 'off'} (used below {AUGMENT_BELOW:,} training records: "
-        "clock jitter of up to 3 minutes, 10% of trip ids hidden)",
+        f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRIP_SHARE:.0%} of trip ids "
+        f"replaced by an unseen one of the same train, {HIDE_TRAIN_SHARE:.0%} hidden with their train number)",
         "",
     ]
     return "\n".join(lines)
@@ -1634,7 +1793,11 @@ class TrainOptions:
                                        click.IntRange(min=0))
     no_early_stop: bool = option_field(False, "Train all --epochs.")
     no_scheduler: bool = option_field(False, "Keep the learning rate constant.")
-    split: str = option_field("time", f"time: the latest 20% (at most {VALIDATION_DAYS} days) validate; "
+    test_days: float = option_field(
+        TEST_DAYS, "Hold out the newest DAYS from every choice made in training; the headline "
+        "figures come from them (0: none, and the headline is a tuning figure).",
+        click.FloatRange(min=0), metavar="DAYS")
+    split: str = option_field("time", f"Of the rest, time: the latest 20% (at most {VALIDATION_DAYS} days) validate; "
                               "random: a seeded shuffle.", click.Choice(["time", "random"]))
     # No class weights: weighted classes shift the probabilities away from the
     # frequencies they should match, which costs calibration (ECE 0.044 against
@@ -1855,7 +2018,8 @@ def fit_on_every_record(
     epochs chosen elsewhere, on validation records."""
     everything = np.arange(len(source.columns["track_number"]))
     data = prepare_split(source.export_dir, source.metadata, source.columns, everything,
-                         everything[:0], {"method": "all records"}, opts.batch_size, opts.seed)  # fmt: skip
+                         everything[:0], {"method": "all records"}, opts.batch_size, opts.seed,
+                         recency_half_life=opts.recency_half_life)  # fmt: skip
     keras.utils.set_random_seed(config.seed)
     model = create_simple_model(data.vocab_info, config, name=name)
     fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True)
@@ -1888,7 +2052,8 @@ def refit_on_every_record(
 
     epochs = max(best_epochs, final_epochs)
     _, all_data, seconds = fit_on_every_record(data, opts, config, epochs, name, [Snapshot()])
-    save_vocab(files.vocab, all_data.vocab_info, baseline_tables(data.columns, all_data.train_idx))
+    save_vocab(files.vocab, all_data.vocab_info,
+               baseline_tables(data.columns, all_data.train_idx, opts.recency_half_life))  # fmt: skip
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
             "final_epochs": final_epochs, "seconds": seconds, "calibration": calibration.describe(),
             "vocab_info": all_data.vocab_info}  # fmt: skip
@@ -1922,9 +2087,12 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
 @dataclass
 class TrainResult:
     run_dir: Path
+    #: The headline: the test window's figures (the validation records' without one).
     evaluation: Evaluation
     history: dict[str, list[float]]
     fit_seconds: float
+    #: The validation records' figures: what checkpointing and calibration were tuned on.
+    tuning: Evaluation | None = None
 
     @property
     def epochs_run(self) -> int:
@@ -1945,6 +2113,25 @@ class ModelFiles:
         return cls(run_dir / best, run_dir / final, run_dir / vocab)
 
 
+def prepare_training_data(data_dir: Path | str, opts: TrainOptions) -> PreparedData:
+    """The export read and split as the training options say (test window included)."""
+    return prepare_data(data_dir, opts.batch_size, opts.split, opts.seed,
+                        test_days=opts.test_days, recency_half_life=opts.recency_half_life)  # fmt: skip
+
+
+def held_out_evaluations(
+    model: Any, data: PreparedData, tables: dict[str, Any], calibration: Calibration | None
+) -> tuple[Evaluation, Evaluation | None]:
+    """(tuning figures on the validation records, headline figures on the test window, or
+    None without one), each beside the lookup tables of the same training records."""
+    truth = load_sample_truth(data.export_dir)
+    tuning = evaluate_model(model, data.columns, data.val_idx, tables, truth, calibration)
+    if len(data.test_idx) == 0:
+        return tuning, None
+    test = evaluate_model(model, data.columns, data.test_idx, tables, truth, calibration)
+    return tuning, test
+
+
 def run_train(
     data_dir: Path | str,
     opts: TrainOptions,
@@ -1959,18 +2146,19 @@ def run_train(
     report, `mode_sections(run_dir)` adds the mode's own report sections."""
     keras.utils.set_random_seed(opts.seed)
     cfg = config or ModelConfig(seed=opts.seed)
-    data = data or prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
+    data = data or prepare_training_data(data_dir, opts)
     run = Run.start(mode)
     files = ModelFiles.under(run.run_dir, opts.model_path)
-    tables = baseline_tables(data.columns, data.train_idx)
+    tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
     save_vocab(files.vocab, data.vocab_info, tables)
     model = create_simple_model(data.vocab_info, cfg)
     history, fit_seconds = fit_model(model, data, opts, files.best, run.path("logs"))
-    # Calibrate on the validation records; evaluate the best checkpoint as a user loads it
+    # Calibrate on the validation records; evaluate the best checkpoint as a user loads it,
+    # on the test window nothing above was tuned on
     calibration = save_calibrated(model, data, files.best, files.final)
     best = load_saved_model(files.best)
-    truth = load_sample_truth(data.export_dir)
-    evaluation = evaluate_model(best, data.columns, data.val_idx, tables, truth, calibration)
+    tuning, test = held_out_evaluations(best, data, tables, calibration)
+    evaluation = test or tuning
     plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
     refit = None  # else: every record, the newest included, for the epochs chosen above
     if not opts.no_refit:
@@ -1979,7 +2167,7 @@ def run_train(
     report = [
         overview_section(run, data.export_dir),
         performance_section(history, files.best),
-        evaluation_section(evaluation),
+        *evaluation_sections(tuning, test, data),
         configuration_section(opts),
         dataset_section(data),
         timing_section(run, *epoch_lines(history, opts, fit_seconds)),
@@ -1990,15 +2178,33 @@ def run_train(
         figures_section(run, history, evaluation),
         train_files_section(files, serving),
     ]
-    write_report(run, f"Training Report - {mode.capitalize()}", report, train_headline(evaluation))
-    return TrainResult(run.run_dir, evaluation, history, fit_seconds)
+    write_report(run, f"Training Report - {mode.capitalize()}", report,
+                 train_headline(evaluation, test is not None))  # fmt: skip
+    return TrainResult(run.run_dir, evaluation, history, fit_seconds, tuning)
+
+
+def evaluation_sections(
+    tuning: Evaluation, test: Evaluation | None, data: PreparedData
+) -> list[str]:
+    """The headline (test window) evaluation first, then the tuning figures, each titled with
+    what its records are."""
+    info = data.split_info
+    tuning_title = ("Tuning figures: the validation records (they chose the checkpoint, early "
+                    "stopping and the confidence map)")  # fmt: skip
+    if test is None:
+        return [evaluation_section(tuning, tuning_title + "; no test window was held out "
+                                   "(`--test-days 0`), so these are the only figures")]  # fmt: skip
+    period_text = " to ".join(info.get("test_period", []))
+    test_title = (f"Held-out test window: the newest {info.get('test_days', 0):g} days "
+                  f"({period_text}), which no training choice saw")  # fmt: skip
+    return [evaluation_section(test, test_title), evaluation_section(tuning, tuning_title)]
 
 
 def performance_section(history: dict[str, list[float]], best_path: Path) -> list[str]:
     epochs_run = len(history.get("loss", []))
     best_epoch = int(np.argmax(history["val_accuracy"])) + 1
     return [
-        "## Final Performance Metrics",
+        "## Final Performance Metrics (tuning figures: the validation records)",
         "",
         f"- Validation Loss: {history['val_loss'][-1]:.4f} (last epoch)",
         f"- Validation Accuracy: {history['val_accuracy'][-1]:.4f} (last epoch)",
@@ -2063,9 +2269,10 @@ def train_files_section(files: ModelFiles, serving: Path) -> list[str]:
     )
 
 
-def train_headline(evaluation: Evaluation) -> str:
+def train_headline(evaluation: Evaluation, held_out: bool = True) -> str:
     m = evaluation.metrics
-    headline = f"validation top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])}"
+    where = "held-out test window" if held_out else "validation (tuning) records"
+    headline = f"{where}: top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])}"
     strongest = strongest_baseline(evaluation.baselines)
     if strongest:
         headline += (
@@ -2174,6 +2381,8 @@ class EnsembleResult:
     member_accuracy: list[float]
     member_seconds: list[float]
     agreement: dict[str, float]
+    #: The combined model on the held-out test window (None with --test-days 0).
+    test: Evaluation | None = None
 
 
 @dataclass
@@ -2254,10 +2463,10 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     """`ensemble`: train `num_models` different members, save each and their average."""
     if num_models < 1:
         raise UserError("--num-models must be at least 1")
-    data = prepare_data(data_dir, opts.batch_size, opts.split, opts.seed)
+    data = prepare_training_data(data_dir, opts)
     run = Run.start("ensemble")
     mp = opts.model_path
-    tables = baseline_tables(data.columns, data.train_idx)
+    tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
     save_vocab(run.path(f"{mp}_vocab.json"), data.vocab_info, tables)
     trained = [train_member(run, data, opts, i, cfg, num_models)
                for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed))]  # fmt: skip
@@ -2268,6 +2477,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     soft, calibration, combined = save_combined(
         [b for _, b in trained], weights, data, tables, combined_path
     )
+    _, test = held_out_evaluations(combined, data, tables, calibration)
     plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
     refits = []
     if not opts.no_refit:
@@ -2279,7 +2489,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         overview_section(run, data.export_dir, f"- Members: {num_models}"),
         votes.section(),
         ensemble_members_section(members, weights),
-        evaluation_section(soft, "Evaluation of the soft-vote ensemble on the validation records"),
+        *evaluation_sections(soft, test, data),
         configuration_section(opts),
         dataset_section(data),
         timing_section(
@@ -2289,9 +2499,11 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         ensemble_refit_section(refits, calibration),
         ensemble_files_section(mp, combined_path, serving),
     ]
-    write_report(run, "Training Report - Ensemble", report, votes.headline)
+    headline = votes.headline + (f"; held-out test window top-1 "
+                                 f"{_pct(test.metrics['top1_accuracy'])}" if test else "")  # fmt: skip
+    write_report(run, "Training Report - Ensemble", report, headline)
     return EnsembleResult(run.run_dir, soft, votes.majority, votes.members, [m.seconds for m in members],
-                          votes.agreement)  # fmt: skip
+                          votes.agreement, test)  # fmt: skip
 
 
 @dataclass
@@ -2327,7 +2539,7 @@ class Votes:
             ["Best single member", _pct(max(self.members))],
         ]
         return [
-            "## Final Performance Metrics",
+            "## Final Performance Metrics (tuning figures: the validation records)",
             "",
             markdown_table(["", "Validation top-1"], rows),
             "",
@@ -2506,13 +2718,16 @@ class Fold:
 
 
 def cv_fold(
-    run: Run, export: Export, opts: TrainOptions, j: int, folds: list[np.ndarray], shuffled: bool
-) -> Fold:
-    """Train fold j's model on every other fold, calibrate, save and score it."""
+    run: Run, export: Export, opts: TrainOptions, j: int, folds: list[np.ndarray], shuffled: bool,
+    test_idx: np.ndarray,
+) -> Fold:  # fmt: skip
+    """Train fold j's model on every other fold, calibrate, save and score it on its own
+    fold and on the test window."""
     val_idx, columns = folds[j], export.columns
-    train_idx = np.setdiff1d(np.arange(len(columns["track_number"])), val_idx)
+    train_idx = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != j]))
     split_info = {"method": "cv-random" if shuffled else "cv-time", "fold": j}
-    data = prepare_split(*export, train_idx, val_idx, split_info, opts.batch_size, opts.seed)
+    data = prepare_split(*export, train_idx, val_idx, split_info, opts.batch_size, opts.seed,
+                         test_idx=test_idx, recency_half_life=opts.recency_half_life)  # fmt: skip
     keras.utils.set_random_seed(opts.seed + j)
     model = create_simple_model(data.vocab_info, ModelConfig(seed=opts.seed + j))
     history, seconds = fit_model(model, data, opts, None, None, label=f"Fold {j + 1}/{len(folds)}")
@@ -2520,9 +2735,8 @@ def cv_fold(
     model, calibration = calibrate_model(model, columns, val_idx, data.vocab_info.tracks)
     model.save(run.path(f"{opts.model_path}_fold_{j}.keras"))
     export_serving_model(model, run.path(f"{opts.model_path}_fold_{j}_serving"))
-    tables = baseline_tables(columns, data.train_idx)
-    truth = load_sample_truth(export.export_dir)
-    ev = evaluate_model(model, columns, val_idx, tables, truth, calibration)
+    tables = baseline_tables(columns, data.train_idx, opts.recency_half_life)
+    ev, test = held_out_evaluations(model, data, tables, calibration)
     name, baseline = strongest_baseline(ev.baselines) or ("", math.nan)
     accuracy = ev.metrics["top1_accuracy"]
     result = {"fold": j + 1, "validation_records": int(len(val_idx)),
@@ -2533,6 +2747,11 @@ def cv_fold(
               "fit_seconds": seconds}  # fmt: skip
     if ev.best_possible:
         result["best_possible"] = ev.best_possible["accuracy"]
+    if test is not None:
+        _, test_baseline = strongest_baseline(test.baselines) or ("", math.nan)
+        test_accuracy = test.metrics["top1_accuracy"]
+        result.update({"test_accuracy": test_accuracy, "test_baseline_accuracy": test_baseline,
+                       "test_difference": test_accuracy - test_baseline})  # fmt: skip
     log(f"Fold {j + 1}/{len(folds)}: top-1 {_pct(accuracy)}, baseline {_pct(baseline)}")
     return Fold(result, calibration)
 
@@ -2558,19 +2777,27 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     """`cv`: train and score one model per fold; report the spread and the intervals."""
     export = load_export(data_dir)
     n = len(export.columns["track_number"])
-    indices = fold_indices(export.columns["scheduled_timestamp"], k, shuffle_folds, opts.seed)
+    # The newest --test-days stay out of every fold: the fold models are scored there too.
+    timestamps = export.columns["scheduled_timestamp"]
+    *_, test_idx, split_info = split_records(
+        timestamps, "time", opts.seed, test_days=opts.test_days
+    )
+    rest = np.setdiff1d(np.arange(n), test_idx)
+    indices = [rest[f] for f in fold_indices(timestamps[rest], k, shuffle_folds, opts.seed)]
     check_folds_trainable(export.columns, indices)
     run = Run.start("cv")
-    folds = [cv_fold(run, export, opts, j, indices, shuffle_folds) for j in range(k)]
-    assignment = np.empty(n, dtype=np.int64)
+    folds = [cv_fold(run, export, opts, j, indices, shuffle_folds, test_idx) for j in range(k)]
+    assignment = np.full(n, -1, dtype=np.int64)  # -1: the test window
     for j, val_idx in enumerate(indices):
         assignment[val_idx] = j
     np.save(run.path("fold_assignment.npy"), assignment)
     deploy_epochs, deploy_calibration = deploy_cv_model(run, export, opts, folds)
     method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
     results = [f.result for f in folds]
-    summary = {key: mean_confidence_interval([r[key] for r in results])
-               for key in ("accuracy", "baseline_accuracy", "difference")}  # fmt: skip
+    keys = ["accuracy", "baseline_accuracy", "difference"]
+    keys += [f"test_{key}" for key in keys] if len(test_idx) else []
+    summary = {key: mean_confidence_interval([r[key] for r in results]) for key in keys}
+    summary["test_period"] = split_info["test_period"]  # type: ignore[assignment]
     write_json(run.path("cv_results.json"), {
         "k_folds": k, "fold_method": method, "folds": results, **summary,
         "options": dataclasses.asdict(opts),
@@ -2585,20 +2812,44 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         cv_deployable_section(opts.model_path, n, deploy_epochs, deploy_calibration),
         cv_files_section(opts.model_path),
     ]  # fmt: skip
-    write_report(run, "Training Report - Cross-Validation", report,
-                 f"mean accuracy {interval(summary['accuracy'])}")  # fmt: skip
+    headline = f"mean validation (tuning) accuracy {interval(summary['accuracy'])}"
+    if "test_accuracy" in summary:
+        headline = (f"mean held-out test window accuracy {interval(summary['test_accuracy'])}; "
+                    + headline)  # fmt: skip
+    write_report(run, "Training Report - Cross-Validation", report, headline)
     return run.run_dir
 
 
-def cv_performance_section(summary: dict[str, dict[str, float]]) -> list[str]:
-    return [
-        "## Final Performance Metrics",
+def cv_performance_section(summary: dict[str, Any]) -> list[str]:
+    lines = ["## Final Performance Metrics", ""]
+    if "test_accuracy" in summary:
+        lines += [
+            f"Held-out test window ({' to '.join(summary['test_period'])}), in no fold, which no "
+            "training choice saw: each fold's model scored there, beside the strongest lookup "
+            "table of the same fold's training records.",
+            "",
+            f"- Mean test accuracy: {interval(summary['test_accuracy'])}",
+            f"- Mean strongest lookup table: {interval(summary['test_baseline_accuracy'])}",
+            f"- Model minus lookup table: {interval(summary['test_difference'])}",
+            "",
+        ]
+    return lines + [
+        "Tuning figures: each fold's validation records (they chose its early stopping and "
+        "calibration):",
         "",
         f"- Mean validation accuracy: {interval(summary['accuracy'])}",
         "- Mean accuracy of each fold's strongest lookup table (named per fold below): "
         f"{interval(summary['baseline_accuracy'])}",
         f"- Model minus baseline: {interval(summary['difference'])}",
-        "- Intervals use Student's t distribution with k - 1 degrees of freedom over the fold figures below.",
+        "",
+        "What the intervals are: Student's t with k - 1 degrees of freedom over the fold "
+        "figures, as if the folds were independent samples. They are not: every two folds "
+        "share most of their training records, so the fold figures are positively correlated "
+        "and the true uncertainty is larger than the interval says (Bengio and Grandvalet "
+        "2004: no unbiased estimator of k-fold cross-validation's variance exists). The "
+        "interval describes how much the figure moves between periods of this export; it "
+        "does not account for that correlation, for other exports or for the periods after "
+        "the newest record.",
         "",
     ]
 
@@ -3100,6 +3351,10 @@ def load_saved_model(model_file: Path | str) -> Any:
         raise UserError(
             f"cannot load {path} as an imt-ml model: {type(exc).__name__}: {str(exc)[:200]}"
         ) from None
+    if "hour" in {i.name for i in model.inputs}:
+        raise UserError(f"{path} was saved by an imt-ml that took the clock from hour/day_of_week "
+                        "inputs; this one reads it from the scheduled instant in Boston time: "
+                        "train it again")  # fmt: skip
     return model
 
 
@@ -3111,39 +3366,32 @@ def load_saved_model(model_file: Path | str) -> Any:
 def features_from_assignment(doc: Any) -> dict[str, Any]:
     """Model inputs from one tracker assignment JSON object; ValueError if unusable.
 
-    hour, minute and day_of_week default to the scheduled time's own local clock;
-    a missing trip id or headsign becomes unknown (the model still answers)."""
+    The clock is the scheduled instant: `scheduled_time` with any UTC offset or `Z` is
+    that instant, and one without an offset is read as Boston local time. The record's
+    own hour, minute and day_of_week (UTC in the tracker's records) are ignored. A
+    missing trip id or headsign becomes unknown (the model still answers)."""
     if not isinstance(doc, dict):
         raise ValueError("expected a JSON object")
     for name in ("station_id", "route_id", "scheduled_time", "direction_id"):
         if doc.get(name) is None:
             raise ValueError(f"missing field {name}")
     try:
-        when = dt.datetime.fromisoformat(str(doc["scheduled_time"]))
-    except ValueError:
+        timestamp = parse_instant(doc["scheduled_time"])
+    except (ValueError, OverflowError):
         raise ValueError(
             f"scheduled_time {doc['scheduled_time']!r} is not an ISO 8601 time"
         ) from None
-    if when.tzinfo is None:
-        raise ValueError("scheduled_time needs a UTC offset")
     direction = doc["direction_id"]
     if type(direction) is not int or direction not in (0, 1):
         raise ValueError("direction_id must be 0 or 1")
-    out = {
+    return {
         "station_id": str(doc["station_id"]),
         "route_id": str(doc["route_id"]),
         "trip_id": str(doc.get("trip_id") or ""),
         "headsign": str(doc.get("headsign") or ""),
         "direction_id": direction,
-        "hour": doc.get("hour", when.hour),
-        "minute": doc.get("minute", when.minute),
-        "day_of_week": doc.get("day_of_week", when.weekday()),
-        "scheduled_timestamp": when.timestamp(),
+        "scheduled_timestamp": timestamp,
     }
-    for name, top in (("hour", 23), ("minute", 59), ("day_of_week", 6)):
-        if type(out[name]) is not int or not 0 <= out[name] <= top:
-            raise ValueError(f"{name} must be an integer 0..{top}")
-    return out
 
 
 class TrackPredictor:

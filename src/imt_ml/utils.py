@@ -8,6 +8,7 @@ the demo. Nothing here imports TensorFlow, Ray or Redis at import time, so
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import datetime as dt
@@ -120,6 +121,77 @@ METADATA_FILE = "metadata.json"
 SAMPLE_TRUTH_FILE = "sample_truth.npz"
 EXPORT_DIR_FORMAT = "%Y-%m-%d_%H-%M-%S"
 TRACKER_TIMEZONE = "America/New_York"
+
+# ---------------------------------------------------------------------------
+# One clock: Boston local time of an instant, whatever offset it was written with.
+#
+# The tracker wrote UTC times (and UTC hour/day_of_week fields); the MBTA API and
+# its clients use Boston times with an offset. A timetable is written in Boston
+# time, so every time-of-day and day-of-week feature comes from the instant
+# converted to America/New_York, never from the fields a writer filled in.
+# ---------------------------------------------------------------------------
+
+#: Years whose daylight-saving changes the clock tables cover (outside: the nearest).
+CLOCK_YEARS = (1990, 2080)
+SECONDS_PER_DAY = 86_400
+
+
+@functools.cache
+def boston_offsets() -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """(instants, offsets): from `instants[i]` (Unix seconds) on, Boston local time is
+    UTC + `offsets[i + 1]` seconds; before the first instant it is `offsets[0]`.
+    Read from the system's tz database once (about 40 ms), as the changes of
+    America/New_York between CLOCK_YEARS."""
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(TRACKER_TIMEZONE)
+
+    def offset(ts: int) -> int:
+        off = dt.datetime.fromtimestamp(ts, zone).utcoffset()
+        return int(off.total_seconds()) if off is not None else 0
+
+    start = int(dt.datetime(CLOCK_YEARS[0], 1, 1, tzinfo=dt.UTC).timestamp())
+    end = int(dt.datetime(CLOCK_YEARS[1], 1, 1, tzinfo=dt.UTC).timestamp())
+    instants: list[float] = []
+    offsets = [offset(start)]
+    day = start
+    while day < end:  # a day at a time, then the hour within the day of a change
+        if offset(day + SECONDS_PER_DAY) != offsets[-1]:
+            low, high = day, day + SECONDS_PER_DAY  # offset(low) == last, offset(high) differs
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if offset(mid) == offsets[-1] else (low, mid)
+            instants.append(float(high))
+            offsets.append(offset(high))
+        day += SECONDS_PER_DAY
+    return tuple(instants), tuple(offsets)
+
+
+def boston_offset(timestamp: float) -> int:
+    """Seconds to add to a Unix time to read Boston's wall clock at that instant."""
+    instants, offsets = boston_offsets()
+    return offsets[bisect.bisect_right(instants, timestamp)]
+
+
+def boston_clock(timestamp: float) -> tuple[int, int, int]:
+    """(day_of_week 0 = Monday, hour, minute) of a Unix time in Boston."""
+    local = int(timestamp + boston_offset(timestamp)) // 60
+    day, minute_of_day = divmod(local, 24 * 60)
+    return (day + 3) % 7, minute_of_day // 60, minute_of_day % 60  # 1970-01-01 was a Thursday
+
+
+def parse_instant(text: str) -> float:
+    """Unix seconds of an ISO 8601 time. With an offset (or `Z`) it is that instant; without
+    one it is read as Boston local time (as the tracker's own worker accepted it). Raises
+    ValueError for text that is not an ISO time."""
+    from zoneinfo import ZoneInfo
+
+    if not isinstance(text, str):
+        raise ValueError(f"not an ISO 8601 time: {text!r}")
+    parsed = dt.datetime.fromisoformat(text.strip())
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=ZoneInfo(TRACKER_TIMEZONE))
+    return parsed.timestamp()
 
 
 def tf_parse_spec() -> dict[str, Any]:
