@@ -39,7 +39,7 @@ def assignment(
     track: str | None = "5", **fields,
 ) -> dict:  # fmt: skip
     """A tracker assignment built by the sample generator's own builder (by default the
-    example record of tracker-redis-layout.md); `fields` override any field."""
+    example record of docs/tracker-layout.md); `fields` override any field."""
     import datetime as dt
 
     from imt_ml.sample_data import assignment_doc

@@ -18,13 +18,15 @@ PREFIX = "track_prediction_ensemble_model"
 
 
 sample_root = sample_root_fixture(2500, seed=5)
+#: The sample covers about ten days: hold out the newest two (the default is seven).
+TEST_DAYS = "2"
 
 
 @pytest.fixture(scope="module")
 def ensemble_run(sample_root, tmp_path_factory) -> Path:
     # --no-refit: the report's figures then describe the saved members exactly
     result, run_dir = run_mode(sample_root, "ensemble", "--num-models", "3", "--epochs", "2",
-                               "--batch-size", "64", "--no-refit",
+                               "--batch-size", "64", "--no-refit", "--test-days", TEST_DAYS,
                                out=tmp_path_factory.mktemp("output"))  # fmt: skip
     assert "Member 3/3" in result.stderr  # progress names the member and the total
     assert re.fullmatch(r"ensemble_\d{8}_\d{6}", run_dir.name)
@@ -33,7 +35,8 @@ def ensemble_run(sample_root, tmp_path_factory) -> Path:
 
 def validation(sample_root: Path) -> tuple[dict, np.ndarray]:
     columns = tr.read_export_columns(tr.find_export_dir(sample_root))
-    _, val_idx, _, _ = tr.split_records(columns["scheduled_timestamp"], "time", seed=0)
+    _, val_idx, _, _ = tr.split_records(columns["scheduled_timestamp"], "time", seed=0,
+                                        test_days=float(TEST_DAYS))  # fmt: skip
     return columns, val_idx
 
 
@@ -104,7 +107,7 @@ def test_member_weights_favour_the_member_that_fits_the_records():
 
 def test_refit_ensemble_members_and_their_calibrated_mean(sample_root, tmp_path):
     _, run_dir = run_mode(sample_root, "ensemble", "--num-models", "2", "--epochs", "1",
-                          "--batch-size", "128", out=tmp_path)  # fmt: skip
+                          "--batch-size", "128", "--test-days", TEST_DAYS, out=tmp_path)  # fmt: skip
     assert "Every member was then refit on all" in (run_dir / "training_report.md").read_text()
     columns = tr.read_export_columns(tr.find_export_dir(sample_root))
     idx = np.arange(200)
@@ -169,7 +172,7 @@ def test_evaluate_and_predict_accept_the_combined_model(ensemble_run, sample_roo
 
 def test_cv_folds_partition_the_records_in_time(sample_root, tmp_path):
     result = CliRunner().invoke(tr.cli, [str(sample_root), "cv", "--k-folds", "3", "--epochs", "1",
-                                         "--batch-size", "128"],
+                                         "--batch-size", "128", "--test-days", TEST_DAYS],
                                 env={"IMT_ML_OUTPUT_DIR": str(tmp_path)})  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Fold 3/3" in result.stderr
@@ -177,8 +180,10 @@ def test_cv_folds_partition_the_records_in_time(sample_root, tmp_path):
     assert run_dir.name.startswith("cv_")
     columns = tr.read_export_columns(tr.find_export_dir(sample_root))
     fold = np.load(run_dir / "fold_assignment.npy")
-    assert len(fold) == len(columns["trip_id"]) and set(fold) == {0, 1, 2}
+    assert len(fold) == len(columns["trip_id"]) and set(fold) == {-1, 0, 1, 2}
     ts = columns["scheduled_timestamp"]
+    # -1: the newest 2 days, in no fold; every fold model is scored there as well.
+    assert ts[fold == -1].min() > ts.max() - 2 * 86_400 >= ts[fold >= 0].max()
     for j in range(2):  # contiguous blocks: every record of fold j precedes fold j+1
         assert ts[fold == j].max() < ts[fold == j + 1].min()
 
@@ -201,6 +206,9 @@ def test_cv_folds_partition_the_records_in_time(sample_root, tmp_path):
     np.testing.assert_allclose(got, [mean, std, mean - half, mean + half], atol=2e-4)
     assert "contiguous periods of time" in report
     assert "Model minus baseline" in report
+    test_accs = [f["test_accuracy"] for f in results["folds"]]
+    assert f"Mean test accuracy: {np.mean(test_accs):.4f}" in report
+    assert "share most of their training records" in report  # what the interval does not cover
     for j in range(3):
         assert (
             run_dir / f"track_prediction_cv_model_fold_{j}_serving" / "saved_model.pb"

@@ -185,7 +185,8 @@ def clock_requests(times: list[str]) -> list[dict]:
     return [
         tracker_request("a", scheduled_time=times[0], hour=22, day_of_week=0),
         tracker_request("b", "place-north", "CR-Lowell", "CR-Weekday-Spring-24-301", direction=1,
-                        scheduled_time=times[1], hour=1, day_of_week=3),
+                        scheduled_time=times[1], hour=1, day_of_week=3,
+                        headsign="Lowell - Lowell Ln"),
     ]  # fmt: skip
 
 

@@ -36,6 +36,8 @@ def tune_cli(sample_root: Path, tmp_path: Path, *args: str):
             str(tmp_path / "ray"),
             "--final-epochs",
             "1",
+            "--test-days",
+            "2",
             *args,
         ],
         env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")},
@@ -61,6 +63,19 @@ def test_tiny_search_saves_the_best_model_with_its_config(sample_root, tmp_path)
     assert set(config["hyperparameters"]) == set(tr.tune_search_space())
     assert config["training"]["batch_size"] == config["hyperparameters"]["batch_size"]
     assert config["model_config"]["dropout"] == pytest.approx(config["hyperparameters"]["dropout"])
+
+    # The trial that won trained with exactly the options the winner was retrained with
+    # (class weights, recency, augmentation, schedule): only the epoch cap may differ.
+    def recipe_of(training: dict) -> dict:
+        return {k: v for k, v in training.items() if k not in ("epochs", "model_path", "test_days")}
+
+    retrained = recipe_of(config["training"])
+    assert retrained["class_weight"] == "none"
+    assert retrained["recency_half_life"] == config["hyperparameters"]["recency_half_life"]
+    trials = [json.loads(p.read_text())["recipe"]
+              for p in (tmp_path / "ray" / "tiny").rglob("state.json")]  # fmt: skip
+    assert trials and all(t is not None for t in trials)
+    assert retrained in [recipe_of(t) for t in trials]
 
     predictor = tr.load_predictor(run_dir / "track_prediction_model_best.keras")
     answer = predictor.predict([assignment("2024-03-20T17:35:00-04:00", trip="CR-1-520")])[0]

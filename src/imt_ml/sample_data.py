@@ -144,6 +144,10 @@ class Assignment:
     kind: str  # "clean" or a DIRTY_RATES reason
     truth_key: tuple[str, str, float] | None = None  # (station, trip, scheduled ts)
     best_probability: float = 0.0
+    #: The probability of the track that was likeliest for this departure last season: the
+    #: most an answer can expect that knows every train's exact distribution before the
+    #: latest change of season and nothing after it.
+    last_season_probability: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,8 @@ class SampleHistory:
         self.homes: dict[tuple[str, int], str] = {}
         self.zones: dict[tuple[str, int], list[str]] = {}  # the zone, most used first
         self._season: tuple[str, int] | None = None
+        #: (homes, zones) as they were before the latest change of season.
+        self._last_season: tuple[dict, dict] | None = None
         self.skip_counts: Counter[str] = Counter()
 
     def _timetable(self) -> list[Train]:
@@ -280,6 +286,7 @@ class SampleHistory:
     def _new_season(self, season: tuple[str, int]) -> None:
         """A new schedule: a share of the trains move home (or reorder their zone)."""
         if self._season is not None:
+            self._last_season = (dict(self.homes), {k: list(v) for k, v in self.zones.items()})
             route_of = {t.number: t.route_id for t in self.trains}
             for key in sorted(self.homes):
                 if self.rng.random() < self.drift.home_move_share:
@@ -318,6 +325,22 @@ class SampleHistory:
         else:
             dist[home] = 1.0
         return dist
+
+    def last_season_distribution(
+        self, station: str, train: Train, hour: int, weekday: int | None = None
+    ) -> dict[str, float] | None:
+        """The distribution this departure had under last season's homes and zones (None in
+        the first season). Call after `track_distribution` for the same departure, so every
+        home it needs exists and no random number is drawn."""
+        if self._last_season is None:
+            return None
+        homes, zones = self.homes, self.zones
+        self.homes = {**homes, **self._last_season[0]}
+        self.zones = {**zones, **self._last_season[1]}
+        try:
+            return self.track_distribution(station, train, hour, weekday)
+        finally:
+            self.homes, self.zones = homes, zones
 
     def _trip_id(self, train: Train, day: dt.date) -> str:
         season, year = season_of(day)
@@ -426,6 +449,10 @@ class SampleHistory:
         if kind == "clean":
             event.truth_key = (station, trip_id, score)
             event.best_probability = max(dist.values())
+            last = self.last_season_distribution(station, train, local.hour, local.weekday())
+            event.last_season_probability = (
+                event.best_probability if last is None else dist.get(max(last, key=last.get), 0.0)
+            )
         return event
 
     def _duplicate_of(self, original: Assignment) -> Assignment:
@@ -479,10 +506,16 @@ def assignment_doc(
     }  # fmt: skip
 
 
-def save_truth(path: Path, keys: list[tuple[str, str, float]], best: list[float]) -> None:
-    """Write `sample_truth.npz`: record identity -> best achievable probability."""
+def save_truth(
+    path: Path, keys: list[tuple[str, str, float]], best: list[float],
+    last_season: list[float] | None = None,
+) -> None:  # fmt: skip
+    """Write `sample_truth.npz`: record identity -> best achievable probability (and, when
+    given, what an answer knowing only last season can expect)."""
     import numpy as np
 
+    extra = {} if last_season is None else {
+        "last_season_probability": np.array(last_season, dtype=np.float32)}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         np.savez_compressed(
@@ -492,6 +525,7 @@ def save_truth(path: Path, keys: list[tuple[str, str, float]], best: list[float]
             # float32, exactly as the TFRecord stores scheduled_timestamp.
             scheduled_timestamp=np.array([k[2] for k in keys], dtype=np.float32),
             best_probability=np.array(best, dtype=np.float32),
+            **extra,
         )
 
 
@@ -669,11 +703,12 @@ def demo(records: int, seed: int, output: Path, epochs: int, drift: Drift) -> No
     result = run_train(path, TrainOptions(epochs=epochs, seed=seed))
     ev, m = result.evaluation, result.evaluation.metrics
     log(f"\nDemo finished in {result.run_dir}")
+    log("  on the held-out test window (the newest 7 days, which no training choice saw):")
     log(
-        f"  validation top-1 accuracy      {100 * m['top1_accuracy']:6.2f}%  (top-3 {100 * m['top3_accuracy']:.2f}%)"
+        f"  top-1 accuracy                 {100 * m['top1_accuracy']:6.2f}%  (top-3 {100 * m['top3_accuracy']:.2f}%)"
     )
     for name, accuracy in ev.baselines.items():
-        log(f"  baseline: {name:<20} {100 * accuracy:6.2f}%")
+        log(f"  lookup table: {name:<22} {100 * accuracy:6.2f}%")
     if ev.best_possible:
         log(f"  best possible (sample data)    {100 * ev.best_possible['accuracy']:6.2f}%")
     log(f"  report: {result.run_dir / 'training_report.md'}")
