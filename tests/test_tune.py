@@ -98,7 +98,7 @@ def test_asha_stops_weak_trials_before_max_epochs(sample_root, tmp_path):
     report = (Path(result.stdout.strip().splitlines()[-1]) / "training_report.md").read_text()
     assert stopped_early(report) >= 1
     epochs = [
-        int(e) for e in re.findall(r"^\| \d+ \|(?: [^|]+ \|){8} (\d+) \| [\d.]+ \|$", report, re.M)
+        int(e) for e in re.findall(r"^\| \d+ \|(?: [^|]+ \|){9} (\d+) \| [\d.]+ \|$", report, re.M)
     ]
     assert epochs and max(epochs) == 3
 
