@@ -45,7 +45,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]
 def test_sync_workers_train_in_lock_step_and_only_the_chief_writes(sample_root, tmp_path):
     workers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
     common = ["sync-tune", "--workers", workers, "--data-dir", str(sample_root), "--max-epochs", "2",
-              "--factor", "2", "--batch-size", "64", "--project-name", "sync"]  # fmt: skip
+              "--factor", "2", "--batch-size", "64", "--test-days", "1", "--project-name", "sync"]  # fmt: skip
     outputs = {i: tmp_path / f"out{i}" for i in (0, 1)}
     procs = {
         i: launch([*common, "--index", str(i), "--tuner-directory", str(tmp_path / f"kt{i}")],
@@ -110,7 +110,7 @@ def seed_tuner_parallel(tuner_id: str, directory: Path, data_dir: Path, out: Pat
                         taskfile: bool) -> subprocess.Popen:  # fmt: skip
     """The seed README's tuner-parallel command (no oracle address), or its Taskfile form
     (only TUNER_DIRECTORY, TUNER_ID and DATA_DIR in the environment), with a tiny search."""
-    tiny = ["--max-epochs", "3", "--factor", "3", "--batch-size", "64"]
+    tiny = ["--max-epochs", "3", "--factor", "3", "--batch-size", "64", "--test-days", "1"]
     env = {"IMT_ML_OUTPUT_DIR": str(out)}
     if not taskfile:
         return launch(["tuner-parallel", "--tuner-directory", str(directory), "--tuner-id", tuner_id,
@@ -199,7 +199,7 @@ def test_a_stale_address_from_an_earlier_search_is_never_used(sample_root, tmp_p
         "chief_host": "old", "pid": 1, "search_id": "earlier", "beat": 41, "finished": finished,
     }))  # fmt: skip
     proc = launch(["tuner-parallel", "--tuner-directory", str(directory), "--tuner-id", "tuner0",
-                   "--data-dir", str(sample_root), "--oracle-wait", "4"], {})  # fmt: skip
+                   "--data-dir", str(sample_root), "--test-days", "1", "--oracle-wait", "4"], {})  # fmt: skip
     code, _, err = finish(proc, timeout=120)
     with pytest.raises(TimeoutError):
         listener.accept()  # nobody ever connected to the stale address
@@ -215,7 +215,7 @@ def test_leftover_generic_environment_variables_change_nothing(sample_root, tmp_
              "PROJECT_NAME": "other", "FACTOR": "0"}  # fmt: skip
     workers = f"127.0.0.1:{free_port()}"  # one worker: sync-tune runs alone
     proc = launch(["sync-tune", "--workers", workers, "--index", "0", "--data-dir", str(sample_root),
-                   "--max-epochs", "1", "--factor", "2", "--batch-size", "64",
+                   "--max-epochs", "1", "--factor", "2", "--batch-size", "64", "--test-days", "1",
                    "--tuner-directory", str(tmp_path / "kt")],
                   {**stray, "IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
     code, out, err = finish(proc)
@@ -226,6 +226,12 @@ def test_leftover_generic_environment_variables_change_nothing(sample_root, tmp_
     assert (
         config["search"]["batch_size"] == 64 and config["search"]["project_name"] == "track_tuning"
     )
+    # The search space is tune's, and the winner was retrained with its trial's recipe.
+    assert set(config["hyperparameters"]) == set(tr.SEARCH_SPACE)
+    training = config["training"]
+    assert training["class_weight"] == "none" and training["batch_size"] == 64
+    assert training["recency_half_life"] == config["hyperparameters"]["recency_half_life"]
+    assert training["learning_rate"] == config["hyperparameters"]["learning_rate"]
     assert (tmp_path / "kt" / "track_tuning").is_dir()
 
     from click.testing import CliRunner
@@ -243,7 +249,8 @@ def test_leftover_generic_environment_variables_change_nothing(sample_root, tmp_
 def test_tuner_worker_with_an_address_but_no_chief_gives_up_cleanly(sample_root, tmp_path):
     code, _, err = finish(launch(["tuner-parallel", "--tuner-directory", str(tmp_path / "kt"),
                                   "--tuner-id", "tuner0", "--oracle-address", f"127.0.0.1:{free_port()}",
-                                  "--data-dir", str(sample_root), "--oracle-wait", "3"], {}), timeout=120)  # fmt: skip
+                                  "--data-dir", str(sample_root), "--test-days", "1", "--oracle-wait", "3"],
+                                 {}), timeout=120)  # fmt: skip
     assert code == 1
     assert "no Keras Tuner oracle answers" in err and "Traceback" not in err
 

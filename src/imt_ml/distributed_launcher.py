@@ -63,7 +63,7 @@ from imt_ml.utils import (
 )
 
 if TYPE_CHECKING:
-    from imt_ml.tfrecord_reader import Vocabulary
+    pass
 
 # ---------------------------------------------------------------------------
 # Options and the search space.
@@ -88,29 +88,40 @@ class SearchOptions:
     final_epochs: int = option_field(0, "Epochs to retrain the best configuration (0: --max-epochs).",
                                      click.IntRange(min=0))
     seed: int = option_field(42, None)
+    test_days: float = option_field(7.0, "Hold out the newest DAYS from the search and the retraining; "
+                                    "the headline figures come from them.",
+                                    click.FloatRange(min=0), metavar="DAYS")
     # fmt: on
 
 
-def model_config_from_hp(hp: Any, seed: int) -> Any:
-    """Declare (on first use) and read this search's hyperparameters."""
-    from imt_ml.tfrecord_reader import ModelConfig
+def hyperparameters_from_hp(hp: Any, batch_size: int) -> dict[str, Any]:
+    """Declare (on first use) and read the search space `tune` searches too
+    (tfrecord_reader.SEARCH_SPACE), in Keras Tuner's terms. The batch size is fixed at
+    --batch-size: in sync-tune it is each worker's share of a synchronous step."""
+    from imt_ml.tfrecord_reader import SEARCH_SPACE
 
-    layers = hp.Int("hidden_layers", 1, 3, default=2)
-    first = hp.Choice("first_units", [64, 128, 256], default=128)
-    return ModelConfig(
-        hidden_units=tuple(max(16, first // (2**i)) for i in range(layers)),
-        dropout=hp.Float("dropout", 0.1, 0.5, step=0.1, default=0.3),
-        l2=hp.Float("l2", 1e-6, 1e-3, sampling="log", default=1e-4),
-        train_embedding=hp.Choice("train_embedding", [8, 16, 24], default=16),
-        # Batch statistics would differ between workers; sync-tune gets identical
-        # weights on every worker only without them.
-        batch_norm=False,
-        seed=seed,
-    )
+    values = {}
+    for name, (kind, *args) in SEARCH_SPACE.items():
+        if name == "batch_size":
+            values[name] = hp.Fixed(name, batch_size)
+        elif kind == "choice":
+            values[name] = hp.Choice(name, list(args[0]))
+        else:
+            values[name] = hp.Float(name, args[0], args[1],
+                                    sampling="log" if kind == "loguniform" else "linear")  # fmt: skip
+    return values
 
 
-def learning_rate_from_hp(hp: Any) -> float:
-    return hp.Float("learning_rate", 3e-4, 3e-3, sampling="log", default=1e-3)
+def trial_recipe(hp: Any, opts: SearchOptions) -> tuple[Any, Any]:
+    """(model configuration, training options) of a trial: the options are `tune`'s
+    `search_recipe`, so trials and the retrained winner train the same way."""
+    from imt_ml.tfrecord_reader import model_config_from_trial, search_recipe
+
+    values = hyperparameters_from_hp(hp, opts.batch_size)
+    # Batch statistics would differ between workers; sync-tune gets identical weights
+    # on every worker only without them (tuner-parallel keeps the same architecture).
+    cfg = dataclasses.replace(model_config_from_trial(values, opts.seed), batch_norm=False)
+    return cfg, search_recipe(values, opts.max_epochs, opts.seed)
 
 
 # ---------------------------------------------------------------------------
@@ -203,22 +214,28 @@ def equal_shard(n: int, workers: int, index: int, seed: int) -> np.ndarray:
 
 
 class SyncTrainer:
-    """Trains a model built under the strategy with an explicit distributed step."""
+    """Trains a model built under the strategy with an explicit distributed step and
+    `train`'s recipe (a TrainOptions): recency weights and identity hiding in the data
+    built here; the cosine schedule with the plateau cut and early stopping on the
+    all-reduced val_loss in `fit`."""
 
-    def __init__(
-        self, strategy: Any, data: Any, index: int, workers: int, batch_size: int, seed: int
-    ):
-        from imt_ml.tfrecord_reader import class_weights, make_dataset, model_features
+    def __init__(self, strategy: Any, data: Any, index: int, workers: int, recipe: Any):
+        from imt_ml.tfrecord_reader import (
+            _hide_identities,
+            make_dataset,
+            model_features,
+            recency_weights,
+        )
 
+        batch_size, seed = recipe.batch_size, recipe.seed
         self.strategy = strategy
         self.workers = workers
         self.global_batch = batch_size * workers
         positions = equal_shard(len(data.train_idx), workers, index, seed)
         shard, labels = data.train_idx[positions], data.train_labels[positions]
-        weights = class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt")
-        sample_weights = np.array(
-            [(weights or {}).get(int(y), 1.0) for y in labels], dtype=np.float32
-        )
+        timestamps = data.columns["scheduled_timestamp"][data.train_idx]
+        sample_weights = recency_weights(timestamps, recipe.recency_half_life)[positions]
+        sample_weights = sample_weights.astype(np.float32)
         self.steps = len(shard) // batch_size
         if self.steps == 0:
             raise UserError(
@@ -230,6 +247,7 @@ class SyncTrainer:
         ds = tf.data.Dataset.from_tensor_slices(({k: tf.constant(v) for k, v in features.items()},
                                                  tf.constant(labels), tf.constant(sample_weights)))  # fmt: skip
         batches = ds.shuffle(len(labels), seed=seed).batch(batch_size, drop_remainder=True)
+        batches = batches.map(_hide_identities, num_parallel_calls=tf.data.AUTOTUNE)
         self.train_ds = batches.repeat().with_options(options)
         known = data.val_known
         val_part = data.val_idx[known][index::workers]
@@ -237,10 +255,14 @@ class SyncTrainer:
             model_features(data.columns, val_part), data.val_labels[known][index::workers], 1024
         )
 
-    def fit(self, model: Any, learning_rate: float, epochs: int, initial_epoch: int = 0,
+    def fit(self, model: Any, recipe: Any, epochs: int, initial_epoch: int = 0,
             callbacks: list | None = None) -> dict[str, list[float]]:  # fmt: skip
+        """Train with `recipe`'s rate, schedule and early stopping (its batch size and
+        half-life are the ones this trainer's data was built with)."""
+        from imt_ml.tfrecord_reader import cosine_rate
+
         with self.strategy.scope():
-            optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+            optimizer = keras.optimizers.Adam(learning_rate=recipe.learning_rate)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
         train_step = self._train_step(model, optimizer, loss_fn)
         history: dict[str, list[float]] = {
@@ -251,7 +273,13 @@ class SyncTrainer:
         for cb in callbacks:
             cb.set_model(model)
             cb.on_train_begin()
+        scale, best_loss, since_best, plateau = 1.0, float("inf"), 0, 0
         for epoch in range(initial_epoch, epochs):
+            if not recipe.no_scheduler:  # `train`'s CosineWithPlateau, by hand
+                tmax = recipe.scheduler_tmax or recipe.epochs
+                optimizer.learning_rate.assign(
+                    cosine_rate(recipe.learning_rate, epoch, tmax) * scale
+                )
             total_loss = total_hits = 0.0
             for _ in range(self.steps):
                 loss, hits = train_step(iterator)
@@ -269,6 +297,17 @@ class SyncTrainer:
                     save_best_epoch(cb, model, logs)
                 else:
                     cb.on_epoch_end(epoch, logs)
+            # Every worker sees the same all-reduced val_loss, so all stop together.
+            if val_loss < best_loss - recipe.early_stop_min_delta:
+                best_loss, since_best, plateau = val_loss, 0, 0
+            else:
+                since_best, plateau = since_best + 1, plateau + 1
+                if plateau >= recipe.reduce_lr_patience:
+                    scale, plateau = scale * recipe.reduce_lr_factor, 0
+                if not recipe.no_early_stop and since_best >= recipe.early_stop_patience:
+                    log(f"  early stop after epoch {epoch + 1}: no better val_loss for "
+                        f"{since_best} epochs")  # fmt: skip
+                    break
         for cb in callbacks:
             cb.on_train_end()
         log(f"  weights sha256 {weights_digest(model)}")  # the same on every worker
@@ -342,32 +381,54 @@ def save_best_epoch(callback: Any, model: Any, logs: dict[str, float]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def make_hypermodel(
-    vocab_info: Vocabulary, seed: int, strategy: Any = None, trainer: SyncTrainer | None = None
-) -> Any:
+def make_hypermodel(data: Any, opts: SearchOptions, strategy: Any = None,
+                    sync: tuple[int, int] | None = None) -> Any:  # fmt: skip
+    """The search's hypermodel: each trial's model is built and trained with its
+    `trial_recipe`, on the data with that recipe's history tables (built once per
+    half-life). `sync` = (index, workers) trains every trial on all workers."""
     import keras_tuner as kt
 
-    from imt_ml.tfrecord_reader import compile_model, create_simple_model
+    from imt_ml.tfrecord_reader import (
+        compile_model,
+        create_simple_model,
+        data_for_recipe,
+        training_callbacks,
+        weighted_training_data,
+    )
+
+    prepared: dict[tuple, Any] = {}  # (batch size, half-life) -> data, sync trainer
+
+    def setup(hp: Any) -> tuple[Any, Any, Any, SyncTrainer | None]:
+        cfg, recipe = trial_recipe(hp, opts)
+        key = (recipe.batch_size, recipe.recency_half_life)
+        if key not in prepared:
+            trial_data = data_for_recipe(data, recipe)
+            trainer = SyncTrainer(strategy, trial_data, *sync, recipe) if sync else None
+            prepared[key] = (trial_data, trainer)
+        return (cfg, recipe, *prepared[key])
 
     class TrackHyperModel(kt.HyperModel):
         def build(self, hp: Any) -> Any:
-            cfg = model_config_from_hp(hp, seed)
-            lr = learning_rate_from_hp(hp)
-            keras.utils.set_random_seed(seed)
+            cfg, recipe, trial_data, trainer = setup(hp)
+            keras.utils.set_random_seed(opts.seed)
             with strategy.scope() if strategy is not None else contextlib.nullcontext():
-                model = create_simple_model(vocab_info, cfg)
+                model = create_simple_model(trial_data.vocab_info, cfg)
             if trainer is None:
-                compile_model(model, lr)
+                compile_model(model, recipe.learning_rate)
             return model
 
         def fit(self, hp: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
-            if trainer is None:  # one machine per trial: plain Keras
-                kwargs.setdefault("verbose", 0)
-                return model.fit(*args, **kwargs)
-            history = trainer.fit(
-                model, learning_rate_from_hp(hp), kwargs.get("epochs", 1),
-                kwargs.get("initial_epoch", 0), kwargs.get("callbacks"),
-            )  # fmt: skip
+            cfg, recipe, trial_data, trainer = setup(hp)
+            epochs, initial = kwargs.get("epochs", 1), kwargs.get("initial_epoch", 0)
+            if trainer is None:  # one machine per trial: plain Keras, `train`'s callbacks
+                train_ds, class_weight = weighted_training_data(trial_data, recipe)
+                callbacks = training_callbacks(recipe, None, None) + list(
+                    kwargs.get("callbacks") or []
+                )
+                return model.fit(train_ds, validation_data=trial_data.val_ds, epochs=epochs,
+                                 initial_epoch=initial, class_weight=class_weight,
+                                 callbacks=callbacks, verbose=0, shuffle=False)  # fmt: skip
+            history = trainer.fit(model, recipe, epochs, initial, kwargs.get("callbacks"))
             return {
                 "val_accuracy": max(history["val_accuracy"]),
                 "val_loss": min(history["val_loss"]),
@@ -415,19 +476,16 @@ def train_and_save_best(
     `output/{mode}_<time>/`."""
     import keras_tuner as kt
 
-    from imt_ml.tfrecord_reader import TrainOptions, retrain_best
+    from imt_ml.tfrecord_reader import data_for_recipe, retrain_best
 
     hp = kt.HyperParameters()
     hp.values.update(hp_values)
-    cfg = model_config_from_hp(hp, opts.seed)
-    train_opts = TrainOptions(
-        epochs=opts.final_epochs or opts.max_epochs, batch_size=opts.batch_size,
-        learning_rate=learning_rate_from_hp(hp), model_path=opts.model_path, seed=opts.seed,
-    )  # fmt: skip
-
-    result = retrain_best(
-        data, train_opts, cfg, mode, hp_values, dataclasses.asdict(opts), mode_lines
-    )
+    cfg, recipe = trial_recipe(hp, opts)
+    # The trials' recipe; only the epoch cap may differ.
+    train_opts = dataclasses.replace(recipe, epochs=opts.final_epochs or opts.max_epochs,
+                                     model_path=opts.model_path, test_days=opts.test_days)  # fmt: skip
+    result = retrain_best(data_for_recipe(data, train_opts), train_opts, cfg, mode, hp_values,
+                          dataclasses.asdict(opts), mode_lines)  # fmt: skip
     return result.run_dir
 
 
@@ -458,12 +516,11 @@ def run_sync_tune(
     # Collectives must be configured before TensorFlow runs anything else.
     strategy = create_strategy(hosts, index)
     # Every worker reads the same export and makes the same split.
-    data = prepare_data(opts.data_dir, opts.batch_size, "time", opts.seed)
+    data = prepare_data(opts.data_dir, opts.batch_size, "time", opts.seed, test_days=opts.test_days)
     chief = index == 0
     log(f"Worker {index} of {len(hosts)} joined ({'chief' if chief else 'worker'}); "
         f"{strategy.num_replicas_in_sync} replicas in sync")  # fmt: skip
-    trainer = SyncTrainer(strategy, data, index, len(hosts), opts.batch_size, opts.seed)
-    hypermodel = make_hypermodel(data.vocab_info, opts.seed, strategy, trainer)
+    hypermodel = make_hypermodel(data, opts, strategy, sync=(index, len(hosts)))
     # Every worker runs the same seeded oracle on the same reduced metrics, so all
     # of them walk through the same trials; only the chief keeps its tuner state.
     scratch = None if chief else tempfile.TemporaryDirectory(prefix="imt-sync-worker-")
@@ -669,8 +726,8 @@ def run_tuner_parallel(opts: SearchOptions, tuner_directory: str, tuner_id: str,
     given = given_oracle_address(oracle_address)
     from imt_ml.tfrecord_reader import prepare_data
 
-    data = prepare_data(opts.data_dir, opts.batch_size, "time", opts.seed)
-    hypermodel = make_hypermodel(data.vocab_info, opts.seed)
+    data = prepare_data(opts.data_dir, opts.batch_size, "time", opts.seed, test_days=opts.test_days)
+    hypermodel = make_hypermodel(data, opts)
     address_file = OracleAddressFile(tuner_directory, opts.project_name)
     started = time.perf_counter()
     server_tuner = None
@@ -711,11 +768,8 @@ def _search_and_train_best(opts: SearchOptions, data: Any, hypermodel: Any, tune
     """This instance's trials, then (on the chief, or with --train-best) the best model."""
     chief = server_tuner is not None
     runner = make_tuner(hypermodel, opts, tuner_directory, overwrite=False)
-    from imt_ml.tfrecord_reader import class_weights
-
-    weights = class_weights(data.train_labels, data.vocab_info.num_classes, "sqrt")
-    with contextlib.redirect_stdout(sys.stderr):
-        runner.search(data.train_ds, validation_data=data.val_ds, class_weight=weights, verbose=0)
+    with contextlib.redirect_stdout(sys.stderr):  # the hypermodel brings each trial's data
+        runner.search(verbose=0)
     ran = list(getattr(runner, "ran", []))
     record = Path(tuner_directory) / opts.project_name / "instances" / f"{tuner_id}.json"
     record.parent.mkdir(parents=True, exist_ok=True)

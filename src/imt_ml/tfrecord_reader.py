@@ -1868,6 +1868,12 @@ def model_option(help: str = "A saved .keras model.") -> Callable[[Callable], Ca
 training_options = dataclass_options(TrainOptions)
 
 
+def cosine_rate(base_lr: float, epoch: int, tmax: int) -> float:
+    """The cosine schedule's rate at `epoch` (from 0): base_lr down to 1% of it at tmax."""
+    progress_ = min(epoch, tmax) / max(tmax, 1)
+    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+
 class CosineWithPlateau:
     """Cosine annealing from the initial rate to 1% of it over `tmax` epochs, times a
     factor that drops by `factor` after `patience` epochs without a better val_loss
@@ -1882,9 +1888,8 @@ class CosineWithPlateau:
                 self.scale, self.best, self.wait = 1.0, math.inf, 0
 
             def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-                progress_ = min(epoch, tmax) / max(tmax, 1)
-                cosine = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress_))
-                self.model.optimizer.learning_rate.assign(base_lr * cosine * self.scale)
+                rate = cosine_rate(base_lr, epoch, tmax) * self.scale
+                self.model.optimizer.learning_rate.assign(rate)
 
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
                 logs = logs if logs is not None else {}
@@ -2979,23 +2984,30 @@ class TuneOptions:
     # fmt: on
 
 
+#: The one search space of `tune` (Ray Tune) and the distributed launcher (Keras Tuner):
+#: name -> ("choice", values) or ("uniform" / "loguniform", low, high).
+SEARCH_SPACE: dict[str, tuple] = {
+    "hidden_layers": ("choice", [1, 2, 3]),
+    "first_units": ("choice", [128, 256, 512]),
+    "width_decay": ("choice", [0.5, 1.0]),
+    "dropout": ("uniform", 0.1, 0.5),
+    "l2": ("loguniform", 1e-6, 1e-3),
+    "learning_rate": ("loguniform", 3e-4, 3e-3),
+    "batch_size": ("choice", [256, 512, 1024, 2048]),
+    "route_embedding": ("choice", [4, 6, 8]),
+    "train_embedding": ("choice", [8, 16, 24]),
+    # The evidence path: how fast the history tables (and the loss) forget old records.
+    "recency_half_life": ("choice", [30.0, 60.0, 120.0]),
+}
+
+
 def tune_search_space() -> dict[str, Any]:
-    """What a trial may vary: embedding sizes, depth and widths, dropout, L2, rate, batch."""
+    """SEARCH_SPACE as Ray Tune domains: embedding sizes, depth and widths, dropout, L2,
+    rate, batch and the history tables' half-life."""
     from ray import tune
 
-    return {
-        "hidden_layers": tune.choice([1, 2, 3]),
-        "first_units": tune.choice([128, 256, 512]),
-        "width_decay": tune.choice([0.5, 1.0]),
-        "dropout": tune.uniform(0.1, 0.5),
-        "l2": tune.loguniform(1e-6, 1e-3),
-        "learning_rate": tune.loguniform(3e-4, 3e-3),
-        "batch_size": tune.choice([64, 128, 256, 512]),
-        "route_embedding": tune.choice([4, 6, 8]),
-        "train_embedding": tune.choice([8, 16, 24]),
-        # The evidence path: how fast the history tables (and the loss) forget old records.
-        "recency_half_life": tune.choice([30.0, 60.0, 120.0]),
-    }
+    kinds = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform}
+    return {name: kinds[kind](*args) for name, (kind, *args) in SEARCH_SPACE.items()}
 
 
 def describe_search_space() -> list[list[str]]:
@@ -3028,6 +3040,17 @@ def model_config_from_trial(config: dict[str, Any], seed: int) -> ModelConfig:
         train_embedding=int(config["train_embedding"]),
         seed=seed,
     )
+
+
+def data_for_recipe(data: PreparedData, opts: TrainOptions) -> PreparedData:
+    """The same split with the batch size and the history tables' half-life of `opts`
+    (rebuilt only when they differ)."""
+    if (opts.batch_size, opts.recency_half_life) == (data.batch_size,
+                                                     data.vocab_info.recency_half_life):  # fmt: skip
+        return data
+    return prepare_split(data.export_dir, data.metadata, data.columns, data.train_idx,
+                         data.val_idx, data.split_info, opts.batch_size, opts.seed,
+                         test_idx=data.test_idx, recency_half_life=opts.recency_half_life)  # fmt: skip
 
 
 def search_recipe(config: dict[str, Any], max_epochs: int, seed: int) -> TrainOptions:
@@ -3202,13 +3225,7 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
     opts = dataclasses.replace(search_recipe(config, topts.max_epochs, topts.seed),
                                epochs=topts.final_epochs, model_path=topts.model_path,
                                test_days=topts.test_days)  # fmt: skip
-    if (opts.batch_size, opts.recency_half_life) != (
-        data.batch_size,
-        data.vocab_info.recency_half_life,
-    ):
-        data = prepare_split(data.export_dir, data.metadata, data.columns, data.train_idx,
-                             data.val_idx, data.split_info, opts.batch_size, opts.seed,
-                             test_idx=data.test_idx, recency_half_life=opts.recency_half_life)  # fmt: skip
+    data = data_for_recipe(data, opts)
     search_record = {
         **dataclasses.asdict(topts),
         "best_val_accuracy": search.best["best_val_accuracy"],
