@@ -533,11 +533,6 @@ class PreparedData:
         """Validation positions whose track the model can name."""
         return np.flatnonzero(self.val_labels >= 0)
 
-    @property
-    def fit_idx(self) -> np.ndarray:
-        """Every record a model may learn from: all but the test window."""
-        return np.sort(np.concatenate([self.train_idx, self.val_idx]))
-
 
 class Export(NamedTuple):
     """One export, read: its directory, its metadata and its records as columns."""
