@@ -485,6 +485,8 @@ class LocalRedisServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LocalRedisServer:
+        """Start the server (again, after `stop`, on the same port)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
             "--port", str(self.port),
