@@ -424,3 +424,47 @@ def test_recorded_history_exports_and_trains_beside_the_trackers(api, redis_clie
     vocab = json.loads((run_dir / "track_prediction_model_vocab.json").read_text())
     for trip, _ in new:  # the recorded departures are in what the model learnt
         assert any(trip in entry for entry in vocab["station_trips"]), trip
+
+
+def test_server_errors_while_polling_are_retried_with_backoff(api, redis_client, redis_server):
+    recorder = RunningRecorder(api, redis_server.port, "--poll", "0.2")
+    try:
+        recorder.wait_for(lambda: " last " in recorder.output, "the first status line")
+        api.fail_next = [503, 502, 500]
+        api.set_prediction(api.prediction("CR-Weekday-Fall-26-640", "NEC-2287-12", "CR-Fairmount",
+                                          soon(20)), "Readville")  # fmt: skip
+        recorder.wait_for(lambda: len(history_keys(redis_client)) == 1, "the record after errors")
+        recorder.wait_for(lambda: "answers again" in recorder.output, "the API noticed back")
+        code = recorder.stop()
+        output = recorder.output
+    finally:
+        recorder.kill()
+    assert code == 0, output
+    assert "HTTP 503" in output and "reconnecting with backoff" in output
+    assert totals(output)["errors"] == 3
+    assert output.count("reconnecting with backoff") == 1  # one line per outage, not per try
+
+
+def test_pending_records_are_bounded_oldest_dropped_first():
+    from imt_ml.record_track_data import RecorderOptions, TrackRecorder
+    from imt_ml.utils import RedisTarget
+
+    recorder = TrackRecorder(None, RedisTarget("127.0.0.1", 1), None,  # type: ignore[arg-type]
+                             RecorderOptions(max_pending=2))  # fmt: skip
+    recorder.store.add(StandInMbta._stop("NEC-2287-01", "South Station", "1", "place-sstat"))
+    trips = [f"CR-Weekday-Fall-26-{n}" for n in (501, 502, 503)]
+    for trip in trips:
+        recorder.store.add(StandInMbta.trip(trip, "Worcester"))
+        recorder.observe_prediction(StandInMbta.prediction(trip, "NEC-2287-01", "CR-Worcester",
+                                                           soon(30)))  # fmt: skip
+    assert [d.key.split(":")[3] for d in recorder.pending.values()] == trips[1:]
+    assert recorder.total["dropped"] == 1
+
+
+def test_runs_by_path_and_as_console_script_with_help():
+    by_path = subprocess.run([*RECORDER, "--help"], capture_output=True, text=True, timeout=60)
+    assert by_path.returncode == 0 and "--once" in by_path.stdout
+    assert "IMT_MBTA_API_KEY" in by_path.stdout
+    script = Path(sys.executable).parent / "record-track-data"
+    assert "--poll" in subprocess.run([str(script), "--help"], capture_output=True, text=True,
+                                      timeout=60).stdout  # fmt: skip
