@@ -33,6 +33,17 @@ def sample_root_fixture(records: int, seed: int):
     return sample_root
 
 
+@pytest.fixture(scope="session")
+def serve_run_dir(tmp_path_factory) -> Path:
+    """One small `train` run whose model the serving tests (queue and HTTP) share."""
+    from imt_ml.sample_data import write_export
+
+    root = tmp_path_factory.mktemp("serve-exports")
+    write_export(root, 3000, seed=8, records_per_file=1000)
+    out = tmp_path_factory.mktemp("serve-output")
+    return run_mode(root, "train", "--epochs", "2", "--batch-size", "64", out=out)[1]
+
+
 def assignment(
     when: str = "2025-01-15T17:35:00-05:00", station: str = "place-sstat", route: str = "CR-Worcester",
     trip: str = "CR-733772-520", headsign: str = "Worcester - Worcester Ln", direction: int = 0,

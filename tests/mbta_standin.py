@@ -157,6 +157,23 @@ class StandInMbta:
         if publish:
             self.publish(sse(event, prediction))
 
+    def add_schedule(self, trip_id: str, stop_id: str, route_id: str, departure: dt.datetime | None,
+                     headsign: str, direction_id: int = 0,
+                     arrival: dt.datetime | None = None) -> dict[str, Any]:  # fmt: skip
+        """A scheduled stop (its trip added too); `/schedules?filter[date]=` lists it."""
+        self.add_trip(self.trip(trip_id, headsign, direction_id), publish=False)
+        schedule = {"type": "schedule", "id": f"schedule-{trip_id}-{stop_id}-{len(self.schedules)}",
+                    "attributes": {"arrival_time": local_time(arrival) if arrival else None,
+                                   "departure_time": local_time(departure) if departure else None,
+                                   "direction_id": direction_id, "drop_off_type": 0,
+                                   "pickup_type": 0, "stop_sequence": 1, "timepoint": True},
+                    "relationships": {"route": {"data": {"type": "route", "id": route_id}},
+                                      "stop": {"data": {"type": "stop", "id": stop_id}},
+                                      "trip": {"data": {"type": "trip", "id": trip_id}}}}  # fmt: skip
+        with self.lock:
+            self.schedules.append(schedule)
+        return schedule
+
     def remove_prediction(self, prediction_id: str) -> None:
         with self.lock:
             self.predictions.pop(prediction_id, None)
@@ -188,12 +205,21 @@ class StandInMbta:
 
     # -- documents ------------------------------------------------------------------
 
-    def predictions_document(self, query: dict[str, list[str]]) -> dict[str, Any]:
+    def predictions_document(self, query: dict[str, list[str]],
+                             schedules: bool = False) -> dict[str, Any]:  # fmt: skip
+        """/predictions (or /schedules) filtered by stop (parents include their children)
+        and, for schedules, by the Boston service date."""
         wanted = set(",".join(query.get("filter[stop]", [])).split(",")) - {""}
         includes = set(",".join(query.get("include", [])).split(","))
+        day = (query.get("filter[date]") or [None])[0]
         with self.lock:
             data = []
-            for prediction in self.predictions.values():
+            resources = self.schedules if schedules else self.predictions.values()
+            for prediction in resources:
+                attributes = prediction["attributes"]
+                when = attributes["departure_time"] or attributes["arrival_time"]
+                if day and when and when[:10] != day:
+                    continue
                 stop = self.stops.get(prediction["relationships"]["stop"]["data"]["id"])
                 parent = stop and (stop["relationships"]["parent_station"]["data"] or {}).get("id")
                 if not wanted or (stop and (stop["id"] in wanted or parent in wanted)):
@@ -262,8 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
             included = children if "child_stops" in ",".join(query.get("include", [])) else []
             self._send(200, {"data": stop, "included": included, "jsonapi": {"version": "1.0"}})
         elif parts.path == "/schedules":
-            self._send(200, {"data": list(api.schedules), "included": [],
-                             "jsonapi": {"version": "1.0"}})  # fmt: skip
+            self._send(200, api.predictions_document(query, schedules=True))
         else:
             self._send(404, {"errors": [{"status": "404", "code": "not_found"}]})
 

@@ -1,4 +1,5 @@
-"""Serving: saved models loaded the way consumers load them, and `serve` on a real Redis."""
+"""Serving: saved models loaded the way consumers load them, and `serve_predictions.py`
+answering the tracker's queue on a real Redis (its HTTP API: tests/test_serve_http.py)."""
 
 from __future__ import annotations
 
@@ -16,25 +17,21 @@ import pytest
 from click.testing import CliRunner
 
 from imt_ml import tfrecord_reader as tr
-from imt_ml.sample_data import write_export
 from imt_ml.utils import LocalRedisServer, free_port
 
-from conftest import REDIS_PASSWORD, run_mode
+from conftest import REDIS_PASSWORD
 
 REPO = Path(__file__).resolve().parents[1]
 READER = REPO / "src/imt_ml/tfrecord_reader.py"
+SERVER = REPO / "src/imt_ml/serve_predictions.py"
 REQUESTS = "ml:track_predict:requests"
 PROCESSING = "ml:track_predict:processing"
 RESULT = "ml:track_predict:result:"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """One small `train` run whose models the tests serve."""
-    root = tmp_path_factory.mktemp("exports")
-    write_export(root, 3000, seed=8, records_per_file=1000)
-    out = tmp_path_factory.mktemp("output")
-    return run_mode(root, "train", "--epochs", "2", "--batch-size", "64", out=out)[1]
+def run_dir(serve_run_dir) -> Path:
+    return serve_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -251,18 +248,18 @@ def test_readme_loading_examples_run_as_written(run_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# serve on a real Redis
+# The queue, on a real Redis
 # ---------------------------------------------------------------------------
 
 
 class Worker:
-    """`tfrecord_reader.py - serve` as its own process, its log in a file."""
+    """`serve_predictions.py --no-http` as its own process, its log in a file."""
 
     def __init__(self, model: Path, port: int, tmp_path: Path, *extra: str) -> None:
         self.log_path = tmp_path / f"serve_{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, str(READER), "-", "serve", "--model", str(model),
+            [sys.executable, str(SERVER), "--model", str(model), "--no-http",
              "--redis-host", "127.0.0.1", "--redis-port", str(port), "--log-interval", "0.5",
              *extra],
             stdout=subprocess.PIPE, stderr=self.log_file, text=True,
@@ -331,7 +328,7 @@ def test_serve_answers_the_trackers_requests_as_predict_does(redis_client, redis
         json.dumps(tracker_request("no-station") | {"station_id": None}).encode(),
     ]
     redis_client.lpush(REQUESTS, *malformed)
-    worker = workers(redis_server.port)
+    worker = workers(redis_server.port, "--min-confidence", "0")
     answers = wait_for_results(redis_client, [r["id"] for r in requests])
 
     # After the malformed ones, the worker still answers.
@@ -374,8 +371,8 @@ def test_serve_answers_the_trackers_requests_as_predict_does(redis_client, redis
 
     assert worker.stop(signal.SIGTERM) == 0
     log = worker.log
-    assert "Dropped a request without a usable id" in log
-    assert "Stopped: answered 46 requests (5 with an error)" in log
+    assert "dropped a request without a usable id" in log
+    assert "queue stopped: answered 46 requests (5 with an error" in log
     assert "Traceback" not in log
 
 
@@ -385,7 +382,7 @@ def test_requests_in_flight_when_the_worker_is_killed_are_answered_after_restart
     requests = mixed_requests(600)
     ids = [r["id"] for r in requests]
     redis_client.lpush(REQUESTS, *[json.dumps(r) for r in requests])
-    worker = workers(redis_server.port, "--max-batch", "32")
+    worker = workers(redis_server.port, "--max-batch", "32", "--min-confidence", "0")
     deadline = time.monotonic() + 90
     while not redis_client.exists(RESULT + ids[0]):
         assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log
@@ -397,10 +394,10 @@ def test_requests_in_flight_when_the_worker_is_killed_are_answered_after_restart
     redis_client.lpush(PROCESSING, json.dumps(in_flight))
     unanswered = sum(v is None for v in redis_client.mget([RESULT + i for i in ids]))
 
-    restarted = workers(redis_server.port)
+    restarted = workers(redis_server.port, "--min-confidence", "0")
     answers = wait_for_results(redis_client, [*ids, "in-flight"])
     assert len(answers) == 601 and unanswered > 0
-    assert "Requeued" in restarted.log
+    assert "requeued" in restarted.log
     assert redis_client.llen(PROCESSING) == 0
     assert restarted.stop() == 0
 
@@ -411,13 +408,13 @@ def test_the_worker_reconnects_after_a_redis_restart(workers, tmp_path):
     server = LocalRedisServer().start()
     try:
         client = redis.Redis(host="127.0.0.1", port=server.port)
-        worker = workers(server.port)
+        worker = workers(server.port, "--min-confidence", "0")
         client.lpush(REQUESTS, json.dumps(tracker_request("before")))
         wait_for_results(client, ["before"])
 
         port = server.port
         server.stop()
-        worker.wait_for_log("Lost Redis")
+        worker.wait_for_log("lost Redis")
         time.sleep(1.0)
         server = LocalRedisServer()
         server.port = port
@@ -425,7 +422,7 @@ def test_the_worker_reconnects_after_a_redis_restart(workers, tmp_path):
         client = redis.Redis(host="127.0.0.1", port=port)
         client.lpush(REQUESTS, json.dumps(tracker_request("after")))
         wait_for_results(client, ["after"], timeout=60)
-        assert "Reconnected" in worker.log
+        assert "reconnected" in worker.log
         assert worker.stop() == 0
     finally:
         server.stop()
@@ -438,7 +435,7 @@ def test_bad_credentials_or_no_redis_at_start_are_one_line(password_redis_server
         ["--redis-port", str(free_port())],
     ):
         proc = subprocess.run(
-            [sys.executable, str(READER), "-", "serve", "--model", str(model_file),
+            [sys.executable, str(SERVER), "--model", str(model_file),
              "--redis-host", "127.0.0.1", *args],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -458,7 +455,7 @@ def test_serve_answers_the_same_instant_identically_in_any_offset(redis_client, 
             request["id"] = f"{name}-{request['id']}"
             asked[request["id"]] = request
     redis_client.lpush(REQUESTS, *[json.dumps(r) for r in asked.values()])
-    worker = workers(redis_server.port)
+    worker = workers(redis_server.port, "--min-confidence", "0")
     answers = wait_for_results(redis_client, list(asked))
     for name in SAME_INSTANTS:
         for key in ("a", "b"):
@@ -466,3 +463,54 @@ def test_serve_answers_the_same_instant_identically_in_any_offset(redis_client, 
             assert mine["probabilities"] == utc["probabilities"], name
             assert mine["confidence"] == utc["confidence"]
     assert worker.stop(signal.SIGTERM) == 0
+
+
+def test_the_queue_speaks_the_trackers_last_ml_version(redis_client, redis_server, workers):
+    """Child stop ids, times without an offset, the track_prediction record the tracker's own
+    worker wrote (and the negative_ key it deleted), and answers below --min-confidence."""
+    suffix = "place-sstat:CR-Worcester:CR-Weekday-Spring-24-500:2024-03-04"  # the UTC date
+    other = "place-north:CR-Lowell:CR-Weekday-Spring-24-301:2024-03-04"
+    redis_client.set(f"negative_track_prediction:{suffix}", "1")
+    redis_client.set(f"track_prediction:{suffix}", json.dumps({"confidence_score": 0.0}))
+    redis_client.set(f"track_prediction:{other}", json.dumps({"confidence_score": 0.99}))
+    redis_client.set(f"negative_track_prediction:{other}", "1")
+    child = tracker_request("child", station="NEC-2287-03", scheduled_time="2024-03-04T17:43:00")
+    parent = tracker_request("parent")  # the same instant, -05:00, at the parent id
+    north = tracker_request("north", "BNT-0000", "CR-Lowell", "CR-Weekday-Spring-24-301",
+                            scheduled_time="2024-03-04T19:10:00Z", headsign="Lowell - Lowell Ln")  # fmt: skip
+    redis_client.lpush(REQUESTS, *[json.dumps(r) for r in (child, parent, north)])
+    worker = workers(redis_server.port, "--min-confidence", "0")
+    answers = wait_for_results(redis_client, ["child", "parent", "north"])
+    assert answers["child"]["station_id"] == "place-sstat"
+    assert answers["child"]["probabilities"] == answers["parent"]["probabilities"]
+    timestamp = int(tr.features_from_assignment(parent)["scheduled_timestamp"])
+    assert redis_client.exists(f"ml:track_predict:latest:place-sstat:CR-Worcester:0:{timestamp}")
+    assert not redis_client.keys("ml:track_predict:latest:NEC-2287*")
+
+    written = json.loads(redis_client.get(f"track_prediction:{suffix}"))
+    assert written["prediction_method"] == "ml_ensemble"
+    assert written["track_number"] == answers["parent"]["track_number"]
+    assert written["confidence_score"] == pytest.approx(answers["parent"]["confidence"])
+    assert {"model_confidence", "display_confidence", "accuracy", "historical_matches",
+            "created_at", "headsign", "trip_id"} <= set(written)  # fmt: skip
+    assert 60 * 86_400 - 100 < redis_client.ttl(f"track_prediction:{suffix}") <= 60 * 86_400
+    assert not redis_client.exists(f"negative_track_prediction:{suffix}")
+    # The tracker replaced a confident old answer only with one >= 0.5 or 0.05 better.
+    confidence = answers["north"]["confidence"]
+    replaced = confidence >= 0.5 or confidence > 0.99 + 0.05
+    stored = json.loads(redis_client.get(f"track_prediction:{other}"))
+    assert (stored.get("prediction_method") == "ml_ensemble") == replaced
+    assert bool(redis_client.exists(f"negative_track_prediction:{other}")) == (not replaced)
+    assert worker.stop() == 0
+
+    # Below --min-confidence nothing is written, as the tracker's worker did; the request
+    # still leaves the processing list.
+    redis_client.lpush(REQUESTS, json.dumps(tracker_request("timid", minute=7)))
+    strict = workers(redis_server.port, "--min-confidence", "1.0")
+    deadline = time.monotonic() + 60
+    while redis_client.llen(REQUESTS) or redis_client.llen(PROCESSING):
+        assert time.monotonic() < deadline, strict.log
+        time.sleep(0.05)
+    assert strict.stop() == 0
+    assert redis_client.get(RESULT + "timid") is None
+    assert "1 below --min-confidence" in strict.log

@@ -43,12 +43,11 @@ if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/tfrecord_reader
 from imt_ml.utils import (
     ENV_OUTPUT,
     ENV_PROGRESS,
-    ENV_REDIS,
     ENV_TF_LOG,
     METADATA_FILE,
     SAMPLE_TRUTH_FILE,
     SHARD_GLOB,
-    RedisTarget,
+    ModelRegistry,
     UserError,
     boston_offsets,
     chunked,
@@ -60,7 +59,6 @@ from imt_ml.utils import (
     option_field,
     parse_instant,
     progress,
-    redis_options,
     split_host_port,
     tf,
     tf_parse_spec,
@@ -1138,6 +1136,10 @@ def baseline_tables(
             tables[f"{name}_weighted"] = most_frequent_tracks(key, tracks, weighted)
     tables["overall"] = tables["overall"].get("*", ["", 0.0])
     tables["recency_half_life"] = half_life_days
+    # How many training records each answer rests on (the server's historical_matches).
+    tables["record_counts"] = {name: {str(k): int(n) for k, n in zip(*np.unique(keys[name],
+                                      return_counts=True), strict=True)}
+                               for name in ("station_train", "station_route")}  # fmt: skip
     return tables
 
 
@@ -2152,16 +2154,20 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """Where one model's files go: `{prefix}_best.keras`, `_final.keras`, `_vocab.json`."""
+    """Where one model's files go: `{prefix}_best.keras`, `_final.keras`, `_vocab.json`,
+    `_summary.json`."""
 
     best: Path
     final: Path
     vocab: Path
+    summary: Path
 
     @classmethod
     def under(cls, run_dir: Path, prefix: str) -> ModelFiles:
-        best, final, vocab = (f"{prefix}_{k}" for k in ("best.keras", "final.keras", "vocab.json"))
-        return cls(run_dir / best, run_dir / final, run_dir / vocab)
+        names = (
+            f"{prefix}_{k}" for k in ("best.keras", "final.keras", "vocab.json", "summary.json")
+        )
+        return cls(*(run_dir / name for name in names))
 
 
 def prepare_training_data(data_dir: Path | str, opts: TrainOptions) -> PreparedData:
@@ -2231,7 +2237,37 @@ def run_train(
     ]
     write_report(run, f"Training Report - {mode.capitalize()}", report,
                  train_headline(evaluation, test is not None))  # fmt: skip
+    write_json(files.summary, model_summary(data, tuning, test))
     return TrainResult(run.run_dir, evaluation, history, fit_seconds, tuning)
+
+
+def evaluation_figures(ev: Evaluation | None) -> dict[str, Any] | None:
+    """An evaluation's headline figures as plain JSON (for registries and servers)."""
+    if ev is None:
+        return None
+    m = ev.metrics
+    strongest = max(ev.baselines.items(), key=lambda kv: kv[1], default=(None, None))
+    return {
+        "records": int(len(ev.probabilities)),
+        "top1_accuracy": float(m["top1_accuracy"]), "top3_accuracy": float(m["top3_accuracy"]),
+        "expected_calibration_error": float(m["expected_calibration_error"]),
+        "coverage_at_precision": {f"{p:.2f}": float(v) for p, v in ev.answerable.get("model", {}).items()},
+        "lookup_tables": {k: float(v) for k, v in ev.baselines.items()},
+        "strongest_table": strongest[0],
+        "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
+    }  # fmt: skip
+
+
+def model_summary(data: PreparedData, tuning: Evaluation | None,
+                  test: Evaluation | None) -> dict[str, Any]:  # fmt: skip
+    """`{model_path}_summary.json`: what a model was trained on and how it scored on the
+    held-out test window (and on the tuning records), for `promote` and the server."""
+    return {
+        "export": str(data.export_dir),
+        "periods": data.split_info,
+        "held_out": evaluation_figures(test),
+        "tuning": evaluation_figures(tuning),
+    }
 
 
 def evaluation_sections(
@@ -3423,6 +3459,19 @@ def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluati
     return run.run_dir, evaluation
 
 
+def run_promote(registry: Path, model_file: Path) -> int:
+    """Check that the model loads, then install it as the registry's current version."""
+    load_saved_model(model_file)  # a broken file never becomes current
+    vocab = vocab_file_for(model_file)
+    summary = vocab.with_name(vocab.name.replace("_vocab.json", "_summary.json"))
+    metadata: dict[str, Any] = json.loads(summary.read_text()) if summary.is_file() else {}
+    if not metadata and vocab.is_file():
+        metadata = {"periods": json.loads(vocab.read_text()).get("split", {})}
+    version = ModelRegistry(registry).install(model_file, vocab, metadata)
+    log(f"Installed {model_file} as version {version} of {registry} (now current)")
+    return version
+
+
 def load_saved_model(model_file: Path | str) -> Any:
     """Load a model saved by this module, with one clear error if it cannot be."""
     custom_layers()
@@ -3624,251 +3673,6 @@ def export_serving_model(model: Any, path: Path) -> Path:
     return path
 
 
-@dataclass
-class ServeOptions:
-    """Where the tracker's requests and results live, and how the worker batches."""
-
-    # fmt: off
-    requests_key: str = option_field("ml:track_predict:requests",
-                                     "Redis list the tracker LPUSHes requests on.")
-    processing_key: str = option_field("ml:track_predict:processing",
-        "Redis list holding requests taken but not yet answered (one per worker).")
-    result_prefix: str = option_field("ml:track_predict:result:",
-                                      "Result key prefix; the request id follows.")
-    latest_prefix: str = option_field("ml:track_predict:latest:",
-        "Latest-result key prefix; station:route:direction:unix seconds follow.")
-    result_ttl: int = option_field(86_400, "Seconds before a result expires.", click.IntRange(min=1))
-    max_batch: int = option_field(256, "Most requests answered in one model call.", click.IntRange(min=1))
-    log_interval: float = option_field(60.0, "Seconds between progress lines.", click.FloatRange(min=0.1))
-    # fmt: on
-
-
-@dataclass
-class TrackRequest:
-    """One usable request from the tracker."""
-
-    raw: bytes
-    id: str
-    doc: dict[str, Any]
-    features: dict[str, Any]
-
-
-def parse_track_request(raw: bytes) -> TrackRequest | tuple[str | None, str]:
-    """A TrackRequest, or (its id if it has one, why it cannot be answered)."""
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        return None, f"invalid JSON: {exc}"
-    if not isinstance(doc, dict):
-        return None, "a request must be a JSON object"
-    request_id = doc.get("id")
-    if isinstance(request_id, bool) or not isinstance(request_id, str | int) or request_id == "":
-        return None, "the request has no usable id"
-    try:
-        features = features_from_assignment(doc)
-    except ValueError as exc:
-        return str(request_id), str(exc)
-    return TrackRequest(raw, str(request_id), doc, features)
-
-
-#: Moves up to ARGV[1] requests to the processing list in one round trip.
-_TAKE_MORE = """
-local taken = {}
-for i = 1, tonumber(ARGV[1]) do
-  local request = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-  if not request then break end
-  taken[i] = request
-end
-return taken
-"""
-
-#: Puts every request left in the processing list back at the head of the queue,
-#: oldest nearest the head, so they are answered first.
-_REQUEUE = """
-local n = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
-return n
-"""
-
-
-class PredictionWorker:
-    """Answers the tracker's requests: BLMOVE to a processing list, predict the batch
-    in one call, write the results and remove the batch in one transaction. A request
-    is never lost: whatever a dead worker left in the processing list is requeued
-    when a worker (re)connects."""
-
-    def __init__(self, predictor: TrackPredictor, target: RedisTarget, opts: ServeOptions):
-        self.predictor = predictor
-        self.target = target
-        self.opts = opts
-        self.stopping = False
-        self.answered = self.errors = self.batches = 0
-        labels = predictor.labels
-        self.track_index = np.array([int(label) - 1 for label in labels])
-        self.num_tracks = int(self.track_index.max()) + 1
-
-    # -- the loop ----------------------------------------------------------
-
-    def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then finish the batch in hand and return."""
-        import redis
-
-        client = self.target.connect()  # a wrong password or host: one line, exit 1
-        self._handle_signals()
-        log(f"Serving {len(self.predictor.labels)} tracks on Redis at {self.target.label}, "
-            f"list {self.opts.requests_key}")  # fmt: skip
-        self._requeue(client)
-        last_log, since_log = time.monotonic(), (0, 0, 0)
-        while not self.stopping:
-            try:
-                batch = self._take_batch(client)
-                if batch:
-                    self._answer(client, batch)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                client = self._reconnect(exc)
-            if time.monotonic() - last_log >= self.opts.log_interval:
-                since_log = self._log_progress(since_log)
-                last_log = time.monotonic()
-        log(f"Stopped: answered {self.answered:,} requests ({self.errors:,} with an error) "
-            f"in {self.batches:,} batches")  # fmt: skip
-
-    def _handle_signals(self) -> None:
-        import signal
-
-        def stop(signum: int, _frame: Any) -> None:
-            if not self.stopping:
-                log(f"{signal.Signals(signum).name}: stopping after the batch in hand")
-            self.stopping = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-
-    def _log_progress(self, before: tuple[int, int, int]) -> tuple[int, int, int]:
-        now = (self.answered, self.errors, self.batches)
-        answered, errors, batches = (a - b for a, b in zip(now, before, strict=True))
-        if answered:
-            log(f"Answered {answered:,} requests ({errors:,} with an error) in {batches:,} "
-                f"batches in the last {self.opts.log_interval:g} s")  # fmt: skip
-        return now
-
-    def _reconnect(self, exc: Exception) -> Any:
-        """A new connection after a lost one, retried with backoff (0.5 s doubling to 10 s)."""
-        log(f"Lost Redis at {self.target.label} ({self.target.redact(str(exc)) or type(exc).__name__}); "
-            "reconnecting")  # fmt: skip
-        delay = 0.5
-        while not self.stopping:
-            deadline = time.monotonic() + delay
-            while not self.stopping and time.monotonic() < deadline:
-                time.sleep(0.05)
-            try:
-                client = self.target.connect()
-                self._requeue(client)
-            except Exception:
-                delay = min(delay * 2, 10.0)
-                continue
-            log(f"Reconnected to Redis at {self.target.label}")
-            return client
-        return None
-
-    # -- Redis ---------------------------------------------------------------
-
-    def _requeue(self, client: Any) -> None:
-        moved = client.eval(_REQUEUE, 2, self.opts.processing_key, self.opts.requests_key)
-        if moved:
-            log(f"Requeued {moved:,} requests left unanswered by an earlier worker")
-
-    def _take_batch(self, client: Any) -> list[bytes]:
-        """Up to max_batch requests, waiting at most a second for the first."""
-        keys = (self.opts.requests_key, self.opts.processing_key)
-        first = client.blmove(*keys, timeout=1, src="RIGHT", dest="LEFT")
-        if first is None:
-            return []
-        if self.opts.max_batch == 1:
-            return [first]
-        return [first, *client.eval(_TAKE_MORE, 2, *keys, self.opts.max_batch - 1)]
-
-    def _answer(self, client: Any, batch: list[bytes]) -> None:
-        """Predict the usable requests in one call; write every answer and drop the batch
-        from the processing list in one transaction."""
-        parsed: list[TrackRequest | tuple[str | None, str]] = [
-            parse_track_request(raw) for raw in batch
-        ]
-        good = [p for p in parsed if isinstance(p, TrackRequest)]
-        writes: list[tuple[str, bytes]] = []
-        try:
-            both = self.predictor.both_probabilities([r.features for r in good])
-            writes += self._results(good, *both)
-        except Exception as exc:  # the model failed on a batch: answer it, never stop
-            log(f"Prediction failed for a batch of {len(good)}: {type(exc).__name__}: {exc}")
-            failed: list[TrackRequest | tuple[str | None, str]] = [
-                (r.id, f"prediction failed: {type(exc).__name__}") for r in good
-            ]
-            parsed = failed + [p for p in parsed if not isinstance(p, TrackRequest)]
-        created_at = dt.datetime.now(dt.UTC).isoformat()
-        for item in parsed:
-            if isinstance(item, TrackRequest):
-                continue
-            request_id, reason = item
-            self.errors += 1
-            if request_id is None:
-                log(f"Dropped a request without a usable id: {reason}")
-                continue
-            body = {"id": request_id, "error": reason, "created_at": created_at}
-            writes.append((self.opts.result_prefix + request_id, json.dumps(body).encode()))
-        pipe = client.pipeline(transaction=True)
-        for key, value in writes:
-            pipe.set(key, value, ex=self.opts.result_ttl)
-        for raw in batch:
-            pipe.lrem(self.opts.processing_key, 1, raw)
-        pipe.execute()
-        self.answered += len(batch)
-        self.batches += 1
-
-    def _results(
-        self, requests: list[TrackRequest], probabilities: np.ndarray, raw: np.ndarray
-    ) -> list[tuple[str, bytes]]:
-        """The result JSON of each request under its result and latest keys."""
-        by_track = np.zeros((len(requests), self.num_tracks))
-        by_track[:, self.track_index] = probabilities  # index i is track i + 1
-        chosen = by_track.argmax(axis=1)
-        raw_by_track = np.zeros_like(by_track)
-        raw_by_track[:, self.track_index] = raw
-        created_at = dt.datetime.now(dt.UTC).isoformat()
-        writes = []
-        for request, row, raw_row, index in zip(
-            requests, by_track, raw_by_track, chosen, strict=True
-        ):
-            doc = request.doc
-            confidence = round(float(row[index]), 6)
-            body = json.dumps({
-                "id": request.id,
-                "station_id": doc["station_id"],
-                "route_id": doc["route_id"],
-                "direction_id": doc["direction_id"],
-                "scheduled_time": doc["scheduled_time"],
-                "track_number": str(int(index) + 1),
-                "predicted_track_index": int(index),
-                "confidence": confidence,
-                "model_confidence": round(float(raw_row[index]), 6),
-                "probabilities": [round(float(p), 6) for p in row],
-                "created_at": created_at,
-            }).encode()  # fmt: skip
-            latest = (
-                f"{self.opts.latest_prefix}{doc['station_id']}:{doc['route_id']}:"
-                f"{doc['direction_id']}:{int(request.features['scheduled_timestamp'])}"
-            )
-            writes += [(self.opts.result_prefix + request.id, body), (latest, body)]
-        return writes
-
-
-def run_serve(model_file: Path, target: RedisTarget, opts: ServeOptions) -> PredictionWorker:
-    """`serve`: answer the tracker's prediction requests until stopped."""
-    predictor = load_predictor(model_file)
-    worker = PredictionWorker(predictor, target, opts)
-    worker.run()
-    return worker
-
-
 # ---------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------
@@ -3922,14 +3726,15 @@ def predict(model_file: Path, input_file: Any) -> None:
     run_predict(model_file, input_file, click.echo)
 
 
-@cli.command(epilog=environment_epilog(ENV_REDIS, ENV_TF_LOG))
-@model_option("A saved .keras model (e.g. an ensemble's _combined.keras).")
-@redis_options
-@dataclass_options(ServeOptions)
-def serve(model_file: Path, redis: RedisTarget, **options: Any) -> None:
-    """Answer the tracker's prediction requests from Redis until SIGTERM/SIGINT (DATA_DIR is
-    not read). Results go to the result and latest keys, each with a one-day expiry."""
-    run_serve(model_file, redis, ServeOptions(**options))
+@cli.command()
+@click.option("--registry", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The model registry directory (created if missing).")  # fmt: skip
+@model_option("The saved .keras model to install (its _vocab.json and _summary.json go with it).")
+def promote(registry: Path, model_file: Path) -> None:
+    """Install a model as the registry's next version and make it current; a running
+    `serve-predictions --model REGISTRY` swaps to it within seconds (DATA_DIR is not read)."""
+    version = run_promote(registry, model_file)
+    click.echo(str(ModelRegistry(registry).version_dir(version)))
 
 
 @cli.command(epilog=TRAINING_EPILOG)

@@ -318,8 +318,9 @@ def dataclass_options(cls: type, **defaults: Any) -> Callable[[Callable], Callab
         for f in reversed(dataclasses.fields(cls)):
             default = defaults.get(f.name, f.default)
             kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
-            if "metavar" in f.metadata:
-                kwargs["metavar"] = f.metadata["metavar"]
+            for passed in ("metavar", "envvar"):
+                if passed in f.metadata:
+                    kwargs[passed] = f.metadata[passed]
             if default is dataclasses.MISSING:
                 kwargs["required"] = True
             elif default is False:
@@ -540,3 +541,109 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
             batch = []
     if batch:
         yield batch
+
+
+# ---------------------------------------------------------------------------
+# A model registry: numbered versions and an atomically replaced `current` link.
+#
+#   REGISTRY/versions/1/model.keras, model_vocab.json, metadata.json
+#   REGISTRY/versions/2/...
+#   REGISTRY/current -> versions/2
+#
+# A version is assembled under versions/.staging-* and renamed into place complete;
+# `current` is a symlink replaced with os.replace, so a reader always finds one whole
+# version, and a crash at any point leaves the current version as it was.
+# ---------------------------------------------------------------------------
+
+REGISTRY_MODEL_FILE = "model.keras"
+REGISTRY_VOCAB_FILE = "model_vocab.json"
+REGISTRY_METADATA_FILE = "metadata.json"
+
+
+class ModelRegistry:
+    """Versions of a served model in one directory (see the layout above)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.pointer = self.root / "current"
+
+    @staticmethod
+    def looks_like(path: Path | str) -> bool:
+        path = Path(path)
+        return path.is_dir() and ((path / "versions").is_dir() or (path / "current").exists())
+
+    def versions(self) -> list[int]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.versions_dir.iterdir()
+                      if p.name.isdigit() and (p / REGISTRY_MODEL_FILE).is_file())  # fmt: skip
+
+    def current_version(self) -> int | None:
+        """The version `current` points to (None if there is none yet)."""
+        try:
+            target = os.readlink(self.pointer)
+        except OSError:
+            return None
+        name = Path(target).name
+        return int(name) if name.isdigit() else None
+
+    def version_dir(self, version: int) -> Path:
+        return self.versions_dir / str(version)
+
+    def model_file(self, version: int) -> Path:
+        return self.version_dir(version) / REGISTRY_MODEL_FILE
+
+    def metadata(self, version: int) -> dict[str, Any]:
+        try:
+            return json.loads((self.version_dir(version) / REGISTRY_METADATA_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def install(self, model_file: Path, vocab_file: Path | None, metadata: dict[str, Any],
+                make_current: bool = True) -> int:  # fmt: skip
+        """Copy a model (and its vocabulary) in as the next version; make it current.
+        Returns the new version number."""
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        version = max(self.versions(), default=0) + 1
+        while self.version_dir(version).exists():  # a half-made or foreign directory
+            version += 1
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.versions_dir))
+        try:
+            shutil.copyfile(model_file, staging / REGISTRY_MODEL_FILE)
+            if vocab_file is not None and vocab_file.is_file():
+                shutil.copyfile(vocab_file, staging / REGISTRY_VOCAB_FILE)
+            installed = {"version": version, "installed_at": dt.datetime.now(dt.UTC).isoformat(),
+                         "source_model": str(model_file), **metadata}  # fmt: skip
+            write_json(staging / REGISTRY_METADATA_FILE, installed)
+            for path in staging.iterdir():  # on disk before the rename makes it visible
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.chmod(staging, 0o755)
+            os.rename(staging, self.version_dir(version))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if make_current:
+            self.make_current(version)
+        return version
+
+    def make_current(self, version: int) -> None:
+        """Point `current` at a complete version, atomically."""
+        if not self.model_file(version).is_file():
+            raise UserError(f"{self.root} has no complete version {version}")
+        link = self.root / f".current-{os.getpid()}-{time.monotonic_ns()}"
+        os.symlink(Path("versions") / str(version), link)
+        try:
+            os.replace(link, self.pointer)
+        except BaseException:
+            link.unlink(missing_ok=True)
+            raise
+
+    def prune(self, keep: int) -> list[int]:
+        """Remove all but the newest `keep` versions (never the current one)."""
+        current = self.current_version()
+        doomed = [v for v in self.versions()[:-keep] if v != current] if keep > 0 else []
+        for version in doomed:
+            shutil.rmtree(self.version_dir(version), ignore_errors=True)
+        return doomed
