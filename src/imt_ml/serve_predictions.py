@@ -970,8 +970,9 @@ class PredictionWorker:
         except Exception as exc:  # the model failed on a batch: answer it, never stop
             log(f"{now_iso()} queue: prediction failed for a batch of {len(good)}: "
                 f"{type(exc).__name__}: {exc}")  # fmt: skip
-            parsed = [(r.id, f"prediction failed: {type(exc).__name__}") for r in good] + [
-                p for p in parsed if not isinstance(p, TrackRequest)]  # fmt: skip
+            failed: list[TrackRequest | tuple[str | None, str]] = [
+                (r.id, f"prediction failed: {type(exc).__name__}") for r in good]  # fmt: skip
+            parsed = failed + [p for p in parsed if not isinstance(p, TrackRequest)]
             good, rows, predictions = [], [], []
         for request, prediction, row in zip(good, predictions, rows, strict=True):
             asked = request.asked
