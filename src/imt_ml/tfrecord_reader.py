@@ -47,6 +47,7 @@ from imt_ml.utils import (
     METADATA_FILE,
     SAMPLE_TRUTH_FILE,
     SHARD_GLOB,
+    TRACKER_TIMEZONE,
     ModelRegistry,
     UserError,
     boston_offsets,
@@ -54,6 +55,7 @@ from imt_ml.utils import (
     create_run_dir,
     dataclass_options,
     environment_epilog,
+    from_options,
     keras,
     log,
     option_field,
@@ -2065,6 +2067,7 @@ def fit_on_every_record(
     epochs: int,
     name: str = "track_predictor",
     callbacks: list[Any] | None = None,
+    warm: tuple[Any, Vocabulary] | None = None,
 ) -> tuple[Any, PreparedData, float]:
     """(model, its data, seconds): the architecture trained on every record of the export
     `source` came from (vocabularies and recency from all of them) for a fixed number of
@@ -2075,6 +2078,8 @@ def fit_on_every_record(
                          recency_half_life=opts.recency_half_life)  # fmt: skip
     keras.utils.set_random_seed(config.seed)
     model = create_simple_model(data.vocab_info, config, name=name)
+    if warm is not None:
+        transfer_weights(model, *warm, data.vocab_info)
     fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True)
     label = f"Refit on all {len(everything):,} records for {epochs} epochs"
     _, seconds = fit_model(model, data, fixed, None, None, label, callbacks)
@@ -2089,10 +2094,12 @@ def refit_on_every_record(
     calibration: Calibration,
     files: ModelFiles,
     name: str = "track_predictor",
+    warm: tuple[Any, Vocabulary] | None = None,
 ) -> dict[str, Any]:
     """Refit on every record, snapshot the refit at the epoch counts the validated run
     chose, apply its confidence map, and save the snapshots over `files.best` and
-    `files.final` (and the vocabularies of every record over `files.vocab`)."""
+    `files.final` (and the vocabularies of every record over `files.vocab`). `warm`:
+    (a model, its vocabulary) whose weights the refit starts from."""
     best_epochs, final_epochs = chosen_epochs(history, opts)
     targets: dict[int, list[Path]] = defaultdict(list)
     targets[best_epochs].append(files.best)
@@ -2104,7 +2111,7 @@ def refit_on_every_record(
                 with_calibration(self.model, calibration.confidence_map).save(path)
 
     epochs = max(best_epochs, final_epochs)
-    _, all_data, seconds = fit_on_every_record(data, opts, config, epochs, name, [Snapshot()])
+    _, all_data, seconds = fit_on_every_record(data, opts, config, epochs, name, [Snapshot()], warm)
     save_vocab(files.vocab, all_data.vocab_info,
                baseline_tables(data.columns, all_data.train_idx, opts.recency_half_life))  # fmt: skip
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
@@ -2237,7 +2244,9 @@ def run_train(
     ]
     write_report(run, f"Training Report - {mode.capitalize()}", report,
                  train_headline(evaluation, test is not None))  # fmt: skip
-    write_json(files.summary, model_summary(data, tuning, test))
+    ts = data.columns["scheduled_timestamp"]
+    trained_until = float(ts.max() if not opts.no_refit else ts[data.train_idx].max())
+    write_json(files.summary, {**model_summary(data, tuning, test), "trained_until": trained_until})
     return TrainResult(run.run_dir, evaluation, history, fit_seconds, tuning)
 
 
@@ -3674,6 +3683,494 @@ def export_serving_model(model: Any, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------
+# Keeping a model current: a rolling backtest, retraining with a champion and a
+# challenger, and rolling a registry back.
+# ---------------------------------------------------------------------------
+
+#: Embedding layer -> the vocabulary its rows follow (row 0 is "unknown").
+EMBEDDING_VOCABULARIES = {"station_embedding": "stations", "route_embedding": "routes",
+                          "headsign_embedding": "headsigns", "train_embedding": "train_numbers"}  # fmt: skip
+
+
+def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> int:
+    """Start `model` (built for `vocab`) from `source`'s learnt weights (built for
+    `source_vocab`): same-shaped weights are copied, embedding rows follow their token
+    into the new vocabulary (new tokens keep their fresh rows), the output layer's columns
+    follow their track label. The history tables and the station-track mask are the new
+    records' own and are left alone. Returns how many weights were carried over."""
+    carried = 0
+    source_layers = {layer.name: layer for layer in source.layers}
+    for layer in model.layers:
+        old = source_layers.get(layer.name)
+        if old is None or not layer.weights or not any(w.trainable for w in layer.weights):
+            continue  # new, weightless, or a fixed table built from the new records
+        new_values = [np.array(w) for w in layer.get_weights()]
+        old_values = old.get_weights()
+        if len(new_values) != len(old_values):
+            continue
+        for i, (new, previous) in enumerate(zip(new_values, old_values, strict=True)):
+            if layer.name in EMBEDDING_VOCABULARIES and new.shape[1:] == previous.shape[1:]:
+                field_name = EMBEDDING_VOCABULARIES[layer.name]
+                rows = {token: r for r, token in enumerate(source_vocab[field_name], start=1)}
+                new[0] = previous[0]
+                for r, token in enumerate(vocab[field_name], start=1):
+                    if token in rows:
+                        new[r] = previous[rows[token]]
+            elif layer.name == "logits" and new.shape[:-1] == previous.shape[:-1]:
+                columns = {label: c for c, label in enumerate(source_vocab.tracks)}
+                for c, label in enumerate(vocab.tracks):
+                    if label in columns:
+                        new[..., c] = previous[..., columns[label]]
+            elif new.shape == previous.shape:
+                new = previous
+            else:
+                continue
+            new_values[i] = new
+            carried += 1
+        layer.set_weights(new_values)
+    return carried
+
+
+def take_records(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns of the records `idx` only (in that order)."""
+    return {name: values[idx] for name, values in columns.items()}
+
+
+@dataclass
+class FittedModel:
+    """A model trained by the recipe on some records: where it is and what it knew."""
+
+    files: ModelFiles
+    vocab: Vocabulary
+    calibration: Calibration
+    epochs: int
+    seconds: float
+    carried: int = 0
+
+    def load(self) -> Any:
+        return load_saved_model(self.files.best)
+
+
+def fit_by_recipe(data: PreparedData, opts: TrainOptions, files: ModelFiles,
+                  warm: tuple[Any, Vocabulary] | None = None) -> FittedModel:  # fmt: skip
+    """`train`'s recipe without its report: fit with the validation records choosing the
+    checkpoint and the confidence map, then (unless --no-refit) refit on every record of
+    `data.columns`. With `warm`, both fits start from that model's weights."""
+    started = time.perf_counter()
+    cfg = ModelConfig(seed=opts.seed)
+    keras.utils.set_random_seed(opts.seed)
+    save_vocab(files.vocab, data.vocab_info,
+               baseline_tables(data.columns, data.train_idx, opts.recency_half_life))  # fmt: skip
+    model = create_simple_model(data.vocab_info, cfg)
+    carried = transfer_weights(model, warm[0], warm[1], data.vocab_info) if warm else 0
+    history, _ = fit_model(model, data, opts, files.best, None)
+    calibration = save_calibrated(model, data, files.best, files.final)
+    vocab = data.vocab_info
+    if not opts.no_refit:
+        refit = refit_on_every_record(data, opts, cfg, history, calibration, files, warm=warm)
+        vocab = refit["vocab_info"]
+    return FittedModel(files, vocab, calibration, len(history.get("loss", [])),
+                       time.perf_counter() - started, carried)  # fmt: skip
+
+
+def split_for_recipe(export: Export, columns: dict[str, np.ndarray], train_part: np.ndarray,
+                     opts: TrainOptions, test_idx: np.ndarray | None = None) -> PreparedData:  # fmt: skip
+    """Prepared data whose training and validation records are `train_part` of `columns`,
+    split by time as `train` splits them."""
+    ts = columns["scheduled_timestamp"][train_part]
+    train, val, _, info = split_records(ts, opts.split, opts.seed, VALIDATION_FRACTION, 0)
+    return prepare_split(export.export_dir, export.metadata, columns, train_part[train],
+                         train_part[val], info, opts.batch_size, opts.seed, test_idx=test_idx,
+                         recency_half_life=opts.recency_half_life)  # fmt: skip
+
+
+def window_figures(
+    ev: Evaluation, columns: dict[str, np.ndarray], idx: np.ndarray
+) -> dict[str, Any]:
+    """One window's (or one model's) figures, flat, as backtest_results.json holds them."""
+    m = ev.metrics
+    correct = m["predicted_tracks"] == columns["track_number"][idx]
+    confidence = ev.probabilities.max(axis=1) if len(idx) else np.zeros(0)
+    figures: dict[str, Any] = {
+        "records": int(len(idx)), "model_top1": float(m["top1_accuracy"]),
+        "model_ece": float(m["expected_calibration_error"]),
+        "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
+        **{name: float(v) for name, v in ev.baselines.items()},
+        "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
+        "stations": {s: v["accuracy"] for s, v in m["per_station"].items()},
+    }  # fmt: skip
+    return figures
+
+
+# -- backtest ------------------------------------------------------------------
+
+
+@dataclass
+class BacktestOptions:
+    """Where the origins are and how each window's model is made."""
+
+    # fmt: off
+    start: str = option_field(help="First origin (YYYY-MM-DD, Boston midnight).", metavar="YYYY-MM-DD")
+    every: float = option_field(7.0, "Days between origins.", click.FloatRange(min=0.5))
+    horizon: float = option_field(7.0, "Days each origin's model is scored on.", click.FloatRange(min=0.5))
+    warm_start: bool = option_field(False, "Start each origin's model from the previous one's weights.")
+    keep_models: bool = option_field(False, "Keep every origin's model files (default: only the last).")
+    # fmt: on
+
+
+def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[float]:
+    """Unix times of the origins: Boston midnight of `start`, then every `every` days
+    while records remain after the origin."""
+    from zoneinfo import ZoneInfo
+
+    try:
+        first = dt.datetime.combine(dt.date.fromisoformat(start), dt.time(),
+                                    tzinfo=ZoneInfo(TRACKER_TIMEZONE)).timestamp()  # fmt: skip
+    except ValueError:
+        raise UserError(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
+    if len(timestamps) == 0 or first <= timestamps.min():
+        raise UserError(f"--start {start} leaves no record before the first origin to train on")
+    if first > timestamps.max():
+        raise UserError(f"--start {start} is after the export's newest record")
+    origins, origin = [], first
+    while origin <= timestamps.max():
+        origins.append(origin)
+        origin += every * SECONDS_PER_DAY
+    return origins
+
+
+def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) -> Path:
+    """`backtest`: at each origin, train on everything before it and score the next
+    `horizon` days against every lookup table of the same records (and the best
+    possible on sample data); writes a report, a plot and backtest_results.json."""
+    import shutil
+
+    export = load_export(data_dir)
+    columns = export.columns
+    ts = columns["scheduled_timestamp"]
+    origins = backtest_origins(ts, bt.start, bt.every)
+    truth = load_sample_truth(export.export_dir)
+    run = Run.start("backtest")
+    windows: list[dict[str, Any]] = []
+    pooled: dict[str, list[np.ndarray]] = defaultdict(list)
+    warm: tuple[Any, Vocabulary] | None = None
+    previous_dir: Path | None = None
+    bar = progress(origins, desc="backtest origins", unit="origin")
+    for origin in bar:
+        end = origin + bt.horizon * SECONDS_PER_DAY
+        before = np.flatnonzero(ts < origin)
+        window = np.flatnonzero((ts >= origin) & (ts < end))
+        if len(window) == 0 or len(before) < 10:
+            continue
+        # The model a deployment would have had: trained on the records before the origin only.
+        sub = take_records(columns, before)
+        data = split_for_recipe(export, sub, np.arange(len(before)), opts)
+        origin_dir = run.path(f"origin_{dt.datetime.fromtimestamp(origin, dt.UTC):%Y-%m-%d}")
+        origin_dir.mkdir()
+        fitted = fit_by_recipe(data, opts, ModelFiles.under(origin_dir, opts.model_path), warm)
+        model = fitted.load()
+        tables = baseline_tables(columns, before, opts.recency_half_life)
+        ev = evaluate_model(model, columns, window, tables, truth)
+        figures = {"start": float(origin), "end": float(end), **window_figures(ev, columns, window),
+                   "train_records": int(len(before)), "train_seconds": round(fitted.seconds, 1),
+                   "epochs": fitted.epochs}  # fmt: skip
+        windows.append(figures)
+        pooled["probabilities_top"].append(ev.probabilities.max(axis=1))
+        pooled["correct"].append(ev.metrics["predicted_tracks"] == columns["track_number"][window])
+        bar.set_postfix(top1=f"{figures['model_top1']:.3f}", secs=f"{fitted.seconds:.0f}")
+        if bt.warm_start:
+            warm = (model, fitted.vocab)
+        if previous_dir is not None and not bt.keep_models:
+            shutil.rmtree(previous_dir, ignore_errors=True)
+        previous_dir = origin_dir
+    if not windows:
+        raise UserError("no origin had records both before it and in its horizon")
+    total = backtest_total(windows, pooled)
+    results = {"options": {**dataclasses.asdict(bt), "recency_half_life": opts.recency_half_life,
+                           "epochs": opts.epochs, "no_refit": opts.no_refit},
+               "export": str(export.export_dir), "windows": windows, "total": total}  # fmt: skip
+    write_json(run.path("backtest_results.json"), results)
+    plot = plot_backtest(windows, run.path("backtest.png"))
+    write_report(run, "Backtest Report", backtest_sections(run, export, bt, windows, total, plot),
+                 f"model top-1 {_pct(total['model_top1'])} over {total['records']:,} records in "
+                 f"{len(windows)} windows (strongest table {total['strongest_table']} "
+                 f"{_pct(total[total['strongest_table']])})", name="backtest_report.md")  # fmt: skip
+    return run.run_dir
+
+
+def backtest_total(
+    windows: list[dict[str, Any]], pooled: dict[str, list[np.ndarray]]
+) -> dict[str, Any]:
+    """The figures of the whole period: what a deployment with this cadence would have had."""
+    n = np.array([w["records"] for w in windows], dtype=float)
+    confidence = np.concatenate(pooled["probabilities_top"])
+    correct = np.concatenate(pooled["correct"])
+    total: dict[str, Any] = {
+        "records": int(n.sum()), "windows": len(windows),
+        "model_top1": float(correct.mean()),
+        "model_ece": expected_calibration_error(confidence, correct),
+        "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
+    }  # fmt: skip
+    for name in BASELINE_NAMES:
+        if name in windows[0]:
+            total[name] = float(np.dot(n, [w[name] for w in windows]) / n.sum())
+    tables = [name for name in BASELINE_NAMES if name in total]
+    total["strongest_table"] = max(tables, key=lambda t: total[t]) if tables else None
+    if all(w["best_possible"] is not None for w in windows):
+        total["best_possible"] = float(np.dot(n, [w["best_possible"] for w in windows]) / n.sum())
+    stations = sorted({s for w in windows for s in w["stations"]})
+    total["stations"] = {}
+    for station in stations:
+        rows = [(w["stations"][station], w["records"]) for w in windows if station in w["stations"]]
+        total["stations"][station] = float(sum(a * r for a, r in rows) / sum(r for _, r in rows))
+    return total
+
+
+def plot_backtest(windows: list[dict[str, Any]], path: Path) -> Path:
+    starts = [dt.datetime.fromtimestamp(w["start"], dt.UTC) for w in windows]
+    with figure(path, figsize=(10, 4.5)) as (_, ax):
+        ax.plot(starts, [w["model_top1"] for w in windows], "o-", label="model", linewidth=2)
+        strongest = [max(w[t] for t in BASELINE_NAMES if t in w) for w in windows]
+        ax.plot(starts, strongest, "s--", label="strongest lookup table")
+        if all(w["best_possible"] is not None for w in windows):
+            ax.plot(starts, [w["best_possible"] for w in windows], ":", label="best possible")
+        ax.set_ylabel("top-1 accuracy in the window")
+        ax.set_xlabel("origin")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return path
+
+
+def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: list[dict[str, Any]],
+                      total: dict[str, Any], plot: Path) -> list[list[str]]:  # fmt: skip
+    tables = [t for t in BASELINE_NAMES if t in total]
+    header = ["Origin", "Records", "Model", "ECE", "@80%", *tables, "Best possible", "Train s"]
+
+    def row(label: str, w: dict[str, Any]) -> list[Any]:
+        return [label, f"{w['records']:,}", _pct(w["model_top1"]), f"{w['model_ece']:.3f}",
+                _pct(w["model_coverage_80"]), *(_pct(w[t]) for t in tables),
+                _pct(w["best_possible"]) if w.get("best_possible") is not None else "n/a",
+                w.get("train_seconds", "")]  # fmt: skip
+
+    rows = [row(f"{dt.datetime.fromtimestamp(w['start'], dt.UTC):%Y-%m-%d}", w) for w in windows]
+    rows.append(row("**total**", total))
+    beaten = sum(w["model_top1"] > max(w[t] for t in tables) for w in windows)
+    stations = [[s, _pct(v)] for s, v in total["stations"].items()]
+    return [
+        overview_section(
+            run,
+            export.export_dir,
+            f"- Origins: from {bt.start} every {bt.every:g} days; each scored on the next "
+            f"{bt.horizon:g} days; {'warm-started from the previous origin' if bt.warm_start else 'each trained from scratch'}",
+        ),  # fmt: skip
+        [
+            "## Windows",
+            "",
+            "Each origin's model was trained with `train`'s recipe on the records before the origin "
+            "only, and every lookup table was built from the same records. The totals are what a "
+            "deployment retraining on this cadence would have scored.",
+            "",
+            markdown_table(header, rows),
+            "",
+            f"The model beat every lookup table in {beaten} of {len(windows)} windows.",
+            "",
+            f"![Top-1 over time]({plot.name})",
+            "",
+        ],
+        [
+            "## Per station (whole period)",
+            "",
+            markdown_table(["Station", "Model top-1"], stations),
+            "",
+        ],
+        [
+            "## Files",
+            "",
+            "- `backtest_results.json`: every window's figures and the totals",
+            "- `backtest.png`: top-1 per window",
+            "- `origin_<date>/`: the last origin's model"
+            + (" (every origin's: --keep-models)" if bt.keep_models else ""),
+            "",
+        ],
+    ]
+
+
+# -- retrain and rollback -------------------------------------------------------
+
+
+@dataclass
+class RetrainOptions:
+    """The champion/challenger rule and the registry."""
+
+    # fmt: off
+    registry: Path = option_field(help="The model registry (created on the first run).",
+                                  type=click.Path(file_okay=False, path_type=Path))
+    holdout_days: float = option_field(7.0, "The newest days both models are scored on.",
+                                       click.FloatRange(min=0.5))
+    tolerance: float = option_field(0.2, "Top-1 points the challenger may fall short of the champion.",
+                                    click.FloatRange(min=0))
+    max_ece: float = option_field(0.03, "The challenger's ECE may be at most max(this, the champion's).",
+                                  click.FloatRange(min=0))
+    warm_start: bool = option_field(False, "Start the challenger from the champion's weights.")
+    dry_run: bool = option_field(False, "Decide and report, but install nothing.")
+    keep: int = option_field(5, "Versions kept in the registry (the current one always).",
+                             click.IntRange(min=1))
+    # fmt: on
+
+
+def decide_promotion(champion: dict[str, Any] | None, challenger: dict[str, Any],
+                     opts: RetrainOptions) -> tuple[bool, str]:  # fmt: skip
+    """(promote?, why) by the champion/challenger rule."""
+    if champion is None:
+        return True, "no current version: the first model is installed"
+    floor = champion["model_top1"] - opts.tolerance / 100
+    ece_cap = max(opts.max_ece, champion["model_ece"])
+    reasons = []
+    if challenger["model_top1"] < floor:
+        reasons.append(f"top-1 {_pct(challenger['model_top1'])} is below the champion's "
+                       f"{_pct(champion['model_top1'])} minus {opts.tolerance:g} points")  # fmt: skip
+    if challenger["model_ece"] > ece_cap:  # (comparisons on the same records)
+        reasons.append(f"ECE {challenger['model_ece']:.3f} is above {ece_cap:.3f} "
+                       f"(the larger of {opts.max_ece:g} and the champion's {champion['model_ece']:.3f})")  # fmt: skip
+    if reasons:
+        return False, "the challenger's " + "; and its ".join(reasons)
+    return True, (f"the challenger's top-1 {_pct(challenger['model_top1'])} (champion "
+                  f"{_pct(champion['model_top1'])}, tolerance {opts.tolerance:g} points) and ECE "
+                  f"{challenger['model_ece']:.3f} (cap {ece_cap:.3f}) pass")  # fmt: skip
+
+
+def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) -> tuple[Path, bool]:
+    """`retrain`: a challenger trained on all but the newest --holdout-days, scored with
+    the registry's current model (the champion) on those days; promoted by the rule, then
+    refit on every record and installed. Returns (run directory, promoted)."""
+    registry = ModelRegistry(rt.registry)
+    export = load_export(data_dir)
+    columns = export.columns
+    ts = columns["scheduled_timestamp"]
+    cut = ts.max() - rt.holdout_days * SECONDS_PER_DAY
+    holdout = np.flatnonzero(ts > cut)
+    before = np.flatnonzero(ts <= cut)
+    if len(before) < 10 or len(holdout) == 0:
+        raise UserError(f"the export does not cover more than --holdout-days {rt.holdout_days:g}")
+    run = Run.start("retrain")
+    truth = load_sample_truth(export.export_dir)
+    tables = baseline_tables(columns, before, opts.recency_half_life)
+
+    # The champion, scored on the holdout days it never saw (a champion trained yesterday
+    # has seen most of them: only the records after its newest one are fair to both).
+    version = registry.current_version()
+    champion_model, champion, champion_vocab = None, None, None
+    if version is not None:
+        seen_until = registry.metadata(version).get("trained_until")
+        if seen_until is not None:
+            holdout = holdout[ts[holdout] > float(seen_until)]
+        if len(holdout) == 0:
+            why = (f"no record is newer than what version {version} was trained on "
+                   f"(until {period(np.array([float(seen_until)]))[0]}): nothing to judge a challenger on")  # fmt: skip
+            log("Keep: " + why)
+            write_report(run, "Retrain Report", [overview_section(run, export.export_dir,
+                         f"- Registry: {rt.registry}"), ["## Decision", "", f"- Keep the champion: {why}.", ""]],
+                         f"kept the champion: {why}", name="retrain_report.md")  # fmt: skip
+            return run.run_dir, False
+        champion_model = load_saved_model(registry.model_file(version))
+        vocab_path = registry.version_dir(version) / "model_vocab.json"
+        if vocab_path.is_file():
+            champion_vocab = Vocabulary.from_json(json.loads(vocab_path.read_text()))
+        champion = window_figures(evaluate_model(champion_model, columns, holdout, tables, truth),
+                                  columns, holdout)  # fmt: skip
+
+    # The challenger: the train recipe on everything before the holdout days (no refit yet).
+    warm = (
+        (champion_model, champion_vocab) if rt.warm_start and champion_vocab is not None else None
+    )
+    validated = dataclasses.replace(opts, no_refit=True)
+    data = split_for_recipe(export, columns, before, validated, test_idx=holdout)
+    files = ModelFiles.under(run.run_dir, opts.model_path)
+    fitted = fit_by_recipe(data, validated, files, warm)
+    challenger = window_figures(evaluate_model(fitted.load(), columns, holdout, tables, truth),
+                                columns, holdout)  # fmt: skip
+    promote, why = decide_promotion(champion, challenger, rt)
+    log(("Promote: " if promote else "Keep: ") + why)
+
+    installed = None
+    if promote and not rt.dry_run:
+        # The challenger's recipe on every record, the newest days included.
+        history = {"loss": [0.0] * fitted.epochs}
+        refit = refit_on_every_record(data, opts, ModelConfig(seed=opts.seed), history,
+                                      fitted.calibration, files, warm=warm)  # fmt: skip
+        summary = {"export": str(export.export_dir), "periods": {
+            "train_period": period(ts), "holdout_period": period(ts[holdout])},
+            "held_out": {"records": int(len(holdout)), "top1_accuracy": challenger["model_top1"],
+                         "expected_calibration_error": challenger["model_ece"],
+                         "coverage_at_precision": {"0.80": challenger["model_coverage_80"]},
+                         "lookup_tables": {t: challenger[t] for t in BASELINE_NAMES if t in challenger},
+                         "best_possible": challenger["best_possible"]},
+            "champion": champion, "decision": why, "refit_records": refit["records"],
+            "trained_until": float(ts.max())}  # fmt: skip
+        installed = registry.install(files.best, files.vocab, summary)
+        pruned = registry.prune(rt.keep)
+        log(f"Installed version {installed} in {registry.root} (now current)"
+            + (f"; removed versions {', '.join(map(str, pruned))}" if pruned else ""))  # fmt: skip
+    report = retrain_sections(
+        run, export, rt, version, champion, challenger, promote, why, installed
+    )
+    write_report(run, "Retrain Report", report,
+                 ("promoted" if promote and installed else "dry run: would promote" if promote
+                  else "kept the champion") + f": {why}", name="retrain_report.md")  # fmt: skip
+    return run.run_dir, bool(promote and installed)
+
+
+def retrain_sections(run: Run, export: Export, rt: RetrainOptions, version: int | None,
+                     champion: dict[str, Any] | None, challenger: dict[str, Any], promote: bool,
+                     why: str, installed: int | None) -> list[list[str]]:  # fmt: skip
+    tables = [t for t in BASELINE_NAMES if t in challenger]
+    header = ["Model", "Top-1", "ECE", "@80% precision", "Best possible"]
+    rows = [["challenger", _pct(challenger["model_top1"]), f"{challenger['model_ece']:.3f}",
+             _pct(challenger["model_coverage_80"]), _pct(challenger["best_possible"])
+             if challenger["best_possible"] is not None else "n/a"]]  # fmt: skip
+    if champion is not None:
+        rows.insert(0, [f"champion (version {version})", _pct(champion["model_top1"]),
+                        f"{champion['model_ece']:.3f}", _pct(champion["model_coverage_80"]),
+                        _pct(champion["best_possible"]) if champion["best_possible"] is not None
+                        else "n/a"])  # fmt: skip
+    decision = ("installed as version " + str(installed) if installed else
+                "not installed (--dry-run)" if promote else "not installed")  # fmt: skip
+    return [
+        overview_section(run, export.export_dir, f"- Registry: {rt.registry}"),
+        [
+            "## Decision",
+            "",
+            f"- {'Promote' if promote else 'Keep the champion'}: {why}.",
+            f"- The challenger was {decision}.",
+            "",
+        ],
+        [
+            "## Both models on the newest days",
+            "",
+            f"The newest {rt.holdout_days:g} days ({challenger['records']:,} records), which the "
+            "challenger never saw; lookup tables from the records before them.",
+            "",
+            markdown_table(header, rows),
+            "",
+            markdown_table(["Lookup table", "Top-1"], [[t, _pct(challenger[t])] for t in tables]),
+            "",
+        ],
+    ]
+
+
+def run_rollback(registry_dir: Path) -> int:
+    """Make the version before the current one current again; returns it."""
+    registry = ModelRegistry(registry_dir)
+    current = registry.current_version()
+    earlier = [v for v in registry.versions() if current is None or v < current]
+    if not earlier:
+        raise UserError(f"{registry_dir} has no version before {current} to roll back to")
+    registry.make_current(earlier[-1])
+    log(f"{registry_dir}: version {earlier[-1]} is current again (was {current})")
+    return earlier[-1]
+
+
+# ---------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------
 
@@ -3724,6 +4221,48 @@ def evaluate(ctx: click.Context, model_file: Path) -> None:
 def predict(model_file: Path, input_file: Any) -> None:
     """Predict tracks for JSON lines; one JSON line out per line in (DATA_DIR is not read)."""
     run_predict(model_file, input_file, click.echo)
+
+
+@cli.command(epilog=TRAINING_EPILOG)
+@dataclass_options(BacktestOptions)
+@training_options
+@click.pass_context
+def backtest(ctx: click.Context, **options: Any) -> None:
+    """Rolling-origin evaluation: at each origin train on everything before it, score the
+    next --horizon days; writes output/backtest_<time>/ with backtest_results.json."""
+    bt = from_options(BacktestOptions, options)
+    train_options = {
+        k: v
+        for k, v in options.items()
+        if k not in {f.name for f in dataclasses.fields(BacktestOptions)}
+    }
+    click.echo(str(run_backtest(ctx.obj["data_dir"], TrainOptions(**train_options), bt)))
+
+
+@cli.command(epilog=TRAINING_EPILOG)
+@dataclass_options(RetrainOptions)
+@training_options
+@click.pass_context
+def retrain(ctx: click.Context, **options: Any) -> None:
+    """Champion and challenger: train on all but the newest --holdout-days, score both there,
+    promote the challenger into --registry only if it is as good; exit 0 either way."""
+    rt = from_options(RetrainOptions, options)
+    train_options = {
+        k: v
+        for k, v in options.items()
+        if k not in {f.name for f in dataclasses.fields(RetrainOptions)}
+    }
+    run_dir, _ = run_retrain(ctx.obj["data_dir"], TrainOptions(**train_options), rt)
+    click.echo(str(run_dir))
+
+
+@cli.command()
+@click.option("--registry", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The model registry.")  # fmt: skip
+def rollback(registry: Path) -> None:
+    """Make the registry's previous version current again (DATA_DIR is not read)."""
+    version = run_rollback(registry)
+    click.echo(str(ModelRegistry(registry).version_dir(version)))
 
 
 @cli.command()

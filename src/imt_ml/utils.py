@@ -323,6 +323,8 @@ def dataclass_options(cls: type, **defaults: Any) -> Callable[[Callable], Callab
                     kwargs[passed] = f.metadata[passed]
             if default is dataclasses.MISSING:
                 kwargs["required"] = True
+                if "type" in f.metadata:
+                    kwargs["type"] = f.metadata["type"]
             elif default is False:
                 kwargs["is_flag"] = True
             else:
