@@ -151,6 +151,20 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class Closure:
+    """Platforms out of service for a while (track works): their trains use others."""
+
+    station: str
+    tracks: tuple[str, ...]
+    start: dt.date
+    end: dt.date
+    """The first day the platforms are open again."""
+
+    def active(self, station: str, day: dt.date) -> bool:
+        return station == self.station and self.start <= day < self.end
+
+
+@dataclass(frozen=True)
 class Drift:
     """How much the world changes: what makes real history hard to predict."""
 
@@ -159,6 +173,9 @@ class Drift:
     zone_stations: tuple[str, ...] = ("place-north",)
     """Stations whose trains keep only to a zone of tracks (their route's window),
     spread over it with the world's zone weights in an order of their own, instead of a home."""
+    closures: tuple[Closure, ...] = ()
+    """Platforms closed for a while; a departure that would use one uses the nearest
+    open platform of its station instead (the truth file follows)."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +343,22 @@ class SampleHistory:
             dist[home] = 1.0
         return dist
 
+    def with_closures(self, dist: dict[str, float], station: str, day: dt.date) -> dict[str, float]:
+        """`dist` with the probability of a closed platform moved to the nearest open one
+        (the lower on a tie)."""
+        closed = {t for c in self.drift.closures if c.active(station, day) for t in c.tracks}
+        if not closed:
+            return dist
+        tracks = STATIONS[station][0]
+        open_tracks = [t for t in tracks if t not in closed]
+        moved: dict[str, float] = {}
+        for track, p in dist.items():
+            if track in closed and open_tracks:
+                i = tracks.index(track)
+                track = min(open_tracks, key=lambda t: (abs(tracks.index(t) - i), tracks.index(t)))
+            moved[track] = moved.get(track, 0.0) + p
+        return moved
+
     def last_season_distribution(
         self, station: str, train: Train, hour: int, weekday: int | None = None
     ) -> dict[str, float] | None:
@@ -409,6 +442,7 @@ class SampleHistory:
         rng = self.rng
         trip_id = self._trip_id(train, local.date())
         dist = self.track_distribution(station, train, local.hour, local.weekday())
+        dist = self.with_closures(dist, station, local.date())
         track: str | None = rng.choices(list(dist), list(dist.values()))[0]
         recorded = local - dt.timedelta(seconds=rng.randint(300, 1800))
         # Other writers knew an actual time, sometimes (drawn either way, so both formats
@@ -450,6 +484,7 @@ class SampleHistory:
             event.truth_key = (station, trip_id, score)
             event.best_probability = max(dist.values())
             last = self.last_season_distribution(station, train, local.hour, local.weekday())
+            last = None if last is None else self.with_closures(last, station, local.date())
             event.last_season_probability = (
                 event.best_probability if last is None else dist.get(max(last, key=last.get), 0.0)
             )
