@@ -337,8 +337,8 @@ class SampleHistory:
             weights = [0.6] + [0.4 / max(len(others) - 1, 1)] * (len(others) - 1)
             if len(others) == 1:
                 weights = [1.0]
-            for track, w in zip(others, weights, strict=True):
-                dist[track] = (1 - p_home) * w
+            for track, share in zip(others, weights, strict=True):
+                dist[track] = (1 - p_home) * share
         else:
             dist[home] = 1.0
         return dist
@@ -486,7 +486,9 @@ class SampleHistory:
             last = self.last_season_distribution(station, train, local.hour, local.weekday())
             last = None if last is None else self.with_closures(last, station, local.date())
             event.last_season_probability = (
-                event.best_probability if last is None else dist.get(max(last, key=last.get), 0.0)
+                event.best_probability
+                if last is None
+                else dist.get(max(last, key=lambda t: last[t]), 0.0)
             )
         return event
 
@@ -560,7 +562,7 @@ def save_truth(
             # float32, exactly as the TFRecord stores scheduled_timestamp.
             scheduled_timestamp=np.array([k[2] for k in keys], dtype=np.float32),
             best_probability=np.array(best, dtype=np.float32),
-            **extra,
+            **extra,  # type: ignore[arg-type]
         )
 
 

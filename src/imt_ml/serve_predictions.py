@@ -621,13 +621,18 @@ class LiveAccuracy:
         self.table = table
 
 
-def _recorded_track(raw: bytes | None) -> str | None:
+def _json_field(raw: bytes | None, name: str) -> Any:
+    """One field of a stored JSON object; None when absent or the value is not one."""
     if raw is None:
         return None
     try:
-        track = orjson.loads(raw).get("track_number")
+        return orjson.loads(raw).get(name)
     except (orjson.JSONDecodeError, AttributeError):
         return None
+
+
+def _recorded_track(raw: bytes | None) -> str | None:
+    track = _json_field(raw, "track_number")
     return track.lstrip("0") or None if isinstance(track, str) else None
 
 
@@ -1057,12 +1062,7 @@ class PredictionWorker:
 
 
 def _confidence_of(raw: bytes | None) -> float | None:
-    if raw is None:
-        return None
-    try:
-        value = orjson.loads(raw).get("confidence_score")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
+    value = _json_field(raw, "confidence_score")
     return float(value) if isinstance(value, int | float) else None
 
 

@@ -691,8 +691,8 @@ def _input_layers() -> dict[str, type]:
         (`utils.boston_offsets`), so a saved model needs no tz database. Computed in
         float64: a float32 timestamp is only good to about two minutes."""
 
-        def __init__(self, instants: list[float] | None = None, offsets: list[int] | None = None,
-                     **kwargs):  # fmt: skip
+        def __init__(self, instants: Sequence[float] | None = None,
+                     offsets: Sequence[int] | None = None, **kwargs):  # fmt: skip
             kwargs.setdefault("dtype", "float64")  # keep the input's precision
             super().__init__(**kwargs)
             if instants is None or offsets is None:
@@ -3046,7 +3046,8 @@ def tune_search_space() -> dict[str, Any]:
     rate, batch and the history tables' half-life."""
     from ray import tune
 
-    kinds = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform}
+    kinds: dict[str, Any] = {"choice": tune.choice, "uniform": tune.uniform,
+                             "loguniform": tune.loguniform}  # fmt: skip
     return {name: kinds[kind](*args) for name, (kind, *args) in SEARCH_SPACE.items()}
 
 
@@ -4061,12 +4062,12 @@ def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) ->
     version = registry.current_version()
     champion_model, champion, champion_vocab = None, None, None
     if version is not None:
-        seen_until = registry.metadata(version).get("trained_until")
-        if seen_until is not None:
-            holdout = holdout[ts[holdout] > float(seen_until)]
+        recorded = registry.metadata(version).get("trained_until")
+        seen_until = float(recorded) if recorded is not None else -math.inf
+        holdout = holdout[ts[holdout] > seen_until]
         if len(holdout) == 0:
             why = (f"no record is newer than what version {version} was trained on "
-                   f"(until {period(np.array([float(seen_until)]))[0]}): nothing to judge a challenger on")  # fmt: skip
+                   f"(until {period(np.array([seen_until]))[0]}): nothing to judge a challenger on")  # fmt: skip
             log("Keep: " + why)
             write_report(run, "Retrain Report", [overview_section(run, export.export_dir,
                          f"- Registry: {rt.registry}"), ["## Decision", "", f"- Keep the champion: {why}.", ""]],
