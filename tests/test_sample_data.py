@@ -186,7 +186,8 @@ def test_drift_options_reach_the_export(tmp_path):
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     meta = json.loads((only_export_dir(tmp_path) / "metadata.json").read_text())
-    assert meta["drift"] == {"home_move_share": 0.1, "zone_stations": ["place-north", "place-rugg"]}
+    assert meta["drift"] == {"home_move_share": 0.1, "zone_stations": ["place-north", "place-rugg"],
+                             "closures": []}  # fmt: skip
     bad = CliRunner().invoke(sample_data.cli, ["to-export", "--records", "10", "--output",
                                                str(tmp_path), "--zone-stations", "place-nowhere"])  # fmt: skip
     assert bad.exit_code == 1 and "unknown zone station" in bad.output
