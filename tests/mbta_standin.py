@@ -1,5 +1,4 @@
-"""A stand-in for the MBTA V3 API on 127.0.0.1, built from docs (the shapes in
-`mbta-v3-recording.md`): JSON:API documents, `x-api-key`, rate-limit headers and 429,
+"""A stand-in for the MBTA V3 API on 127.0.0.1, built from docs/mbta-v3.md: JSON:API documents, `x-api-key`, rate-limit headers and 429,
 `include=`, and the predictions stream as Server-Sent Events (`reset`, `add`,
 `update`, `remove`, `:` keep-alive lines).
 

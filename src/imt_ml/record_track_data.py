@@ -5,7 +5,8 @@ takes over: it watches commuter-rail predictions at the four big stations and, f
 each departure whose platform is known, writes the record the tracker would have
 written (`track_history:{station}:{route}:{trip}:{UTC date}` plus the
 `track_timeseries:{station}:{route}` sorted set; docs/tracker-layout.md), so
-`export_track_data.py` reads old and new history alike.
+`export_track_data.py` reads old and new history alike. What it uses of the V3 API
+is in docs/mbta-v3.md.
 
     export IMT_MBTA_API_KEY=...  IMT_REDIS_ENDPOINT=localhost
     uv run src/imt_ml/record_track_data.py                 # stream (Server-Sent Events)

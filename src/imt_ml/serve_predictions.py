@@ -1260,10 +1260,12 @@ def create_app(service: PredictionService) -> Any:
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
 
-    request_schema = {"requestBody": {"content": {"application/json": {"schema": {
-        "$ref": "#/components/schemas/PredictionRequest"}}}, "required": False}}  # fmt: skip
+    def body_schema(model_name: str, required: bool = True) -> dict[str, Any]:
+        """OpenAPI for a JSON body the endpoint parses itself (listed at /docs)."""
+        return {"requestBody": {"required": required, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model_name}"}}}}}  # fmt: skip
 
-    @app.post("/predictions", openapi_extra=request_schema,
+    @app.post("/predictions", openapi_extra=body_schema("PredictionRequest", required=False),
               summary="Predict the track of one departure (JSON body or query parameters)")  # fmt: skip
     async def predictions(request: Request) -> Any:
         if (refused := limited(request, "predictions")) is not None:
@@ -1276,9 +1278,8 @@ def create_app(service: PredictionService) -> Any:
             return unprocessable(str(exc))
         return ORJSONResponse((await service.answer([asked]))[0])
 
-    @app.post("/chained-predictions", openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/ChainedRequest"}}},
-        "required": True}}, summary=f"Predict up to {MAX_CHAINED} departures in one call")  # fmt: skip
+    @app.post("/chained-predictions", openapi_extra=body_schema("ChainedRequest"),
+              summary=f"Predict up to {MAX_CHAINED} departures in one call")  # fmt: skip
     async def chained_predictions(request: Request) -> Any:
         if (refused := limited(request, "chained")) is not None:
             return refused
@@ -1341,9 +1342,8 @@ def create_app(service: PredictionService) -> Any:
                 out.append(doc)
         return out
 
-    @app.post("/predictions/date", openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/DateRequest"}}},
-        "required": True}}, summary="Every departure of a date at the four stations, predicted")  # fmt: skip
+    @app.post("/predictions/date", openapi_extra=body_schema("DateRequest"),
+              summary="Every departure of a date at the four stations, predicted")  # fmt: skip
     async def predictions_for_date(request: Request) -> Any:
         if (refused := limited(request, "date")) is not None:
             return refused
