@@ -448,30 +448,21 @@ def label_indices(tracks: np.ndarray, labels: list[str]) -> np.ndarray:
     return np.array([index.get(t, -1) for t in tracks], dtype=np.int64)
 
 
-#: Shares of training records whose identity is hidden in each batch, so the unknown
-#: buckets learn at any training size: a new trip id of a known train (what every
-#: record of a new schedule season looks like) and a train never seen at all.
-HIDE_TRIP_SHARE = 0.15
+#: Share of training records whose train is hidden in each batch (trip id and train
+#: number), so the unknown buckets learn at any training size: what a train never seen
+#: looks like. (New and young trips are the model's own augmentation: NewTrips.)
 HIDE_TRAIN_SHARE = 0.03
-#: The trip id a hidden trip takes: unknown to every vocabulary, same train number.
-UNSEEN_TRIP_PREFIX = "unseen-trip-"
 
 
 def _hide_identities(features: dict[str, Any], labels: Any, *weights: Any) -> tuple:
-    """Training augmentation on a batch: a share of records lose their trip id but keep
-    their train number (a new season), and a smaller share lose both (a new train), so
-    the model learns what to answer for both. Only identities are touched; the clock
-    and the record's group of days stay as they were (no own track as evidence)."""
+    """Training augmentation on a batch: a share of records lose their trip id and with
+    it their train number, so the model learns what to answer for a train it never saw.
+    Only identities are touched; the clock and the record's group of days stay as they
+    were (no own track as evidence)."""
     batch = tf.shape(labels)[0]
     draw = tf.random.uniform([batch])
-    trip_id = features["trip_id"]
-    number = tf.strings.regex_replace(trip_id, r"^.*-", "")
     out = dict(features)
-    out["trip_id"] = tf.where(
-        draw < HIDE_TRAIN_SHARE, tf.fill([batch], ""),
-        tf.where(draw < HIDE_TRAIN_SHARE + HIDE_TRIP_SHARE,
-                 tf.strings.join([UNSEEN_TRIP_PREFIX, number]), trip_id),
-    )  # fmt: skip
+    out["trip_id"] = tf.where(draw < HIDE_TRAIN_SHARE, tf.fill([batch], ""), features["trip_id"])
     return (out, labels, *weights)
 
 
@@ -748,31 +739,90 @@ def _input_layers() -> dict[str, type]:
 
 
 def _history_layers() -> dict[str, type]:
-    class TrackHistory(keras.layers.Layer):
-        """Lookup-table evidence as features: from a key's track counts, each track's
-        share and log(1 + count).
-
-        Its inputs: the counts over every training record, the same per group of days
-        (HISTORY_FOLDS blocks side by side) and the record's Boston clock (BostonClock;
-        its day number). In training a record reads the counts of the other groups of
-        days (Boston day number modulo HISTORY_FOLDS), scaled up to the whole, so its own
-        track is never evidence for itself; otherwise it reads them all."""
+    class OtherDays(keras.layers.Layer):
+        """A key's track counts as a record may read them. Inputs: the counts over every
+        training record, the same per group of days (HISTORY_FOLDS blocks side by side)
+        and the record's Boston clock (BostonClock; its day number). In training a record
+        reads the counts of the other groups of days (Boston day number modulo
+        HISTORY_FOLDS), scaled up to the whole, so its own track is never evidence for
+        itself; otherwise it reads them all."""
 
         def call(self, inputs, training=None):
             counts, fold_counts, clock = inputs
-            if training:
-                fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
-                blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
-                own = keras.ops.sum(
-                    blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1
-                )
-                counts = (counts - own) * (HISTORY_FOLDS / (HISTORY_FOLDS - 1))
+            if not training:
+                return counts
+            fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
+            blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
+            own = keras.ops.sum(blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1)
+            return (counts - own) * (HISTORY_FOLDS / (HISTORY_FOLDS - 1))
+
+        def compute_output_spec(self, inputs):
+            return keras.KerasTensor(inputs[0].shape, dtype="float32")
+
+    class NewTrips(keras.layers.Layer):
+        """Training only: a share of records read their trip as a new schedule season's
+        would. Inputs and outputs: [station + trip counts, station + train counts].
+
+        `hide`: the trip is new; its counts read 0 and the train's counts keep only its
+        other trips (its other seasons), which is all a new season's first records have.
+        `thin`: the trip is young; a random fraction (3%-60%) of its counts stays, in
+        the train's counts too, as in the first weeks of a season. Trips stay known
+        otherwise, and nothing changes outside training.
+
+        `always` (a copy for calibration, `as_new_trips`): every record, in and out of
+        training, reads its trip as new."""
+
+        def __init__(self, hide: float = 0.15, thin: float = 0.15, seed: int | None = None,
+                     always: bool = False, **kwargs):  # fmt: skip
+            super().__init__(**kwargs)
+            self.hide, self.thin, self.seed = float(hide), float(thin), seed
+            self.always = bool(always)
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def call(self, inputs, training=None):
+            trip, train = inputs
+            if self.always:
+                return [trip * 0.0, keras.ops.relu(train - trip)]
+            if not training or self.hide + self.thin <= 0:
+                return [trip, train]
+            shape = (keras.ops.shape(trip)[0], 1)
+            draw = keras.random.uniform(shape, seed=self.seed_generator)
+            fraction = keras.random.uniform(shape, 0.03, 0.6, seed=self.seed_generator)
+            keep = keras.ops.where(draw < self.hide, 0.0,
+                                   keras.ops.where(draw < self.hide + self.thin, fraction, 1.0))  # fmt: skip
+            kept = trip * keep
+            return [kept, keras.ops.relu(train - trip) + kept]
+
+        def compute_output_spec(self, inputs):
+            return [keras.KerasTensor(t.shape, dtype="float32") for t in inputs]
+
+        def get_config(self):
+            return {**super().get_config(), "hide": self.hide, "thin": self.thin,
+                    "seed": self.seed, "always": self.always}  # fmt: skip
+
+    class TrackHistory(keras.layers.Layer):
+        """Lookup-table evidence as features: from a key's track counts, each track's
+        share and log(1 + count). (Models saved before OtherDays existed pass [counts,
+        fold counts, clock] and get OtherDays' treatment here.)"""
+
+        def call(self, inputs, training=None):
+            if isinstance(inputs, list | tuple):
+                counts, fold_counts, clock = inputs
+                if training:
+                    fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
+                    blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
+                    own = keras.ops.sum(
+                        blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1
+                    )
+                    counts = (counts - own) * (HISTORY_FOLDS / (HISTORY_FOLDS - 1))
+            else:
+                counts = inputs
             total = keras.ops.sum(counts, axis=-1, keepdims=True)
             shares = counts / keras.ops.maximum(total, 1e-6)
             return keras.ops.concatenate([shares, keras.ops.log1p(total)], axis=-1)
 
         def compute_output_spec(self, inputs):
-            counts = inputs[0]
+            counts = inputs[0] if isinstance(inputs, list | tuple) else inputs
             return keras.KerasTensor((counts.shape[0], counts.shape[1] + 1), dtype="float32")
 
     class EvidenceLogits(keras.layers.Layer):
@@ -806,7 +856,12 @@ def _history_layers() -> dict[str, type]:
             history = inputs[0]
             return keras.KerasTensor((history.shape[0], history.shape[1] - 1), dtype="float32")
 
-    return {"TrackHistory": TrackHistory, "EvidenceLogits": EvidenceLogits}
+    return {
+        "OtherDays": OtherDays,
+        "NewTrips": NewTrips,
+        "TrackHistory": TrackHistory,
+        "EvidenceLogits": EvidenceLogits,
+    }
 
 
 def _output_layers() -> dict[str, type]:
@@ -821,25 +876,31 @@ def _output_layers() -> dict[str, type]:
         proportions, and the top track stays on top. None leaves them unchanged."""
 
         def __init__(self, labels: list[str], station_tracks: dict[str, list[str]] | None = None,
-                     confidence_map: dict[str, list[float]] | None = None, **kwargs):  # fmt: skip
+                     confidence_map: dict[str, list[float]] | None = None,
+                     new_trip_map: dict[str, list[float]] | None = None, **kwargs):  # fmt: skip
             super().__init__(**kwargs)
             self.labels = list(labels)
             self.station_tracks = dict(station_tracks or {})
             self.confidence_map = ConfidenceMap(**confidence_map) if confidence_map else None
+            self.new_trip_map = ConfidenceMap(**new_trip_map) if new_trip_map else None
 
         def call(self, inputs):
             # [probabilities, known]: `known` (1 where the model knows the record's trip)
-            # limits the map to those records; the others keep the model's own
-            # probabilities, which identity hiding in training calibrates for new trips.
+            # chooses the map: `confidence_map` for known trips, `new_trip_map` (fitted on
+            # validation records read as new trips, see calibrate_model) for the others;
+            # without one, the model's own probabilities.
             probabilities, known = (inputs if isinstance(inputs, list | tuple)
                                     else (inputs, None))  # fmt: skip
-            if self.confidence_map is None:
-                return probabilities
-            mapped = self._mapped(probabilities)
-            return mapped if known is None else known * mapped + (1.0 - known) * probabilities
+            known_mapped = self._mapped(probabilities, self.confidence_map)
+            if known is None:
+                return known_mapped
+            new_mapped = self._mapped(probabilities, self.new_trip_map)
+            return known * known_mapped + (1.0 - known) * new_mapped
 
-        def _mapped(self, probabilities):
-            x, y = (np.asarray(v, dtype=np.float32) for v in self.confidence_map)
+        def _mapped(self, probabilities, confidence_map):
+            if confidence_map is None:
+                return probabilities
+            x, y = (np.asarray(v, dtype=np.float32) for v in confidence_map)
             top = keras.ops.max(probabilities, axis=-1, keepdims=True)
             chosen = keras.ops.one_hot(keras.ops.argmax(probabilities, axis=-1), len(self.labels))
             # y[0] plus each segment's slope times how far into it the top probability lies.
@@ -870,8 +931,10 @@ def _output_layers() -> dict[str, type]:
 
         def get_config(self):
             cmap = self.confidence_map._asdict() if self.confidence_map else None
+            new = self.new_trip_map._asdict() if self.new_trip_map else None
             return {**super().get_config(), "labels": self.labels,
-                    "station_tracks": self.station_tracks, "confidence_map": cmap}  # fmt: skip
+                    "station_tracks": self.station_tracks, "confidence_map": cmap,
+                    "new_trip_map": new}  # fmt: skip
 
     class KnownKey(keras.layers.Layer):
         """1.0 where a history table knows the record's key (its count column, log(1 +
@@ -904,6 +967,10 @@ class ModelConfig:
     route_embedding: int = 6
     headsign_embedding: int = 6
     train_embedding: int = 16
+    hide_trip: float = 0.15
+    """Share of training records that read their trip as new (see NewTrips)."""
+    thin_trip: float = 0.15
+    """Share of training records that read their trip as young (see NewTrips)."""
     seed: int = 42
 
 
@@ -948,14 +1015,17 @@ def identity_features(
     }  # fmt: skip
     train = _embed(_lookup(number, vocab_info.train_numbers, "train"),
                    vocab_info.train_numbers, cfg.train_embedding, "train")  # fmt: skip
-    histories = []
+    readable = []
     for name in ("station_trip", "station_train"):
         index = _lookup(keys[name], vocab_info[f"{name}s"], name)
         counts = [_fixed_table(index, vocab_info.history[name + suffix], f"{name}_counts{suffix}", fixed)
                   for suffix in ("", "_folds")]  # fmt: skip
-        histories.append(L["TrackHistory"](name=f"{name}_history")(
-            [*counts, clock]
-        ))  # fmt: skip
+        readable.append(L["OtherDays"](name=f"{name}_other_days")([*counts, clock]))
+    readable = L["NewTrips"](cfg.hide_trip, cfg.thin_trip, seed=cfg.seed, name="new_trips")(
+        readable
+    )
+    histories = [L["TrackHistory"](name=f"{name}_history")(counts)
+                 for name, counts in zip(("station_trip", "station_train"), readable, strict=True)]  # fmt: skip
     return [train, *histories], histories
 
 
@@ -1252,14 +1322,35 @@ def fit_confidence_map(confidence: np.ndarray, correct: np.ndarray) -> Confidenc
     return ConfidenceMap([round(float(v), 6) for v in x], [round(float(v), 6) for v in y])
 
 
-def with_calibration(model: Any, confidence_map: ConfidenceMap | None) -> Any:
-    """The same model with its output layer's confidence map replaced by this one."""
+def with_calibration(model: Any, confidence_map: ConfidenceMap | None,
+                     new_trip_map: ConfidenceMap | None = None) -> Any:  # fmt: skip
+    """The same model with its output layer's confidence maps replaced by these."""
     output = model.get_layer("track_probabilities")
     layer = custom_layers()["TrackProbabilities"](
         output.labels, output.station_tracks, name="track_probabilities",
         confidence_map=confidence_map._asdict() if confidence_map else None,
+        new_trip_map=new_trip_map._asdict() if new_trip_map else None,
     )  # fmt: skip
     return keras.Model(inputs=model.inputs, outputs=layer(output.input), name=model.name)
+
+
+def as_new_trips(model: Any) -> Any | None:
+    """A copy of the model (same weights) in which every record reads its trip as a new
+    schedule season's would (NewTrips' `always`): no evidence of the trip, the train's
+    evidence from its other trips only. None for a model without a NewTrips layer."""
+    config = model.get_config()
+    found = False
+    for layer in config.get("layers", []):
+        if layer.get("class_name") == "NewTrips" or layer.get("class_name", "").endswith(
+            ">NewTrips"
+        ):
+            layer["config"]["always"] = True
+            found = True
+    if not found:
+        return None
+    copy = keras.Model.from_config(config, custom_objects=custom_layers())
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def raw_probabilities(output_layer: Any) -> Any:
@@ -1296,9 +1387,16 @@ class Calibration:
     records: int
     reliability_before: list[dict[str, float]]
     reliability_after: list[dict[str, float]]
+    new_trip_map: ConfidenceMap | None = None
+    """The map for trips the model does not know, fitted on the same records read as new."""
+    new_trip_ece: tuple[float, float] | None = None
+    """ECE of those records read as new trips, (before, after) their map."""
 
     def describe(self) -> str:
-        return describe_map(self.confidence_map)
+        text = describe_map(self.confidence_map)
+        if self.new_trip_map is not None:
+            text += f"; new trips: {describe_map(self.new_trip_map)}"
+        return text
 
 
 def describe_map(cmap: ConfidenceMap | None) -> str:
@@ -1326,7 +1424,18 @@ def calibrate_model(
     confidence, correct = probs[np.arange(len(top)), top], top == y
     fit = known & (y >= 0)
     cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
-    calibrated = with_calibration(model, cmap)
+    # The same records read as new trips (a new schedule season's first days): their own
+    # map, for the records whose trip the model does not know.
+    new_map, new_ece = None, None
+    as_new = as_new_trips(uncalibrated(model)) if (y >= 0).sum() >= 50 else None
+    if as_new is not None:
+        new_probs = predict_probabilities(as_new, model_features(columns, idx))
+        new_top = new_probs.argmax(axis=1)
+        new_conf, new_correct = new_probs[np.arange(len(new_top)), new_top], new_top == y
+        new_map = fit_confidence_map(new_conf[y >= 0], new_correct[y >= 0])
+        new_ece = (expected_calibration_error(new_conf[y >= 0], new_correct[y >= 0]),
+                   expected_calibration_error(new_map.at(new_conf[y >= 0]), new_correct[y >= 0]))  # fmt: skip
+    calibrated = with_calibration(model, cmap, new_map)
     output = calibrated.get_layer("track_probabilities")
     gated = isinstance(output.input, list | tuple)  # the map applies to known trips only
     flags = known_trips(model, columns, idx)[:, None].astype(np.float32)
@@ -1335,6 +1444,7 @@ def calibrate_model(
         cmap, expected_calibration_error(confidence, correct),
         expected_calibration_error(after, correct), int(len(idx)),
         reliability_bins(confidence, correct), reliability_bins(after, correct),
+        new_map if gated else None, new_ece if gated else None,
     )  # fmt: skip
     return calibrated, info
 
@@ -1714,6 +1824,18 @@ def calibration_lines(calibration: Calibration | None) -> list[str]:
         f"Expected calibration error on those records: {calibration.ece_before:.4f} before, "
         f"{calibration.ece_after:.4f} after (the map was fitted on these records' known trips, "
         "so the figure after is in-sample).",
+        *(
+            []
+            if calibration.new_trip_ece is None
+            else [
+                "",
+                "Records whose trip the model does not know (a new schedule season's) get a map of "
+                "their own, fitted on the same validation records read as new trips (no evidence of "
+                "the trip; of the train, only its other trips): ECE "
+                f"{calibration.new_trip_ece[0]:.4f} before, {calibration.new_trip_ece[1]:.4f} after "
+                "(in-sample).",
+            ]
+        ),
         "",
         "![Reliability diagram](reliability_diagram.png)",
         "",
@@ -1800,8 +1922,10 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
         f"batch normalisation {'on' if cfg.batch_norm else 'off'}",
         "- Output restricted to the tracks each station used in training (all tracks for an unknown station)",
         f"- Class weights: {class_weight}",
-        f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRIP_SHARE:.0%} of trip ids "
-        f"replaced by an unseen one of the same train, {HIDE_TRAIN_SHARE:.0%} hidden with their train number)",
+        f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRAIN_SHARE:.0%} of "
+        f"records hidden with their train number); in the model, {cfg.hide_trip:.0%} read their "
+        f"trip as new (the train's other trips only) and {cfg.thin_trip:.0%} as young "
+        "(a random 3-60% of its counts)",
         "",
     ]
     return "\n".join(lines)
@@ -2108,7 +2232,9 @@ def refit_on_every_record(
     class Snapshot(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             for path in targets.get(epoch + 1, []):
-                with_calibration(self.model, calibration.confidence_map).save(path)
+                with_calibration(
+                    self.model, calibration.confidence_map, calibration.new_trip_map
+                ).save(path)
 
     epochs = max(best_epochs, final_epochs)
     _, all_data, seconds = fit_on_every_record(data, opts, config, epochs, name, [Snapshot()], warm)
@@ -2861,7 +2987,10 @@ def deploy_cv_model(
     model, all_data, _ = fit_on_every_record(export, opts, ModelConfig(seed=opts.seed), epochs)
     maps = [f.calibration.confidence_map for f in folds if f.calibration.confidence_map]
     cmap = ConfidenceMap.mean(maps) if maps else None
-    save_deployable_model(with_calibration(model, cmap), all_data, run.run_dir, opts.model_path)
+    new_maps = [f.calibration.new_trip_map for f in folds if f.calibration.new_trip_map]
+    new_map = ConfidenceMap.mean(new_maps) if new_maps else None
+    save_deployable_model(with_calibration(model, cmap, new_map), all_data, run.run_dir,
+                          opts.model_path)  # fmt: skip
     return epochs, describe_map(cmap)
 
 
