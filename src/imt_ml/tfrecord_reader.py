@@ -1928,7 +1928,11 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
         f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRAIN_SHARE:.0%} of "
         f"records hidden with their train number); in the model, {cfg.hide_trip:.0%} read their "
         f"trip as new (the train's other trips only)"
-        + (f" and {cfg.thin_trip:.0%} as young (a random 3-60% of its counts)" if cfg.thin_trip else ""),
+        + (
+            f" and {cfg.thin_trip:.0%} as young (a random 3-60% of its counts)"
+            if cfg.thin_trip
+            else ""
+        ),
         "",
     ]
     return "\n".join(lines)
