@@ -184,8 +184,8 @@ def print_matrix(cells: list[Cell], records: int) -> int:
         print(f"  seed {c.seed} moves {c.level:.2f} {c.window:>6}: {tables}")
     tied = [c for c in cells if c.strongest[1] >= c.ceiling - 1e-9]
     if tied:
-        print(f"\nIn {len(tied)} cell(s) the strongest table already reaches the ceiling, so no "
-              "answer can be above it there: "
+        print(f"\nIn {len(tied)} cell(s) the strongest table already reaches the ceiling, so nothing "
+              "that knows only what the ceiling assumes can be above it there: "
               + ", ".join(f"seed {c.seed} moves {c.level:.2f} {c.window}" for c in tied))  # fmt: skip
     print(f"\n{len(cells) - failed} of {len(cells)} cells PASS"
           + (f"; {failed} FAIL" if failed else ""))  # fmt: skip
