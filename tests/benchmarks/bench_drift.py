@@ -182,7 +182,7 @@ def print_matrix(cells: list[Cell], records: int) -> int:
     for c in cells:
         tables = ", ".join(f"{short[n]} {pct(a)}" for n, a in c.evaluation.baselines.items())
         print(f"  seed {c.seed} moves {c.level:.2f} {c.window:>6}: {tables}")
-    tied = [c for c in cells if c.strongest[1] >= c.ceiling - 1e-9]
+    tied = [c for c in cells if c.strongest[1] >= c.ceiling - 0.5 / c.test_records]
     if tied:
         print(f"\nIn {len(tied)} cell(s) the strongest table already reaches the ceiling, so nothing "
               "that knows only what the ceiling assumes can be above it there: "
