@@ -401,12 +401,13 @@ def test_a_new_seasons_trips_get_the_map_fitted_for_new_trips(trained, sample_ro
     raw = tr.predict_probabilities(tr.uncalibrated(best), features)
     probs = tr.predict_probabilities(best, features)
     np.testing.assert_array_equal(probs.argmax(axis=1), raw.argmax(axis=1))
-    expected = output.new_trip_map.at(raw.max(axis=1))
-    # The map's value, except where the next track would overtake the top (kept just above).
-    floor = np.sort(raw, axis=1)[:, -2] / np.maximum(1 - raw.max(axis=1), 1e-9)
-    clear = expected > floor + 0.01
-    assert clear.mean() > 0.5
-    np.testing.assert_allclose(probs.max(axis=1)[clear], expected[clear], atol=1e-4)
+    top = raw.max(axis=1)
+    second = np.sort(raw, axis=1)[:, -2]
+    # The map's value, held just above the point where the next track would overtake.
+    floor = second / np.maximum(second + (raw.sum(axis=1) - top), 1e-9) + 1e-5
+    expected = np.minimum(np.maximum(output.new_trip_map.at(top), floor), 1.0)
+    np.testing.assert_allclose(probs.max(axis=1), expected, atol=2e-4)
+    assert (output.new_trip_map.at(top) > floor).mean() > 0.1  # the map, not only the floor
 
 
 @pytest.mark.parametrize("refit", [True, False])
@@ -560,6 +561,16 @@ def test_new_trips_read_only_what_the_train_did_on_its_other_trips():
     assert (
         np.all(new_train[:, 1] == 10.0) and 0.03 <= kept[young].min() and kept[young].max() <= 0.6
     )
+    # The default: in training a new trip's train keeps its whole history; the copy that
+    # fits the new-trip map (`always`) still reads only the train's other trips.
+    whole = tr.custom_layers()["NewTrips"](hide=1.0, seed=1, whole_train=True)
+    hidden_trip, whole_train = (np.asarray(t) for t in whole([trip, train], training=True))
+    assert np.all(hidden_trip == 0.0) and np.array_equal(whole_train, train)
+    always = tr.custom_layers()["NewTrips"].from_config({**whole.get_config(), "always": True})
+    as_new = [np.asarray(t) for t in always([trip, train], training=False)]
+    assert np.all(as_new[0] == 0.0)
+    np.testing.assert_allclose(as_new[1], np.tile([[0.0, 10.0, 0.0]], (4000, 1)))
+    assert tr.ModelConfig().new_trip_whole_train and tr.ModelConfig().thin_trip == 0
 
 
 def test_the_confidence_map_never_gives_probability_to_a_track_the_station_never_used():
