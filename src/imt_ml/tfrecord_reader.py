@@ -738,6 +738,15 @@ def _input_layers() -> dict[str, type]:
     }
 
 
+def other_days(counts: Any, fold_counts: Any, clock: Any) -> Any:
+    """A key's track counts without those of the record's own group of days (Boston day
+    number, BostonClock's column 3, modulo HISTORY_FOLDS), scaled back up to the whole."""
+    fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
+    blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
+    own = keras.ops.sum(blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1)
+    return (counts - own) * (HISTORY_FOLDS / (HISTORY_FOLDS - 1))
+
+
 def _history_layers() -> dict[str, type]:
     class OtherDays(keras.layers.Layer):
         """A key's track counts as a record may read them. Inputs: the counts over every
@@ -748,13 +757,7 @@ def _history_layers() -> dict[str, type]:
         itself; otherwise it reads them all."""
 
         def call(self, inputs, training=None):
-            counts, fold_counts, clock = inputs
-            if not training:
-                return counts
-            fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
-            blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
-            own = keras.ops.sum(blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1)
-            return (counts - own) * (HISTORY_FOLDS / (HISTORY_FOLDS - 1))
+            return other_days(*inputs) if training else inputs[0]
 
         def compute_output_spec(self, inputs):
             return keras.KerasTensor(inputs[0].shape, dtype="float32")
@@ -814,14 +817,7 @@ def _history_layers() -> dict[str, type]:
 
         def call(self, inputs, training=None):
             if isinstance(inputs, list | tuple):
-                counts, fold_counts, clock = inputs
-                if training:
-                    fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
-                    blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
-                    own = keras.ops.sum(
-                        blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1
-                    )
-                    counts = (counts - own) * (HISTORY_FOLDS / (HISTORY_FOLDS - 1))
+                counts = other_days(*inputs) if training else inputs[0]
             else:
                 counts = inputs
             total = keras.ops.sum(counts, axis=-1, keepdims=True)
