@@ -346,6 +346,37 @@ def test_history_features_never_count_a_records_own_track_in_training(tmp_path):
     assert np.all(predicting[:, 3] > training[:, 3])  # log(1 + count): all of them, not some
 
 
+def test_a_train_whose_track_depends_on_the_weekday_is_read_per_weekday(tmp_path):
+    """Train 500 uses track 1 on Mondays and track 2 on other days: the station + train
+    number + weekday table (in the model and among the lookup tables) says so per day,
+    while the station + train number table mixes them."""
+
+    def rec(day: int, track: str) -> tuple:
+        return ("place-sstat", "CR-Worcester", "CR-A-500", "Worcester - Worcester Ln", 0,
+                "historical", track, 86_400.0 * (19_700 + day) + 61_200, 0.0, 1.7e9, 0, 0, 0)  # fmt: skip
+
+    days = range(28)
+    weekday = {d: int((tr.boston_days(np.array([86_400.0 * (19_700 + d) + 61_200]))[0] + 3) % 7)
+               for d in days}  # fmt: skip
+    records = [rec(d, "1" if weekday[d] == 0 else "2") for d in days]
+    export_dir, metadata, columns = tr.load_export(write_records(tmp_path / "exports", records))
+    every = np.arange(len(records))
+    data = tr.prepare_split(export_dir, metadata, columns, every, every[:0], {"method": "all"})
+    model = tr.create_simple_model(data.vocab_info, tr.ModelConfig(hide_trip=0))
+    monday, tuesday = (next(d for d in days if weekday[d] == w) for w in (0, 1))
+    features = {k: tr.tf.constant(v) for k, v in
+                tr.model_features(columns, np.array([monday, tuesday])).items()}  # fmt: skip
+    by_day = tr.keras.Model(model.inputs, model.get_layer("station_train_day_history").output)
+    by_train = tr.keras.Model(model.inputs, model.get_layer("station_train_history").output)
+    np.testing.assert_allclose(by_day(features).numpy()[:, :2], [[1, 0], [0, 1]], atol=1e-6)
+    mixed = by_train(features).numpy()[:, :2]
+    assert np.all((mixed > 0.1) & (mixed < 0.9))
+    tables = tr.baseline_tables(columns, every, half_life_days=0)
+    answers = tr.baseline_answers(tables, columns, np.array([monday, tuesday]))
+    assert list(answers["station_train_day"][0]) == ["1", "2"]
+    assert list(answers["station_train"][0]) == ["2", "2"]
+
+
 def overconfident(model):
     """The same model with its logits five times as large (and no calibration)."""
     layers = tr.keras.layers

@@ -398,8 +398,8 @@ def build_vocabulary(
 def history_tables(
     vocab: Vocabulary, columns: dict[str, np.ndarray], train_idx: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """What each lookup table knows, for the model to read: per station + trip id and per
-    station + train number, the recency-weighted count of each track in the training
+    """What each lookup table knows, for the model to read: per station + trip id, per
+    station + train number and per station + train number + weekday, the recency-weighted count of each track in the training
     records (row 0: an unknown key), over every record (`name`) and per group of days
     (`name_folds`: HISTORY_FOLDS blocks of tracks side by side, day number modulo
     HISTORY_FOLDS). In training a record reads the counts of the other groups, so its
@@ -410,14 +410,25 @@ def history_tables(
     trips = columns["trip_id"][train_idx]
     ts = columns["scheduled_timestamp"][train_idx]
     weights = recency_weights(ts, vocab.recency_half_life).astype(np.float32)
-    fold = boston_days(ts) % HISTORY_FOLDS
+    days = boston_days(ts)
+    fold = days % HISTORY_FOLDS
     known = tracks >= 0
+
+    def rows_of(name: str, keys: np.ndarray) -> np.ndarray:
+        row = {key: i for i, key in enumerate(vocab[f"{name}s"], start=1)}
+        return np.array([row.get(f"{s}:{k}", 0) for s, k in zip(stations, keys, strict=True)])
+
+    train_rows = rows_of("station_train", train_numbers(trips))
+    keyed = {
+        "station_trip": (rows_of("station_trip", trips), len(vocab.station_trips) + 1),
+        "station_train": (train_rows, len(vocab.station_trains) + 1),
+        # Station + train number + Boston weekday (0 = Monday; 1970-01-01 was a Thursday):
+        # row = the station + train row * 7 + weekday (rows 0-6: an unknown train).
+        "station_train_day": (train_rows * 7 + (days + 3) % 7, 7 * (len(vocab.station_trains) + 1)),
+    }
     tables = {}
-    for name, keys in (("station_trip", trips), ("station_train", train_numbers(trips))):
-        vocabulary = vocab[f"{name}s"]
-        row = {key: i for i, key in enumerate(vocabulary, start=1)}
-        rows = np.array([row.get(f"{s}:{k}", 0) for s, k in zip(stations, keys, strict=True)])
-        folds = np.zeros((len(vocabulary) + 1, HISTORY_FOLDS * len(labels)), dtype=np.float32)
+    for name, (rows, n_rows) in keyed.items():
+        folds = np.zeros((n_rows, HISTORY_FOLDS * len(labels)), dtype=np.float32)
         column = fold * len(labels) + tracks
         np.add.at(folds, (rows[known], column[known]), weights[known])
         tables[name] = folds.reshape(len(folds), HISTORY_FOLDS, len(labels)).sum(axis=1)
@@ -480,10 +491,15 @@ def make_dataset(
     parts: tuple = (tensors, tf.constant(labels))
     if sample_weights is not None:
         parts += (tf.constant(sample_weights, dtype=tf.float32),)
-    ds = tf.data.Dataset.from_tensor_slices(parts)
+    # Shuffle and batch record indices, then gather each batch's columns at once: a
+    # shuffle buffer of whole records (a dict of strings each) took half of every epoch.
+    ds = tf.data.Dataset.range(len(labels))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size).map(
+        lambda idx: tf.nest.map_structure(lambda t: tf.gather(t, idx), parts),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+    )  # fmt: skip
     if augment:
         ds = ds.map(_hide_identities, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -764,7 +780,8 @@ def _history_layers() -> dict[str, type]:
 
     class NewTrips(keras.layers.Layer):
         """Training only: a share of records read their trip as a new schedule season's
-        would. Inputs and outputs: [station + trip counts, station + train counts].
+        would. Inputs and outputs: [station + trip counts, station + train counts, and
+        finer tables of the train (its counts per weekday), scaled with the train's].
 
         `hide`: the trip is new; its counts read 0 and the train's counts keep only its
         other trips (its other seasons), which is all a new season's first records have
@@ -789,18 +806,29 @@ def _history_layers() -> dict[str, type]:
             self.seed_generator = keras.random.SeedGenerator(seed)
 
         def call(self, inputs, training=None):
-            trip, train = inputs
+            trip, train, *finer = inputs
             if self.always:
-                return [trip * 0.0, keras.ops.relu(train - trip)]
+                return [trip * 0.0, *self._without_trip(trip, train, finer, trip * 0.0)]
             if not training or self.hide + self.thin <= 0:
-                return [trip, train]
+                return list(inputs)
             shape = (keras.ops.shape(trip)[0], 1)
             draw = keras.random.uniform(shape, seed=self.seed_generator)
             fraction = keras.random.uniform(shape, 0.03, 0.6, seed=self.seed_generator)
             keep = keras.ops.where(draw < self.hide, 0.0,
                                    keras.ops.where(draw < self.hide + self.thin, fraction, 1.0))  # fmt: skip
             kept = trip * keep
-            return [kept, train if self.whole_train else keras.ops.relu(train - trip) + kept]
+            if self.whole_train:
+                return [kept, train, *finer]
+            return [kept, *self._without_trip(trip, train, finer, kept)]
+
+        @staticmethod
+        def _without_trip(trip, train, finer, kept_trip):
+            """The train's counts with only `kept_trip` of its trip's; finer tables of the
+            train (per weekday) scaled by the share of the train's weight that stays."""
+            kept = keras.ops.relu(train - trip) + kept_trip
+            total = keras.ops.sum(train, axis=-1, keepdims=True)
+            share = keras.ops.sum(kept, axis=-1, keepdims=True) / keras.ops.maximum(total, 1e-6)
+            return [kept, *(t * share for t in finer)]
 
         def compute_output_spec(self, inputs):
             return [keras.KerasTensor(t.shape, dtype="float32") for t in inputs]
@@ -809,6 +837,18 @@ def _history_layers() -> dict[str, type]:
             return {**super().get_config(), "hide": self.hide, "thin": self.thin,
                     "seed": self.seed, "always": self.always,
                     "whole_train": self.whole_train}  # fmt: skip
+
+    class DayRow(keras.layers.Layer):
+        """[station + train row, Boston clock] -> the row of the station + train number +
+        weekday table: row * 7 + weekday (BostonClock's column 2, 0 = Monday)."""
+
+        def call(self, inputs):
+            row, clock = inputs
+            day = keras.ops.cast(clock[:, 2], "int64")
+            return keras.ops.cast(row, "int64") * 7 + day
+
+        def compute_output_spec(self, inputs):
+            return keras.KerasTensor(inputs[0].shape, dtype="int64")
 
     class TrackHistory(keras.layers.Layer):
         """Lookup-table evidence as features: from a key's track counts, each track's
@@ -862,6 +902,7 @@ def _history_layers() -> dict[str, type]:
     return {
         "OtherDays": OtherDays,
         "NewTrips": NewTrips,
+        "DayRow": DayRow,
         "TrackHistory": TrackHistory,
         "EvidenceLogits": EvidenceLogits,
     }
@@ -983,6 +1024,9 @@ class ModelConfig:
     the lookup table in a new season's first weeks (bench-drift seed 2, 30% of homes
     moving: 44.99% against the table's 47.66%; whole: 47.85%, and ECE 0.033 instead of
     0.089 once the new-trip map calibrates it)."""
+    weekday_history: bool = True
+    """Read the station + train number + weekday table too (a train whose track depends
+    on the weekday; see history_tables)."""
     seed: int = 42
 
 
@@ -1015,7 +1059,8 @@ def identity_features(
     inputs: dict[str, Any], vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict, clock: Any
 ) -> tuple[list[Any], list[Any]]:
     """(features, history features) of the train: its number's embedding, and what the
-    lookup tables of station + train number and station + trip id know of it."""
+    lookup tables of station + trip id, station + train number and station + train
+    number + weekday know of it."""
     if not vocab_info.history:
         raise ValueError("the vocabulary has no history tables: build it from the records "
                          "(prepare_split or load_tfrecord_dataset)")  # fmt: skip
@@ -1027,16 +1072,24 @@ def identity_features(
     }  # fmt: skip
     train = _embed(_lookup(number, vocab_info.train_numbers, "train"),
                    vocab_info.train_numbers, cfg.train_embedding, "train")  # fmt: skip
+    names = ["station_trip", "station_train"]
+    if "station_train_day" in vocab_info.history and cfg.weekday_history:
+        names.append("station_train_day")
+    rows = {name: _lookup(keys[name], vocab_info[f"{name}s"], name) for name in keys}
+    if "station_train_day" in names:  # the train's row and the Boston weekday
+        rows["station_train_day"] = L["DayRow"](name="station_train_day_row")(
+            [rows["station_train"], clock]
+        )
     readable = []
-    for name in ("station_trip", "station_train"):
-        index = _lookup(keys[name], vocab_info[f"{name}s"], name)
+    for name in names:
+        index = rows[name]
         counts = [_fixed_table(index, vocab_info.history[name + suffix], f"{name}_counts{suffix}", fixed)
                   for suffix in ("", "_folds")]  # fmt: skip
         readable.append(L["OtherDays"](name=f"{name}_other_days")([*counts, clock]))
     readable = L["NewTrips"](cfg.hide_trip, cfg.thin_trip, seed=cfg.seed,
                              whole_train=cfg.new_trip_whole_train, name="new_trips")(readable)  # fmt: skip
     histories = [L["TrackHistory"](name=f"{name}_history")(counts)
-                 for name, counts in zip(("station_trip", "station_train"), readable, strict=True)]  # fmt: skip
+                 for name, counts in zip(names, readable, strict=True)]  # fmt: skip
     return [train, *histories], histories
 
 
@@ -1074,7 +1127,7 @@ def create_simple_model(
     """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out.
 
     Station, route, direction, headsign and train number go through lookups (index 0 =
-    unknown) into embeddings; station + train number and station + trip id read what
+    unknown) into embeddings; station + train number (also per weekday) and station + trip id read what
     the training records say about them (each track's share and the count, see
     TrackHistory); hour, minute and day of week become sin/cos pairs; the scheduled
     timestamp is standardised. Dense layers with L1/L2, batch normalisation and
@@ -1162,6 +1215,7 @@ _TABLE_KEYS = {
     "station_route": "the station + route",
     "station_train": "the station + train number",
     "station_trip": "the station + trip id, else station + train number",
+    "station_train_day": "the station + train number + weekday, else station + train number",
 }
 BASELINE_NAMES = {
     **{name: f"most frequent track for {key}" for name, key in _TABLE_KEYS.items()},
@@ -1175,10 +1229,14 @@ def _table_keys(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np
     stations = columns["station_id"][idx].astype(str)
     trips = columns["trip_id"][idx].astype(str)
     joined = np.char.add(stations, "|")
+    by_train = np.char.add(joined, train_numbers(trips).astype(str))
+    ts = columns["scheduled_timestamp"][idx].astype(np.float64)
+    weekdays = (boston_days(ts) + 3) % 7  # 0 = Monday
     return {
         "station_route": np.char.add(joined, columns["route_id"][idx].astype(str)),
-        "station_train": np.char.add(joined, train_numbers(trips).astype(str)),
+        "station_train": by_train,
         "station_trip": np.char.add(joined, trips),
+        "station_train_day": np.char.add(np.char.add(by_train, "|"), weekdays.astype(str)),
         "station": stations,
         "overall": np.full(len(idx), "*"),
     }
@@ -1258,8 +1316,9 @@ def baseline_answers(
         by_train = lookup(f"station_train{suffix}")
         answers[f"station_route{suffix}"] = lookup(f"station_route{suffix}")
         answers[f"station_train{suffix}"] = by_train
-        if f"station_trip{suffix}" in tables:
-            answers[f"station_trip{suffix}"] = lookup(f"station_trip{suffix}", by_train)
+        for name in ("station_trip", "station_train_day"):
+            if f"{name}{suffix}" in tables:  # (tables saved before it lack the weekday one)
+                answers[f"{name}{suffix}"] = lookup(f"{name}{suffix}", by_train)
     return {
         name: (np.array([a[0] for a in rows], dtype=object), np.array([a[1] for a in rows]))
         for name, rows in answers.items()
@@ -1918,6 +1977,8 @@ def dataset_section(data: PreparedData) -> str:
 def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bool) -> str:
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
+    new_trip = ("no evidence of the trip, the train's kept whole" if cfg.new_trip_whole_train
+                else "the train's other trips only")  # fmt: skip
     lines = [
         "## Model Details",
         "",
@@ -1925,8 +1986,10 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
         f"- Dense layers: {' -> '.join(str(u) for u in cfg.hidden_units)} -> {model.output.shape[-1]} (softmax)",
         f"- Embeddings: station {cfg.station_embedding}, route {cfg.route_embedding}, headsign "
         f"{cfg.headsign_embedding}, train number {cfg.train_embedding}, direction 2",
-        "- Lookup-table evidence: each track's share and the record count for the station + trip id and "
-        "the station + train number, with their log-shares added to the logits (a learned weight each)",
+        "- Lookup-table evidence: each track's share and the record count for the station + trip id, "
+        "the station + train number"
+        + (" and the station + train number + weekday" if cfg.weekday_history else "")
+        + ", with their log-shares added to the logits (a learned weight each)",
         "- Time features: Boston hour, minute and day of week of the scheduled instant as sin/cos pairs; "
         "scheduled timestamp standardised",
         f"- Regularisation: L1 {cfg.l1:g}, L2 {cfg.l2:g} on dense kernels; dropout {cfg.dropout:g}; "
@@ -1935,7 +1998,7 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
         f"- Class weights: {class_weight}",
         f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRAIN_SHARE:.0%} of "
         f"records hidden with their train number); in the model, {cfg.hide_trip:.0%} read their "
-        f"trip as new (the train's other trips only)"
+        f"trip as new ({new_trip})"
         + (
             f" and {cfg.thin_trip:.0%} as young (a random 3-60% of its counts)"
             if cfg.thin_trip
