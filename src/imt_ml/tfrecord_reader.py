@@ -875,7 +875,20 @@ def _history_layers() -> dict[str, type]:
         The tables come most specific first (station + trip id, then station + train
         number). Every later table has two weights: one for records the first table
         knows and one for records it does not (a new schedule's trip ids), so the model
-        can lean on the train number exactly when the trip is new."""
+        can lean on the train number exactly when the trip is new.
+
+        `finer`: the last `finer` tables refine the table before them (the train's counts
+        per weekday) and enter as what they add to it: log of their shares, shrunk toward
+        the coarser table's by `prior` records, less log of the coarser shares. A train
+        that keeps one track every day adds nothing, so after a move the stale evidence of
+        its weekdays does not count twice against the new trip's."""
+
+        def __init__(self, finer: int = 0, prior: float = 3.0, **kwargs):
+            super().__init__(**kwargs)
+            self.finer, self.prior = int(finer), float(prior)
+
+        def get_config(self):
+            return {**super().get_config(), "finer": self.finer, "prior": self.prior}
 
         def build(self, input_shape):
             self.scales = self.add_weight(
@@ -892,7 +905,14 @@ def _history_layers() -> dict[str, type]:
                     if i == 0
                     else (known * self.scales[2 * i - 1] + (1.0 - known) * self.scales[2 * i])
                 )
-                logits = logits + scale * keras.ops.log(history[:, :-1] + 0.01)
+                if i >= len(inputs) - self.finer:
+                    coarse = inputs[i - 1][:, :-1]
+                    count = keras.ops.expm1(history[:, -1:])
+                    shrunk = (history[:, :-1] * count + self.prior * coarse) / (count + self.prior)
+                    term = keras.ops.log(shrunk + 0.01) - keras.ops.log(coarse + 0.01)
+                else:
+                    term = keras.ops.log(history[:, :-1] + 0.01)
+                logits = logits + scale * term
             return logits
 
         def compute_output_spec(self, inputs):
@@ -1157,7 +1177,8 @@ def create_simple_model(
     ])  # fmt: skip
     logits = dense_logits(x, vocab_info.num_classes, cfg)
     if histories:
-        evidence = custom_layers()["EvidenceLogits"](name="evidence_logits")(histories)
+        finer = int(len(histories) > 2)  # the weekday table refines the train-number one
+        evidence = custom_layers()["EvidenceLogits"](finer=finer, name="evidence_logits")(histories)
         logits = layers.Add(name="logits_with_evidence")([logits, evidence])
     # Tracks never seen at a station get a -1e4 logit there (row 0, unknown station,
     # allows every track).
