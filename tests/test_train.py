@@ -371,6 +371,16 @@ def test_a_train_whose_track_depends_on_the_weekday_is_read_per_weekday(tmp_path
     np.testing.assert_allclose(by_day(features).numpy()[:, :2], [[1, 0], [0, 1]], atol=1e-6)
     mixed = by_train(features).numpy()[:, :2]
     assert np.all((mixed > 0.1) & (mixed < 0.9))
+    # In the evidence logits the weekday table adds only where the weekday differs from
+    # the train's other days: nothing for a train that keeps one track every day.
+    evidence = tr.custom_layers()["EvidenceLogits"](finer=1)
+    trip = np.array([[0.0, 1.0, np.log1p(4)]] * 2, dtype=np.float32)  # shares, log(1 + n)
+    train = np.array([[0.2, 0.8, np.log1p(20)]] * 2, dtype=np.float32)
+    day = np.array([[0.2, 0.8, np.log1p(4)], [1.0, 0.0, np.log1p(4)]], dtype=np.float32)
+    with_day = np.asarray(evidence([trip, train, day]))
+    without = np.asarray(tr.custom_layers()["EvidenceLogits"]()([trip, train]))
+    np.testing.assert_allclose(with_day[0], without[0], atol=1e-5)
+    assert with_day[1, 0] > without[1, 0] and with_day[1, 1] < without[1, 1]
     tables = tr.baseline_tables(columns, every, half_life_days=0)
     answers = tr.baseline_answers(tables, columns, np.array([monday, tuesday]))
     assert list(answers["station_train_day"][0]) == ["1", "2"]
