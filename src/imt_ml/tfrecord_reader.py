@@ -212,6 +212,12 @@ def boston_days(timestamps: np.ndarray) -> np.ndarray:
     return np.floor(local / SECONDS_PER_DAY).astype(np.int64)
 
 
+def boston_weekdays(days: np.ndarray) -> np.ndarray:
+    """Weekday (0 = Monday) of Boston day numbers (`boston_days`); 1970-01-01 was a
+    Thursday. BostonClock computes the same in the model."""
+    return (days + 3) % 7
+
+
 def train_numbers(trip_ids: Iterable[str]) -> np.ndarray:
     """The train number of each trip id: its last '-' part ('CR-733772-520' -> '520')."""
     return np.array([t.rsplit("-", 1)[-1] for t in trip_ids], dtype=object)
@@ -399,8 +405,9 @@ def history_tables(
     vocab: Vocabulary, columns: dict[str, np.ndarray], train_idx: np.ndarray
 ) -> dict[str, np.ndarray]:
     """What each lookup table knows, for the model to read: per station + trip id, per
-    station + train number and per station + train number + weekday, the recency-weighted count of each track in the training
-    records (row 0: an unknown key), over every record (`name`) and per group of days
+    station + train number and per station + train number + weekday, the
+    recency-weighted count of each track in the training records (row 0: an unknown
+    key), over every record (`name`) and per group of days
     (`name_folds`: HISTORY_FOLDS blocks of tracks side by side, day number modulo
     HISTORY_FOLDS). In training a record reads the counts of the other groups, so its
     own track never counts as evidence for itself (see the TrackHistory layer)."""
@@ -422,9 +429,12 @@ def history_tables(
     keyed = {
         "station_trip": (rows_of("station_trip", trips), len(vocab.station_trips) + 1),
         "station_train": (train_rows, len(vocab.station_trains) + 1),
-        # Station + train number + Boston weekday (0 = Monday; 1970-01-01 was a Thursday):
-        # row = the station + train row * 7 + weekday (rows 0-6: an unknown train).
-        "station_train_day": (train_rows * 7 + (days + 3) % 7, 7 * (len(vocab.station_trains) + 1)),
+        # Station + train number + Boston weekday: row = the station + train row * 7 +
+        # weekday (rows 0-6: an unknown train).
+        "station_train_day": (
+            train_rows * 7 + boston_weekdays(days),
+            7 * (len(vocab.station_trains) + 1),
+        ),
     }
     tables = {}
     for name, (rows, n_rows) in keyed.items():
@@ -1252,7 +1262,7 @@ def _table_keys(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np
     joined = np.char.add(stations, "|")
     by_train = np.char.add(joined, train_numbers(trips).astype(str))
     ts = columns["scheduled_timestamp"][idx].astype(np.float64)
-    weekdays = (boston_days(ts) + 3) % 7  # 0 = Monday
+    weekdays = boston_weekdays(boston_days(ts))
     return {
         "station_route": np.char.add(joined, columns["route_id"][idx].astype(str)),
         "station_train": by_train,
