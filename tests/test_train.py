@@ -651,3 +651,74 @@ def test_an_export_shorter_than_the_test_window_is_one_clear_line(tmp_path):
                                 env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--test-days" in result.stderr
+
+
+BOSTON_MIDNIGHT = 1_700_024_400.0  # 2023-11-15 00:00 EST
+
+
+def schedule_change_records(moved: set[int]) -> list[tuple]:
+    """Twelve trains a day at South Station for 100 days from a Boston midnight, train
+    500 + 2k at (6 + k):00 on track k % 4 + 1; on day 60 the schedule changes (every trip
+    id is new) and the trains in `moved` move to the next track."""
+    rows = []
+    for day in range(100):
+        season = "A" if day < 60 else "B"
+        for k in range(12):
+            train = 500 + 2 * k
+            track = k % 4 + 1 + (1 if day >= 60 and train in moved else 0)
+            when = BOSTON_MIDNIGHT + day * 86_400 + (6 + k) * 3600.0
+            rows.append(("place-sstat", "CR-Worcester", f"CR-{season}-{train}",
+                         "Worcester - Worcester Ln", 0, "historical", str(track), when, when, when,
+                         0, 0, 0))  # fmt: skip
+    return rows
+
+
+def test_the_last_change_of_schedule_is_found_where_most_trip_ids_are_new():
+    rows = schedule_change_records(set())
+    names = ["station_id", "trip_id", "scheduled_timestamp"]
+    columns = {n: np.array([r[i] for r in rows], dtype=object if n != "scheduled_timestamp"
+                           else np.float64) for n, i in zip(names, (0, 2, 7), strict=True)}  # fmt: skip
+    every = np.arange(len(rows))
+    assert tr.last_schedule_change(columns, every) == BOSTON_MIDNIGHT + 60 * 86_400 + 6 * 3600.0
+    # Too few days after it (or before it) to learn from: none.
+    assert tr.last_schedule_change(columns, every[: 12 * 63]) is None
+    assert tr.last_schedule_change(columns, every[12 * 40 :]) is None
+
+
+def test_new_trips_are_calibrated_on_what_the_last_change_of_schedule_did(tmp_path):
+    """Half the trains moved track at the last change of schedule in the history. Asked
+    about a trip of the next schedule, the saved model (loaded in a fresh process) no
+    longer promises the train's current track with near certainty: its new-trip map was
+    fitted on that change, read with the history before it, where half the trains' old
+    tracks were wrong. The report says which records it was fitted on."""
+    moved = {500 + 2 * k for k in range(0, 12, 2)}
+    export = write_records(tmp_path / "exports", schedule_change_records(moved))
+    result = CliRunner().invoke(
+        tr.cli, [str(export), "train", "--epochs", "8", "--batch-size", "64", "--test-days", "0"],
+        env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output[-3000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    report = (run_dir / "training_report.md").read_text()
+    assert "days of the last change of schedule in the records" in report
+    code = (
+        "import sys, json\n"
+        "from imt_ml.tfrecord_reader import load_predictor\n"
+        "p = load_predictor(sys.argv[1])\n"
+        "ask = lambda trip: {'station_id': 'place-sstat', 'route_id': 'CR-Worcester',"
+        " 'trip_id': trip, 'headsign': 'Worcester - Worcester Ln', 'direction_id': 0,"
+        " 'scheduled_time': '2024-02-26T09:00:00-05:00'}\n"
+        "print(json.dumps([p.predict([ask(f'CR-{s}-{500 + 2 * k}')])[0][0]"
+        " for s in 'BC' for k in range(12)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code,
+                           str(run_dir / "track_prediction_model_best.keras")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    current = [str(k % 4 + 1 + (500 + 2 * k in moved)) for k in range(12)]
+    assert [track for track, _ in answers] == current * 2  # the same tracks either way
+    known_p = np.mean([p for _, p in answers[:12]])
+    new_p = np.mean([p for _, p in answers[12:]])
+    assert known_p > 0.85  # this schedule's own trips: sure
+    assert new_p < 0.75  # the next schedule's: half the trains moved at the last change

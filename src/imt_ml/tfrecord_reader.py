@@ -961,7 +961,7 @@ def _output_layers() -> dict[str, type]:
         def call(self, inputs):
             # [probabilities, known]: `known` (1 where the model knows the record's trip)
             # chooses the map: `confidence_map` for known trips, `new_trip_map` (fitted on
-            # validation records read as new trips, see calibrate_model) for the others;
+            # a past change of schedule, see calibrate_model) for the others;
             # without one, the model's own probabilities.
             probabilities, known = (inputs if isinstance(inputs, list | tuple)
                                     else (inputs, None))  # fmt: skip
@@ -1492,6 +1492,8 @@ class Calibration:
     """The map for trips the model does not know, fitted on the same records read as new."""
     new_trip_ece: tuple[float, float] | None = None
     """ECE of those records read as new trips, (before, after) their map."""
+    new_trip_source: str = ""
+    """Which records the map for new trips was fitted on, for reports."""
 
     def describe(self) -> str:
         text = describe_map(self.confidence_map)
@@ -1509,10 +1511,14 @@ def describe_map(cmap: ConfidenceMap | None) -> str:
 
 
 def calibrate_model(
-    model: Any, columns: dict[str, np.ndarray], idx: np.ndarray, labels: list[str]
-) -> tuple[Any, Calibration]:
+    model: Any, columns: dict[str, np.ndarray], idx: np.ndarray, labels: list[str],
+    new_schedule: tuple[Any, np.ndarray] | None = None,
+) -> tuple[Any, Calibration]:  # fmt: skip
     """Fit a confidence map on the records `idx` and return the model with it applied
-    (in place of any it had)."""
+    (in place of any it had). The map for trips the model does not know is fitted on
+    `new_schedule` (a copy of the model that knows only the records before the last
+    change of schedule, and the records after it; see `new_schedule_proxy`) where given,
+    else on the records `idx` read as new trips."""
     probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
     y = label_indices(columns["track_number"][idx], labels)
     # Fit on the records of trips the model knows: the weeks after a cut-off ask mostly
@@ -1527,15 +1533,32 @@ def calibrate_model(
     cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
     # The same records read as new trips (a new schedule season's first days): their own
     # map, for the records whose trip the model does not know.
-    new_map, new_ece = None, None
-    as_new = as_new_trips(uncalibrated(model)) if (y >= 0).sum() >= 50 else None
-    if as_new is not None:
-        new_probs = predict_probabilities(as_new, model_features(columns, idx))
+    new_map, new_ece, source = None, None, ""
+    if new_schedule is not None:  # what a new schedule really did to this model's answers
+        as_new, new_idx = uncalibrated(new_schedule[0]), new_schedule[1]
+        new_y = label_indices(columns["track_number"][new_idx], labels)
+        fit_new = ~known_trips(new_schedule[0], columns, new_idx) & (new_y >= 0)
+    else:
+        as_new = as_new_trips(uncalibrated(model)) if (y >= 0).sum() >= 50 else None
+        new_idx, new_y, fit_new = idx, y, y >= 0
+    if as_new is not None and fit_new.sum() >= 50:
+        new_probs = predict_probabilities(as_new, model_features(columns, new_idx))
         new_top = new_probs.argmax(axis=1)
-        new_conf, new_correct = new_probs[np.arange(len(new_top)), new_top], new_top == y
-        new_map = fit_confidence_map(new_conf[y >= 0], new_correct[y >= 0])
-        new_ece = (expected_calibration_error(new_conf[y >= 0], new_correct[y >= 0]),
-                   expected_calibration_error(new_map.at(new_conf[y >= 0]), new_correct[y >= 0]))  # fmt: skip
+        new_conf = new_probs[np.arange(len(new_top)), new_top][fit_new]
+        new_correct = (new_top == new_y)[fit_new]
+        new_map = fit_confidence_map(new_conf, new_correct)
+        new_ece = (expected_calibration_error(new_conf, new_correct),
+                   expected_calibration_error(new_map.at(new_conf), new_correct))  # fmt: skip
+        source = (
+            f"the {int(fit_new.sum()):,} records of the first {VALIDATION_DAYS} days of the last "
+            f"change of schedule in the records ({iso_utc(columns['scheduled_timestamp'][new_idx].min())[:10]}) "
+            "whose trip was new then, read with the history of the records before it only "
+            "(what the model would have known the day before: the train numbers' evidence as "
+            "stale as on the first day of the next schedule)"
+            if new_schedule is not None
+            else "the same validation records read as new trips (no evidence of the trip; of "
+            "the train, only its other trips): no change of schedule in the records to learn from"
+        )  # fmt: skip
     calibrated = with_calibration(model, cmap, new_map)
     output = calibrated.get_layer("track_probabilities")
     gated = isinstance(output.input, list | tuple)  # the map applies to known trips only
@@ -1546,6 +1569,7 @@ def calibrate_model(
         expected_calibration_error(after, correct), int(len(idx)),
         reliability_bins(confidence, correct), reliability_bins(after, correct),
         new_map if gated else None, new_ece if gated else None,
+        source if gated else "",
     )  # fmt: skip
     return calibrated, info
 
@@ -1931,8 +1955,7 @@ def calibration_lines(calibration: Calibration | None) -> list[str]:
             else [
                 "",
                 "Records whose trip the model does not know (a new schedule season's) get a map of "
-                "their own, fitted on the same validation records read as new trips (no evidence of "
-                "the trip; of the train, only its other trips): ECE "
+                f"their own, fitted on {calibration.new_trip_source}: ECE "
                 f"{calibration.new_trip_ece[0]:.4f} before, {calibration.new_trip_ece[1]:.4f} after "
                 "(in-sample).",
             ]
@@ -2265,19 +2288,99 @@ def save_vocab(path: Path, vocab_info: Vocabulary, tables: dict[str, Any]) -> No
 
 
 def save_calibrated(
-    model: Any, data: PreparedData, best_path: Path, final_path: Path
-) -> Calibration:
+    model: Any, data: PreparedData, best_path: Path, final_path: Path,
+    config: ModelConfig | None = None,
+) -> Calibration:  # fmt: skip
     """After a validated fit: calibrate the best checkpoint (the final weights if no epoch
-    beat the first) and the final weights on the validation records, and save both."""
+    beat the first) and the final weights on the validation records, and save both.
+    With the model's `config`, the map for new trips is fitted on the last change of
+    schedule in the records (see `new_schedule_proxy`)."""
     if not best_path.exists():
         model.save(best_path)
     tracks = data.vocab_info.tracks
-    best, calibration = calibrate_model(
-        keras.models.load_model(best_path, compile=False), data.columns, data.val_idx, tracks
-    )
-    best.save(best_path)
-    calibrate_model(model, data.columns, data.val_idx, tracks)[0].save(final_path)
+    past = past_vocabulary(data) if config is not None else None
+    for weights, path in ((keras.models.load_model(best_path, compile=False), best_path),
+                          (model, final_path)):  # fmt: skip
+        proxy = new_schedule_proxy(weights, data, config, past) if past and config else None
+        calibrated, info = calibrate_model(weights, data.columns, data.val_idx, tracks, proxy)
+        calibrated.save(path)
+        if path == best_path:
+            calibration = info
     return calibration
+
+
+#: A day on which at least this share of the records are of station + trip ids never
+#: seen before starts a new schedule (the MBTA gives every trip a new id each season).
+NEW_SCHEDULE_SHARE = 0.5
+#: Days of records a change of schedule needs before it (to know the trains) and after
+#: it (to score) to stand in for the next one.
+NEW_SCHEDULE_BEFORE_DAYS, NEW_SCHEDULE_AFTER_DAYS = 28, 7
+
+
+def last_schedule_change(columns: dict[str, np.ndarray], idx: np.ndarray) -> float | None:
+    """The first scheduled time (unix s) of the newest new schedule among the records
+    `idx`: the first of a run of days (gaps under a week: a new schedule's Saturday and
+    Sunday trips first run days after its weekday ones) on each of which at least
+    NEW_SCHEDULE_SHARE of the records are of station + trip ids never seen before, with
+    at least NEW_SCHEDULE_BEFORE_DAYS days of records before it and
+    NEW_SCHEDULE_AFTER_DAYS after. None without one."""
+    if len(idx) == 0:
+        return None
+    order = idx[np.argsort(columns["scheduled_timestamp"][idx], kind="stable")]
+    ts = columns["scheduled_timestamp"][order]
+    days = boston_days(ts)
+    keys = np.array([f"{s}:{t}" for s, t in zip(columns["station_id"][order],
+                                                 columns["trip_id"][order], strict=True)])  # fmt: skip
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    new = days[first][inverse] == days
+    day_list, starts = np.unique(days, return_index=True)
+    share = np.add.reduceat(new.astype(np.float64), starts) / np.diff(np.append(starts, len(days)))
+    ok = ((share >= NEW_SCHEDULE_SHARE) & (day_list - days[0] >= NEW_SCHEDULE_BEFORE_DAYS)
+          & (days[-1] - day_list >= NEW_SCHEDULE_AFTER_DAYS - 1))  # fmt: skip
+    candidates = day_list[ok]
+    if len(candidates) == 0:
+        return None
+    start = candidates[-1]
+    for day in candidates[::-1]:
+        if start - day >= 7:
+            break
+        start = day
+    return float(ts[np.searchsorted(days, start)])
+
+
+@dataclass
+class PastVocabulary:
+    """What the model would have known the day before the last change of schedule."""
+
+    vocab: Vocabulary
+    after: np.ndarray  # the records of the first VALIDATION_DAYS days of that schedule
+
+
+def past_vocabulary(data: PreparedData) -> PastVocabulary | None:
+    """The vocabulary and history tables of the training and validation records before
+    their last change of schedule, and the records after it. None without one."""
+    pool = np.concatenate([data.train_idx, data.val_idx])
+    change = last_schedule_change(data.columns, pool)
+    if change is None:
+        return None
+    ts = data.columns["scheduled_timestamp"][pool]
+    before = pool[ts < change]
+    after = pool[(ts >= change) & (ts < change + VALIDATION_DAYS * SECONDS_PER_DAY)]
+    vocab = build_vocabulary(data.columns, before, data.vocab_info.tracks, {}, {},
+                             data.vocab_info.recency_half_life)  # fmt: skip
+    return PastVocabulary(vocab, after)
+
+
+def new_schedule_proxy(
+    model: Any, data: PreparedData, config: ModelConfig, past: PastVocabulary
+) -> tuple[Any, np.ndarray]:
+    """(a copy of `model`'s weights reading the history tables of the records before
+    the last change of schedule, the records after it): asked about that schedule's new
+    trips, it answers as the model will on the first day of the next one, with the
+    train numbers' evidence as stale as it will be (trains that moved home included)."""
+    proxy = create_simple_model(past.vocab, config, name=model.name)
+    transfer_weights(proxy, model, data.vocab_info, past.vocab)
+    return proxy, past.after
 
 
 def chosen_epochs(history: dict[str, list[float]], opts: TrainOptions) -> tuple[int, int]:
@@ -2313,10 +2416,18 @@ def fit_on_every_record(
     model = create_simple_model(data.vocab_info, config, name=name)
     if warm is not None:
         transfer_weights(model, *warm, data.vocab_info)
-    fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True)
+    fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True, scheduler_tmax=0)
     label = f"Refit on all {len(everything):,} records for {epochs} epochs"
     _, seconds = fit_model(model, data, fixed, None, None, label, callbacks)
     return model, data, seconds
+
+
+#: Epochs of the refit on every record. It continues from the validated weights, which
+#: already read the history tables well: what the newest records add is mostly in the
+#: tables (rebuilt from every record) and in the embeddings of ids first seen there, and
+#: two epochs teach those. A cold refit for the validated run's epoch count took a third
+#: of `train`'s time for the same held-out accuracy.
+REFIT_EPOCHS = 2
 
 
 def refit_on_every_record(
@@ -2327,31 +2438,30 @@ def refit_on_every_record(
     calibration: Calibration,
     files: ModelFiles,
     name: str = "track_predictor",
-    warm: tuple[Any, Vocabulary] | None = None,
+    epochs: int = REFIT_EPOCHS,
 ) -> dict[str, Any]:
-    """Refit on every record, snapshot the refit at the epoch counts the validated run
-    chose, apply its confidence map, and save the snapshots over `files.best` and
-    `files.final` (and the vocabularies of every record over `files.vocab`). `warm`:
-    (a model, its vocabulary) whose weights the refit starts from."""
+    """Refit on every record: the validated `files.best` and `files.final` each continue
+    for `epochs` epochs on all records (vocabularies of all of them; tokens first seen
+    there start fresh), get the validated confidence maps and are saved over themselves,
+    with the vocabularies of every record over `files.vocab`. One refit serves both when
+    the validated run chose the same epoch for both."""
     best_epochs, final_epochs = chosen_epochs(history, opts)
-    targets: dict[int, list[Path]] = defaultdict(list)
-    targets[best_epochs].append(files.best)
-    targets[final_epochs].append(files.final)
-
-    class Snapshot(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            for path in targets.get(epoch + 1, []):
-                with_calibration(
-                    self.model, calibration.confidence_map, calibration.new_trip_map
-                ).save(path)
-
-    epochs = max(best_epochs, final_epochs)
-    _, all_data, seconds = fit_on_every_record(data, opts, config, epochs, name, [Snapshot()], warm)
+    paths = [files.best] if best_epochs == final_epochs else [files.best, files.final]
+    seconds = 0.0
+    all_data = data
+    for path in paths:
+        source = load_saved_model(path)
+        model, all_data, took = fit_on_every_record(data, opts, config, epochs, name,
+                                                    warm=(source, data.vocab_info))  # fmt: skip
+        seconds += took
+        refit = with_calibration(model, calibration.confidence_map, calibration.new_trip_map)
+        for target in [path] if len(paths) == 2 else [files.best, files.final]:
+            refit.save(target)
     save_vocab(files.vocab, all_data.vocab_info,
                baseline_tables(data.columns, all_data.train_idx, opts.recency_half_life))  # fmt: skip
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
-            "final_epochs": final_epochs, "seconds": seconds, "calibration": calibration.describe(),
-            "vocab_info": all_data.vocab_info}  # fmt: skip
+            "final_epochs": final_epochs, "epochs": epochs, "seconds": seconds,
+            "calibration": calibration.describe(), "vocab_info": all_data.vocab_info}  # fmt: skip
 
 
 def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Path) -> list[str]:
@@ -2370,9 +2480,15 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
         "- The validation figures above describe a model trained on the training records only, "
         f"checkpointed at its best validation accuracy (epoch {refit['best_epochs']}).",
         f"- The saved models were then refit on all {refit['records']:,} records, the newest included, "
-        f"with vocabularies from all of them: `{best_path.name}` after {refit['best_epochs']} epochs and "
-        f"`{final_path.name}` after {refit['final_epochs']} (the counts the validated run chose; "
-        f"{refit['seconds']:.1f} s), each with the confidence map fitted above ({refit['calibration']}).",
+        f"with vocabularies from all of them: `{best_path.name}` continued from that checkpoint and "
+        f"`{final_path.name}` from the run's final weights (epoch {refit['final_epochs']}), "
+        f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s), "
+        + (
+            "one refit serving both as they were the same weights, "
+            if refit["best_epochs"] == refit["final_epochs"]
+            else ""
+        )
+        + f"with the confidence map fitted above ({refit['calibration']}).",
         "- The refit models have no held-out records left; the figures above estimate them. "
         "`--no-refit` saves the validated models instead.",
         "",
@@ -2454,7 +2570,7 @@ def run_train(
     history, fit_seconds = fit_model(model, data, opts, files.best, run.path("logs"))
     # Calibrate on the validation records; evaluate the best checkpoint as a user loads it,
     # on the test window nothing above was tuned on
-    calibration = save_calibrated(model, data, files.best, files.final)
+    calibration = save_calibrated(model, data, files.best, files.final, cfg)
     best = load_saved_model(files.best)
     tuning, test = held_out_evaluations(best, data, tables, calibration)
     evaluation = test or tuning
@@ -2747,7 +2863,7 @@ def train_member(
         model, data, opts, files.best, run.path("logs") / f"member_{index}",
         label=f"Member {index + 1}/{count}: {describe_config(cfg)}",
     )  # fmt: skip
-    calibration = save_calibrated(model, data, files.best, files.final)
+    calibration = save_calibrated(model, data, files.best, files.final, cfg)
     best = load_saved_model(files.best)
     ev = evaluate_model(best, data.columns, data.val_idx, None, None)
     log(f"Member {index + 1}/{count}: validation top-1 {_pct(ev.metrics['top1_accuracy'])}")
@@ -4000,8 +4116,8 @@ def fit_by_recipe(data: PreparedData, opts: TrainOptions, files: ModelFiles,
                   warm: tuple[Any, Vocabulary] | None = None) -> FittedModel:  # fmt: skip
     """`train`'s recipe without its report: fit with the validation records choosing the
     checkpoint and the confidence map, then (unless --no-refit) refit on every record of
-    `data.columns`. With `warm`, both fits start from that model's weights and the fit
-    runs at most WARM_EPOCHS epochs."""
+    `data.columns`. With `warm`, the validated fit starts from that model's weights and
+    runs at most WARM_EPOCHS epochs (the refit continues from it, as always)."""
     started = time.perf_counter()
     if warm is not None:
         opts = dataclasses.replace(opts, epochs=min(opts.epochs, WARM_EPOCHS))
@@ -4012,10 +4128,10 @@ def fit_by_recipe(data: PreparedData, opts: TrainOptions, files: ModelFiles,
     model = create_simple_model(data.vocab_info, cfg)
     carried = transfer_weights(model, warm[0], warm[1], data.vocab_info) if warm else 0
     history, _ = fit_model(model, data, opts, files.best, None)
-    calibration = save_calibrated(model, data, files.best, files.final)
+    calibration = save_calibrated(model, data, files.best, files.final, cfg)
     vocab = data.vocab_info
     if not opts.no_refit:
-        refit = refit_on_every_record(data, opts, cfg, history, calibration, files, warm=warm)
+        refit = refit_on_every_record(data, opts, cfg, history, calibration, files)
         vocab = refit["vocab_info"]
     return FittedModel(files, vocab, calibration, len(history.get("loss", [])),
                        time.perf_counter() - started, carried, history)  # fmt: skip
@@ -4342,11 +4458,10 @@ def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) ->
 
     installed = None
     if promote and not rt.dry_run:
-        # The challenger's recipe on every record, the newest days included.
-        # The epochs its validated run chose (at most WARM_EPOCHS when warm-started).
-        refit_opts = dataclasses.replace(opts, epochs=fitted.epochs)
-        refit = refit_on_every_record(data, refit_opts, ModelConfig(seed=opts.seed),
-                                      fitted.history, fitted.calibration, files, warm=warm)  # fmt: skip
+        # The challenger's recipe on every record, the newest days included: the refit
+        # continues from the validated challenger.
+        refit = refit_on_every_record(data, opts, ModelConfig(seed=opts.seed), fitted.history,
+                                      fitted.calibration, files)  # fmt: skip
         summary = {"export": str(export.export_dir), "periods": {
             "train_period": period(ts), "holdout_period": period(ts[holdout])},
             "held_out": {"records": int(len(holdout)), "top1_accuracy": challenger["model_top1"],
