@@ -451,6 +451,24 @@ def test_a_new_seasons_trips_get_the_map_fitted_for_new_trips(trained, sample_ro
     assert (output.new_trip_map.at(top) > floor).mean() > 0.1  # the map, not only the floor
 
 
+def top_answers_in_fresh_process(model: Path, trips: list[str], when: str) -> list[list]:
+    """[track, probability] of the saved `model`'s top answer for each South Station
+    Worcester-line trip at `when`, from `load_predictor` in a new Python process."""
+    code = (
+        "import sys, json\n"
+        "from imt_ml.tfrecord_reader import load_predictor\n"
+        "p = load_predictor(sys.argv[1])\n"
+        "ask = lambda trip: {'station_id': 'place-sstat', 'route_id': 'CR-Worcester',"
+        " 'trip_id': trip, 'headsign': 'Worcester - Worcester Ln', 'direction_id': 0,"
+        " 'scheduled_time': sys.argv[2]}\n"
+        "print(json.dumps([p.predict([ask(t)])[0][0] for t in sys.argv[3:]]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(model), when, *trips],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("refit", [True, False])
 def test_refit_teaches_the_saved_model_a_train_seen_only_in_the_newest_records(tmp_path, refit):
     def rec(i: int, trip: str, track: str) -> tuple:
@@ -476,19 +494,9 @@ def test_refit_teaches_the_saved_model_a_train_seen_only_in_the_newest_records(t
                                 env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
     assert result.exit_code == 0, result.output
     run_dir = Path(result.stdout.strip().splitlines()[-1])
-    code = (
-        "import sys, json, imt_ml\n"
-        "from imt_ml.tfrecord_reader import load_predictor\n"
-        "p = load_predictor(sys.argv[1])\n"
-        "print(json.dumps(p.predict([{'station_id': 'place-sstat', 'route_id': 'CR-Worcester',"
-        " 'trip_id': 'CR-A-504', 'headsign': 'Worcester - Worcester Ln', 'direction_id': 0,"
-        " 'scheduled_time': '2023-11-20T17:35:00-05:00'}])[0][0]))\n"
+    [(track, _)] = top_answers_in_fresh_process(
+        run_dir / "track_prediction_model_final.keras", ["CR-A-504"], "2023-11-20T17:35:00-05:00"
     )
-    proc = subprocess.run([sys.executable, "-c", code,
-                           str(run_dir / "track_prediction_model_final.keras")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    track, _ = json.loads(proc.stdout.strip().splitlines()[-1])
     report = (run_dir / "training_report.md").read_text()
     if refit:
         assert track == "2"  # learnt from the newest records
@@ -701,21 +709,9 @@ def test_new_trips_are_calibrated_on_what_the_last_change_of_schedule_did(tmp_pa
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     report = (run_dir / "training_report.md").read_text()
     assert "days of the last change of schedule in the records" in report
-    code = (
-        "import sys, json\n"
-        "from imt_ml.tfrecord_reader import load_predictor\n"
-        "p = load_predictor(sys.argv[1])\n"
-        "ask = lambda trip: {'station_id': 'place-sstat', 'route_id': 'CR-Worcester',"
-        " 'trip_id': trip, 'headsign': 'Worcester - Worcester Ln', 'direction_id': 0,"
-        " 'scheduled_time': '2024-02-26T09:00:00-05:00'}\n"
-        "print(json.dumps([p.predict([ask(f'CR-{s}-{500 + 2 * k}')])[0][0]"
-        " for s in 'BC' for k in range(12)]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code,
-                           str(run_dir / "track_prediction_model_best.keras")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    trips = [f"CR-{season}-{500 + 2 * k}" for season in "BC" for k in range(12)]
+    answers = top_answers_in_fresh_process(run_dir / "track_prediction_model_best.keras", trips,
+                                           "2024-02-26T09:00:00-05:00")  # fmt: skip
     current = [str(k % 4 + 1 + (500 + 2 * k in moved)) for k in range(12)]
     assert [track for track, _ in answers] == current * 2  # the same tracks either way
     known_p = np.mean([p for _, p in answers[:12]])

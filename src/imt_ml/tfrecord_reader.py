@@ -1489,7 +1489,7 @@ class Calibration:
     reliability_before: list[dict[str, float]]
     reliability_after: list[dict[str, float]]
     new_trip_map: ConfidenceMap | None = None
-    """The map for trips the model does not know, fitted on the same records read as new."""
+    """The map for trips the model does not know (see `new_trip_source`)."""
     new_trip_ece: tuple[float, float] | None = None
     """ECE of those records read as new trips, (before, after) their map."""
     new_trip_source: str = ""
@@ -2299,14 +2299,14 @@ def save_calibrated(
         model.save(best_path)
     tracks = data.vocab_info.tracks
     past = past_vocabulary(data) if config is not None else None
+    calibrations = []
     for weights, path in ((keras.models.load_model(best_path, compile=False), best_path),
                           (model, final_path)):  # fmt: skip
         proxy = new_schedule_proxy(weights, data, config, past) if past and config else None
         calibrated, info = calibrate_model(weights, data.columns, data.val_idx, tracks, proxy)
         calibrated.save(path)
-        if path == best_path:
-            calibration = info
-    return calibration
+        calibrations.append(info)
+    return calibrations[0]  # the best checkpoint's
 
 
 #: A day on which at least this share of the records are of station + trip ids never
@@ -2396,29 +2396,35 @@ def chosen_epochs(history: dict[str, list[float]], opts: TrainOptions) -> tuple[
     return best, final
 
 
+def every_record_data(source: Export | PreparedData, opts: TrainOptions) -> PreparedData:
+    """Every record of the export `source` came from as training data (vocabularies,
+    history tables and recency from all of them), nothing to validate."""
+    everything = np.arange(len(source.columns["track_number"]))
+    return prepare_split(source.export_dir, source.metadata, source.columns, everything,
+                         everything[:0], {"method": "all records"}, opts.batch_size, opts.seed,
+                         recency_half_life=opts.recency_half_life)  # fmt: skip
+
+
 def fit_on_every_record(
     source: Export | PreparedData,
     opts: TrainOptions,
     config: ModelConfig,
     epochs: int,
     name: str = "track_predictor",
-    callbacks: list[Any] | None = None,
     warm: tuple[Any, Vocabulary] | None = None,
+    data: PreparedData | None = None,
 ) -> tuple[Any, PreparedData, float]:
     """(model, its data, seconds): the architecture trained on every record of the export
-    `source` came from (vocabularies and recency from all of them) for a fixed number of
-    epochs chosen elsewhere, on validation records."""
-    everything = np.arange(len(source.columns["track_number"]))
-    data = prepare_split(source.export_dir, source.metadata, source.columns, everything,
-                         everything[:0], {"method": "all records"}, opts.batch_size, opts.seed,
-                         recency_half_life=opts.recency_half_life)  # fmt: skip
+    `source` came from (`data`: those records already prepared by `every_record_data`)
+    for a fixed number of epochs chosen elsewhere, on validation records."""
+    data = data or every_record_data(source, opts)
     keras.utils.set_random_seed(config.seed)
     model = create_simple_model(data.vocab_info, config, name=name)
     if warm is not None:
         transfer_weights(model, *warm, data.vocab_info)
     fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True, scheduler_tmax=0)
-    label = f"Refit on all {len(everything):,} records for {epochs} epochs"
-    _, seconds = fit_model(model, data, fixed, None, None, label, callbacks)
+    label = f"Refit on all {len(data.train_idx):,} records for {epochs} epochs"
+    _, seconds = fit_model(model, data, fixed, None, None, label)
     return model, data, seconds
 
 
@@ -2446,17 +2452,18 @@ def refit_on_every_record(
     with the vocabularies of every record over `files.vocab`. One refit serves both when
     the validated run chose the same epoch for both."""
     best_epochs, final_epochs = chosen_epochs(history, opts)
-    paths = [files.best] if best_epochs == final_epochs else [files.best, files.final]
+    # validated weights -> where their refit is saved
+    targets = ({files.best: [files.best, files.final]} if best_epochs == final_epochs
+               else {files.best: [files.best], files.final: [files.final]})  # fmt: skip
+    all_data = every_record_data(data, opts)
     seconds = 0.0
-    all_data = data
-    for path in paths:
-        source = load_saved_model(path)
-        model, all_data, took = fit_on_every_record(data, opts, config, epochs, name,
-                                                    warm=(source, data.vocab_info))  # fmt: skip
+    for source, paths in targets.items():
+        warm = (load_saved_model(source), data.vocab_info)
+        model, _, took = fit_on_every_record(data, opts, config, epochs, name, warm, all_data)
         seconds += took
         refit = with_calibration(model, calibration.confidence_map, calibration.new_trip_map)
-        for target in [path] if len(paths) == 2 else [files.best, files.final]:
-            refit.save(target)
+        for path in paths:
+            refit.save(path)
     save_vocab(files.vocab, all_data.vocab_info,
                baseline_tables(data.columns, all_data.train_idx, opts.recency_half_life))  # fmt: skip
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
