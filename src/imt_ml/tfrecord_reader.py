@@ -102,6 +102,12 @@ TEST_DAYS = 7.0
 #: A schedule season lasts about 90 days; 60 lets the current one outweigh the last.
 RECENCY_HALF_LIFE_DAYS = 60.0
 SECONDS_PER_DAY = 86_400
+#: Epochs of the refit on every record (--refit-epochs). It continues from the validated
+#: weights, which already read the history tables well: what the newest records add is
+#: mostly in the tables (rebuilt from every record) and in the embeddings of ids first
+#: seen there, and two epochs teach those. A cold refit for the validated run's epoch
+#: count took a third of `train`'s time for the same held-out accuracy.
+REFIT_EPOCHS = 2
 #: Groups of days (day number modulo this) for the model's out-of-group history in training.
 HISTORY_FOLDS = 5
 COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -2110,6 +2116,10 @@ class TrainOptions:
         "(0: all equal).", click.FloatRange(min=0), metavar="DAYS")
     no_refit: bool = option_field(False, "Save the validated models instead of refitting them on "
                                   "every record.")
+    refit_epochs: int = option_field(
+        REFIT_EPOCHS, "Epochs of the refit on every record, continuing from the validated weights "
+        "(0: keep those weights; only the vocabularies and history tables are rebuilt from every "
+        "record, which takes seconds).", click.IntRange(min=0))
     # fmt: on
 
 
@@ -2422,18 +2432,14 @@ def fit_on_every_record(
     model = create_simple_model(data.vocab_info, config, name=name)
     if warm is not None:
         transfer_weights(model, *warm, data.vocab_info)
+    if epochs == 0:  # the validated weights, reading tables of every record
+        log(f"Refit on all {len(data.train_idx):,} records: vocabularies and history tables only "
+            "(--refit-epochs 0)")  # fmt: skip
+        return model, data, 0.0
     fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True, scheduler_tmax=0)
     label = f"Refit on all {len(data.train_idx):,} records for {epochs} epochs"
     _, seconds = fit_model(model, data, fixed, None, None, label)
     return model, data, seconds
-
-
-#: Epochs of the refit on every record. It continues from the validated weights, which
-#: already read the history tables well: what the newest records add is mostly in the
-#: tables (rebuilt from every record) and in the embeddings of ids first seen there, and
-#: two epochs teach those. A cold refit for the validated run's epoch count took a third
-#: of `train`'s time for the same held-out accuracy.
-REFIT_EPOCHS = 2
 
 
 def refit_on_every_record(
@@ -2444,10 +2450,9 @@ def refit_on_every_record(
     calibration: Calibration,
     files: ModelFiles,
     name: str = "track_predictor",
-    epochs: int = REFIT_EPOCHS,
 ) -> dict[str, Any]:
     """Refit on every record: the validated `files.best` and `files.final` each continue
-    for `epochs` epochs on all records (vocabularies of all of them; tokens first seen
+    for --refit-epochs epochs on all records (vocabularies of all of them; tokens first seen
     there start fresh), get the validated confidence maps and are saved over themselves,
     with the vocabularies of every record over `files.vocab`. One refit serves both when
     the validated run chose the same epoch for both."""
@@ -2456,6 +2461,7 @@ def refit_on_every_record(
     targets = ({files.best: [files.best, files.final]} if best_epochs == final_epochs
                else {files.best: [files.best], files.final: [files.final]})  # fmt: skip
     all_data = every_record_data(data, opts)
+    epochs = opts.refit_epochs
     seconds = 0.0
     for source, paths in targets.items():
         warm = (load_saved_model(source), data.vocab_info)
@@ -2489,7 +2495,9 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
         f"- The saved models were then refit on all {refit['records']:,} records, the newest included, "
         f"with vocabularies from all of them: `{best_path.name}` continued from that checkpoint and "
         f"`{final_path.name}` from the run's final weights (epoch {refit['final_epochs']}), "
-        f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s), "
+        + (f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s), " if refit["epochs"] else
+           "with no epoch (`--refit-epochs 0`: the validated weights reading tables of every "
+           "record), ")
         + (
             "one refit serving both as they were the same weights, "
             if refit["best_epochs"] == refit["final_epochs"]

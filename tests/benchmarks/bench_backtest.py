@@ -11,8 +11,9 @@ Station (5 and 6) are closed for three weeks from two weeks after the last chang
 season C, and their trains use the nearest open ones; then they reopen. `backtest` runs
 as its own process with weekly origins from `--weeks-before` weeks before C, each
 scored on the following week. By default each origin's model is warm-started from the
-previous one's and not refit (the cadence a weekly job can afford); `--cold` trains each
-from scratch, `--refit` refits each on every record as `train` does.
+previous one's, and its history tables are rebuilt from every record before the origin
+without a refit epoch (`--refit-epochs 0`, the cadence a weekly job can afford);
+`--cold` trains each from scratch, `--refit` refits each on every record as `train` does.
 
 Targets (issue 20): the model above every lookup table (plain and recency-weighted) in
 every window; >= 97% of the best possible over the whole period. `--year` instead
@@ -76,7 +77,9 @@ def history(records: int, seed: int, weeks_after: int) -> tuple[list, dt.date, C
 )
 @click.option("--weeks-after", default=8, show_default=True, help="Weeks of history after it.")
 @click.option("--cold", is_flag=True, help="Train each origin from scratch (no --warm-start).")
-@click.option("--refit", is_flag=True, help="Refit each origin's model on every record (as train).")
+@click.option("--refit", is_flag=True, help="Refit each origin's model on every record for "
+              "`train`'s refit epochs (default: --refit-epochs 0, the validated weights reading "
+              "history tables of every record).")
 @click.option("--year", is_flag=True, help="52 weekly origins over the last year: the time target.")
 def main(records: int, seed: int, weeks_before: int, weeks_after: int, cold: bool, refit: bool,
          year: bool) -> None:  # fmt: skip
@@ -92,7 +95,7 @@ def main(records: int, seed: int, weeks_before: int, weeks_after: int, cold: boo
             start = change - dt.timedelta(weeks=weeks_before)
         args = [sys.executable, str(READER), str(export), "backtest", "--start", start.isoformat(),
                 "--every", "7", "--horizon", "7", *([] if cold else ["--warm-start"]),
-                *([] if refit else ["--no-refit"])]  # fmt: skip
+                *([] if refit else ["--refit-epochs", "0"])]  # fmt: skip
         print(f"{' '.join(args[2:])}", file=sys.stderr)
         started = time.perf_counter()
         proc = subprocess.run(args, capture_output=True, text=True,
@@ -107,7 +110,8 @@ def main(records: int, seed: int, weeks_before: int, weeks_after: int, cold: boo
     windows, total = results["windows"], results["total"]
     tables = [t for t in BASELINE_NAMES if t in total]
     short = {t: t.replace("station_", "").replace("_weighted", "~w") for t in tables}
-    recipe = ("cold" if cold else "warm-started") + (", refit" if refit else ", no refit")
+    recipe = ("cold" if cold else "warm-started") + (
+        ", refit" if refit else ", tables of every record, no refit epoch")
     print(f"\nBacktest benchmark: {records:,} records, seed {seed}, {os.cpu_count()} cores, "
           f"weekly origins ({recipe}); season change {change}; {CLOSED[0]} tracks "
           f"{'+'.join(CLOSED[1])} closed {closure.start} to {closure.end - dt.timedelta(days=1)}")  # fmt: skip
