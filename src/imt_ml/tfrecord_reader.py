@@ -250,14 +250,14 @@ def period(timestamps: np.ndarray) -> list[str]:
 
 def split_records(
     timestamps: np.ndarray, split: str, seed: int, val_fraction: float = VALIDATION_FRACTION,
-    test_days: float = 0,
+    test_days: float = 0, validation_days: float = VALIDATION_DAYS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
     """(train indices, validation indices, test indices, description).
 
     The test window is the newest `test_days` days: nothing is tuned on it (no
     checkpoint, early stopping, calibration, weights or trial choice), so the headline
     figures come from there. Of the rest, "time": the earliest records train and the
-    latest validate (20%, at most VALIDATION_DAYS days), cut between two distinct
+    latest validate (20%, at most `validation_days` days), cut between two distinct
     timestamps so every validation record is strictly later than every training record;
     "random": a seeded shuffle (the same train can then appear, days apart, on both
     sides)."""
@@ -283,7 +283,7 @@ def split_records(
         order = np.argsort(ts, kind="stable")
         cut_time = ts[order[int(len(ts) * (1 - val_fraction))]] if len(ts) > 1 else ts[0]
         # No more than the horizon the model is used for: the weeks after its newest record.
-        cut_time = max(cut_time, ts.max() - VALIDATION_DAYS * SECONDS_PER_DAY)
+        cut_time = max(cut_time, ts.max() - validation_days * SECONDS_PER_DAY)
         train = rest[ts < cut_time]
         val = rest[ts >= cut_time]
         if len(train) == 0 or len(val) == 0:
@@ -4153,11 +4153,13 @@ def fit_by_recipe(data: PreparedData, opts: TrainOptions, files: ModelFiles,
 
 
 def split_for_recipe(export: Export, columns: dict[str, np.ndarray], train_part: np.ndarray,
-                     opts: TrainOptions, test_idx: np.ndarray | None = None) -> PreparedData:  # fmt: skip
+                     opts: TrainOptions, test_idx: np.ndarray | None = None,
+                     validation_days: float = VALIDATION_DAYS) -> PreparedData:  # fmt: skip
     """Prepared data whose training and validation records are `train_part` of `columns`,
-    split by time as `train` splits them."""
+    split by time as `train` splits them (validating on at most `validation_days`)."""
     ts = columns["scheduled_timestamp"][train_part]
-    train, val, _, info = split_records(ts, opts.split, opts.seed, VALIDATION_FRACTION, 0)
+    train, val, _, info = split_records(ts, opts.split, opts.seed, VALIDATION_FRACTION, 0,
+                                        validation_days)  # fmt: skip
     return prepare_split(export.export_dir, export.metadata, columns, train_part[train],
                          train_part[val], info, opts.batch_size, opts.seed, test_idx=test_idx,
                          recency_half_life=opts.recency_half_life)  # fmt: skip
@@ -4243,7 +4245,9 @@ def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) 
             continue
         # The model a deployment would have had: trained on the records before the origin only.
         sub = take_records(columns, before)
-        data = split_for_recipe(export, sub, np.arange(len(before)), opts)
+        # Validated on the newest `horizon` days: the horizon the model is then used for.
+        data = split_for_recipe(export, sub, np.arange(len(before)), opts,
+                                validation_days=bt.horizon)  # fmt: skip
         origin_dir = run.path(f"origin_{dt.datetime.fromtimestamp(origin, dt.UTC):%Y-%m-%d}")
         origin_dir.mkdir()
         fitted = fit_by_recipe(data, opts, ModelFiles.under(origin_dir, opts.model_path), warm)
