@@ -474,6 +474,7 @@ def test_refit_teaches_the_saved_model_a_train_seen_only_in_the_newest_records(t
     """The refit continues on every record; with --refit-epochs 0 only the history tables
     (and vocabularies) come from every record, which is enough to answer a train the
     validated model never saw; --no-refit saves the validated model as it was."""
+
     def rec(i: int, trip: str, track: str) -> tuple:
         return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
                 track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip

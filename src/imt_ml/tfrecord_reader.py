@@ -2495,9 +2495,12 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
         f"- The saved models were then refit on all {refit['records']:,} records, the newest included, "
         f"with vocabularies from all of them: `{best_path.name}` continued from that checkpoint and "
         f"`{final_path.name}` from the run's final weights (epoch {refit['final_epochs']}), "
-        + (f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s), " if refit["epochs"] else
-           "with no epoch (`--refit-epochs 0`: the validated weights reading tables of every "
-           "record), ")
+        + (
+            f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s), "
+            if refit["epochs"]
+            else "with no epoch (`--refit-epochs 0`: the validated weights reading tables of every "
+            "record), "
+        )
         + (
             "one refit serving both as they were the same weights, "
             if refit["best_epochs"] == refit["final_epochs"]
@@ -4470,7 +4473,15 @@ def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) ->
     data = split_for_recipe(export, columns, before, validated, test_idx=holdout)
     files = ModelFiles.under(run.run_dir, opts.model_path)
     fitted = fit_by_recipe(data, validated, files, warm)
-    challenger = window_figures(evaluate_model(fitted.load(), columns, holdout, tables, truth),
+    # Scored as it would have answered from the first holdout day: the validated weights
+    # reading history tables of every record before it (the champion's tables reach its
+    # newest record too; the validated model's miss the days that validated it).
+    before_export = Export(export.export_dir, export.metadata, take_records(columns, before))
+    deployed, _, _ = fit_on_every_record(before_export, opts, ModelConfig(seed=opts.seed), 0,
+                                         warm=(fitted.load(), fitted.vocab))  # fmt: skip
+    deployed = with_calibration(deployed, fitted.calibration.confidence_map,
+                                fitted.calibration.new_trip_map)  # fmt: skip
+    challenger = window_figures(evaluate_model(deployed, columns, holdout, tables, truth),
                                 columns, holdout)  # fmt: skip
     promote, why = decide_promotion(champion, challenger, rt)
     log(("Promote: " if promote else "Keep: ") + why)

@@ -77,9 +77,13 @@ def history(records: int, seed: int, weeks_after: int) -> tuple[list, dt.date, C
 )
 @click.option("--weeks-after", default=8, show_default=True, help="Weeks of history after it.")
 @click.option("--cold", is_flag=True, help="Train each origin from scratch (no --warm-start).")
-@click.option("--refit", is_flag=True, help="Refit each origin's model on every record for "
-              "`train`'s refit epochs (default: --refit-epochs 0, the validated weights reading "
-              "history tables of every record).")
+@click.option(
+    "--refit",
+    is_flag=True,
+    help="Refit each origin's model on every record for "
+    "`train`'s refit epochs (default: --refit-epochs 0, the validated weights reading "
+    "history tables of every record).",
+)
 @click.option("--year", is_flag=True, help="52 weekly origins over the last year: the time target.")
 def main(records: int, seed: int, weeks_before: int, weeks_after: int, cold: bool, refit: bool,
          year: bool) -> None:  # fmt: skip
@@ -111,7 +115,8 @@ def main(records: int, seed: int, weeks_before: int, weeks_after: int, cold: boo
     tables = [t for t in BASELINE_NAMES if t in total]
     short = {t: t.replace("station_", "").replace("_weighted", "~w") for t in tables}
     recipe = ("cold" if cold else "warm-started") + (
-        ", refit" if refit else ", tables of every record, no refit epoch")
+        ", refit" if refit else ", tables of every record, no refit epoch"
+    )
     print(f"\nBacktest benchmark: {records:,} records, seed {seed}, {os.cpu_count()} cores, "
           f"weekly origins ({recipe}); season change {change}; {CLOSED[0]} tracks "
           f"{'+'.join(CLOSED[1])} closed {closure.start} to {closure.end - dt.timedelta(days=1)}")  # fmt: skip
