@@ -4353,7 +4353,8 @@ def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: li
             "## Windows",
             "",
             "Each origin's model was trained with `train`'s recipe on the records before the origin "
-            "only, and every lookup table was built from the same records. The totals are what a "
+            f"only (its newest {bt.horizon:g} days validating: the horizon it is then scored on), and "
+            "every lookup table was built from the same records. The totals are what a "
             "deployment retraining on this cadence would have scored.",
             "",
             markdown_table(header, rows),
