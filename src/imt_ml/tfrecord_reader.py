@@ -2453,7 +2453,7 @@ def refit_on_every_record(
 ) -> dict[str, Any]:
     """Refit on every record: the validated `files.best` and `files.final` each continue
     for --refit-epochs epochs on all records (vocabularies of all of them; tokens first seen
-    there start fresh), get the validated confidence maps and are saved over themselves,
+    there start from the unknown token's row), get the validated confidence maps and are saved over themselves,
     with the vocabularies of every record over `files.vocab`. One refit serves both when
     the validated run chose the same epoch for both."""
     best_epochs, final_epochs = chosen_epochs(history, opts)
@@ -4068,7 +4068,7 @@ EMBEDDING_VOCABULARIES = {"station_embedding": "stations", "route_embedding": "r
 def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> int:
     """Start `model` (built for `vocab`) from `source`'s learnt weights (built for
     `source_vocab`): same-shaped weights are copied, embedding rows follow their token
-    into the new vocabulary (new tokens keep their fresh rows), the output layer's columns
+    into the new vocabulary (new tokens start from the unknown row), the output layer's columns
     follow their track label. The history tables and the station-track mask are the new
     records' own and are left alone. Returns how many weights were carried over."""
     carried = 0
@@ -4085,10 +4085,11 @@ def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: V
             if layer.name in EMBEDDING_VOCABULARIES and new.shape[1:] == previous.shape[1:]:
                 field_name = EMBEDDING_VOCABULARIES[layer.name]
                 rows = {token: r for r, token in enumerate(source_vocab[field_name], start=1)}
-                new[0] = previous[0]
-                for r, token in enumerate(vocab[field_name], start=1):
-                    if token in rows:
-                        new[r] = previous[rows[token]]
+                # A token first seen in the new records starts from the unknown row: what
+                # the model answered for it before it knew it (that row is trained, see
+                # _hide_identities), not from a random row it never learnt to read.
+                for r, token in enumerate(["", *vocab[field_name]]):
+                    new[r] = previous[rows.get(token, 0)]
             elif layer.name == "logits" and new.shape[:-1] == previous.shape[:-1]:
                 columns = {label: c for c, label in enumerate(source_vocab.tracks)}
                 for c, label in enumerate(vocab.tracks):

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,10 +132,10 @@ def history_windows(root: Path, records: int, seed: int, level: float, windows: 
                write_export(root / window, "test", test), described)  # fmt: skip
 
 
-def run_train(export: Path, out: Path) -> tuple[Path, float]:
+def run_train(export: Path, out: Path, extra: Sequence[str] = ()) -> tuple[Path, float]:
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(READER), str(export), "train"], capture_output=True, text=True,
+        [sys.executable, str(READER), str(export), "train", *extra], capture_output=True, text=True,
         env={**os.environ, "IMT_ML_OUTPUT_DIR": str(out), "IMT_ML_NO_PROGRESS": "1"},
     )  # fmt: skip
     if proc.returncode != 0:
@@ -152,9 +154,10 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def print_matrix(cells: list[Cell], records: int) -> int:
+def print_matrix(cells: list[Cell], records: int, train_args: str = "") -> int:
     short = {n: n.replace("station_", "").replace("_weighted", "~w") for n in tr.BASELINE_NAMES}
-    print(f"\nDrift matrix: {records:,} sample records per history, `train` defaults, "
+    print(f"\nDrift matrix: {records:,} sample records per history, "
+          f"{f'`train {train_args}`' if train_args else '`train` defaults'}, "
           f"{os.cpu_count()} cores; tables from the same training records (~w: recency-weighted)")  # fmt: skip
     header = ["seed", "moves", "window", "train", "test", "top-1", "strongest table", "ceiling",
               "of ceil", "ECE", "@80 model", "@80 table", "train s", "verdict"]  # fmt: skip
@@ -198,7 +201,10 @@ def print_matrix(cells: list[Cell], records: int) -> int:
 @click.option("--levels", default="0.03,0.15,0.30", show_default=True,
               help="Home-move shares, comma-separated.")  # fmt: skip
 @click.option("--windows", default=",".join(WINDOWS), show_default=True)
-def main(records: int, seeds: str, levels: str, windows: str) -> None:
+@click.option("--train-args", default="", metavar="ARGS",
+              help="Extra `train` options for an experiment (e.g. \"--refit-epochs 0\"); "
+              "the matrix's header says which.")  # fmt: skip
+def main(records: int, seeds: str, levels: str, windows: str, train_args: str) -> None:
     chosen = [w.strip() for w in windows.split(",")]
     unknown = set(chosen) - set(WINDOWS)
     if unknown:
@@ -213,7 +219,7 @@ def main(records: int, seeds: str, levels: str, windows: str) -> None:
                 for window, train, test, described in history_windows(root, records, seed, level,
                                                                        chosen):  # fmt: skip
                     print(described, file=sys.stderr, flush=True)
-                    run_dir, seconds = run_train(train, root / "out")
+                    run_dir, seconds = run_train(train, root / "out", shlex.split(train_args))
                     evaluation, ceiling = score(run_dir, test, window)
                     n_train = int(
                         tr.json.loads((train / "metadata.json").read_text())["total_records"]
@@ -226,7 +232,7 @@ def main(records: int, seeds: str, levels: str, windows: str) -> None:
                     import shutil
 
                     shutil.rmtree(run_dir, ignore_errors=True)
-    sys.exit(1 if print_matrix(cells, records) else 0)
+    sys.exit(1 if print_matrix(cells, records, train_args) else 0)
 
 
 if __name__ == "__main__":
