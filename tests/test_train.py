@@ -510,6 +510,13 @@ def test_refit_teaches_the_saved_model_a_train_seen_only_in_the_newest_records(t
     else:
         assert track != "2"  # the validated model never saw train 504
         assert "`--no-refit`" in report
+    if refit == "tables only":
+        # Train 504 was never trained: its embedding is the unknown train's, which was.
+        model = tr.load_saved_model(run_dir / "track_prediction_model_final.keras")
+        row = model.get_layer("train_lookup").get_vocabulary().index("504")
+        rows = model.get_layer("train_embedding").get_weights()[0]
+        np.testing.assert_array_equal(rows[row], rows[0])
+        assert not np.array_equal(rows[row], rows[1])
 
 
 @pytest.mark.parametrize(
@@ -699,6 +706,21 @@ def test_the_last_change_of_schedule_is_found_where_most_trip_ids_are_new():
     assert tr.last_schedule_change(columns, every[12 * 40 :]) is None
 
 
+def test_every_change_of_schedule_is_found_and_the_newest_are_kept():
+    rows = schedule_change_records(set())
+    # A third schedule from day 80: every trip id changes again.
+    rows = [r[:2] + ((r[2].replace("-B-", "-C-"),) if r[7] >= BOSTON_MIDNIGHT + 80 * 86_400
+                     else (r[2],)) + r[3:] for r in rows]  # fmt: skip
+    columns = {"station_id": np.array([r[0] for r in rows], dtype=object),
+               "trip_id": np.array([r[2] for r in rows], dtype=object),
+               "scheduled_timestamp": np.array([r[7] for r in rows])}  # fmt: skip
+    every = np.arange(len(rows))
+    first = [BOSTON_MIDNIGHT + day * 86_400 + 6 * 3600.0 for day in (60, 80)]
+    assert tr.schedule_changes(columns, every) == first
+    assert tr.schedule_changes(columns, every, 1) == first[1:]
+    assert tr.last_schedule_change(columns, every) == first[1]
+
+
 def test_new_trips_are_calibrated_on_what_the_last_change_of_schedule_did(tmp_path):
     """Half the trains moved track at the last change of schedule in the history. Asked
     about a trip of the next schedule, the saved model (loaded in a fresh process) no
@@ -714,7 +736,7 @@ def test_new_trips_are_calibrated_on_what_the_last_change_of_schedule_did(tmp_pa
     assert result.exit_code == 0, result.output[-3000:]
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     report = (run_dir / "training_report.md").read_text()
-    assert "days of the last change of schedule in the records" in report
+    assert "days of the last change of schedule in the records (2024-01-14)" in report
     trips = [f"CR-{season}-{500 + 2 * k}" for season in "BC" for k in range(12)]
     answers = top_answers_in_fresh_process(run_dir / "track_prediction_model_best.keras", trips,
                                            "2024-02-26T09:00:00-05:00")  # fmt: skip

@@ -1518,13 +1518,13 @@ def describe_map(cmap: ConfidenceMap | None) -> str:
 
 def calibrate_model(
     model: Any, columns: dict[str, np.ndarray], idx: np.ndarray, labels: list[str],
-    new_schedule: tuple[Any, np.ndarray] | None = None,
+    new_schedule: Sequence[tuple[Any, np.ndarray]] = (),
 ) -> tuple[Any, Calibration]:  # fmt: skip
     """Fit a confidence map on the records `idx` and return the model with it applied
     (in place of any it had). The map for trips the model does not know is fitted on
-    `new_schedule` (a copy of the model that knows only the records before the last
-    change of schedule, and the records after it; see `new_schedule_proxy`) where given,
-    else on the records `idx` read as new trips."""
+    `new_schedule` where given: per past change of schedule, a copy of the model that
+    knows only the records before it and the records of its first weeks (see
+    `new_schedule_proxy`); else on the records `idx` read as new trips."""
     probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
     y = label_indices(columns["track_number"][idx], labels)
     # Fit on the records of trips the model knows: the weeks after a cut-off ask mostly
@@ -1537,31 +1537,41 @@ def calibrate_model(
     confidence, correct = probs[np.arange(len(top)), top], top == y
     fit = known & (y >= 0)
     cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
-    # The same records read as new trips (a new schedule season's first days): their own
-    # map, for the records whose trip the model does not know.
-    new_map, new_ece, source = None, None, ""
-    if new_schedule is not None:  # what a new schedule really did to this model's answers
-        as_new, new_idx = uncalibrated(new_schedule[0]), new_schedule[1]
-        new_y = label_indices(columns["track_number"][new_idx], labels)
-        fit_new = ~known_trips(new_schedule[0], columns, new_idx) & (new_y >= 0)
+    # Records read as new trips (a new schedule season's first days): their own map, for
+    # the records whose trip the model does not know.
+    if new_schedule:  # what past changes of schedule really did to this model's answers
+        pairs = [(uncalibrated(proxy), proxy, records) for proxy, records in new_schedule]
+    elif (y >= 0).sum() >= 50:  # the same records read as new trips
+        pairs = [(as_new_trips(uncalibrated(model)), None, idx)]
     else:
-        as_new = as_new_trips(uncalibrated(model)) if (y >= 0).sum() >= 50 else None
-        new_idx, new_y, fit_new = idx, y, y >= 0
-    if as_new is not None and fit_new.sum() >= 50:
+        pairs = []
+    new_conf, new_correct, starts = [], [], []
+    for as_new, proxy, new_idx in pairs:
+        if len(new_idx) == 0:
+            continue
+        new_y = label_indices(columns["track_number"][new_idx], labels)
+        fit_new = (new_y >= 0) & (~known_trips(proxy, columns, new_idx) if proxy is not None
+                                  else True)  # fmt: skip
         new_probs = predict_probabilities(as_new, model_features(columns, new_idx))
         new_top = new_probs.argmax(axis=1)
-        new_conf = new_probs[np.arange(len(new_top)), new_top][fit_new]
-        new_correct = (new_top == new_y)[fit_new]
-        new_map = fit_confidence_map(new_conf, new_correct)
-        new_ece = (expected_calibration_error(new_conf, new_correct),
-                   expected_calibration_error(new_map.at(new_conf), new_correct))  # fmt: skip
+        new_conf.append(new_probs[np.arange(len(new_top)), new_top][fit_new])
+        new_correct.append((new_top == new_y)[fit_new])
+        starts.append(iso_utc(columns["scheduled_timestamp"][new_idx].min())[:10])
+    new_map, new_ece, source = None, None, ""
+    fitted = sum(len(c) for c in new_conf)
+    if fitted >= 50:
+        conf, hit = np.concatenate(new_conf), np.concatenate(new_correct)
+        new_map = fit_confidence_map(conf, hit)
+        new_ece = (expected_calibration_error(conf, hit),
+                   expected_calibration_error(new_map.at(conf), hit))  # fmt: skip
         source = (
-            f"the {int(fit_new.sum()):,} records of the first {VALIDATION_DAYS} days of the last "
-            f"change of schedule in the records ({iso_utc(columns['scheduled_timestamp'][new_idx].min())[:10]}) "
-            "whose trip was new then, read with the history of the records before it only "
+            f"the {fitted:,} records of the first {VALIDATION_DAYS} days of "
+            + ("the last change" if len(starts) == 1 else f"each of the last {len(starts)} changes")
+            + f" of schedule in the records ({', '.join(starts)}) "
+            "whose trip was new then, each read with the history of the records before it only "
             "(what the model would have known the day before: the train numbers' evidence as "
             "stale as on the first day of the next schedule)"
-            if new_schedule is not None
+            if new_schedule
             else "the same validation records read as new trips (no evidence of the trip; of "
             "the train, only its other trips): no change of schedule in the records to learn from"
         )  # fmt: skip
@@ -2303,17 +2313,18 @@ def save_calibrated(
 ) -> Calibration:  # fmt: skip
     """After a validated fit: calibrate the best checkpoint (the final weights if no epoch
     beat the first) and the final weights on the validation records, and save both.
-    With the model's `config`, the map for new trips is fitted on the last change of
+    With the model's `config`, the map for new trips is fitted on the last changes of
     schedule in the records (see `new_schedule_proxy`)."""
     if not best_path.exists():
         model.save(best_path)
     tracks = data.vocab_info.tracks
-    past = past_vocabulary(data) if config is not None else None
+    pasts = past_vocabularies(data) if config is not None else []
     calibrations = []
     for weights, path in ((keras.models.load_model(best_path, compile=False), best_path),
                           (model, final_path)):  # fmt: skip
-        proxy = new_schedule_proxy(weights, data, config, past) if past and config else None
-        calibrated, info = calibrate_model(weights, data.columns, data.val_idx, tracks, proxy)
+        proxies = [new_schedule_proxy(weights, data, config, past) for past in pasts
+                   if config is not None]  # fmt: skip
+        calibrated, info = calibrate_model(weights, data.columns, data.val_idx, tracks, proxies)
         calibrated.save(path)
         calibrations.append(info)
     return calibrations[0]  # the best checkpoint's
@@ -2327,15 +2338,17 @@ NEW_SCHEDULE_SHARE = 0.5
 NEW_SCHEDULE_BEFORE_DAYS, NEW_SCHEDULE_AFTER_DAYS = 28, 7
 
 
-def last_schedule_change(columns: dict[str, np.ndarray], idx: np.ndarray) -> float | None:
-    """The first scheduled time (unix s) of the newest new schedule among the records
-    `idx`: the first of a run of days (gaps under a week: a new schedule's Saturday and
-    Sunday trips first run days after its weekday ones) on each of which at least
-    NEW_SCHEDULE_SHARE of the records are of station + trip ids never seen before, with
-    at least NEW_SCHEDULE_BEFORE_DAYS days of records before it and
-    NEW_SCHEDULE_AFTER_DAYS after. None without one."""
+def schedule_changes(
+    columns: dict[str, np.ndarray], idx: np.ndarray, limit: int | None = None
+) -> list[float]:
+    """The first scheduled time (unix s) of each new schedule among the records `idx`,
+    oldest first (the newest `limit` only): the first of a run of days (gaps under a week:
+    a new schedule's Saturday and Sunday trips first run days after its weekday ones) on
+    each of which at least NEW_SCHEDULE_SHARE of the records are of station + trip ids
+    never seen before, with at least NEW_SCHEDULE_BEFORE_DAYS days of records before it
+    and NEW_SCHEDULE_AFTER_DAYS after."""
     if len(idx) == 0:
-        return None
+        return []
     order = idx[np.argsort(columns["scheduled_timestamp"][idx], kind="stable")]
     ts = columns["scheduled_timestamp"][order]
     days = boston_days(ts)
@@ -2348,44 +2361,52 @@ def last_schedule_change(columns: dict[str, np.ndarray], idx: np.ndarray) -> flo
     ok = ((share >= NEW_SCHEDULE_SHARE) & (day_list - days[0] >= NEW_SCHEDULE_BEFORE_DAYS)
           & (days[-1] - day_list >= NEW_SCHEDULE_AFTER_DAYS - 1))  # fmt: skip
     candidates = day_list[ok]
-    if len(candidates) == 0:
-        return None
-    start = candidates[-1]
-    for day in candidates[::-1]:
-        if start - day >= 7:
-            break
-        start = day
-    return float(ts[np.searchsorted(days, start)])
+    runs = [day for i, day in enumerate(candidates) if i == 0 or day - candidates[i - 1] >= 7]
+    found = [float(ts[np.searchsorted(days, day)]) for day in runs]
+    return found[-limit:] if limit else found
+
+
+def last_schedule_change(columns: dict[str, np.ndarray], idx: np.ndarray) -> float | None:
+    """The first scheduled time (unix s) of the newest new schedule among the records
+    `idx` (see schedule_changes). None without one."""
+    changes = schedule_changes(columns, idx, 1)
+    return changes[-1] if changes else None
+
+
+#: How many past changes of schedule the map for new trips is fitted on (the newest):
+#: one change's first weeks are a small sample of what a change does to the answers.
+NEW_SCHEDULE_CHANGES = 3
 
 
 @dataclass
 class PastVocabulary:
-    """What the model would have known the day before the last change of schedule."""
+    """What the model would have known the day before a past change of schedule."""
 
     vocab: Vocabulary
     after: np.ndarray  # the records of the first VALIDATION_DAYS days of that schedule
 
 
-def past_vocabulary(data: PreparedData) -> PastVocabulary | None:
-    """The vocabulary and history tables of the training and validation records before
-    their last change of schedule, and the records after it. None without one."""
+def past_vocabularies(data: PreparedData) -> list[PastVocabulary]:
+    """For each of the last NEW_SCHEDULE_CHANGES changes of schedule in the training and
+    validation records: the vocabulary and history tables of the records before it, and
+    the records of its first VALIDATION_DAYS days."""
     pool = np.concatenate([data.train_idx, data.val_idx])
-    change = last_schedule_change(data.columns, pool)
-    if change is None:
-        return None
     ts = data.columns["scheduled_timestamp"][pool]
-    before = pool[ts < change]
-    after = pool[(ts >= change) & (ts < change + VALIDATION_DAYS * SECONDS_PER_DAY)]
-    vocab = build_vocabulary(data.columns, before, data.vocab_info.tracks, {}, {},
-                             data.vocab_info.recency_half_life)  # fmt: skip
-    return PastVocabulary(vocab, after)
+    pasts = []
+    for change in schedule_changes(data.columns, pool, NEW_SCHEDULE_CHANGES):
+        before = pool[ts < change]
+        after = pool[(ts >= change) & (ts < change + VALIDATION_DAYS * SECONDS_PER_DAY)]
+        vocab = build_vocabulary(data.columns, before, data.vocab_info.tracks, {}, {},
+                                 data.vocab_info.recency_half_life)  # fmt: skip
+        pasts.append(PastVocabulary(vocab, after))
+    return pasts
 
 
 def new_schedule_proxy(
     model: Any, data: PreparedData, config: ModelConfig, past: PastVocabulary
 ) -> tuple[Any, np.ndarray]:
     """(a copy of `model`'s weights reading the history tables of the records before
-    the last change of schedule, the records after it): asked about that schedule's new
+    a past change of schedule, the records after it): asked about that schedule's new
     trips, it answers as the model will on the first day of the next one, with the
     train numbers' evidence as stale as it will be (trains that moved home included)."""
     proxy = create_simple_model(past.vocab, config, name=model.name)
