@@ -2319,13 +2319,19 @@ def save_calibrated(
         model.save(best_path)
     tracks = data.vocab_info.tracks
     pasts = past_vocabularies(data) if config is not None else []
+    best = keras.models.load_model(best_path, compile=False)
+    # The best checkpoint is often the last epoch: the same weights, calibrated once.
+    same = all(np.array_equal(a, b) for a, b in zip(best.get_weights(), model.get_weights(),
+                                                    strict=True))  # fmt: skip
+    targets = [(best, [best_path, final_path])] if same else [(best, [best_path]),
+                                                              (model, [final_path])]  # fmt: skip
     calibrations = []
-    for weights, path in ((keras.models.load_model(best_path, compile=False), best_path),
-                          (model, final_path)):  # fmt: skip
+    for weights, paths in targets:
         proxies = [new_schedule_proxy(weights, data, config, past) for past in pasts
                    if config is not None]  # fmt: skip
         calibrated, info = calibrate_model(weights, data.columns, data.val_idx, tracks, proxies)
-        calibrated.save(path)
+        for path in paths:
+            calibrated.save(path)
         calibrations.append(info)
     return calibrations[0]  # the best checkpoint's
 
