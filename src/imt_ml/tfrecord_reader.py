@@ -4113,8 +4113,8 @@ def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: V
                 field_name = EMBEDDING_VOCABULARIES[layer.name]
                 rows = {token: r for r, token in enumerate(source_vocab[field_name], start=1)}
                 # A token first seen in the new records starts from the unknown row: what
-                # the model answered for it before it knew it (that row is trained, see
-                # _hide_identities), not from a random row it never learnt to read.
+                # the model answered for it before it knew it. For train numbers that row
+                # is trained (see _hide_identities); a random row is one it never read.
                 for r, token in enumerate(["", *vocab[field_name]]):
                     new[r] = previous[rows.get(token, 0)]
             elif layer.name == "logits" and new.shape[:-1] == previous.shape[:-1]:
