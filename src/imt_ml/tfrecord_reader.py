@@ -1547,7 +1547,7 @@ def calibrate_model(
         pairs = []
     new_conf, new_correct, starts = [], [], []
     for as_new, proxy, new_idx in pairs:
-        if len(new_idx) == 0:
+        if as_new is None or len(new_idx) == 0:  # no way to read them as new; none to read
             continue
         new_y = label_indices(columns["track_number"][new_idx], labels)
         fit_new = (new_y >= 0) & (~known_trips(proxy, columns, new_idx) if proxy is not None
