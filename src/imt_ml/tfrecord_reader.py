@@ -108,6 +108,8 @@ SECONDS_PER_DAY = 86_400
 #: seen there, and two epochs teach those. A cold refit for the validated run's epoch
 #: count took a third of `train`'s time for the same held-out accuracy.
 REFIT_EPOCHS = 2
+#: The refit's starting learning rate as a share of --learning-rate (--refit-lr-factor).
+REFIT_LR_FACTOR = 1.0
 #: Groups of days (day number modulo this) for the model's out-of-group history in training.
 HISTORY_FOLDS = 5
 COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -2130,6 +2132,10 @@ class TrainOptions:
         REFIT_EPOCHS, "Epochs of the refit on every record, continuing from the validated weights "
         "(0: keep those weights; only the vocabularies and history tables are rebuilt from every "
         "record, which takes seconds).", click.IntRange(min=0))
+    refit_lr_factor: float = option_field(
+        REFIT_LR_FACTOR, "The refit's starting learning rate as a share of --learning-rate (its "
+        "optimizer starts afresh; the rate then decays over the refit's epochs).",
+        click.FloatRange(min=0, min_open=True), metavar="SHARE")
     # fmt: on
 
 
@@ -2463,7 +2469,8 @@ def fit_on_every_record(
         log(f"Refit on all {len(data.train_idx):,} records: vocabularies and history tables only "
             "(--refit-epochs 0)")  # fmt: skip
         return model, data, 0.0
-    fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True, scheduler_tmax=0)
+    fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True, scheduler_tmax=0,
+                                learning_rate=opts.learning_rate * opts.refit_lr_factor)  # fmt: skip
     label = f"Refit on all {len(data.train_idx):,} records for {epochs} epochs"
     _, seconds = fit_model(model, data, fixed, None, None, label)
     return model, data, seconds
@@ -2501,6 +2508,7 @@ def refit_on_every_record(
                baseline_tables(data.columns, all_data.train_idx, opts.recency_half_life))  # fmt: skip
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
             "final_epochs": final_epochs, "epochs": epochs, "seconds": seconds,
+            "learning_rate": opts.learning_rate * opts.refit_lr_factor,
             "calibration": calibration.describe(), "vocab_info": all_data.vocab_info}  # fmt: skip
 
 
@@ -2523,7 +2531,8 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
         f"with vocabularies from all of them: `{best_path.name}` continued from that checkpoint and "
         f"`{final_path.name}` from the run's final weights (epoch {refit['final_epochs']}), "
         + (
-            f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s), "
+            f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s) from a learning rate of "
+            f"{refit['learning_rate']:g} (`--refit-lr-factor`), "
             if refit["epochs"]
             else "with no epoch (`--refit-epochs 0`: the validated weights reading tables of every "
             "record), "

@@ -21,7 +21,9 @@ plain and recency-weighted. Targets in every cell: top-1 above every lookup tabl
 ECE <= 0.03; coverage at 80% precision >= the strongest table's; top-1 >= 97% of the
 best possible where the new season is in training (`before`, `new+14`) and >= 97% of
 what an answer knowing only last season can reach where it is not (`new`, printed as
-the ceiling); and `train` in <= 120 s. A failing cell is printed, not hidden.
+the ceiling); and `train` in <= 120 s. A failing cell is printed, not hidden. Beside
+each cell's margin over the strongest table goes its paired 95% interval: a margin
+inside it is a tie on these records, whichever side of zero it falls.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Cell:
     seconds: float
     evaluation: tr.Evaluation
     ceiling: float  # best possible, or what last season's distributions reach
+    margin: tuple[float, float]  # top-1 minus the strongest table's, its 95% half-width
 
     @property
     def top1(self) -> float:
@@ -143,11 +146,31 @@ def run_train(export: Path, out: Path, extra: Sequence[str] = ()) -> tuple[Path,
     return Path(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - started
 
 
-def score(run_dir: Path, test: Path, window: str) -> tuple[tr.Evaluation, float]:
-    _, evaluation = tr.run_evaluate(test, run_dir / "track_prediction_model_best.keras")
+def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float, float]:
+    """(the model's top-1 minus the table's, the 95% half-width of that difference): the
+    same records answered by both, so the interval is of the per-record difference (a
+    paired normal interval), far narrower than two separate accuracies' would be."""
+    diff = model_hits.astype(np.float64) - table_hits.astype(np.float64)
+    return float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def score(
+    run_dir: Path, test: Path, window: str
+) -> tuple[tr.Evaluation, float, tuple[float, float]]:
+    model_file = run_dir / "track_prediction_model_best.keras"
+    _, evaluation = tr.run_evaluate(test, model_file)
     truth = np.load(test / SAMPLE_TRUTH_FILE)
     ceiling = truth["last_season_probability" if window == "new" else "best_probability"]
-    return evaluation, float(ceiling.mean())
+    # The strongest table's answers beside the model's, record by record.
+    columns = tr.read_export_columns(tr.find_export_dir(test))
+    idx = np.arange(len(columns["track_number"]))
+    tables = tr.json.loads(tr.vocab_file_for(model_file).read_text())["baselines"]
+    name, _ = tr.strongest_baseline(evaluation.baselines) or ("", 0.0)
+    table = tr.baseline_predictions(tables, columns, idx)[name]
+    truth_tracks = columns["track_number"][idx]
+    margin = paired_margin(evaluation.metrics["predicted_tracks"] == truth_tracks,
+                           table == truth_tracks)  # fmt: skip
+    return evaluation, float(ceiling.mean()), margin
 
 
 def pct(x: float) -> str:
@@ -159,8 +182,8 @@ def print_matrix(cells: list[Cell], records: int, train_args: str = "") -> int:
     print(f"\nDrift matrix: {records:,} sample records per history, "
           f"{f'`train {train_args}`' if train_args else '`train` defaults'}, "
           f"{os.cpu_count()} cores; tables from the same training records (~w: recency-weighted)")  # fmt: skip
-    header = ["seed", "moves", "window", "train", "test", "top-1", "strongest table", "ceiling",
-              "of ceil", "ECE", "@80 model", "@80 table", "train s", "verdict"]  # fmt: skip
+    header = ["seed", "moves", "window", "train", "test", "top-1", "strongest table", "margin",
+              "ceiling", "of ceil", "ECE", "@80 model", "@80 table", "train s", "verdict"]  # fmt: skip
     rows = []
     failed = 0
     for c in cells:
@@ -171,7 +194,8 @@ def print_matrix(cells: list[Cell], records: int, train_args: str = "") -> int:
         ceiling = ("last season " if c.window == "new" else "best ") + pct(c.ceiling)
         rows.append([
             str(c.seed), f"{c.level:.2f}", c.window, f"{c.train_records:,}", f"{c.test_records:,}",
-            pct(c.top1), f"{short[name]} {pct(accuracy)}", ceiling,
+            pct(c.top1), f"{short[name]} {pct(accuracy)}",
+            f"{100 * c.margin[0]:+.2f} ±{100 * c.margin[1]:.2f}", ceiling,
             f"{100 * c.top1 / c.ceiling:.1f}%",
             f"{c.evaluation.metrics['expected_calibration_error']:.3f}",
             pct(c.evaluation.answerable["model"][0.8]), pct(c.evaluation.answerable[name][0.8]),
@@ -179,8 +203,15 @@ def print_matrix(cells: list[Cell], records: int, train_args: str = "") -> int:
         ])  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(v.rjust(w) if i < 13 else v for i, (v, w) in
+        print("  ".join(v.rjust(w) if i < 14 else v for i, (v, w) in
                         enumerate(zip(row, widths, strict=True))))  # fmt: skip
+    print("\nmargin: the model's top-1 minus the strongest table's, in points, with the 95% "
+          "interval of that difference over the same records (paired).")  # fmt: skip
+    unclear = [c for c in cells if abs(c.margin[0]) <= c.margin[1]]
+    if unclear:
+        print(f"In {len(unclear)} cell(s) that interval holds 0: on these records the model and "
+              "the table cannot be told apart, whichever way the check went: "
+              + ", ".join(f"seed {c.seed} moves {c.level:.2f} {c.window}" for c in unclear))  # fmt: skip
     print("\nEvery lookup table's top-1 per cell (plain / recency-weighted):")
     for c in cells:
         tables = ", ".join(f"{short[n]} {pct(a)}" for n, a in c.evaluation.baselines.items())
@@ -220,12 +251,12 @@ def main(records: int, seeds: str, levels: str, windows: str, train_args: str) -
                                                                        chosen):  # fmt: skip
                     print(described, file=sys.stderr, flush=True)
                     run_dir, seconds = run_train(train, root / "out", shlex.split(train_args))
-                    evaluation, ceiling = score(run_dir, test, window)
+                    evaluation, ceiling, margin = score(run_dir, test, window)
                     n_train = int(
                         tr.json.loads((train / "metadata.json").read_text())["total_records"]
                     )
                     cell = Cell(seed, level, window, n_train, evaluation.metrics["records"],
-                                seconds, evaluation, ceiling)  # fmt: skip
+                                seconds, evaluation, ceiling, margin)  # fmt: skip
                     cells.append(cell)
                     print(f"  top-1 {pct(cell.top1)}, strongest table {pct(cell.strongest[1])}, "
                           f"ceiling {pct(ceiling)}, {seconds:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
