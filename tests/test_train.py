@@ -519,6 +519,42 @@ def test_refit_teaches_the_saved_model_a_train_seen_only_in_the_newest_records(t
         assert not np.array_equal(rows[row], rows[1])
 
 
+def test_refit_lr_factor_sets_how_far_the_refit_moves_the_validated_weights(tmp_path):
+    """The refit starts from --learning-rate x --refit-lr-factor, and the report says so:
+    from the same saved weights, a tiny factor keeps them (as --refit-epochs 0 does) and
+    the default moves them."""
+
+    def rec(i: int, trip: str, track: str) -> tuple:
+        return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
+                track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
+
+    pairs = [("CR-A-500", "1"), ("CR-A-502", "3"), ("CR-A-504", "2")] * 200
+    export = write_records(tmp_path / "exports", [rec(i, t, k) for i, (t, k) in enumerate(pairs)])
+    args = [str(export), "train", "--epochs", "3", "--batch-size", "32", "--test-days", "0",
+            "--refit-lr-factor", "0.25"]  # fmt: skip
+    result = CliRunner().invoke(tr.cli, args, env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})
+    assert result.exit_code == 0, result.output
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert (
+        "from a learning rate of 0.0005 (`--refit-lr-factor`)"
+        in (run_dir / "training_report.md").read_text()
+    )
+    saved = tr.load_saved_model(run_dir / "track_prediction_model_final.keras")
+    source = tr.load_export(export)
+    data = tr.every_record_data(source, tr.TrainOptions(batch_size=32))
+    start = saved.get_layer("logits").get_weights()[0]
+
+    def moved(factor: float) -> float:
+        opts = tr.TrainOptions(batch_size=32, refit_lr_factor=factor)
+        model, _, _ = tr.fit_on_every_record(source, opts, tr.ModelConfig(), 1,
+                                             warm=(saved, data.vocab_info), data=data)  # fmt: skip
+        return float(np.abs(model.get_layer("logits").get_weights()[0] - start).max())
+
+    default, tiny = moved(1.0), moved(1e-6)
+    assert default > 1e-3
+    assert tiny < default / 100
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [

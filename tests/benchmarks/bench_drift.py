@@ -22,8 +22,9 @@ ECE <= 0.03; coverage at 80% precision >= the strongest table's; top-1 >= 97% of
 best possible where the new season is in training (`before`, `new+14`) and >= 97% of
 what an answer knowing only last season can reach where it is not (`new`, printed as
 the ceiling); and `train` in <= 120 s. A failing cell is printed, not hidden. Beside
-each cell's margin over the strongest table goes its paired 95% interval: a margin
-inside it is a tie on these records, whichever side of zero it falls.
+each cell's margins over the strongest table (top-1, coverage at 80% precision) go
+their 95% intervals: a margin inside its interval is a tie on these records,
+whichever side of zero it falls.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Cell:
     evaluation: tr.Evaluation
     ceiling: float  # best possible, or what last season's distributions reach
     margin: tuple[float, float]  # top-1 minus the strongest table's, its 95% half-width
+    coverage_margin: tuple[float, float]  # the same for coverage at 80% precision
 
     @property
     def top1(self) -> float:
@@ -154,9 +156,30 @@ def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float
     return float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
-def score(
-    run_dir: Path, test: Path, window: str
-) -> tuple[tr.Evaluation, float, tuple[float, float]]:
+def coverage_margin(model: tuple[np.ndarray, np.ndarray], table: tuple[np.ndarray, np.ndarray],
+                    draws: int = 400) -> tuple[float, float]:  # fmt: skip
+    """(the model's coverage at 80% precision minus the table's, the half-width of a 95%
+    bootstrap interval of that difference): each draw resamples the records, the same
+    ones for both."""
+
+    def at80(pair: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> float:
+        return tr.coverage_at_precision(pair[0][rows], pair[1][rows], 0.8)
+
+    everything = np.arange(len(model[0]))
+    observed = at80(model, everything) - at80(table, everything)
+    rng = np.random.default_rng(0)
+    diffs = []
+    for _ in range(draws):
+        rows = rng.integers(0, len(everything), len(everything))
+        diffs.append(at80(model, rows) - at80(table, rows))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return observed, float(high - low) / 2
+
+
+Margins = tuple[float, float]
+
+
+def score(run_dir: Path, test: Path, window: str) -> tuple[tr.Evaluation, float, Margins, Margins]:
     model_file = run_dir / "track_prediction_model_best.keras"
     _, evaluation = tr.run_evaluate(test, model_file)
     truth = np.load(test / SAMPLE_TRUTH_FILE)
@@ -166,11 +189,13 @@ def score(
     idx = np.arange(len(columns["track_number"]))
     tables = tr.json.loads(tr.vocab_file_for(model_file).read_text())["baselines"]
     name, _ = tr.strongest_baseline(evaluation.baselines) or ("", 0.0)
-    table = tr.baseline_predictions(tables, columns, idx)[name]
+    table, share = tr.baseline_answers(tables, columns, idx)[name]
     truth_tracks = columns["track_number"][idx]
-    margin = paired_margin(evaluation.metrics["predicted_tracks"] == truth_tracks,
-                           table == truth_tracks)  # fmt: skip
-    return evaluation, float(ceiling.mean()), margin
+    model_hits = evaluation.metrics["predicted_tracks"] == truth_tracks
+    margin = paired_margin(model_hits, table == truth_tracks)
+    coverage = coverage_margin((evaluation.probabilities.max(axis=1), model_hits),
+                               (share, table == truth_tracks))  # fmt: skip
+    return evaluation, float(ceiling.mean()), margin, coverage
 
 
 def pct(x: float) -> str:
@@ -183,7 +208,8 @@ def print_matrix(cells: list[Cell], records: int, train_args: str = "") -> int:
           f"{f'`train {train_args}`' if train_args else '`train` defaults'}, "
           f"{os.cpu_count()} cores; tables from the same training records (~w: recency-weighted)")  # fmt: skip
     header = ["seed", "moves", "window", "train", "test", "top-1", "strongest table", "margin",
-              "ceiling", "of ceil", "ECE", "@80 model", "@80 table", "train s", "verdict"]  # fmt: skip
+              "ceiling", "of ceil", "ECE", "@80 model", "@80 table", "@80 margin", "train s",
+              "verdict"]  # fmt: skip
     rows = []
     failed = 0
     for c in cells:
@@ -199,19 +225,25 @@ def print_matrix(cells: list[Cell], records: int, train_args: str = "") -> int:
             f"{100 * c.top1 / c.ceiling:.1f}%",
             f"{c.evaluation.metrics['expected_calibration_error']:.3f}",
             pct(c.evaluation.answerable["model"][0.8]), pct(c.evaluation.answerable[name][0.8]),
+            f"{100 * c.coverage_margin[0]:+.2f} ±{100 * c.coverage_margin[1]:.2f}",
             f"{c.seconds:.0f}", "PASS" if not bad else "FAIL: " + "; ".join(bad),
         ])  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(v.rjust(w) if i < 14 else v for i, (v, w) in
+        print("  ".join(v.rjust(w) if i < 15 else v for i, (v, w) in
                         enumerate(zip(row, widths, strict=True))))  # fmt: skip
     print("\nmargin: the model's top-1 minus the strongest table's, in points, with the 95% "
-          "interval of that difference over the same records (paired).")  # fmt: skip
-    unclear = [c for c in cells if abs(c.margin[0]) <= c.margin[1]]
-    if unclear:
-        print(f"In {len(unclear)} cell(s) that interval holds 0: on these records the model and "
-              "the table cannot be told apart, whichever way the check went: "
-              + ", ".join(f"seed {c.seed} moves {c.level:.2f} {c.window}" for c in unclear))  # fmt: skip
+          "interval of that difference over the same records (paired); @80 margin: the same for "
+          "coverage at 80% precision (95% bootstrap interval, the same records resampled for both).")  # fmt: skip
+    for what, of in (
+        ("top-1", lambda c: c.margin),
+        ("coverage at 80%", lambda c: c.coverage_margin),
+    ):
+        unclear = [c for c in cells if abs(of(c)[0]) <= of(c)[1]]
+        if unclear:
+            print(f"{what}: in {len(unclear)} cell(s) the interval holds 0, so on these records the "
+                  "model and the table cannot be told apart, whichever way the check went: "
+                  + ", ".join(f"seed {c.seed} moves {c.level:.2f} {c.window}" for c in unclear))  # fmt: skip
     print("\nEvery lookup table's top-1 per cell (plain / recency-weighted):")
     for c in cells:
         tables = ", ".join(f"{short[n]} {pct(a)}" for n, a in c.evaluation.baselines.items())
@@ -251,12 +283,12 @@ def main(records: int, seeds: str, levels: str, windows: str, train_args: str) -
                                                                        chosen):  # fmt: skip
                     print(described, file=sys.stderr, flush=True)
                     run_dir, seconds = run_train(train, root / "out", shlex.split(train_args))
-                    evaluation, ceiling, margin = score(run_dir, test, window)
+                    evaluation, ceiling, margin, coverage = score(run_dir, test, window)
                     n_train = int(
                         tr.json.loads((train / "metadata.json").read_text())["total_records"]
                     )
                     cell = Cell(seed, level, window, n_train, evaluation.metrics["records"],
-                                seconds, evaluation, ceiling, margin)  # fmt: skip
+                                seconds, evaluation, ceiling, margin, coverage)  # fmt: skip
                     cells.append(cell)
                     print(f"  top-1 {pct(cell.top1)}, strongest table {pct(cell.strongest[1])}, "
                           f"ceiling {pct(ceiling)}, {seconds:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
