@@ -109,11 +109,11 @@ SECONDS_PER_DAY = 86_400
 #: count took a third of `train`'s time for the same held-out accuracy.
 REFIT_EPOCHS = 2
 #: The refit's starting learning rate as a share of --learning-rate (--refit-lr-factor).
-#: 1: in bench-drift (seed 1) a tenth kept more of the validated model (top-1 up in 7 of 9
-#: cells, by up to 0.5 points, 10-20 s less) but, like --refit-epochs 0, left the trips
-#: first seen in the newest records over-confident (ECE 0.031-0.039 in the three cells
-#: with 14 days of a new season in training, against 0.017-0.025, and half the coverage at
-#: 80% precision there).
+#: 1: in bench-drift (seed 1) a tenth kept more of the validated model (top-1 up in 6 of 9
+#: cells, by up to 0.5 points; down by up to 0.1 in the others) but, like --refit-epochs 0,
+#: left the trips first seen in the newest records over-confident (ECE 0.031-0.039 in the
+#: three cells with 14 days of a new season in training, against 0.017-0.025, and 30-45%
+#: less coverage at 80% precision there).
 REFIT_LR_FACTOR = 1.0
 #: Groups of days (day number modulo this) for the model's out-of-group history in training.
 HISTORY_FOLDS = 5
