@@ -293,19 +293,22 @@ def record(i: int, track: str) -> tuple:
             "historical", track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
 
 
+def trip_record(i: int, trip: str, track: str, step: float = 600) -> tuple:
+    """A South Station record of `trip`, the i-th at `step` seconds apart."""
+    return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
+            track, 1.7e9 + step * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
+
+
 def test_report_baselines_on_a_hand_made_export_with_known_answers(tmp_path):
     """Train 500 moved from track 1 to track 2 with the new season's trip id; the trip-id
     table knows it, the train-number table does not; an unseen trip falls back."""
 
-    def rec(i: int, trip: str, track: str) -> tuple:
-        return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
-                track, 1.7e9 + 3600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
-
     trips = (["CR-A-500"] * 6 + ["CR-A-502"] * 6 + ["CR-B-500"] * 4  # training: 16 records
              + ["CR-B-500"] * 3 + ["CR-C-502"])  # validation: the latest 4 (20%)  # fmt: skip
     tracks = ["1"] * 6 + ["3"] * 6 + ["2"] * 4 + ["2"] * 3 + ["3"]
-    export = write_records(tmp_path / "exports", [rec(i, t, k) for i, (t, k) in
-                                                  enumerate(zip(trips, tracks, strict=True))])  # fmt: skip
+    pairs = enumerate(zip(trips, tracks, strict=True))
+    export = write_records(tmp_path / "exports",
+                           [trip_record(i, t, k, step=3600) for i, (t, k) in pairs])  # fmt: skip
     _, run_dir = run_mode(export, "train", "--epochs", "1", "--test-days", "0",
                           out=tmp_path / "out")  # fmt: skip
     report = (run_dir / "training_report.md").read_text()
@@ -475,13 +478,9 @@ def test_refit_teaches_the_saved_model_a_train_seen_only_in_the_newest_records(t
     (and vocabularies) come from every record, which is enough to answer a train the
     validated model never saw; --no-refit saves the validated model as it was."""
 
-    def rec(i: int, trip: str, track: str) -> tuple:
-        return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
-                track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
-
     old = [("CR-A-500", "1"), ("CR-A-502", "3")] * 300  # 600 training records
     new = [("CR-A-504", "2"), ("CR-A-500", "1")] * 75  # 504 only in the latest 20%
-    records = [rec(i, t, k) for i, (t, k) in enumerate(old + new)]
+    records = [trip_record(i, t, k) for i, (t, k) in enumerate(old + new)]
     export = write_records(tmp_path / "exports", records)
     args = [
         str(export),
@@ -524,12 +523,10 @@ def test_refit_lr_factor_sets_how_far_the_refit_moves_the_validated_weights(tmp_
     from the same saved weights, a tiny factor keeps them (as --refit-epochs 0 does) and
     the default moves them."""
 
-    def rec(i: int, trip: str, track: str) -> tuple:
-        return ("place-sstat", "CR-Worcester", trip, "Worcester - Worcester Ln", 0, "historical",
-                track, 1.7e9 + 600 * i, 0.0, 1.7e9, 2, 17, 35)  # fmt: skip
-
     pairs = [("CR-A-500", "1"), ("CR-A-502", "3"), ("CR-A-504", "2")] * 200
-    export = write_records(tmp_path / "exports", [rec(i, t, k) for i, (t, k) in enumerate(pairs)])
+    export = write_records(
+        tmp_path / "exports", [trip_record(i, t, k) for i, (t, k) in enumerate(pairs)]
+    )
     args = [str(export), "train", "--epochs", "3", "--batch-size", "32", "--test-days", "0",
             "--refit-lr-factor", "0.25"]  # fmt: skip
     result = CliRunner().invoke(tr.cli, args, env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})

@@ -2146,6 +2146,11 @@ class TrainOptions:
         click.FloatRange(min=0, min_open=True), metavar="SHARE")
     # fmt: on
 
+    @property
+    def refit_learning_rate(self) -> float:
+        """The refit's starting learning rate (see --refit-lr-factor)."""
+        return self.learning_rate * self.refit_lr_factor
+
 
 def model_option(help: str = "A saved .keras model.") -> Callable[[Callable], Callable]:
     """--model, a saved model file (`evaluate`, `predict`, `serve`)."""
@@ -2478,7 +2483,7 @@ def fit_on_every_record(
             "(--refit-epochs 0)")  # fmt: skip
         return model, data, 0.0
     fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True, scheduler_tmax=0,
-                                learning_rate=opts.learning_rate * opts.refit_lr_factor)  # fmt: skip
+                                learning_rate=opts.refit_learning_rate)  # fmt: skip
     label = f"Refit on all {len(data.train_idx):,} records for {epochs} epochs"
     _, seconds = fit_model(model, data, fixed, None, None, label)
     return model, data, seconds
@@ -2516,7 +2521,7 @@ def refit_on_every_record(
                baseline_tables(data.columns, all_data.train_idx, opts.recency_half_life))  # fmt: skip
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
             "final_epochs": final_epochs, "epochs": epochs, "seconds": seconds,
-            "learning_rate": opts.learning_rate * opts.refit_lr_factor,
+            "learning_rate": opts.refit_learning_rate,
             "calibration": calibration.describe(), "vocab_info": all_data.vocab_info}  # fmt: skip
 
 

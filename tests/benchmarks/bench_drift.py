@@ -69,6 +69,10 @@ def season_start(day: dt.date) -> dt.date:
     return dt.date(year, (12, 3, 6, 9)[SEASONS.index(name)], 1)
 
 
+#: (a difference, the half-width of its 95% interval)
+Margin = tuple[float, float]
+
+
 @dataclass
 class Cell:
     seed: int
@@ -79,8 +83,8 @@ class Cell:
     seconds: float
     evaluation: tr.Evaluation
     ceiling: float  # best possible, or what last season's distributions reach
-    margin: tuple[float, float]  # top-1 minus the strongest table's, its 95% half-width
-    coverage_margin: tuple[float, float]  # the same for coverage at 80% precision
+    margin: Margin  # top-1 minus the strongest table's
+    coverage_margin: Margin  # the same for coverage at 80% precision
 
     @property
     def top1(self) -> float:
@@ -148,7 +152,7 @@ def run_train(export: Path, out: Path, extra: Sequence[str] = ()) -> tuple[Path,
     return Path(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - started
 
 
-def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float, float]:
+def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> Margin:
     """(the model's top-1 minus the table's, the 95% half-width of that difference): the
     same records answered by both, so the interval is of the per-record difference (a
     paired normal interval), far narrower than two separate accuracies' would be."""
@@ -157,7 +161,7 @@ def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float
 
 
 def coverage_margin(model: tuple[np.ndarray, np.ndarray], table: tuple[np.ndarray, np.ndarray],
-                    draws: int = 400) -> tuple[float, float]:  # fmt: skip
+                    draws: int = 400) -> Margin:  # fmt: skip
     """(the model's coverage at 80% precision minus the table's, the half-width of a 95%
     bootstrap interval of that difference): each draw resamples the records, the same
     ones for both."""
@@ -176,18 +180,19 @@ def coverage_margin(model: tuple[np.ndarray, np.ndarray], table: tuple[np.ndarra
     return observed, float(high - low) / 2
 
 
-Margins = tuple[float, float]
-
-
-def score(run_dir: Path, test: Path, window: str) -> tuple[tr.Evaluation, float, Margins, Margins]:
+def score(run_dir: Path, test: Path, window: str) -> tuple[tr.Evaluation, float, Margin, Margin]:
+    """The saved `_best` model on the test records beside the tables of its training records
+    (what `evaluate` computes), the ceiling, and the margins over the strongest table."""
     model_file = run_dir / "track_prediction_model_best.keras"
-    _, evaluation = tr.run_evaluate(test, model_file)
+    export_dir = tr.find_export_dir(test)
+    columns = tr.read_export_columns(export_dir)
+    idx = np.arange(len(columns["track_number"]))
+    tables = tr.json.loads(tr.vocab_file_for(model_file).read_text())["baselines"]
+    evaluation = tr.evaluate_model(tr.load_saved_model(model_file), columns, idx, tables,
+                                   tr.load_sample_truth(export_dir))  # fmt: skip
     truth = np.load(test / SAMPLE_TRUTH_FILE)
     ceiling = truth["last_season_probability" if window == "new" else "best_probability"]
     # The strongest table's answers beside the model's, record by record.
-    columns = tr.read_export_columns(tr.find_export_dir(test))
-    idx = np.arange(len(columns["track_number"]))
-    tables = tr.json.loads(tr.vocab_file_for(model_file).read_text())["baselines"]
     name, _ = tr.strongest_baseline(evaluation.baselines) or ("", 0.0)
     table, share = tr.baseline_answers(tables, columns, idx)[name]
     truth_tracks = columns["track_number"][idx]
@@ -274,7 +279,6 @@ def main(records: int, seeds: str, levels: str, windows: str, train_args: str) -
         raise click.BadParameter(f"unknown window(s) {sorted(unknown)}", param_hint="--windows")
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["IMT_ML_OUTPUT_DIR"] = str(Path(tmp) / "evaluations")
         os.environ.setdefault("IMT_ML_NO_PROGRESS", "1")
         for seed in (int(s) for s in seeds.split(",")):
             for level in (float(x) for x in levels.split(",")):
