@@ -457,6 +457,12 @@ def test_a_new_seasons_trips_get_the_map_fitted_for_new_trips(trained, sample_ro
 def top_answers_in_fresh_process(model: Path, trips: list[str], when: str) -> list[list]:
     """[track, probability] of the saved `model`'s top answer for each South Station
     Worcester-line trip at `when`, from `load_predictor` in a new Python process."""
+    return [ranked[0] for ranked in answers_in_fresh_process(model, trips, when)]
+
+
+def answers_in_fresh_process(model: Path, trips: list[str], when: str) -> list[list]:
+    """The saved `model`'s ranked [track, probability] answers for each South Station
+    Worcester-line trip at `when`, from `load_predictor` in a new Python process."""
     code = (
         "import sys, json\n"
         "from imt_ml.tfrecord_reader import load_predictor\n"
@@ -464,7 +470,7 @@ def top_answers_in_fresh_process(model: Path, trips: list[str], when: str) -> li
         "ask = lambda trip: {'station_id': 'place-sstat', 'route_id': 'CR-Worcester',"
         " 'trip_id': trip, 'headsign': 'Worcester - Worcester Ln', 'direction_id': 0,"
         " 'scheduled_time': sys.argv[2]}\n"
-        "print(json.dumps([p.predict([ask(t)])[0][0] for t in sys.argv[3:]]))\n"
+        "print(json.dumps([p.predict([ask(t)])[0] for t in sys.argv[3:]]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(model), when, *trips],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -550,6 +556,34 @@ def test_refit_lr_factor_sets_how_far_the_refit_moves_the_validated_weights(tmp_
     default, tiny = moved(1.0), moved(1e-6)
     assert default > 1e-3
     assert tiny < default / 100
+
+
+def test_a_closed_platform_gets_no_probability_from_its_closing_day(tmp_path):
+    """Track works: train 500's platform 5 is out of use for the newest two and a half
+    days and the train leaves from 4. The history still says 5 nine times in ten; the
+    saved model, asked in a fresh process, answers 4 from the closing day on and still 5
+    before it, and the report names the closed platform."""
+    trips = [("CR-A-500", "5"), ("CR-A-502", "3"), ("CR-A-504", "7")]
+    before, closed = 900, 120  # 21.25 days at 600 s; the last 2.5 closed
+    pairs = trips * before + [(t, "4" if k == "5" else k) for t, k in trips] * closed
+    export = write_records(
+        tmp_path / "exports", [trip_record(i, t, k) for i, (t, k) in enumerate(pairs)]
+    )
+    args = [str(export), "train", "--epochs", "4", "--batch-size", "32", "--test-days", "0"]
+    result = CliRunner().invoke(tr.cli, args, env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "out")})
+    assert result.exit_code == 0, result.output
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    model = run_dir / "track_prediction_model_final.keras"
+    after = answers_in_fresh_process(model, [t for t, _ in trips], "2023-12-05T08:05:00-05:00")
+    earlier = answers_in_fresh_process(model, [t for t, _ in trips], "2023-11-30T08:05:00-05:00")
+    assert (after[0][0][0], earlier[0][0][0]) == ("4", "5")
+    # From the closing day on, no train gets any probability for 5; before it, 500 did.
+    assert all(p < 1e-6 for ranked in after for track, p in ranked if track == "5")
+    # The last departure from 5 was on Boston's 2023-12-03, so it is closed from the 4th.
+    assert "place-sstat track(s) 5 since 2023-12-04" in (
+        run_dir / "training_report.md").read_text()  # fmt: skip
+    vocab = json.loads((run_dir / "track_prediction_model_vocab.json").read_text())
+    assert vocab["closed_tracks"] == {"place-sstat": {"5": 19695}}  # 2023-12-04
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,15 @@ REFIT_EPOCHS = 2
 REFIT_LR_FACTOR = 1.0
 #: Groups of days (day number modulo this) for the model's out-of-group history in training.
 HISTORY_FOLDS = 5
+#: A station's track reads as closed (track works; see `closed_tracks`) when the departures
+#: the station had after the track's last one would have given it at least this many, at
+#: its share of the station's departures of the same kind of day (weekday, Saturday,
+#: Sunday) in the CLOSED_TRACK_LOOKBACK_DAYS up to that last one. At 20, a track that is
+#: merely quiet shows no departure with a chance of about e^-20.
+CLOSED_TRACK_EXPECTED = 20.0
+CLOSED_TRACK_LOOKBACK_DAYS = 28
+#: BostonClock day number standing for "open" in the model's table of closing days.
+OPEN_TRACK_DAY = 1e7
 COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 # ---------------------------------------------------------------------------
@@ -333,6 +342,9 @@ class Vocabulary:
     recency_half_life: float = RECENCY_HALF_LIFE_DAYS
     #: 2: the clock comes from the scheduled instant in Boston time (no hour inputs).
     format_version: int = 2
+    #: station -> track -> the first Boston day (day number) of the track's closure: the
+    #: tracks the training records say are out of use (see `closed_tracks`).
+    closed_tracks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -410,8 +422,62 @@ def build_vocabulary(
         record_counts=record_counts,
         split=split,
         recency_half_life=recency_half_life,
+        closed_tracks=closed_tracks(columns, train_idx),
     )
     return dataclasses.replace(vocab, history=history_tables(vocab, columns, train_idx))
+
+
+def closed_tracks(
+    columns: dict[str, np.ndarray], idx: np.ndarray,
+    expected_min: float = CLOSED_TRACK_EXPECTED,
+    lookback_days: int = CLOSED_TRACK_LOOKBACK_DAYS,
+) -> dict[str, dict[str, int]]:  # fmt: skip
+    """Platforms out of use among the records `idx`: station -> track -> the Boston day
+    number after the track's last departure, for each track the station's later
+    departures would have used at least `expected_min` times at its share of the
+    station's departures of the same kind of day (weekday, Saturday, Sunday) over the
+    `lookback_days` up to its last one. Track works close platforms for weeks; a train
+    moved off a track for good empties it the same way. The model gives such a track no
+    probability from that day on, until it is used again in the records of a retrain."""
+    stations = columns["station_id"][idx]
+    tracks = columns["track_number"][idx]
+    days = boston_days(columns["scheduled_timestamp"][idx].astype(np.float64))
+    weekdays = boston_weekdays(days)
+    kinds = np.where(weekdays < 5, 0, weekdays - 4)  # weekday, Saturday, Sunday
+    closed: dict[str, dict[str, int]] = {}
+    for station in sorted(set(stations.tolist())):
+        at = stations == station
+        d, t, kind = days[at], tracks[at], kinds[at]
+        for track in sorted(set(t.tolist()), key=track_sort_key):
+            used = t == track
+            last = int(d[used].max())
+            after = d > last
+            if not after.any():
+                continue
+            before = (d <= last) & (d > last - lookback_days)
+            expected = 0.0
+            for k in range(3):
+                same = before & (kind == k)
+                if same.any():
+                    expected += (used & same).sum() / same.sum() * (after & (kind == k)).sum()
+            if expected >= expected_min:
+                closed.setdefault(station, {})[track] = last + 1
+    return closed
+
+
+def closed_track_lines(vocab: Vocabulary) -> list[str]:
+    """One report line per station with tracks the model reads as closed."""
+    return [
+        f"- Closed platforms (no departure where at least {CLOSED_TRACK_EXPECTED:.0f} were "
+        f"expected; the model gives them no probability): {station} track(s) "
+        + ", ".join(f"{t} since {boston_date(day)}" for t, day in tracks.items())
+        for station, tracks in vocab.closed_tracks.items()
+    ]
+
+
+def boston_date(day: int) -> str:
+    """A Boston day number (`boston_days`) as YYYY-MM-DD."""
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day))).isoformat()
 
 
 def history_tables(
@@ -1023,6 +1089,19 @@ def _output_layers() -> dict[str, type]:
                     "station_tracks": self.station_tracks, "confidence_map": cmap,
                     "new_trip_map": new}  # fmt: skip
 
+    class ClosedTracks(keras.layers.Layer):
+        """[the station's closing day per track (OPEN_TRACK_DAY: open), Boston clock] ->
+        a logit penalty of -1e4 on the tracks closed on the record's Boston day (its day
+        number, BostonClock's column 3, at or after the closing day), else 0."""
+
+        def call(self, inputs):
+            since, clock = inputs
+            closed = keras.ops.cast(clock[:, 3:4] >= since, "float32")
+            return closed * -1e4
+
+        def compute_output_spec(self, inputs):
+            return keras.KerasTensor(inputs[0].shape, dtype="float32")
+
     class KnownKey(keras.layers.Layer):
         """1.0 where a history table knows the record's key (its count column, log(1 +
         count), is above 0), else 0.0; shape (batch, 1)."""
@@ -1033,7 +1112,11 @@ def _output_layers() -> dict[str, type]:
         def compute_output_spec(self, history):
             return keras.KerasTensor((history.shape[0], 1), dtype="float32")
 
-    return {"TrackProbabilities": TrackProbabilities, "KnownKey": KnownKey}
+    return {
+        "TrackProbabilities": TrackProbabilities,
+        "ClosedTracks": ClosedTracks,
+        "KnownKey": KnownKey,
+    }
 
 
 @dataclass
@@ -1208,8 +1291,11 @@ def create_simple_model(
     allowed = _fixed_table(station_index, station_track_mask(vocab_info),
                            "station_track_mask", fixed)  # fmt: skip
     penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
+    # And from its closing day on, a platform the records say is closed (closed_tracks).
+    since = _fixed_table(station_index, closing_days(vocab_info), "closing_days", fixed)
+    closed = custom_layers()["ClosedTracks"](name="closed_tracks")([since, clock])
     probabilities = layers.Activation("softmax", name="softmax")(
-        layers.Add(name="masked_logits")([logits, penalty])
+        layers.Add(name="masked_logits")([logits, penalty, closed])
     )
     known_trip = custom_layers()["KnownKey"](name="known_trip")(histories[0])
     outputs = custom_layers()["TrackProbabilities"](
@@ -1231,6 +1317,20 @@ def station_track_mask(vocab_info: Vocabulary) -> np.ndarray:
         for track in vocab_info.station_tracks.get(station, labels):
             mask[i, column[track]] = 1.0
     return mask
+
+
+def closing_days(vocab_info: Vocabulary) -> np.ndarray:
+    """(stations + 1) x tracks: the Boston day number from which each station's track is
+    closed (`Vocabulary.closed_tracks`), OPEN_TRACK_DAY where it is open."""
+    table = np.full((len(vocab_info.stations) + 1, len(vocab_info.tracks)), OPEN_TRACK_DAY,
+                    dtype=np.float32)  # fmt: skip
+    row = {s: i for i, s in enumerate(vocab_info.stations, start=1)}
+    column = {t: j for j, t in enumerate(vocab_info.tracks)}
+    for station, tracks in vocab_info.closed_tracks.items():
+        for track, day in tracks.items():
+            if station in row and track in column:
+                table[row[station], column[track]] = day
+    return table
 
 
 def model_labels(model: Any) -> list[str]:
@@ -2047,6 +2147,7 @@ def dataset_section(data: PreparedData) -> str:
     skipped = data.metadata.get("skipped_total")
     if skipped is not None:
         lines.append(f"- Records the exporter skipped: {skipped:,}")
+    lines += closed_track_lines(data.vocab_info)
     sizes = [[k, v] for k, v in data.vocab_info.sizes().items()]
     lines += ["", "Vocabulary sizes (from the training records; one more index for unknown values):",
               "", markdown_table(["Vocabulary", "Size"], sizes), "",
@@ -2558,6 +2659,7 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
         + f"with the confidence map fitted above ({refit['calibration']}).",
         "- The refit models have no held-out records left; the figures above estimate them. "
         "`--no-refit` saves the validated models instead.",
+        *closed_track_lines(refit["vocab_info"]),
         "",
     ]
 
@@ -4309,7 +4411,9 @@ def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) 
         ev = evaluate_model(model, columns, window, tables, truth)
         figures = {"start": float(origin), "end": float(end), **window_figures(ev, columns, window),
                    "train_records": int(len(before)), "train_seconds": round(fitted.seconds, 1),
-                   "epochs": fitted.epochs}  # fmt: skip
+                   "epochs": fitted.epochs,
+                   "closed_tracks": {station: sorted(tracks, key=track_sort_key)
+                                     for station, tracks in fitted.vocab.closed_tracks.items()}}  # fmt: skip
         windows.append(figures)
         pooled["probabilities_top"].append(ev.probabilities.max(axis=1))
         pooled["correct"].append(ev.metrics["predicted_tracks"] == columns["track_number"][window])
@@ -4377,6 +4481,20 @@ def plot_backtest(windows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def closed_windows_lines(windows: list[dict[str, Any]]) -> list[str]:
+    """Which origins' models read platforms as closed (`closed_tracks`), if any did."""
+    lines = [
+        f"- {dt.datetime.fromtimestamp(w['start'], dt.UTC):%Y-%m-%d}: "
+        + "; ".join(f"{s} {', '.join(t)}" for s, t in w["closed_tracks"].items())
+        for w in windows if w.get("closed_tracks")
+    ]  # fmt: skip
+    if not lines:
+        return []
+    return ["Platforms the origin's model read as closed (no departure where at least "
+            f"{CLOSED_TRACK_EXPECTED:.0f} were expected; no probability from their closing day):",
+            "", *lines, ""]  # fmt: skip
+
+
 def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: list[dict[str, Any]],
                       total: dict[str, Any], plot: Path) -> list[list[str]]:  # fmt: skip
     tables = [t for t in BASELINE_NAMES if t in total]
@@ -4411,6 +4529,7 @@ def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: li
             "",
             f"The model beat every lookup table in {beaten} of {len(windows)} windows.",
             "",
+            *closed_windows_lines(windows),
             f"![Top-1 over time]({plot.name})",
             "",
         ],
