@@ -73,6 +73,9 @@ def test_backtest_predicts_a_moved_train_right_from_the_first_origin_after_the_m
     assert top1[1] == pytest.approx(11 / 12)  # the move, unknowable at its origin
     assert top1[2:] == [1.0, 1.0]  # learnt from the first origin after it
     assert windows[1]["station_trip"] == pytest.approx(11 / 12)
+    for w in windows:  # the paired margin over the window's strongest table
+        assert w["margin"] == pytest.approx(w["model_top1"] - w[w["strongest_table"]])
+        assert w["margin_interval"] >= 0
     total = results["total"]
     assert total["records"] == 336
     assert total["model_top1"] == pytest.approx(np.mean(top1))

@@ -1476,6 +1476,17 @@ def baseline_predictions(
     return {name: pred for name, (pred, _) in baseline_answers(tables, columns, idx).items()}
 
 
+def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float, float]:
+    """(the model's top-1 minus a table's, the 95% half-width of that difference): both
+    answer the same records, so the interval is that of the per-record difference (a
+    paired normal interval), far narrower than two separate accuracies' would be. A
+    margin whose interval holds 0 is a tie on these records."""
+    if len(model_hits) < 2:
+        return float("nan"), float("nan")
+    diff = model_hits.astype(np.float64) - table_hits.astype(np.float64)
+    return float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
 def strongest_baseline(baselines: dict[str, float]) -> tuple[str, float] | None:
     """(name, accuracy) of the most accurate lookup table, if any were measured."""
     return max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
@@ -4409,7 +4420,16 @@ def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) 
         model = fitted.load()
         tables = baseline_tables(columns, before, opts.recency_half_life)
         ev = evaluate_model(model, columns, window, tables, truth)
+        strongest = strongest_baseline(ev.baselines)
+        margin: tuple[float | None, float | None] = (None, None)
+        if strongest and len(window) >= 2:
+            truth_tracks = columns["track_number"][window]
+            table = baseline_predictions(tables, columns, window)[strongest[0]]
+            margin = paired_margin(ev.metrics["predicted_tracks"] == truth_tracks,
+                                   table == truth_tracks)  # fmt: skip
         figures = {"start": float(origin), "end": float(end), **window_figures(ev, columns, window),
+                   "strongest_table": strongest[0] if strongest else None,
+                   "margin": margin[0], "margin_interval": margin[1],
                    "train_records": int(len(before)), "train_seconds": round(fitted.seconds, 1),
                    "epochs": fitted.epochs,
                    "closed_tracks": {station: sorted(tracks, key=track_sort_key)
@@ -4498,11 +4518,14 @@ def closed_windows_lines(windows: list[dict[str, Any]]) -> list[str]:
 def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: list[dict[str, Any]],
                       total: dict[str, Any], plot: Path) -> list[list[str]]:  # fmt: skip
     tables = [t for t in BASELINE_NAMES if t in total]
-    header = ["Origin", "Records", "Model", "ECE", "@80%", *tables, "Best possible", "Train s"]
+    header = ["Origin", "Records", "Model", "ECE", "@80%", "Margin", *tables, "Best possible",
+              "Train s"]  # fmt: skip
 
     def row(label: str, w: dict[str, Any]) -> list[Any]:
+        margin = (f"{100 * w['margin']:+.2f} ±{100 * w['margin_interval']:.2f}"
+                  if w.get("margin") is not None else "")  # fmt: skip
         return [label, f"{w['records']:,}", _pct(w["model_top1"]), f"{w['model_ece']:.3f}",
-                _pct(w["model_coverage_80"]), *(_pct(w[t]) for t in tables),
+                _pct(w["model_coverage_80"]), margin, *(_pct(w[t]) for t in tables),
                 _pct(w["best_possible"]) if w.get("best_possible") is not None else "n/a",
                 w.get("train_seconds", "")]  # fmt: skip
 
@@ -4527,7 +4550,10 @@ def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: li
             "",
             markdown_table(header, rows),
             "",
-            f"The model beat every lookup table in {beaten} of {len(windows)} windows.",
+            f"The model beat every lookup table in {beaten} of {len(windows)} windows. Margin: "
+            "the model's top-1 minus the window's strongest table's, in points, with the 95% "
+            "interval of that difference over the same records; where it holds 0 the two "
+            "cannot be told apart on that window.",
             "",
             *closed_windows_lines(windows),
             f"![Top-1 over time]({plot.name})",

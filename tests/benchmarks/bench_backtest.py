@@ -120,9 +120,9 @@ def main(records: int, seed: int, weeks_before: int, weeks_after: int, cold: boo
     print(f"\nBacktest benchmark: {records:,} records, seed {seed}, {os.cpu_count()} cores, "
           f"weekly origins ({recipe}); season change {change}; {CLOSED[0]} tracks "
           f"{'+'.join(CLOSED[1])} closed {closure.start} to {closure.end - dt.timedelta(days=1)}")  # fmt: skip
-    header = ["origin", "records", "model", "ECE", "@80", "strongest table", "best poss.",
-              "of best", "train s", "verdict"]  # fmt: skip
-    rows, failed = [], 0
+    header = ["origin", "records", "model", "ECE", "@80", "strongest table", "margin",
+              "best poss.", "of best", "train s", "verdict"]  # fmt: skip
+    rows, failed, ties = [], 0, []
     for w in windows:
         origin = dt.datetime.fromtimestamp(w["start"], dt.UTC).date()
         name = max(tables, key=lambda t: w[t])
@@ -132,25 +132,38 @@ def main(records: int, seed: int, weeks_before: int, weeks_after: int, cold: boo
             " (closure)" if closure.start <= origin + dt.timedelta(days=6) and origin < closure.end else "")  # fmt: skip
         rows.append([f"{origin}{note}", f"{w['records']:,}", pct(w["model_top1"]),
                      f"{w['model_ece']:.3f}", pct(w["model_coverage_80"]),
-                     f"{short[name]} {pct(w[name])}", pct(w["best_possible"]),
+                     f"{short[name]} {pct(w[name])}",
+                     f"{100 * w['margin']:+.2f} ±{100 * w['margin_interval']:.2f}",
+                     pct(w["best_possible"]),
                      f"{100 * w['model_top1'] / w['best_possible']:.1f}%" if w["best_possible"] else "n/a",
                      f"{w['train_seconds']:.0f}", "PASS" if ok else "FAIL: below a table"])  # fmt: skip
+        if abs(w["margin"]) <= w["margin_interval"]:
+            ties.append(str(origin))
     name = max(tables, key=lambda t: total[t])
     ratio = (
         total["model_top1"] / total["best_possible"] if total.get("best_possible") else float("nan")
     )
     rows.append(["total", f"{total['records']:,}", pct(total["model_top1"]), f"{total['model_ece']:.3f}",
                  pct(total["model_coverage_80"]), f"{short[name]} {pct(total[name])}",
-                 pct(total.get("best_possible")), f"{100 * ratio:.1f}%", "", ""])  # fmt: skip
+                 "", pct(total.get("best_possible")), f"{100 * ratio:.1f}%", "", ""])  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(
             "  ".join(
-                v.rjust(wd) if i < 9 else v
+                v.rjust(wd) if i < 10 else v
                 for i, (v, wd) in enumerate(zip(row, widths, strict=True))
             )
         )
-    print("\nEvery lookup table over the whole period: "
+    print(
+        "\nmargin: the model's top-1 minus the window's strongest table's, in points, with the "
+        "95% interval of that difference over the same records (paired)."
+    )
+    if ties:
+        print(
+            f"In {len(ties)} window(s) the interval holds 0, so on these records the model and "
+            f"the table cannot be told apart, whichever way the check went: {', '.join(ties)}"
+        )
+    print("Every lookup table over the whole period: "
           + ", ".join(f"{short[t]} {pct(total[t])}" for t in tables))  # fmt: skip
     print(
         f"backtest of {len(windows)} origins: {seconds:.0f} s ({seconds / len(windows):.0f} s an origin)"

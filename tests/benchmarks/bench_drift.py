@@ -152,14 +152,6 @@ def run_train(export: Path, out: Path, extra: Sequence[str] = ()) -> tuple[Path,
     return Path(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - started
 
 
-def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> Margin:
-    """(the model's top-1 minus the table's, the 95% half-width of that difference): the
-    same records answered by both, so the interval is of the per-record difference (a
-    paired normal interval), far narrower than two separate accuracies' would be."""
-    diff = model_hits.astype(np.float64) - table_hits.astype(np.float64)
-    return float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
-
-
 def coverage_margin(model: tuple[np.ndarray, np.ndarray], table: tuple[np.ndarray, np.ndarray],
                     draws: int = 400) -> Margin:  # fmt: skip
     """(the model's coverage at 80% precision minus the table's, the half-width of a 95%
@@ -197,7 +189,7 @@ def score(run_dir: Path, test: Path, window: str) -> tuple[tr.Evaluation, float,
     table, share = tr.baseline_answers(tables, columns, idx)[name]
     truth_tracks = columns["track_number"][idx]
     model_hits = evaluation.metrics["predicted_tracks"] == truth_tracks
-    margin = paired_margin(model_hits, table == truth_tracks)
+    margin = tr.paired_margin(model_hits, table == truth_tracks)
     coverage = coverage_margin((evaluation.probabilities.max(axis=1), model_hits),
                                (share, table == truth_tracks))  # fmt: skip
     return evaluation, float(ceiling.mean()), margin, coverage
