@@ -192,15 +192,18 @@ def test_the_same_instant_in_any_offset_gets_the_same_answer_everywhere(run_dir,
     """Through `predict` (a subprocess), the .keras file and the SavedModel (fresh
     processes): the same departures asked in UTC, Boston time, without an offset and in
     Tokyo time get identical probabilities, to the last digit."""
-    answers = {}
-    for name, times in SAME_INSTANTS.items():
-        lines = "\n".join(json.dumps(r) for r in clock_requests(times)) + "\n"
-        proc = subprocess.run(
-            [sys.executable, str(READER), "-", "predict", "--model", str(model_file)],
-            input=lines, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        answers[name] = [json.loads(line) for line in proc.stdout.splitlines()]
+    # Every written form through one `predict` process, in turn.
+    requests = [clock_requests(times) for times in SAME_INSTANTS.values()]
+    lines = "".join(json.dumps(r) + "\n" for group in requests for r in group)
+    proc = subprocess.run(
+        [sys.executable, str(READER), "-", "predict", "--model", str(model_file)],
+        input=lines, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    per = len(requests[0])
+    assert len(out) == per * len(SAME_INSTANTS)
+    answers = {name: out[i * per : (i + 1) * per] for i, name in enumerate(SAME_INSTANTS)}
     assert all(a == answers["utc"] for a in answers.values()), answers
 
     # The instants as Unix seconds, from each written form, through the saved model files.
