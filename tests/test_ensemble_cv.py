@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from imt_ml import evaluation
 from imt_ml import tfrecord_reader as tr
 
 from conftest import NORTH_STATION_ASSIGNMENT, run_mode, sample_root_fixture
@@ -249,4 +250,4 @@ def test_a_fold_without_validation_records_is_refused():
 
 def test_student_t_quantiles():
     for df, expected in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)]:
-        assert tr.student_t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)
+        assert evaluation.student_t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from imt_ml import layers as track_layers
 from imt_ml import tfrecord_reader as tr
 from imt_ml.export_track_data import TFRecordShardWriter, encode_example
 
@@ -376,12 +377,12 @@ def test_a_train_whose_track_depends_on_the_weekday_is_read_per_weekday(tmp_path
     assert np.all((mixed > 0.1) & (mixed < 0.9))
     # In the evidence logits the weekday table adds only where the weekday differs from
     # the train's other days: nothing for a train that keeps one track every day.
-    evidence = tr.custom_layers()["EvidenceLogits"](finer=1)
+    evidence = track_layers.EvidenceLogits(finer=1)
     trip = np.array([[0.0, 1.0, np.log1p(4)]] * 2, dtype=np.float32)  # shares, log(1 + n)
     train = np.array([[0.2, 0.8, np.log1p(20)]] * 2, dtype=np.float32)
     day = np.array([[0.2, 0.8, np.log1p(4)], [1.0, 0.0, np.log1p(4)]], dtype=np.float32)
     with_day = np.asarray(evidence([trip, train, day]))
-    without = np.asarray(tr.custom_layers()["EvidenceLogits"]()([trip, train]))
+    without = np.asarray(track_layers.EvidenceLogits()([trip, train]))
     np.testing.assert_allclose(with_day[0], without[0], atol=1e-5)
     assert with_day[1, 0] > without[1, 0] and with_day[1, 1] < without[1, 1]
     tables = tr.baseline_tables(columns, every, half_life_days=0)
@@ -397,7 +398,7 @@ def overconfident(model):
         layers.Rescaling(5.0)(model.get_layer("masked_logits").output)
     )
     output = model.get_layer("track_probabilities")
-    labelled = tr.custom_layers()["TrackProbabilities"](
+    labelled = track_layers.TrackProbabilities(
         output.labels, output.station_tracks, name="track_probabilities"
     )
     return tr.keras.Model(model.inputs, labelled(sharp))
@@ -671,7 +672,7 @@ def test_new_trips_read_only_what_the_train_did_on_its_other_trips():
     train only its other trips (its last season). In training, NewTrips shows the model
     exactly that for a share of records, and a young trip (a fraction of its counts) for
     another; outside training it changes nothing."""
-    layer = tr.custom_layers()["NewTrips"](hide=0.3, thin=0.3, seed=1)
+    layer = track_layers.NewTrips(hide=0.3, thin=0.3, seed=1)
     trip = np.tile(np.array([[6.0, 0.0, 0.0]], dtype=np.float32), (4000, 1))
     train = np.tile(
         np.array([[6.0, 10.0, 0.0]], dtype=np.float32), (4000, 1)
@@ -692,10 +693,10 @@ def test_new_trips_read_only_what_the_train_did_on_its_other_trips():
     )
     # The default: in training a new trip's train keeps its whole history; the copy that
     # fits the new-trip map (`always`) still reads only the train's other trips.
-    whole = tr.custom_layers()["NewTrips"](hide=1.0, seed=1, whole_train=True)
+    whole = track_layers.NewTrips(hide=1.0, seed=1, whole_train=True)
     hidden_trip, whole_train = (np.asarray(t) for t in whole([trip, train], training=True))
     assert np.all(hidden_trip == 0.0) and np.array_equal(whole_train, train)
-    always = tr.custom_layers()["NewTrips"].from_config({**whole.get_config(), "always": True})
+    always = track_layers.NewTrips.from_config({**whole.get_config(), "always": True})
     as_new = [np.asarray(t) for t in always([trip, train], training=False)]
     assert np.all(as_new[0] == 0.0)
     np.testing.assert_allclose(as_new[1], np.tile([[0.0, 10.0, 0.0]], (4000, 1)))
@@ -705,7 +706,7 @@ def test_new_trips_read_only_what_the_train_did_on_its_other_trips():
 def test_the_confidence_map_never_gives_probability_to_a_track_the_station_never_used():
     """When the other tracks hold almost nothing, what the map takes from the top used to be
     spread over every track, North Station's 11-13 included."""
-    layer = tr.custom_layers()["TrackProbabilities"](
+    layer = track_layers.TrackProbabilities(
         [str(t) for t in range(1, 14)], confidence_map={"x": [0.5, 1.0], "y": [0.5, 0.9]}
     )
     north = np.zeros((1, 13), dtype=np.float32)

@@ -23,9 +23,7 @@ from typing import Any
 
 
 def _register_layers() -> None:
-    from imt_ml.tfrecord_reader import custom_layers
-
-    custom_layers()
+    importlib.import_module("imt_ml.layers")  # its classes register as they are defined
 
 
 class _RegisterLayersWithKeras:

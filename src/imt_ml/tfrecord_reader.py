@@ -22,14 +22,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import functools
 import io
 import json
 import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,32 +39,84 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/tfrecord_reader.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imt_ml.evaluation import (
+    BASELINE_NAMES,
+    PRECISION_TARGETS,
+    RECENCY_HALF_LIFE_DAYS,
+    SECONDS_PER_DAY,
+    Calibration,
+    ConfidenceMap,
+    Evaluation,
+    baseline_answers,
+    baseline_predictions,
+    baseline_tables,
+    best_possible_accuracy,
+    boston_days,
+    boston_weekdays,
+    coverage_at_precision,
+    describe_map,
+    evaluate_predictions,
+    evaluation_figures,
+    evaluation_section,
+    expected_calibration_error,
+    fit_confidence_map,
+    interval,
+    iso_utc,
+    label_indices,
+    load_sample_truth,
+    majority_vote,
+    mean_confidence_interval,
+    member_agreement,
+    member_weights,
+    paired_margin,
+    period,
+    plot_confusion_matrix,
+    plot_learning_curves,
+    plot_reliability_diagram,
+    recency_weights,
+    reliability_bins,
+    strongest_baseline,
+    track_sort_key,
+    train_numbers,
+    window_figures,
+)
 from imt_ml.utils import (
     ENV_OUTPUT,
     ENV_PROGRESS,
     ENV_TF_LOG,
     METADATA_FILE,
-    SAMPLE_TRUTH_FILE,
     SHARD_GLOB,
     TRACKER_TIMEZONE,
     ModelRegistry,
+    Run,
     UserError,
-    boston_offsets,
     chunked,
-    create_run_dir,
+    configuration_section,
     dataclass_options,
     environment_epilog,
+    figure,
+    files_section,
     from_options,
+    HISTORY_FOLDS,
+    LazyModule,
     keras,
     log,
+    markdown_table,
     option_field,
+    overview_section,
     parse_instant,
+    pct,
     progress,
     split_host_port,
     tf,
     tf_parse_spec,
+    timing_section,
     write_json,
+    write_report,
 )
+
+#: The custom layers and callbacks (imt_ml/layers.py), imported with Keras on first use.
+track_layers: Any = LazyModule("imt_ml.layers")
 
 # ---------------------------------------------------------------------------
 # Model inputs: the raw values a saved model takes, and their dtypes.
@@ -99,9 +150,6 @@ VALIDATION_DAYS = 28
 #: The newest days every mode holds out of checkpointing, early stopping, calibration,
 #: ensemble weights and trial selection: the report's headline figures come from them.
 TEST_DAYS = 7.0
-#: A schedule season lasts about 90 days; 60 lets the current one outweigh the last.
-RECENCY_HALF_LIFE_DAYS = 60.0
-SECONDS_PER_DAY = 86_400
 #: Epochs of the refit on every record (--refit-epochs). It continues from the validated
 #: weights, which already read the history tables well: what the newest records add is
 #: mostly in the tables (rebuilt from every record) and in the embeddings of ids first
@@ -115,8 +163,6 @@ REFIT_EPOCHS = 2
 #: three cells with 14 days of a new season in training, against 0.017-0.025, and 30-45%
 #: less coverage at 80% precision there).
 REFIT_LR_FACTOR = 1.0
-#: Groups of days (day number modulo this) for the model's out-of-group history in training.
-HISTORY_FOLDS = 5
 #: A station's track reads as closed (track works; see `closed_tracks`) when the departures
 #: the station had after the track's last one would have given it at least this many, at
 #: its share of the station's departures of the same kind of day (weekday, Saturday,
@@ -126,7 +172,6 @@ CLOSED_TRACK_EXPECTED = 20.0
 CLOSED_TRACK_LOOKBACK_DAYS = 28
 #: BostonClock day number standing for "open" in the model's table of closing days.
 OPEN_TRACK_DAY = 1e7
-COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 # ---------------------------------------------------------------------------
 # Locating an export.
@@ -222,46 +267,9 @@ def exact_timestamps(approx: np.ndarray, minute: np.ndarray) -> np.ndarray:
     return np.round(t / 3600) * 3600 + minute.astype(np.float64) * 60
 
 
-def boston_days(timestamps: np.ndarray) -> np.ndarray:
-    """Day number (days since 1970-01-01) of each instant on Boston's calendar."""
-    instants, offsets = boston_offsets()
-    local = (
-        timestamps
-        + np.asarray(offsets, dtype=np.float64)[
-            np.searchsorted(np.asarray(instants), timestamps, side="right")
-        ]
-    )
-    return np.floor(local / SECONDS_PER_DAY).astype(np.int64)
-
-
-def boston_weekdays(days: np.ndarray) -> np.ndarray:
-    """Weekday (0 = Monday) of Boston day numbers (`boston_days`); 1970-01-01 was a
-    Thursday. BostonClock computes the same in the model."""
-    return (days + 3) % 7
-
-
-def train_numbers(trip_ids: Iterable[str]) -> np.ndarray:
-    """The train number of each trip id: its last '-' part ('CR-733772-520' -> '520')."""
-    return np.array([t.rsplit("-", 1)[-1] for t in trip_ids], dtype=object)
-
-
 # ---------------------------------------------------------------------------
 # Splitting by time, and the vocabularies of the training half.
 # ---------------------------------------------------------------------------
-
-
-def track_sort_key(track: str) -> tuple[int, str]:
-    """Numeric order for track labels: '2' before '10'."""
-    return (int(track), track) if track.isdigit() else (10**9, track)
-
-
-def iso_utc(ts: float) -> str:
-    return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def period(timestamps: np.ndarray) -> list[str]:
-    """[first, last] scheduled time of some records, for reports."""
-    return [iso_utc(timestamps.min()), iso_utc(timestamps.max())] if len(timestamps) else []
 
 
 def split_records(
@@ -542,12 +550,6 @@ def model_features(
     return feats
 
 
-def label_indices(tracks: np.ndarray, labels: list[str]) -> np.ndarray:
-    """Class index of each track, -1 for a track outside the model's labels."""
-    index = {label: i for i, label in enumerate(labels)}
-    return np.array([index.get(t, -1) for t in tracks], dtype=np.int64)
-
-
 #: Share of training records whose train is hidden in each batch (trip id and train
 #: number), so the unknown buckets learn at any training size: what a train never seen
 #: looks like. (New and young trips are the model's own augmentation: NewTrips.)
@@ -592,16 +594,6 @@ def make_dataset(
     if augment:
         ds = ds.map(_hide_identities, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray:
-    """0.5 ** (age / half-life), age counted back from the newest record, scaled to mean 1
-    so the loss and the learning rate keep their meaning (all 1 for a half-life of 0)."""
-    if half_life_days <= 0:
-        return np.ones(len(timestamps))
-    age_days = (timestamps.max() - timestamps.astype(np.float64)) / 86_400
-    weights = 0.5 ** (age_days / half_life_days)
-    return weights / weights.mean()
 
 
 @dataclass(frozen=True)
@@ -743,382 +735,6 @@ def load_tfrecord_dataset(
 # ---------------------------------------------------------------------------
 
 
-def _register(cls: type) -> type:
-    return keras.saving.register_keras_serializable(package="imt_ml")(cls)
-
-
-@functools.cache
-def custom_layers() -> dict[str, type]:
-    """Define (once) and register the custom layers; returns them by name."""
-    layers = {**_input_layers(), **_history_layers(), **_output_layers()}
-    return {name: _register(cls) for name, cls in layers.items()}
-
-
-def _input_layers() -> dict[str, type]:
-
-    class TrainNumber(keras.layers.Layer):
-        """Trip id -> train number, the text after the last '-'."""
-
-        def call(self, trip_id):
-            return tf.strings.regex_replace(trip_id, r"^.*-", "")
-
-        def compute_output_spec(self, trip_id):
-            return keras.KerasTensor(trip_id.shape, dtype="string")
-
-    class JoinStrings(keras.layers.Layer):
-        """Join string tensors element-wise, e.g. station and train number."""
-
-        def __init__(self, separator: str = ":", **kwargs):
-            super().__init__(**kwargs)
-            self.separator = separator
-
-        def call(self, parts):
-            return tf.strings.join(list(parts), separator=self.separator)
-
-        def compute_output_spec(self, parts):
-            return keras.KerasTensor(parts[0].shape, dtype="string")
-
-        def get_config(self):
-            return {**super().get_config(), "separator": self.separator}
-
-    class BostonClock(keras.layers.Layer):
-        """Unix seconds -> [hour, minute, day of week (0 = Monday), day number] on Boston's
-        wall clock, from the changes of America/New_York's offset kept in the layer
-        (`utils.boston_offsets`), so a saved model needs no tz database. Computed in
-        float64: a float32 timestamp is only good to about two minutes."""
-
-        def __init__(self, instants: Sequence[float] | None = None,
-                     offsets: Sequence[int] | None = None, **kwargs):  # fmt: skip
-            kwargs.setdefault("dtype", "float64")  # keep the input's precision
-            super().__init__(**kwargs)
-            if instants is None or offsets is None:
-                instants, offsets = boston_offsets()
-            self.instants, self.offsets = list(instants), list(offsets)
-
-        def call(self, timestamp):
-            t = tf.reshape(tf.cast(timestamp, tf.float64), [-1])
-            change = tf.searchsorted(tf.constant(self.instants, tf.float64), t, side="right")
-            local = t + tf.gather(tf.constant(self.offsets, tf.float64), change)
-            minutes = tf.floor(local / 60.0)
-            day = tf.floor(minutes / 1440.0)
-            minute_of_day = minutes - day * 1440.0
-            hour = tf.floor(minute_of_day / 60.0)
-            weekday = tf.math.floormod(day + 3.0, 7.0)  # 1970-01-01 was a Thursday
-            clock = tf.stack([hour, minute_of_day - hour * 60.0, weekday, day], axis=-1)
-            return tf.cast(clock, tf.float32)
-
-        def compute_output_spec(self, timestamp):
-            return keras.KerasTensor((timestamp.shape[0], 4), dtype="float32")
-
-        def get_config(self):
-            return {**super().get_config(), "instants": self.instants, "offsets": self.offsets}
-
-    class CyclicalEncoding(keras.layers.Layer):
-        """x -> [sin(2 pi x / period), cos(2 pi x / period)]: 23:59 sits next to 00:00.
-        With `column`, x is that column of a 2-D input (e.g. BostonClock's hour)."""
-
-        def __init__(self, period: float, column: int | None = None, **kwargs):
-            super().__init__(**kwargs)
-            self.period = float(period)
-            self.column = column
-
-        def call(self, x):
-            if self.column is not None:
-                x = x[:, self.column]
-            angle = keras.ops.cast(x, "float32") * (2.0 * math.pi / self.period)
-            return keras.ops.stack([keras.ops.sin(angle), keras.ops.cos(angle)], axis=-1)
-
-        def compute_output_spec(self, x):
-            shape = x.shape[:1] if self.column is not None else x.shape
-            return keras.KerasTensor((*shape, 2), dtype="float32")
-
-        def get_config(self):
-            return {**super().get_config(), "period": self.period, "column": self.column}
-
-    return {
-        "TrainNumber": TrainNumber,
-        "JoinStrings": JoinStrings,
-        "BostonClock": BostonClock,
-        "CyclicalEncoding": CyclicalEncoding,
-    }
-
-
-def other_days(counts: Any, fold_counts: Any, clock: Any) -> Any:
-    """A key's track counts without those of the record's own group of days (Boston day
-    number, BostonClock's column 3, modulo HISTORY_FOLDS), scaled back up to the whole."""
-    fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
-    blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
-    own = keras.ops.sum(blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1)
-    return (counts - own) * (HISTORY_FOLDS / (HISTORY_FOLDS - 1))
-
-
-def _history_layers() -> dict[str, type]:
-    class OtherDays(keras.layers.Layer):
-        """A key's track counts as a record may read them. Inputs: the counts over every
-        training record, the same per group of days (HISTORY_FOLDS blocks side by side)
-        and the record's Boston clock (BostonClock; its day number). In training a record
-        reads the counts of the other groups of days (Boston day number modulo
-        HISTORY_FOLDS), scaled up to the whole, so its own track is never evidence for
-        itself; otherwise it reads them all."""
-
-        def call(self, inputs, training=None):
-            return other_days(*inputs) if training else inputs[0]
-
-        def compute_output_spec(self, inputs):
-            return keras.KerasTensor(inputs[0].shape, dtype="float32")
-
-    class NewTrips(keras.layers.Layer):
-        """Training only: a share of records read their trip as a new schedule season's
-        would. Inputs and outputs: [station + trip counts, station + train counts, and
-        finer tables of the train (its counts per weekday), scaled with the train's].
-
-        `hide`: the trip is new; its counts read 0 and the train's counts keep only its
-        other trips (its other seasons), which is all a new season's first records have
-        (unless `whole_train`).
-        `thin`: the trip is young; a random fraction (3%-60%) of its counts stays, in
-        the train's counts too, as in the first weeks of a season. Trips stay known
-        otherwise, and nothing changes outside training.
-
-        `whole_train`: in training the train's counts stay whole, its trip included, so
-        the model learns to answer a new trip as its train's history says, and only the
-        confidence map for new trips (fitted through `always`) learns how often a new
-        season proves that history wrong.
-
-        `always` (a copy for calibration, `as_new_trips`): every record, in and out of
-        training, reads its trip as new, the train keeping only its other trips."""
-
-        def __init__(self, hide: float = 0.15, thin: float = 0.0, seed: int | None = None,
-                     always: bool = False, whole_train: bool = False, **kwargs):  # fmt: skip
-            super().__init__(**kwargs)
-            self.hide, self.thin, self.seed = float(hide), float(thin), seed
-            self.always, self.whole_train = bool(always), bool(whole_train)
-            self.seed_generator = keras.random.SeedGenerator(seed)
-
-        def call(self, inputs, training=None):
-            trip, train, *finer = inputs
-            if self.always:
-                return [trip * 0.0, *self._without_trip(trip, train, finer, trip * 0.0)]
-            if not training or self.hide + self.thin <= 0:
-                return list(inputs)
-            shape = (keras.ops.shape(trip)[0], 1)
-            draw = keras.random.uniform(shape, seed=self.seed_generator)
-            fraction = keras.random.uniform(shape, 0.03, 0.6, seed=self.seed_generator)
-            keep = keras.ops.where(draw < self.hide, 0.0,
-                                   keras.ops.where(draw < self.hide + self.thin, fraction, 1.0))  # fmt: skip
-            kept = trip * keep
-            if self.whole_train:
-                return [kept, train, *finer]
-            return [kept, *self._without_trip(trip, train, finer, kept)]
-
-        @staticmethod
-        def _without_trip(trip, train, finer, kept_trip):
-            """The train's counts with only `kept_trip` of its trip's; finer tables of the
-            train (per weekday) scaled by the share of the train's weight that stays."""
-            kept = keras.ops.relu(train - trip) + kept_trip
-            total = keras.ops.sum(train, axis=-1, keepdims=True)
-            share = keras.ops.sum(kept, axis=-1, keepdims=True) / keras.ops.maximum(total, 1e-6)
-            return [kept, *(t * share for t in finer)]
-
-        def compute_output_spec(self, inputs):
-            return [keras.KerasTensor(t.shape, dtype="float32") for t in inputs]
-
-        def get_config(self):
-            return {**super().get_config(), "hide": self.hide, "thin": self.thin,
-                    "seed": self.seed, "always": self.always,
-                    "whole_train": self.whole_train}  # fmt: skip
-
-    class DayRow(keras.layers.Layer):
-        """[station + train row, Boston clock] -> the row of the station + train number +
-        weekday table: row * 7 + weekday (BostonClock's column 2, 0 = Monday)."""
-
-        def call(self, inputs):
-            row, clock = inputs
-            day = keras.ops.cast(clock[:, 2], "int64")
-            return keras.ops.cast(row, "int64") * 7 + day
-
-        def compute_output_spec(self, inputs):
-            return keras.KerasTensor(inputs[0].shape, dtype="int64")
-
-    class TrackHistory(keras.layers.Layer):
-        """Lookup-table evidence as features: from a key's track counts, each track's
-        share and log(1 + count). (Models saved before OtherDays existed pass [counts,
-        fold counts, clock] and get OtherDays' treatment here.)"""
-
-        def call(self, inputs, training=None):
-            if isinstance(inputs, list | tuple):
-                counts = other_days(*inputs) if training else inputs[0]
-            else:
-                counts = inputs
-            total = keras.ops.sum(counts, axis=-1, keepdims=True)
-            shares = counts / keras.ops.maximum(total, 1e-6)
-            return keras.ops.concatenate([shares, keras.ops.log1p(total)], axis=-1)
-
-        def compute_output_spec(self, inputs):
-            counts = inputs[0] if isinstance(inputs, list | tuple) else inputs
-            return keras.KerasTensor((counts.shape[0], counts.shape[1] + 1), dtype="float32")
-
-    class EvidenceLogits(keras.layers.Layer):
-        """sum over tables of a_t * log(share + 0.01), one learned weight a_t per table
-        (starting at 1): the lookup tables' answer as a starting point for the logits.
-
-        The tables come most specific first (station + trip id, then station + train
-        number). Every later table has two weights: one for records the first table
-        knows and one for records it does not (a new schedule's trip ids), so the model
-        can lean on the train number exactly when the trip is new.
-
-        `finer`: the last `finer` tables refine the table before them (the train's counts
-        per weekday) and enter as what they add to it: log of their shares, shrunk toward
-        the coarser table's by `prior` records, less log of the coarser shares. A train
-        that keeps one track every day adds nothing, so after a move the stale evidence of
-        its weekdays does not count twice against the new trip's."""
-
-        def __init__(self, finer: int = 0, prior: float = 3.0, **kwargs):
-            super().__init__(**kwargs)
-            self.finer, self.prior = int(finer), float(prior)
-
-        def get_config(self):
-            return {**super().get_config(), "finer": self.finer, "prior": self.prior}
-
-        def build(self, input_shape):
-            self.scales = self.add_weight(
-                shape=(2 * len(input_shape) - 1,), initializer="ones", name="scales"
-            )
-
-        def call(self, inputs):
-            # The first table's last column is log(1 + its count): > 0 where it knows the key.
-            known = keras.ops.cast(inputs[0][:, -1:] > 0.0, "float32")
-            logits = 0.0
-            for i, history in enumerate(inputs):
-                scale = (
-                    self.scales[0]
-                    if i == 0
-                    else (known * self.scales[2 * i - 1] + (1.0 - known) * self.scales[2 * i])
-                )
-                if i >= len(inputs) - self.finer:
-                    coarse = inputs[i - 1][:, :-1]
-                    count = keras.ops.expm1(history[:, -1:])
-                    shrunk = (history[:, :-1] * count + self.prior * coarse) / (count + self.prior)
-                    term = keras.ops.log(shrunk + 0.01) - keras.ops.log(coarse + 0.01)
-                else:
-                    term = keras.ops.log(history[:, :-1] + 0.01)
-                logits = logits + scale * term
-            return logits
-
-        def compute_output_spec(self, inputs):
-            history = inputs[0]
-            return keras.KerasTensor((history.shape[0], history.shape[1] - 1), dtype="float32")
-
-    return {
-        "OtherDays": OtherDays,
-        "NewTrips": NewTrips,
-        "DayRow": DayRow,
-        "TrackHistory": TrackHistory,
-        "EvidenceLogits": EvidenceLogits,
-    }
-
-
-def _output_layers() -> dict[str, type]:
-    class TrackProbabilities(keras.layers.Layer):
-        """The output: class probabilities, with the track label of each class and the
-        tracks each station used in training kept in the saved model
-        (`model.get_layer("track_probabilities").labels` / `.station_tracks`).
-
-        `confidence_map` (fitted on validation records, see `calibrate_model`) maps the
-        top probability to the accuracy records with that confidence had, piecewise
-        linearly between its knots; the other tracks share the rest in their own
-        proportions, and the top track stays on top. None leaves them unchanged."""
-
-        def __init__(self, labels: list[str], station_tracks: dict[str, list[str]] | None = None,
-                     confidence_map: dict[str, list[float]] | None = None,
-                     new_trip_map: dict[str, list[float]] | None = None, **kwargs):  # fmt: skip
-            super().__init__(**kwargs)
-            self.labels = list(labels)
-            self.station_tracks = dict(station_tracks or {})
-            self.confidence_map = ConfidenceMap(**confidence_map) if confidence_map else None
-            self.new_trip_map = ConfidenceMap(**new_trip_map) if new_trip_map else None
-
-        def call(self, inputs):
-            # [probabilities, known]: `known` (1 where the model knows the record's trip)
-            # chooses the map: `confidence_map` for known trips, `new_trip_map` (fitted on
-            # a past change of schedule, see calibrate_model) for the others;
-            # without one, the model's own probabilities.
-            probabilities, known = (inputs if isinstance(inputs, list | tuple)
-                                    else (inputs, None))  # fmt: skip
-            known_mapped = self._mapped(probabilities, self.confidence_map)
-            if known is None:
-                return known_mapped
-            new_mapped = self._mapped(probabilities, self.new_trip_map)
-            return known * known_mapped + (1.0 - known) * new_mapped
-
-        def _mapped(self, probabilities, confidence_map):
-            if confidence_map is None:
-                return probabilities
-            x, y = (np.asarray(v, dtype=np.float32) for v in confidence_map)
-            top = keras.ops.max(probabilities, axis=-1, keepdims=True)
-            chosen = keras.ops.one_hot(keras.ops.argmax(probabilities, axis=-1), len(self.labels))
-            # y[0] plus each segment's slope times how far into it the top probability lies.
-            slopes = np.diff(y) / np.maximum(np.diff(x), 1e-9)
-            into = keras.ops.clip(top - x[:-1], 0.0, np.diff(x))
-            mapped = y[0] + keras.ops.sum(into * slopes, axis=-1, keepdims=True)
-            not_top = probabilities * (1.0 - chosen)
-            rest = keras.ops.sum(not_top, axis=-1, keepdims=True)
-            second = keras.ops.max(not_top, axis=-1, keepdims=True)
-            # At second / (second + rest) the top and the next track would tie; stay above.
-            floor = second / keras.ops.maximum(second + rest, 1e-9) + 1e-5
-            mapped = keras.ops.minimum(keras.ops.maximum(mapped, floor), 1.0)
-            # When the other tracks hold (almost) nothing, the rest goes evenly to the ones
-            # the station can use: the softmax gives exactly 0 to a track it never used
-            # (its logit is 1e4 lower). With no such track the top keeps everything.
-            usable = keras.ops.cast(not_top > 0.0, "float32")
-            count = keras.ops.sum(usable, axis=-1, keepdims=True)
-            mapped = keras.ops.where(count > 0.0, mapped, 1.0)
-            others = keras.ops.where(
-                rest > 1e-6, probabilities * (1.0 - mapped) / keras.ops.maximum(rest, 1e-6),
-                usable * (1.0 - mapped) / keras.ops.maximum(count, 1.0),
-            )  # fmt: skip
-            return chosen * mapped + (1.0 - chosen) * others
-
-        def compute_output_spec(self, inputs):
-            probabilities = inputs[0] if isinstance(inputs, list | tuple) else inputs
-            return keras.KerasTensor(probabilities.shape, dtype="float32")
-
-        def get_config(self):
-            cmap = self.confidence_map._asdict() if self.confidence_map else None
-            new = self.new_trip_map._asdict() if self.new_trip_map else None
-            return {**super().get_config(), "labels": self.labels,
-                    "station_tracks": self.station_tracks, "confidence_map": cmap,
-                    "new_trip_map": new}  # fmt: skip
-
-    class ClosedTracks(keras.layers.Layer):
-        """[the station's closing day per track (OPEN_TRACK_DAY: open), Boston clock] ->
-        a logit penalty of -1e4 on the tracks closed on the record's Boston day (its day
-        number, BostonClock's column 3, at or after the closing day), else 0."""
-
-        def call(self, inputs):
-            since, clock = inputs
-            closed = keras.ops.cast(clock[:, 3:4] >= since, "float32")
-            return closed * -1e4
-
-        def compute_output_spec(self, inputs):
-            return keras.KerasTensor(inputs[0].shape, dtype="float32")
-
-    class KnownKey(keras.layers.Layer):
-        """1.0 where a history table knows the record's key (its count column, log(1 +
-        count), is above 0), else 0.0; shape (batch, 1)."""
-
-        def call(self, history):
-            return keras.ops.cast(history[:, -1:] > 0.0, "float32")
-
-        def compute_output_spec(self, history):
-            return keras.KerasTensor((history.shape[0], 1), dtype="float32")
-
-    return {
-        "TrackProbabilities": TrackProbabilities,
-        "ClosedTracks": ClosedTracks,
-        "KnownKey": KnownKey,
-    }
-
-
 @dataclass
 class ModelConfig:
     """Architecture and regularisation of one model."""
@@ -1190,11 +806,10 @@ def identity_features(
     if not vocab_info.history:
         raise ValueError("the vocabulary has no history tables: build it from the records "
                          "(prepare_split or load_tfrecord_dataset)")  # fmt: skip
-    L = custom_layers()
-    number = L["TrainNumber"](name="train_number")(inputs["trip_id"])
+    number = track_layers.TrainNumber(name="train_number")(inputs["trip_id"])
     keys = {
-        "station_train": L["JoinStrings"](name="station_train")([inputs["station_id"], number]),
-        "station_trip": L["JoinStrings"](name="station_trip")([inputs["station_id"], inputs["trip_id"]]),
+        "station_train": track_layers.JoinStrings(name="station_train")([inputs["station_id"], number]),
+        "station_trip": track_layers.JoinStrings(name="station_trip")([inputs["station_id"], inputs["trip_id"]]),
     }  # fmt: skip
     train = _embed(_lookup(number, vocab_info.train_numbers, "train"),
                    vocab_info.train_numbers, cfg.train_embedding, "train")  # fmt: skip
@@ -1203,7 +818,7 @@ def identity_features(
         names.append("station_train_day")
     rows = {name: _lookup(keys[name], vocab_info[f"{name}s"], name) for name in keys}
     if "station_train_day" in names:  # the train's row and the Boston weekday
-        rows["station_train_day"] = L["DayRow"](name="station_train_day_row")(
+        rows["station_train_day"] = track_layers.DayRow(name="station_train_day_row")(
             [rows["station_train"], clock]
         )
     readable = []
@@ -1211,24 +826,23 @@ def identity_features(
         index = rows[name]
         counts = [_fixed_table(index, vocab_info.history[name + suffix], f"{name}_counts{suffix}", fixed)
                   for suffix in ("", "_folds")]  # fmt: skip
-        readable.append(L["OtherDays"](name=f"{name}_other_days")([*counts, clock]))
-    readable = L["NewTrips"](cfg.hide_trip, cfg.thin_trip, seed=cfg.seed,
+        readable.append(track_layers.OtherDays(name=f"{name}_other_days")([*counts, clock]))
+    readable = track_layers.NewTrips(cfg.hide_trip, cfg.thin_trip, seed=cfg.seed,
                              whole_train=cfg.new_trip_whole_train, name="new_trips")(readable)  # fmt: skip
-    histories = [L["TrackHistory"](name=f"{name}_history")(counts)
+    histories = [track_layers.TrackHistory(name=f"{name}_history")(counts)
                  for name, counts in zip(names, readable, strict=True)]  # fmt: skip
     return [train, *histories], histories
 
 
 def time_features(inputs: dict[str, Any], vocab_info: Vocabulary, clock: Any) -> list[Any]:
     """Boston hour, minute and day of week as sin/cos pairs; the scheduled time standardised."""
-    L = custom_layers()
     timestamp = keras.layers.Normalization(
         mean=vocab_info.timestamp_mean, variance=vocab_info.timestamp_std**2, name="timestamp_norm"
     )(keras.layers.Reshape((1,), name="timestamp_column")(inputs["scheduled_timestamp"]))
     return [
-        L["CyclicalEncoding"](24, column=0, name="hour_cyclical")(clock),
-        L["CyclicalEncoding"](60, column=1, name="minute_cyclical")(clock),
-        L["CyclicalEncoding"](7, column=2, name="day_cyclical")(clock),
+        track_layers.CyclicalEncoding(24, column=0, name="hour_cyclical")(clock),
+        track_layers.CyclicalEncoding(60, column=1, name="minute_cyclical")(clock),
+        track_layers.CyclicalEncoding(7, column=2, name="day_cyclical")(clock),
         timestamp,
     ]
 
@@ -1266,7 +880,7 @@ def create_simple_model(
     inputs = build_raw_inputs()
     fixed: dict[Any, np.ndarray] = {}
     station_index = _lookup(inputs["station_id"], vocab_info.stations, "station")
-    clock = custom_layers()["BostonClock"](name="boston_clock")(inputs["scheduled_timestamp"])
+    clock = track_layers.BostonClock(name="boston_clock")(inputs["scheduled_timestamp"])
     identity, histories = identity_features(inputs, vocab_info, cfg, fixed, clock)
     direction_index = layers.IntegerLookup(vocabulary=[0, 1], name="direction_lookup")(
         inputs["direction_id"]
@@ -1284,7 +898,7 @@ def create_simple_model(
     logits = dense_logits(x, vocab_info.num_classes, cfg)
     if histories:
         finer = int(len(histories) > 2)  # the weekday table refines the train-number one
-        evidence = custom_layers()["EvidenceLogits"](finer=finer, name="evidence_logits")(histories)
+        evidence = track_layers.EvidenceLogits(finer=finer, name="evidence_logits")(histories)
         logits = layers.Add(name="logits_with_evidence")([logits, evidence])
     # Tracks never seen at a station get a -1e4 logit there (row 0, unknown station,
     # allows every track).
@@ -1293,12 +907,12 @@ def create_simple_model(
     penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
     # And from its closing day on, a platform the records say is closed (closed_tracks).
     since = _fixed_table(station_index, closing_days(vocab_info), "closing_days", fixed)
-    closed = custom_layers()["ClosedTracks"](name="closed_tracks")([since, clock])
+    closed = track_layers.ClosedTracks(name="closed_tracks")([since, clock])
     probabilities = layers.Activation("softmax", name="softmax")(
         layers.Add(name="masked_logits")([logits, penalty, closed])
     )
-    known_trip = custom_layers()["KnownKey"](name="known_trip")(histories[0])
-    outputs = custom_layers()["TrackProbabilities"](
+    known_trip = track_layers.KnownKey(name="known_trip")(histories[0])
+    outputs = track_layers.TrackProbabilities(
         vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
     )([probabilities, known_trip])
     model = keras.Model(inputs=inputs, outputs=outputs, name=name)
@@ -1353,205 +967,11 @@ def predict_probabilities(
     return np.asarray(model.predict(ds.batch(batch_size), verbose=0))
 
 
-#: The lookup tables a skeptic would try, in the order reports list them: each counted
-#: plainly and with the model's recency weighting (`_weighted`).
-_TABLE_KEYS = {
-    "station_route": "the station + route",
-    "station_train": "the station + train number",
-    "station_trip": "the station + trip id, else station + train number",
-    "station_train_day": "the station + train number + weekday, else station + train number",
-}
-BASELINE_NAMES = {
-    **{name: f"most frequent track for {key}" for name, key in _TABLE_KEYS.items()},
-    **{f"{name}_weighted": f"most frequent track for {key}, recency-weighted"
-       for name, key in _TABLE_KEYS.items()},
-}  # fmt: skip
-
-
-def _table_keys(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Each lookup table's key per record ("station|route", ...)."""
-    stations = columns["station_id"][idx].astype(str)
-    trips = columns["trip_id"][idx].astype(str)
-    joined = np.char.add(stations, "|")
-    by_train = np.char.add(joined, train_numbers(trips).astype(str))
-    ts = columns["scheduled_timestamp"][idx].astype(np.float64)
-    weekdays = boston_weekdays(boston_days(ts))
-    return {
-        "station_route": np.char.add(joined, columns["route_id"][idx].astype(str)),
-        "station_train": by_train,
-        "station_trip": np.char.add(joined, trips),
-        "station_train_day": np.char.add(np.char.add(by_train, "|"), weekdays.astype(str)),
-        "station": stations,
-        "overall": np.full(len(idx), "*"),
-    }
-
-
-def most_frequent_tracks(keys: np.ndarray, tracks: np.ndarray, weights: np.ndarray) -> dict:
-    """key -> [its most frequent track (by weight), that track's share of the key's weight].
-    Ties go to the lower track number, so a table is deterministic."""
-    if len(keys) == 0:
-        return {}
-    labels = sorted(set(tracks.tolist()), key=track_sort_key)
-    column = label_indices(tracks, labels)
-    unique, row = np.unique(keys, return_inverse=True)
-    counts = np.zeros((len(unique), len(labels)))
-    np.add.at(counts, (row, column), weights)
-    best = counts.argmax(axis=1)  # the first maximum: the lowest track number
-    share = counts[np.arange(len(unique)), best] / np.maximum(counts.sum(axis=1), 1e-12)
-    return {k: [labels[b], round(float(v), 4)] for k, b, v in zip(unique.tolist(), best, share,
-                                                                   strict=True)}  # fmt: skip
-
-
-def baseline_tables(
-    columns: dict[str, np.ndarray], idx: np.ndarray,
-    half_life_days: float = RECENCY_HALF_LIFE_DAYS,
-) -> dict[str, Any]:  # fmt: skip
-    """Most frequent track per station+route, station+train number, station+trip id,
-    station, and overall, among the records `idx`: counted plainly, and (`_weighted`)
-    with the recency weights the model's history tables use."""
-    keys = _table_keys(columns, idx)
-    tracks = columns["track_number"][idx]
-    plain = np.ones(len(idx))
-    weighted = (recency_weights(columns["scheduled_timestamp"][idx], half_life_days)
-                if half_life_days > 0 and len(idx) else plain)  # fmt: skip
-    tables: dict[str, Any] = {}
-    for name, key in keys.items():
-        tables[name] = most_frequent_tracks(key, tracks, plain)
-        if name in _TABLE_KEYS:
-            tables[f"{name}_weighted"] = most_frequent_tracks(key, tracks, weighted)
-    tables["overall"] = tables["overall"].get("*", ["", 0.0])
-    tables["recency_half_life"] = half_life_days
-    # How many training records each answer rests on (the server's historical_matches).
-    tables["record_counts"] = {name: {str(k): int(n) for k, n in zip(*np.unique(keys[name],
-                                      return_counts=True), strict=True)}
-                               for name in ("station_train", "station_route")}  # fmt: skip
-    return tables
-
-
-def baseline_answers(
-    tables: dict[str, Any], columns: dict[str, np.ndarray], idx: np.ndarray
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each lookup table's (predicted track, confidence) per record. The confidence is
-    the track's share of the training records under the key used. A key the table
-    lacks falls back to the station (station + trip id first falls back to station +
-    train number of the same weighting), then to the overall most frequent track."""
-    keys = _table_keys(columns, idx)
-    stations = keys["station"]
-
-    def entry(value: Any) -> tuple[str, float]:  # tables written before shares: bare tracks
-        return (value[0], float(value[1])) if isinstance(value, list) else (value, math.nan)
-
-    overall = entry(tables["overall"])
-    by_station = {s: entry(v) for s, v in tables["station"].items()}
-
-    def lookup(name: str, fallback: list | None = None) -> list:
-        table = tables[name]
-        base = name.removesuffix("_weighted")
-        return [
-            entry(table[k]) if k in table else (back or by_station.get(s, overall))
-            for k, back, s in zip(keys[base], fallback or [None] * len(stations), stations,
-                                  strict=True)
-        ]  # fmt: skip
-
-    answers = {}
-    for suffix in ("", "_weighted"):
-        if f"station_route{suffix}" not in tables:  # tables saved before the weighted ones
-            continue
-        by_train = lookup(f"station_train{suffix}")
-        answers[f"station_route{suffix}"] = lookup(f"station_route{suffix}")
-        answers[f"station_train{suffix}"] = by_train
-        for name in ("station_trip", "station_train_day"):
-            if f"{name}{suffix}" in tables:  # (tables saved before it lack the weekday one)
-                answers[f"{name}{suffix}"] = lookup(f"{name}{suffix}", by_train)
-    return {
-        name: (np.array([a[0] for a in rows], dtype=object), np.array([a[1] for a in rows]))
-        for name, rows in answers.items()
-    }
-
-
-def baseline_predictions(
-    tables: dict[str, Any], columns: dict[str, np.ndarray], idx: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Each lookup table's predicted track per record (see `baseline_answers`)."""
-    return {name: pred for name, (pred, _) in baseline_answers(tables, columns, idx).items()}
-
-
-def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float, float]:
-    """(the model's top-1 minus a table's, the 95% half-width of that difference): both
-    answer the same records, so the interval is that of the per-record difference (a
-    paired normal interval), far narrower than two separate accuracies' would be. A
-    margin whose interval holds 0 is a tie on these records."""
-    if len(model_hits) < 2:
-        return float("nan"), float("nan")
-    diff = model_hits.astype(np.float64) - table_hits.astype(np.float64)
-    return float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
-
-
-def strongest_baseline(baselines: dict[str, float]) -> tuple[str, float] | None:
-    """(name, accuracy) of the most accurate lookup table, if any were measured."""
-    return max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
-
-
-def expected_calibration_error(
-    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
-) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
-    if len(confidence) == 0:
-        return float("nan")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total / len(confidence))
-
-
-class ConfidenceMap(NamedTuple):
-    """A monotone map of the top probability: knots `x` (increasing) and the accuracy
-    `y` at each; linear between knots, flat beyond them."""
-
-    x: list[float]
-    y: list[float]
-
-    def at(self, confidence: np.ndarray) -> np.ndarray:
-        return np.interp(confidence, self.x, self.y)
-
-    @classmethod
-    def mean(cls, maps: list[ConfidenceMap]) -> ConfidenceMap:
-        """The pointwise mean of several maps (still monotone), on all their knots."""
-        x = np.unique(np.concatenate([m.x for m in maps]))
-        return cls(x.tolist(), np.mean([m.at(x) for m in maps], axis=0).tolist())
-
-
-def fit_confidence_map(confidence: np.ndarray, correct: np.ndarray) -> ConfidenceMap:
-    """Isotonic regression of correctness on the top probability (pool adjacent
-    violators): each block of records becomes one knot at its mean confidence, with its
-    accuracy, shrunk by half a record towards 1/2 so no knot promises certainty.
-
-    Temperature scaling (Guo et al. 2017) bends every confidence the same way; on
-    drifting track history the model is under-confident in the middle and
-    over-confident near 1, which one temperature cannot mend (it made held-out ECE
-    worse than no calibration in the drift benchmark), and a monotone map can."""
-    order = np.argsort(confidence, kind="stable")
-    blocks: list[list[float]] = []  # [sum of confidence, correct, records]
-    for c, k in zip(confidence[order], correct[order].astype(float), strict=True):
-        blocks.append([float(c), k, 1.0])
-        while len(blocks) > 1 and blocks[-2][1] * blocks[-1][2] >= blocks[-1][1] * blocks[-2][2]:
-            last = blocks.pop()
-            blocks[-1] = [a + b for a, b in zip(blocks[-1], last, strict=True)]
-    sums = np.array(blocks)
-    x = sums[:, 0] / sums[:, 2]
-    y = np.maximum.accumulate((sums[:, 1] + 0.5) / (sums[:, 2] + 1.0))
-    return ConfidenceMap([round(float(v), 6) for v in x], [round(float(v), 6) for v in y])
-
-
 def with_calibration(model: Any, confidence_map: ConfidenceMap | None,
                      new_trip_map: ConfidenceMap | None = None) -> Any:  # fmt: skip
     """The same model with its output layer's confidence maps replaced by these."""
     output = model.get_layer("track_probabilities")
-    layer = custom_layers()["TrackProbabilities"](
+    layer = track_layers.TrackProbabilities(
         output.labels, output.station_tracks, name="track_probabilities",
         confidence_map=confidence_map._asdict() if confidence_map else None,
         new_trip_map=new_trip_map._asdict() if new_trip_map else None,
@@ -1563,17 +983,14 @@ def as_new_trips(model: Any) -> Any | None:
     """A copy of the model (same weights) in which every record reads its trip as a new
     schedule season's would (NewTrips' `always`): no evidence of the trip, the train's
     evidence from its other trips only. None for a model without a NewTrips layer."""
-    config = model.get_config()
-    found = False
-    for layer in config.get("layers", []):
-        if layer.get("class_name") == "NewTrips" or layer.get("class_name", "").endswith(
-            ">NewTrips"
-        ):
-            layer["config"]["always"] = True
-            found = True
-    if not found:
+    names = {layer.name for layer in model.layers if isinstance(layer, track_layers.NewTrips)}
+    if not names:
         return None
-    copy = keras.Model.from_config(config, custom_objects=custom_layers())
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["config"].get("name") in names:
+            layer["config"]["always"] = True
+    copy = keras.Model.from_config(config)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -1600,38 +1017,6 @@ def known_trips(model: Any, columns: dict[str, np.ndarray], idx: np.ndarray) -> 
 def uncalibrated(model: Any) -> Any:
     """The model's own probabilities, before its output layer's confidence map."""
     return keras.Model(model.inputs, raw_probabilities(model.get_layer("track_probabilities")))
-
-
-@dataclass
-class Calibration:
-    """A confidence map fitted on validation records, and what it changed there."""
-
-    confidence_map: ConfidenceMap | None
-    ece_before: float
-    ece_after: float
-    records: int
-    reliability_before: list[dict[str, float]]
-    reliability_after: list[dict[str, float]]
-    new_trip_map: ConfidenceMap | None = None
-    """The map for trips the model does not know (see `new_trip_source`)."""
-    new_trip_ece: tuple[float, float] | None = None
-    """ECE of those records read as new trips, (before, after) their map."""
-    new_trip_source: str = ""
-    """Which records the map for new trips was fitted on, for reports."""
-
-    def describe(self) -> str:
-        text = describe_map(self.confidence_map)
-        if self.new_trip_map is not None:
-            text += f"; new trips: {describe_map(self.new_trip_map)}"
-        return text
-
-
-def describe_map(cmap: ConfidenceMap | None) -> str:
-    """A few points of the map, for reports."""
-    if cmap is None:
-        return "none: too few validation records to fit one"
-    points = np.array([0.5, 0.7, 0.9, 0.99])
-    return ", ".join(f"{p:g} -> {m:.3f}" for p, m in zip(points, cmap.at(points), strict=True))
 
 
 def calibrate_model(
@@ -1711,126 +1096,6 @@ def calibrate_model(
     return calibrated, info
 
 
-def reliability_bins(
-    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
-) -> list[dict[str, float]]:
-    """Per equal-width confidence bin: records, mean confidence, accuracy."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    out = []
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "records": int(sel.sum()),
-                        "confidence": float(confidence[sel].mean()), "accuracy": float(correct[sel].mean())})  # fmt: skip
-    return out
-
-
-def coverage_at_precision(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:
-    """The largest share of records answerable, most confident first, with accuracy on
-    the answered records at least `precision`."""
-    if len(confidence) == 0:
-        return float("nan")
-    order = np.argsort(-confidence, kind="stable")
-    hits = np.cumsum(correct[order])
-    accuracy = hits / np.arange(1, len(order) + 1)
-    ok = np.flatnonzero(accuracy >= precision)
-    return float((ok[-1] + 1) / len(order)) if len(ok) else 0.0
-
-
-def evaluate_predictions(
-    probs: np.ndarray, true_tracks: np.ndarray, labels: list[str], stations: np.ndarray
-) -> dict[str, Any]:
-    """Top-1/top-3, per station, accuracy at coverage, ECE and confusion counts.
-
-    Records whose true track is not among `labels` count as wrong."""
-    y = label_indices(true_tracks, labels)
-    n = len(y)
-    order = np.argsort(-probs, axis=1)
-    top1 = order[:, 0]
-    correct = top1 == y
-    top3 = (order[:, :3] == y[:, None]).any(axis=1)
-    confidence = probs[np.arange(n), top1] if n else np.zeros(0)
-    per_station = {}
-    for station in sorted(set(stations)):
-        sel = stations == station
-        per_station[station] = {"records": int(sel.sum()), "accuracy": float(correct[sel].mean())}
-    coverage = []
-    for threshold in COVERAGE_THRESHOLDS:
-        sel = confidence >= threshold
-        coverage.append({
-            "threshold": threshold,
-            "coverage": float(sel.mean()) if n else float("nan"),
-            "accuracy": float(correct[sel].mean()) if sel.any() else float("nan"),
-        })  # fmt: skip
-    known = y >= 0
-    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    np.add.at(confusion, (y[known], top1[known]), 1)
-    return {
-        "records": int(n),
-        "unknown_track_records": int((~known).sum()),
-        "top1_accuracy": float(correct.mean()) if n else float("nan"),
-        "top3_accuracy": float(top3.mean()) if n else float("nan"),
-        "mean_confidence": float(confidence.mean()) if n else float("nan"),
-        "expected_calibration_error": expected_calibration_error(confidence, correct),
-        "per_station": per_station,
-        "coverage": coverage,
-        "confusion": confusion,
-        "predicted_tracks": np.array(labels, dtype=object)[top1]
-        if n
-        else np.array([], dtype=object),
-    }
-
-
-def load_sample_truth(export_dir: Path) -> dict[tuple[str, str, float], float] | None:
-    """Generating probabilities of sample data, from the export or its root (else None)."""
-    for path in (export_dir / SAMPLE_TRUTH_FILE, export_dir.parent / SAMPLE_TRUTH_FILE):
-        if path.is_file():
-            data = np.load(path)
-            keys = zip(
-                data["station_id"],
-                data["trip_id"],
-                data["scheduled_timestamp"].tolist(),
-                strict=True,
-            )
-            return dict(zip(keys, data["best_probability"].tolist(), strict=True))
-    return None
-
-
-def best_possible_accuracy(
-    truth: dict | None, columns: dict[str, np.ndarray], idx: np.ndarray
-) -> dict[str, Any] | None:
-    """Mean generating probability of the likeliest track over the records (sample data)."""
-    if truth is None:
-        return None
-    keys = zip(
-        columns["station_id"][idx], columns["trip_id"][idx],
-        columns["scheduled_timestamp"][idx].astype(np.float32).tolist(), strict=True,
-    )  # fmt: skip
-    found = [truth[k] for k in keys if k in truth]
-    if not found:
-        return None
-    return {"accuracy": float(np.mean(found)), "matched": len(found), "records": int(len(idx))}
-
-
-#: Precisions at which reports give the share of records a predictor can answer.
-PRECISION_TARGETS = (0.8, 0.9)
-
-
-@dataclass
-class Evaluation:
-    """A model scored on a set of records, with its comparisons."""
-
-    metrics: dict[str, Any]
-    baselines: dict[str, float]
-    best_possible: dict[str, Any] | None
-    labels: list[str]
-    probabilities: np.ndarray
-    #: predictor ("model" or a baseline) -> precision -> share of records answerable
-    answerable: dict[str, dict[float, float]] = field(default_factory=dict)
-    calibration: Calibration | None = None
-
-
 def evaluate_model(
     model: Any,
     columns: dict[str, np.ndarray],
@@ -1864,270 +1129,6 @@ def evaluate_model(
 # ---------------------------------------------------------------------------
 # Reports: markdown with embedded PNG figures.
 # ---------------------------------------------------------------------------
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-@dataclass
-class Run:
-    """One mode's run: its output directory and when it started."""
-
-    mode: str
-    run_dir: Path
-    started_at: dt.datetime = field(default_factory=dt.datetime.now)
-    started: float = field(default_factory=time.perf_counter)
-
-    @classmethod
-    def start(cls, mode: str) -> Run:
-        run = cls(mode, create_run_dir(mode))
-        log(f"Outputs go to {run.run_dir}")
-        return run
-
-    def path(self, name: str) -> Path:
-        return self.run_dir / name
-
-
-def overview_section(run: Run, data: Any, *more: str) -> list[str]:
-    duration = time.perf_counter() - run.started
-    return [
-        "## Overview",
-        "",
-        f"- Command: {run.mode}",
-        f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
-        f"- Output Directory: {run.run_dir}",
-        f"- Data: {data}",
-        *more,
-        "",
-    ]
-
-
-def configuration_section(opts: Any) -> list[str]:
-    rows = [[key, value] for key, value in dataclasses.asdict(opts).items()]
-    return ["## Training Configuration", "", markdown_table(["Option", "Value"], rows), ""]
-
-
-def timing_section(run: Run | None, *lines: str) -> list[str]:
-    """Start and finish of the run (unless None), then the mode's own lines."""
-    clock = [] if run is None else [
-        f"- Started: {run.started_at:%Y-%m-%d %H:%M:%S}",
-        f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
-    ]  # fmt: skip
-    return ["## Timing Information", "", *clock, *lines, ""]
-
-
-def files_section(*lines: str) -> list[str]:
-    return ["## Files", "", *lines, ""]
-
-
-def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headline: str,
-                 name: str = "training_report.md") -> Path:  # fmt: skip
-    """The report `name` of a run from its sections (each a string or a list of lines);
-    logs the headline and where the report went."""
-    lines = [f"# {title}", f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
-    for section in sections:
-        lines.extend([section] if isinstance(section, str) else section)
-    path = run.path(name)
-    path.write_text("\n".join(lines))
-    log(f"Done: {headline}")
-    log(f"Report: {path}")
-    return path
-
-
-@contextlib.contextmanager
-def figure(path: Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
-    """(figure, axes) of a matplotlib figure saved to `path` (PNG) when the block ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(**subplots)
-    try:
-        yield fig, axes
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-
-
-def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
-    with figure(path, ncols=2, figsize=(11, 4)) as (_, axes):
-        epochs = range(1, len(history.get("loss", [])) + 1)
-        for key, ax in zip(("loss", "accuracy"), axes, strict=True):
-            for name, label in ((key, "train"), (f"val_{key}", "validation")):
-                if name in history:
-                    ax.plot(epochs, history[name], label=f"{label} {key}")
-            ax.set(xlabel="epoch", title=key)
-            ax.grid(alpha=0.3)
-            ax.legend()
-    return path
-
-
-def plot_confusion_matrix(confusion: np.ndarray, labels: list[str], path: Path) -> Path:
-    rows = confusion.sum(axis=1, keepdims=True)
-    share = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
-    size = max(5.0, 0.45 * len(labels) + 2)
-    with figure(path, figsize=(size, size * 0.85)) as (fig, ax):
-        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set(xlabel="predicted track", ylabel="actual track",
-               title="Validation confusion matrix (row-normalised)")  # fmt: skip
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    return path
-
-
-def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
-    """Accuracy against confidence per bin, before and after the confidence map."""
-    c = calibration
-    with figure(path, figsize=(5.5, 5)) as (_, ax):
-        ax.plot(
-            [0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration"
-        )
-        for bins, label, style in ((c.reliability_before, f"model (ECE {c.ece_before:.3f})", "o-"),
-                                   (c.reliability_after, f"calibrated (ECE {c.ece_after:.3f})", "s-")):  # fmt: skip
-            ax.plot(
-                [b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=label
-            )
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability), mean per bin",
-               ylabel="accuracy in the bin", title=f"Reliability on {c.records:,} validation records")  # fmt: skip
-        ax.legend(loc="upper left")
-    return path
-
-
-def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validation records") -> str:
-    m = ev.metrics
-    unknown = m["unknown_track_records"]
-    parts = [
-        f"## {title}",
-        "",
-        f"{m['records']:,} records"
-        + (f", of which {unknown:,} have a track never seen in training (counted as wrong)"
-           if unknown else "")
-        + ". All figures below are measured on these same records.",
-        "",
-        markdown_table(["", "Accuracy"], accuracy_rows(ev)),
-        "",
-        *margin_lines(ev),
-        "### Accuracy at coverage",
-        "",
-        "Answer only when the top probability reaches a threshold: the share of records "
-        "answered and the accuracy on them.",
-        "",
-        markdown_table(["Threshold", "Coverage", "Accuracy"],
-                       [[f"{c['threshold']:.2f}", _pct(c["coverage"]), _pct(c["accuracy"])]
-                        for c in m["coverage"]]),
-        "",
-        f"Expected calibration error (10 bins): {m['expected_calibration_error']:.4f} "
-        f"(mean top-1 confidence {_pct(m['mean_confidence'])} vs accuracy {_pct(m['top1_accuracy'])}).",
-        "",
-        *calibration_lines(ev.calibration),
-        *answerable_lines(ev),
-        "### Accuracy per station",
-        "",
-        markdown_table(["Station", "Records", "Accuracy"],
-                       [[s, f"{v['records']:,}", _pct(v["accuracy"])]
-                        for s, v in m["per_station"].items()]),
-        "",
-    ]  # fmt: skip
-    return "\n".join(parts)
-
-
-def accuracy_rows(ev: Evaluation) -> list[list[str]]:
-    """The model, every lookup table and (on sample data) the best possible."""
-    m = ev.metrics
-    rows = [
-        ["Model (top-1)", _pct(m["top1_accuracy"])],
-        ["Model (top-3)", _pct(m["top3_accuracy"])],
-    ]
-    rows += [[f"Baseline: {BASELINE_NAMES[key]}", _pct(acc)] for key, acc in ev.baselines.items()]
-    if ev.best_possible:
-        bp = ev.best_possible
-        rows.append([f"Best possible (sample data's generating probabilities, {bp['matched']:,} records)",
-                     _pct(bp["accuracy"])])  # fmt: skip
-    return rows
-
-
-def margin_lines(ev: Evaluation) -> list[str]:
-    """The model's margin over the strongest lookup table, and its share of the best possible."""
-    top1, lines = ev.metrics["top1_accuracy"], []
-    strongest = strongest_baseline(ev.baselines)
-    if strongest:
-        name, accuracy = strongest
-        delta = top1 - accuracy
-        lines += [f"The strongest lookup table is the {BASELINE_NAMES[name]} ({_pct(accuracy)}); "
-                  f"the model {'beats it by' if delta > 0 else 'trails it by'} {100 * abs(delta):.2f} points.",
-                  ""]  # fmt: skip
-    if ev.best_possible:
-        ratio = top1 / ev.best_possible["accuracy"]
-        lines += [f"Model accuracy is {100 * ratio:.1f}% of the best possible.", ""]
-    return lines
-
-
-def calibration_lines(calibration: Calibration | None) -> list[str]:
-    if calibration is None:
-        return []
-    return [
-        "### Calibration",
-        "",
-        "The saved model's output layer maps its top probability to the accuracy that validation "
-        "records with that confidence had (isotonic regression on the records whose trip the model "
-        f"knew; {calibration.describe()}); the other tracks share the rest in proportion and the "
-        "answer never changes. So `predict`, `load_predictor`, `serve` and the `.keras` file itself "
-        "all answer with calibrated probabilities.",
-        f"Expected calibration error on those records: {calibration.ece_before:.4f} before, "
-        f"{calibration.ece_after:.4f} after (the map was fitted on these records' known trips, "
-        "so the figure after is in-sample).",
-        *(
-            []
-            if calibration.new_trip_ece is None
-            else [
-                "",
-                "Records whose trip the model does not know (a new schedule season's) get a map of "
-                f"their own, fitted on {calibration.new_trip_source}: ECE "
-                f"{calibration.new_trip_ece[0]:.4f} before, {calibration.new_trip_ece[1]:.4f} after "
-                "(in-sample).",
-            ]
-        ),
-        "",
-        "![Reliability diagram](reliability_diagram.png)",
-        "",
-    ]
-
-
-def answerable_lines(ev: Evaluation) -> list[str]:
-    """The share of records each predictor can answer at a given precision."""
-    if not ev.answerable:
-        return []
-    names = {"model": "Model", **{k: f"Lookup: {v}" for k, v in BASELINE_NAMES.items()}}
-    rows = [[names[name], *[_pct(cov[p]) for p in PRECISION_TARGETS]]
-            for name, cov in ev.answerable.items()]  # fmt: skip
-    lines = [
-        "### Answerable at a precision",
-        "",
-        "Answering the most confident records first (the model by its probability, a lookup "
-        "table by the share of its key's training records with that track): the largest share "
-        "of records answerable with that accuracy on the answered ones.",
-        "",
-        markdown_table(
-            ["Predictor", *[f"at {100 * p:.0f}% precision" for p in PRECISION_TARGETS]], rows
-        ),
-        "",
-    ]
-    strongest = strongest_baseline(ev.baselines)
-    if strongest and strongest[0] in ev.answerable:
-        model, lookup = ev.answerable["model"][0.8], ev.answerable[strongest[0]][0.8]
-        lines += [f"At 80% precision the model answers {_pct(model)} of records, the strongest lookup "
-                  f"table {_pct(lookup)}.", ""]  # fmt: skip
-    return lines
 
 
 def dataset_section(data: PreparedData) -> str:
@@ -2274,44 +1275,6 @@ def model_option(help: str = "A saved .keras model.") -> Callable[[Callable], Ca
 training_options = dataclass_options(TrainOptions)
 
 
-def cosine_rate(base_lr: float, epoch: int, tmax: int) -> float:
-    """The cosine schedule's rate at `epoch` (from 0): base_lr down to 1% of it at tmax."""
-    progress_ = min(epoch, tmax) / max(tmax, 1)
-    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress_)))
-
-
-class CosineWithPlateau:
-    """Cosine annealing from the initial rate to 1% of it over `tmax` epochs, times a
-    factor that drops by `factor` after `patience` epochs without a better val_loss
-    (the training loss when there are no validation records)."""
-
-    @staticmethod
-    def make(base_lr: float, tmax: int, patience: int, factor: float) -> Any:
-
-        class _Callback(keras.callbacks.Callback):
-            def __init__(self) -> None:
-                super().__init__()
-                self.scale, self.best, self.wait = 1.0, math.inf, 0
-
-            def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-                rate = cosine_rate(base_lr, epoch, tmax) * self.scale
-                self.model.optimizer.learning_rate.assign(rate)
-
-            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-                logs = logs if logs is not None else {}
-                logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
-                loss = logs.get("val_loss", logs.get("loss", math.inf))
-                if loss < self.best - 1e-6:
-                    self.best, self.wait = loss, 0
-                else:
-                    self.wait += 1
-                    if self.wait >= patience:
-                        self.scale *= factor
-                        self.wait = 0
-
-        return _Callback()
-
-
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
     """'balanced': n / (k * count) for each class present; 'sqrt': its square root."""
     if mode == "none":
@@ -2351,7 +1314,7 @@ def training_callbacks(
             min_delta=opts.early_stop_min_delta, restore_best_weights=True,
         ))  # fmt: skip
     if not opts.no_scheduler:
-        callbacks.append(CosineWithPlateau.make(
+        callbacks.append(track_layers.CosineWithPlateau(
             opts.learning_rate, opts.scheduler_tmax or opts.epochs,
             opts.reduce_lr_patience, opts.reduce_lr_factor,
         ))  # fmt: skip
@@ -2781,23 +1744,6 @@ def run_train(
     return TrainResult(run.run_dir, evaluation, history, fit_seconds, tuning)
 
 
-def evaluation_figures(ev: Evaluation | None) -> dict[str, Any] | None:
-    """An evaluation's headline figures as plain JSON (for registries and servers)."""
-    if ev is None:
-        return None
-    m = ev.metrics
-    strongest = max(ev.baselines.items(), key=lambda kv: kv[1], default=(None, None))
-    return {
-        "records": int(len(ev.probabilities)),
-        "top1_accuracy": float(m["top1_accuracy"]), "top3_accuracy": float(m["top3_accuracy"]),
-        "expected_calibration_error": float(m["expected_calibration_error"]),
-        "coverage_at_precision": {f"{p:.2f}": float(v) for p, v in ev.answerable.get("model", {}).items()},
-        "lookup_tables": {k: float(v) for k, v in ev.baselines.items()},
-        "strongest_table": strongest[0],
-        "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
-    }  # fmt: skip
-
-
 def model_summary(data: PreparedData, tuning: Evaluation | None,
                   test: Evaluation | None) -> dict[str, Any]:  # fmt: skip
     """`{model_path}_summary.json`: what a model was trained on and how it scored on the
@@ -2899,14 +1845,14 @@ def train_files_section(files: ModelFiles, serving: Path) -> list[str]:
 def train_headline(evaluation: Evaluation, held_out: bool = True) -> str:
     m = evaluation.metrics
     where = "held-out test window" if held_out else "validation (tuning) records"
-    headline = f"{where}: top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])}"
+    headline = f"{where}: top-1 {pct(m['top1_accuracy'])}, top-3 {pct(m['top3_accuracy'])}"
     strongest = strongest_baseline(evaluation.baselines)
     if strongest:
         headline += (
-            f"; strongest lookup table ({BASELINE_NAMES[strongest[0]]}) {_pct(strongest[1])}"
+            f"; strongest lookup table ({BASELINE_NAMES[strongest[0]]}) {pct(strongest[1])}"
         )
     if evaluation.best_possible:
-        headline += f"; best possible {_pct(evaluation.best_possible['accuracy'])}"
+        headline += f"; best possible {pct(evaluation.best_possible['accuracy'])}"
     return headline
 
 
@@ -2946,23 +1892,6 @@ def describe_config(cfg: ModelConfig) -> str:
     )
 
 
-def member_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> list[float]:
-    """Weights (summing to one) for the members' probabilities that minimise the log-loss
-    of their weighted mean on labelled records (exponentiated gradient on the simplex;
-    equal weights when no record has a known track). A member that is weaker on these
-    records gets less say instead of dragging the vote down."""
-    rows = np.flatnonzero(labels >= 0)
-    weights = np.full(len(probabilities), 1.0 / len(probabilities))
-    if len(rows) == 0 or len(probabilities) == 1:
-        return weights.tolist()
-    true = np.stack([p[rows, labels[rows]] for p in probabilities], axis=1).astype(np.float64)
-    for _ in range(500):
-        gradient = -(true / np.maximum(true @ weights, 1e-12)[:, None]).mean(axis=0)
-        weights = weights * np.exp(-2.0 * (gradient - gradient.min()))
-        weights /= weights.sum()
-    return [round(float(w), 4) for w in weights]
-
-
 def build_ensemble_model(
     members: list[Any], vocab_info: Vocabulary, weights: list[float] | None = None
 ) -> Any:
@@ -2973,31 +1902,10 @@ def build_ensemble_model(
     outputs = [keras.layers.Rescaling(w, name=f"member_weight_{i}")(member(inputs))
                for i, (member, w) in enumerate(zip(members, weights, strict=True))]  # fmt: skip
     mean = keras.layers.Add(name="mean_probabilities")(outputs) if len(outputs) > 1 else outputs[0]
-    labelled = custom_layers()["TrackProbabilities"](
+    labelled = track_layers.TrackProbabilities(
         vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
     )(mean)
     return keras.Model(inputs=inputs, outputs=labelled, name="track_ensemble")
-
-
-def majority_vote(member_probs: list[np.ndarray]) -> np.ndarray:
-    """Class chosen by most members; ties go to the higher mean probability."""
-    stacked = np.stack(member_probs)  # members x records x classes
-    votes = np.zeros(stacked.shape[1:])
-    rows = np.arange(stacked.shape[1])
-    for probs in stacked:
-        votes[rows, probs.argmax(axis=1)] += 1
-    return (votes + 1e-3 * stacked.mean(axis=0)).argmax(axis=1)
-
-
-def member_agreement(member_probs: list[np.ndarray]) -> dict[str, float]:
-    picks = np.stack([p.argmax(axis=1) for p in member_probs])
-    all_agree = float((picks == picks[0]).all(axis=0).mean())
-    pairs = [
-        float((picks[i] == picks[j]).mean())
-        for i in range(len(picks))
-        for j in range(i + 1, len(picks))
-    ]
-    return {"all_agree": all_agree, "mean_pairwise": float(np.mean(pairs)) if pairs else 1.0}
 
 
 @dataclass
@@ -3029,7 +1937,7 @@ class Member:
     def row(self) -> list[Any]:
         return [self.index, describe_config(self.config), f"{self.params:,}",
                 len(self.history["loss"]), f"{self.seconds:.1f}",
-                _pct(self.evaluation.metrics["top1_accuracy"])]  # fmt: skip
+                pct(self.evaluation.metrics["top1_accuracy"])]  # fmt: skip
 
 
 def train_member(
@@ -3046,7 +1954,7 @@ def train_member(
     calibration = save_calibrated(model, data, files.best, files.final, cfg)
     best = load_saved_model(files.best)
     ev = evaluate_model(best, data.columns, data.val_idx, None, None)
-    log(f"Member {index + 1}/{count}: validation top-1 {_pct(ev.metrics['top1_accuracy'])}")
+    log(f"Member {index + 1}/{count}: validation top-1 {pct(ev.metrics['top1_accuracy'])}")
     member = Member(index, cfg, files, history, calibration, seconds, ev, best.count_params())
     return member, best
 
@@ -3127,7 +2035,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         ensemble_files_section(mp, combined_path, serving),
     ]
     headline = votes.headline + (f"; held-out test window top-1 "
-                                 f"{_pct(test.metrics['top1_accuracy'])}" if test else "")  # fmt: skip
+                                 f"{pct(test.metrics['top1_accuracy'])}" if test else "")  # fmt: skip
     write_report(run, "Training Report - Ensemble", report, headline)
     return EnsembleResult(run.run_dir, soft, votes.majority, votes.members, [m.seconds for m in members],
                           votes.agreement, test)  # fmt: skip
@@ -3153,25 +2061,25 @@ class Votes:
 
     @property
     def headline(self) -> str:
-        return (f"soft vote {_pct(self.soft)}, majority vote {_pct(self.majority)}, "
-                f"best member {_pct(max(self.members))}")  # fmt: skip
+        return (f"soft vote {pct(self.soft)}, majority vote {pct(self.majority)}, "
+                f"best member {pct(max(self.members))}")  # fmt: skip
 
     def section(self) -> list[str]:
         rows = [
             [
                 "Ensemble, soft vote (weighted mean probability; the combined model)",
-                _pct(self.soft),
+                pct(self.soft),
             ],
-            ["Ensemble, majority vote (ties to the higher mean probability)", _pct(self.majority)],
-            ["Best single member", _pct(max(self.members))],
+            ["Ensemble, majority vote (ties to the higher mean probability)", pct(self.majority)],
+            ["Best single member", pct(max(self.members))],
         ]
         return [
             "## Final Performance Metrics (tuning figures: the validation records)",
             "",
             markdown_table(["", "Validation top-1"], rows),
             "",
-            f"Members agree on every validation record's track {_pct(self.agreement['all_agree'])} of the time; "
-            f"two members agree {_pct(self.agreement['mean_pairwise'])} of the time on average.",
+            f"Members agree on every validation record's track {pct(self.agreement['all_agree'])} of the time; "
+            f"two members agree {pct(self.agreement['mean_pairwise'])} of the time on average.",
             "",
         ]
 
@@ -3238,38 +2146,6 @@ def ensemble_files_section(mp: str, combined_path: Path, serving: Path) -> list[
 # ---------------------------------------------------------------------------
 # cv: k-fold cross-validation, folds contiguous in time by default.
 # ---------------------------------------------------------------------------
-
-
-def student_t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t distribution (bisection on a numerically integrated CDF)."""
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(t: float) -> float:  # P(T <= t) for t >= 0, Simpson's rule from 0 to t
-        steps = 2000
-        h = t / steps
-        density = [
-            math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df))
-            for i in range(steps + 1)
-        ]
-        area = density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2])
-        return 0.5 + area * h / 3
-
-    lo, hi = 0.0, 1000.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_confidence_interval(values: list[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean, sample standard deviation and the t-distribution interval of the mean."""
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return {"mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan")}
-    std = float(x.std(ddof=1))
-    half = student_t_quantile(0.5 + confidence / 2, len(x) - 1) * std / math.sqrt(len(x))
-    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half}
 
 
 def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> list[np.ndarray]:
@@ -3379,7 +2255,7 @@ def cv_fold(
         test_accuracy = test.metrics["top1_accuracy"]
         result.update({"test_accuracy": test_accuracy, "test_baseline_accuracy": test_baseline,
                        "test_difference": test_accuracy - test_baseline})  # fmt: skip
-    log(f"Fold {j + 1}/{len(folds)}: top-1 {_pct(accuracy)}, baseline {_pct(baseline)}")
+    log(f"Fold {j + 1}/{len(folds)}: top-1 {pct(accuracy)}, baseline {pct(baseline)}")
     return Fold(result, calibration)
 
 
@@ -3397,10 +2273,6 @@ def deploy_cv_model(
     save_deployable_model(with_calibration(model, cmap, new_map), all_data, run.run_dir,
                           opts.model_path)  # fmt: skip
     return epochs, describe_map(cmap)
-
-
-def interval(ci: dict[str, float]) -> str:
-    return f"{ci['mean']:.4f} (std {ci['std']:.4f}; 95% CI {ci['low']:.4f} to {ci['high']:.4f})"
 
 
 def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool) -> Path:
@@ -3657,7 +2529,6 @@ def tune_trial(
 
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    custom_layers()
     opts = search_recipe(config, max_epochs, seed)
     data = prepare_split(Path("."), {}, columns, train_idx, val_idx, {"method": "time"},
                          opts.batch_size, seed, recency_half_life=opts.recency_half_life)  # fmt: skip
@@ -3671,34 +2542,8 @@ def tune_trial(
     else:
         keras.utils.set_random_seed(seed)
         model = create_simple_model(data.vocab_info, model_config_from_trial(config, seed))
-    fit_model(model, data, opts, None, None, extra_callbacks=[report_each_epoch(opts)],
+    fit_model(model, data, opts, None, None, extra_callbacks=[track_layers.ReportEachEpoch(opts)],
               initial_epoch=start_epoch)  # fmt: skip
-
-
-def report_each_epoch(recipe: TrainOptions | None = None) -> Any:
-    """A callback that reports a trial's epoch to Ray Tune, with a checkpoint."""
-    import tempfile
-
-    import ray
-    from ray import tune
-
-    node_id = ray.get_runtime_context().get_node_id()
-
-    class ReportEachEpoch(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            metrics = {"val_accuracy": float(logs.get("val_accuracy", 0.0)),
-                       "val_loss": float(logs.get("val_loss", math.inf)),
-                       "accuracy": float(logs.get("accuracy", 0.0)), "epoch": epoch + 1,
-                       "node_id": node_id}  # fmt: skip
-            with tempfile.TemporaryDirectory() as folder:
-                self.model.save(Path(folder) / "model.keras")  # optimizer state included
-                state = {"epoch": epoch + 1,
-                         "recipe": dataclasses.asdict(recipe) if recipe else None}  # fmt: skip
-                (Path(folder) / "state.json").write_text(json.dumps(state))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    return ReportEachEpoch()
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -3979,7 +2824,6 @@ def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
 
 def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
     """`evaluate`: score a saved model on every record of an export."""
-    custom_layers()
     export_dir = find_export_dir(data_dir)
     model = load_saved_model(model_file)
     columns = read_export_columns(export_dir)
@@ -3998,7 +2842,7 @@ def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluati
              f"- Baselines: {baselines}", ""]  # fmt: skip
     write_report(run, "Evaluation Report", [about, evaluation_section(evaluation, "Evaluation"),
                                             [f"![Confusion matrix]({confusion.name})", ""]],
-                 f"top-1 {_pct(m['top1_accuracy'])}, top-3 {_pct(m['top3_accuracy'])} on {len(idx):,} records",
+                 f"top-1 {pct(m['top1_accuracy'])}, top-3 {pct(m['top3_accuracy'])} on {len(idx):,} records",
                  name="evaluation_report.md")  # fmt: skip
     return run.run_dir, evaluation
 
@@ -4018,7 +2862,6 @@ def run_promote(registry: Path, model_file: Path) -> int:
 
 def load_saved_model(model_file: Path | str) -> Any:
     """Load a model saved by this module, with one clear error if it cannot be."""
-    custom_layers()
     path = Path(model_file)
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")
@@ -4331,24 +3174,6 @@ def split_for_recipe(export: Export, columns: dict[str, np.ndarray], train_part:
                          recency_half_life=opts.recency_half_life)  # fmt: skip
 
 
-def window_figures(
-    ev: Evaluation, columns: dict[str, np.ndarray], idx: np.ndarray
-) -> dict[str, Any]:
-    """One window's (or one model's) figures, flat, as backtest_results.json holds them."""
-    m = ev.metrics
-    correct = m["predicted_tracks"] == columns["track_number"][idx]
-    confidence = ev.probabilities.max(axis=1) if len(idx) else np.zeros(0)
-    figures: dict[str, Any] = {
-        "records": int(len(idx)), "model_top1": float(m["top1_accuracy"]),
-        "model_ece": float(m["expected_calibration_error"]),
-        "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
-        **{name: float(v) for name, v in ev.baselines.items()},
-        "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
-        "stations": {s: v["accuracy"] for s, v in m["per_station"].items()},
-    }  # fmt: skip
-    return figures
-
-
 # -- backtest ------------------------------------------------------------------
 
 
@@ -4452,9 +3277,9 @@ def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) 
     write_json(run.path("backtest_results.json"), results)
     plot = plot_backtest(windows, run.path("backtest.png"))
     write_report(run, "Backtest Report", backtest_sections(run, export, bt, windows, total, plot),
-                 f"model top-1 {_pct(total['model_top1'])} over {total['records']:,} records in "
+                 f"model top-1 {pct(total['model_top1'])} over {total['records']:,} records in "
                  f"{len(windows)} windows (strongest table {total['strongest_table']} "
-                 f"{_pct(total[total['strongest_table']])})", name="backtest_report.md")  # fmt: skip
+                 f"{pct(total[total['strongest_table']])})", name="backtest_report.md")  # fmt: skip
     return run.run_dir
 
 
@@ -4524,15 +3349,15 @@ def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: li
     def row(label: str, w: dict[str, Any]) -> list[Any]:
         margin = (f"{100 * w['margin']:+.2f} ±{100 * w['margin_interval']:.2f}"
                   if w.get("margin") is not None else "")  # fmt: skip
-        return [label, f"{w['records']:,}", _pct(w["model_top1"]), f"{w['model_ece']:.3f}",
-                _pct(w["model_coverage_80"]), margin, *(_pct(w[t]) for t in tables),
-                _pct(w["best_possible"]) if w.get("best_possible") is not None else "n/a",
+        return [label, f"{w['records']:,}", pct(w["model_top1"]), f"{w['model_ece']:.3f}",
+                pct(w["model_coverage_80"]), margin, *(pct(w[t]) for t in tables),
+                pct(w["best_possible"]) if w.get("best_possible") is not None else "n/a",
                 w.get("train_seconds", "")]  # fmt: skip
 
     rows = [row(f"{dt.datetime.fromtimestamp(w['start'], dt.UTC):%Y-%m-%d}", w) for w in windows]
     rows.append(row("**total**", total))
     beaten = sum(w["model_top1"] > max(w[t] for t in tables) for w in windows)
-    stations = [[s, _pct(v)] for s, v in total["stations"].items()]
+    stations = [[s, pct(v)] for s, v in total["stations"].items()]
     return [
         overview_section(
             run,
@@ -4609,15 +3434,15 @@ def decide_promotion(champion: dict[str, Any] | None, challenger: dict[str, Any]
     ece_cap = max(opts.max_ece, champion["model_ece"])
     reasons = []
     if challenger["model_top1"] < floor:
-        reasons.append(f"top-1 {_pct(challenger['model_top1'])} is below the champion's "
-                       f"{_pct(champion['model_top1'])} minus {opts.tolerance:g} points")  # fmt: skip
+        reasons.append(f"top-1 {pct(challenger['model_top1'])} is below the champion's "
+                       f"{pct(champion['model_top1'])} minus {opts.tolerance:g} points")  # fmt: skip
     if challenger["model_ece"] > ece_cap:  # (comparisons on the same records)
         reasons.append(f"ECE {challenger['model_ece']:.3f} is above {ece_cap:.3f} "
                        f"(the larger of {opts.max_ece:g} and the champion's {champion['model_ece']:.3f})")  # fmt: skip
     if reasons:
         return False, "the challenger's " + "; and its ".join(reasons)
-    return True, (f"the challenger's top-1 {_pct(challenger['model_top1'])} (champion "
-                  f"{_pct(champion['model_top1'])}, tolerance {opts.tolerance:g} points) and ECE "
+    return True, (f"the challenger's top-1 {pct(challenger['model_top1'])} (champion "
+                  f"{pct(champion['model_top1'])}, tolerance {opts.tolerance:g} points) and ECE "
                   f"{challenger['model_ece']:.3f} (cap {ece_cap:.3f}) pass")  # fmt: skip
 
 
@@ -4715,13 +3540,13 @@ def retrain_sections(run: Run, export: Export, rt: RetrainOptions, version: int 
                      why: str, installed: int | None) -> list[list[str]]:  # fmt: skip
     tables = [t for t in BASELINE_NAMES if t in challenger]
     header = ["Model", "Top-1", "ECE", "@80% precision", "Best possible"]
-    rows = [["challenger", _pct(challenger["model_top1"]), f"{challenger['model_ece']:.3f}",
-             _pct(challenger["model_coverage_80"]), _pct(challenger["best_possible"])
+    rows = [["challenger", pct(challenger["model_top1"]), f"{challenger['model_ece']:.3f}",
+             pct(challenger["model_coverage_80"]), pct(challenger["best_possible"])
              if challenger["best_possible"] is not None else "n/a"]]  # fmt: skip
     if champion is not None:
-        rows.insert(0, [f"champion (version {version})", _pct(champion["model_top1"]),
-                        f"{champion['model_ece']:.3f}", _pct(champion["model_coverage_80"]),
-                        _pct(champion["best_possible"]) if champion["best_possible"] is not None
+        rows.insert(0, [f"champion (version {version})", pct(champion["model_top1"]),
+                        f"{champion['model_ece']:.3f}", pct(champion["model_coverage_80"]),
+                        pct(champion["best_possible"]) if champion["best_possible"] is not None
                         else "n/a"])  # fmt: skip
     decision = ("installed as version " + str(installed) if installed else
                 "not installed (--dry-run)" if promote else "not installed")  # fmt: skip
@@ -4742,7 +3567,7 @@ def retrain_sections(run: Run, export: Export, rt: RetrainOptions, version: int 
             "",
             markdown_table(header, rows),
             "",
-            markdown_table(["Lookup table", "Top-1"], [[t, _pct(challenger[t])] for t in tables]),
+            markdown_table(["Lookup table", "Top-1"], [[t, pct(challenger[t])] for t in tables]),
             "",
         ],
     ]

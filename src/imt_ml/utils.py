@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import importlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -22,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -97,6 +99,10 @@ keras: Any = LazyModule("keras")
 # ---------------------------------------------------------------------------
 # Schema: one place for the features of every exported record.
 # ---------------------------------------------------------------------------
+
+#: Groups of days (Boston day number modulo this) whose history a training record reads
+#: without its own group (the model's OtherDays layer and its history tables).
+HISTORY_FOLDS = 5
 
 #: Feature name -> TFRecord kind ("bytes", "int64" or "float"), in schema order.
 FEATURE_SCHEMA: dict[str, str] = {
@@ -649,3 +655,101 @@ class ModelRegistry:
         for version in doomed:
             shutil.rmtree(self.version_dir(version), ignore_errors=True)
         return doomed
+
+
+# ---------------------------------------------------------------------------
+# Reports: one run's output directory, markdown sections and figures.
+# ---------------------------------------------------------------------------
+
+
+def pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Run:
+    """One mode's run: its output directory and when it started."""
+
+    mode: str
+    run_dir: Path
+    started_at: dt.datetime = field(default_factory=dt.datetime.now)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, mode: str) -> Run:
+        run = cls(mode, create_run_dir(mode))
+        log(f"Outputs go to {run.run_dir}")
+        return run
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+def overview_section(run: Run, data: Any, *more: str) -> list[str]:
+    duration = time.perf_counter() - run.started
+    return [
+        "## Overview",
+        "",
+        f"- Command: {run.mode}",
+        f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
+        f"- Output Directory: {run.run_dir}",
+        f"- Data: {data}",
+        *more,
+        "",
+    ]
+
+
+def configuration_section(opts: Any) -> list[str]:
+    rows = [[key, value] for key, value in dataclasses.asdict(opts).items()]
+    return ["## Training Configuration", "", markdown_table(["Option", "Value"], rows), ""]
+
+
+def timing_section(run: Run | None, *lines: str) -> list[str]:
+    """Start and finish of the run (unless None), then the mode's own lines."""
+    clock = [] if run is None else [
+        f"- Started: {run.started_at:%Y-%m-%d %H:%M:%S}",
+        f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+    ]  # fmt: skip
+    return ["## Timing Information", "", *clock, *lines, ""]
+
+
+def files_section(*lines: str) -> list[str]:
+    return ["## Files", "", *lines, ""]
+
+
+def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headline: str,
+                 name: str = "training_report.md") -> Path:  # fmt: skip
+    """The report `name` of a run from its sections (each a string or a list of lines);
+    logs the headline and where the report went."""
+    lines = [f"# {title}", f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
+    for section in sections:
+        lines.extend([section] if isinstance(section, str) else section)
+    path = run.path(name)
+    path.write_text("\n".join(lines))
+    log(f"Done: {headline}")
+    log(f"Report: {path}")
+    return path
+
+
+@contextlib.contextmanager
+def figure(path: Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """(figure, axes) of a matplotlib figure saved to `path` (PNG) when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+

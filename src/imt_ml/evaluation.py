@@ -1,0 +1,714 @@
+"""Judging track predictions, with numpy only: metrics, the lookup tables a skeptic would
+try, confidence maps, paired margins with their intervals, and the report sections that
+print them. Nothing here imports TensorFlow, so the figures of a saved model, a backtest
+or a benchmark can be recomputed from its arrays alone.
+
+    from imt_ml.evaluation import baseline_tables, baseline_predictions, paired_margin
+    tables = baseline_tables(columns, train_idx)
+    table = baseline_predictions(tables, columns, test_idx)["station_train_weighted"]
+    margin, half_width = paired_margin(model_hits, table == columns["track_number"][test_idx])
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from imt_ml.utils import SAMPLE_TRUTH_FILE, boston_offsets, figure, markdown_table, pct
+
+#: A schedule season lasts about 90 days; 60 lets the current one outweigh the last.
+RECENCY_HALF_LIFE_DAYS = 60.0
+
+
+SECONDS_PER_DAY = 86_400
+
+
+COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def boston_days(timestamps: np.ndarray) -> np.ndarray:
+    """Day number (days since 1970-01-01) of each instant on Boston's calendar."""
+    instants, offsets = boston_offsets()
+    local = (
+        timestamps
+        + np.asarray(offsets, dtype=np.float64)[
+            np.searchsorted(np.asarray(instants), timestamps, side="right")
+        ]
+    )
+    return np.floor(local / SECONDS_PER_DAY).astype(np.int64)
+
+
+def boston_weekdays(days: np.ndarray) -> np.ndarray:
+    """Weekday (0 = Monday) of Boston day numbers (`boston_days`); 1970-01-01 was a
+    Thursday. BostonClock computes the same in the model."""
+    return (days + 3) % 7
+
+
+def train_numbers(trip_ids: Iterable[str]) -> np.ndarray:
+    """The train number of each trip id: its last '-' part ('CR-733772-520' -> '520')."""
+    return np.array([t.rsplit("-", 1)[-1] for t in trip_ids], dtype=object)
+
+
+def track_sort_key(track: str) -> tuple[int, str]:
+    """Numeric order for track labels: '2' before '10'."""
+    return (int(track), track) if track.isdigit() else (10**9, track)
+
+
+def iso_utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def period(timestamps: np.ndarray) -> list[str]:
+    """[first, last] scheduled time of some records, for reports."""
+    return [iso_utc(timestamps.min()), iso_utc(timestamps.max())] if len(timestamps) else []
+
+
+def label_indices(tracks: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Class index of each track, -1 for a track outside the model's labels."""
+    index = {label: i for i, label in enumerate(labels)}
+    return np.array([index.get(t, -1) for t in tracks], dtype=np.int64)
+
+
+def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray:
+    """0.5 ** (age / half-life), age counted back from the newest record, scaled to mean 1
+    so the loss and the learning rate keep their meaning (all 1 for a half-life of 0)."""
+    if half_life_days <= 0:
+        return np.ones(len(timestamps))
+    age_days = (timestamps.max() - timestamps.astype(np.float64)) / 86_400
+    weights = 0.5 ** (age_days / half_life_days)
+    return weights / weights.mean()
+
+
+#: The lookup tables a skeptic would try, in the order reports list them: each counted
+#: plainly and with the model's recency weighting (`_weighted`).
+TABLE_KEYS = {
+    "station_route": "the station + route",
+    "station_train": "the station + train number",
+    "station_trip": "the station + trip id, else station + train number",
+    "station_train_day": "the station + train number + weekday, else station + train number",
+}
+
+
+BASELINE_NAMES = {
+    **{name: f"most frequent track for {key}" for name, key in TABLE_KEYS.items()},
+    **{f"{name}_weighted": f"most frequent track for {key}, recency-weighted"
+       for name, key in TABLE_KEYS.items()},
+}  # fmt: skip
+
+
+def table_keys(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Each lookup table's key per record ("station|route", ...)."""
+    stations = columns["station_id"][idx].astype(str)
+    trips = columns["trip_id"][idx].astype(str)
+    joined = np.char.add(stations, "|")
+    by_train = np.char.add(joined, train_numbers(trips).astype(str))
+    ts = columns["scheduled_timestamp"][idx].astype(np.float64)
+    weekdays = boston_weekdays(boston_days(ts))
+    return {
+        "station_route": np.char.add(joined, columns["route_id"][idx].astype(str)),
+        "station_train": by_train,
+        "station_trip": np.char.add(joined, trips),
+        "station_train_day": np.char.add(np.char.add(by_train, "|"), weekdays.astype(str)),
+        "station": stations,
+        "overall": np.full(len(idx), "*"),
+    }
+
+
+def most_frequent_tracks(keys: np.ndarray, tracks: np.ndarray, weights: np.ndarray) -> dict:
+    """key -> [its most frequent track (by weight), that track's share of the key's weight].
+    Ties go to the lower track number, so a table is deterministic."""
+    if len(keys) == 0:
+        return {}
+    labels = sorted(set(tracks.tolist()), key=track_sort_key)
+    column = label_indices(tracks, labels)
+    unique, row = np.unique(keys, return_inverse=True)
+    counts = np.zeros((len(unique), len(labels)))
+    np.add.at(counts, (row, column), weights)
+    best = counts.argmax(axis=1)  # the first maximum: the lowest track number
+    share = counts[np.arange(len(unique)), best] / np.maximum(counts.sum(axis=1), 1e-12)
+    return {k: [labels[b], round(float(v), 4)] for k, b, v in zip(unique.tolist(), best, share,
+                                                                   strict=True)}  # fmt: skip
+
+
+def baseline_tables(
+    columns: dict[str, np.ndarray], idx: np.ndarray,
+    half_life_days: float = RECENCY_HALF_LIFE_DAYS,
+) -> dict[str, Any]:  # fmt: skip
+    """Most frequent track per station+route, station+train number, station+trip id,
+    station, and overall, among the records `idx`: counted plainly, and (`_weighted`)
+    with the recency weights the model's history tables use."""
+    keys = table_keys(columns, idx)
+    tracks = columns["track_number"][idx]
+    plain = np.ones(len(idx))
+    weighted = (recency_weights(columns["scheduled_timestamp"][idx], half_life_days)
+                if half_life_days > 0 and len(idx) else plain)  # fmt: skip
+    tables: dict[str, Any] = {}
+    for name, key in keys.items():
+        tables[name] = most_frequent_tracks(key, tracks, plain)
+        if name in TABLE_KEYS:
+            tables[f"{name}_weighted"] = most_frequent_tracks(key, tracks, weighted)
+    tables["overall"] = tables["overall"].get("*", ["", 0.0])
+    tables["recency_half_life"] = half_life_days
+    # How many training records each answer rests on (the server's historical_matches).
+    tables["record_counts"] = {name: {str(k): int(n) for k, n in zip(*np.unique(keys[name],
+                                      return_counts=True), strict=True)}
+                               for name in ("station_train", "station_route")}  # fmt: skip
+    return tables
+
+
+def baseline_answers(
+    tables: dict[str, Any], columns: dict[str, np.ndarray], idx: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each lookup table's (predicted track, confidence) per record. The confidence is
+    the track's share of the training records under the key used. A key the table
+    lacks falls back to the station (station + trip id first falls back to station +
+    train number of the same weighting), then to the overall most frequent track."""
+    keys = table_keys(columns, idx)
+    stations = keys["station"]
+
+    def entry(value: Any) -> tuple[str, float]:  # tables written before shares: bare tracks
+        return (value[0], float(value[1])) if isinstance(value, list) else (value, math.nan)
+
+    overall = entry(tables["overall"])
+    by_station = {s: entry(v) for s, v in tables["station"].items()}
+
+    def lookup(name: str, fallback: list | None = None) -> list:
+        table = tables[name]
+        base = name.removesuffix("_weighted")
+        return [
+            entry(table[k]) if k in table else (back or by_station.get(s, overall))
+            for k, back, s in zip(keys[base], fallback or [None] * len(stations), stations,
+                                  strict=True)
+        ]  # fmt: skip
+
+    answers = {}
+    for suffix in ("", "_weighted"):
+        if f"station_route{suffix}" not in tables:  # tables saved before the weighted ones
+            continue
+        by_train = lookup(f"station_train{suffix}")
+        answers[f"station_route{suffix}"] = lookup(f"station_route{suffix}")
+        answers[f"station_train{suffix}"] = by_train
+        for name in ("station_trip", "station_train_day"):
+            if f"{name}{suffix}" in tables:  # (tables saved before it lack the weekday one)
+                answers[f"{name}{suffix}"] = lookup(f"{name}{suffix}", by_train)
+    return {
+        name: (np.array([a[0] for a in rows], dtype=object), np.array([a[1] for a in rows]))
+        for name, rows in answers.items()
+    }
+
+
+def baseline_predictions(
+    tables: dict[str, Any], columns: dict[str, np.ndarray], idx: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Each lookup table's predicted track per record (see `baseline_answers`)."""
+    return {name: pred for name, (pred, _) in baseline_answers(tables, columns, idx).items()}
+
+
+def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float, float]:
+    """(the model's top-1 minus a table's, the 95% half-width of that difference): both
+    answer the same records, so the interval is that of the per-record difference (a
+    paired normal interval), far narrower than two separate accuracies' would be. A
+    margin whose interval holds 0 is a tie on these records."""
+    if len(model_hits) < 2:
+        return float("nan"), float("nan")
+    diff = model_hits.astype(np.float64) - table_hits.astype(np.float64)
+    return float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def strongest_baseline(baselines: dict[str, float]) -> tuple[str, float] | None:
+    """(name, accuracy) of the most accurate lookup table, if any were measured."""
+    return max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    if len(confidence) == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total / len(confidence))
+
+
+class ConfidenceMap(NamedTuple):
+    """A monotone map of the top probability: knots `x` (increasing) and the accuracy
+    `y` at each; linear between knots, flat beyond them."""
+
+    x: list[float]
+    y: list[float]
+
+    def at(self, confidence: np.ndarray) -> np.ndarray:
+        return np.interp(confidence, self.x, self.y)
+
+    @classmethod
+    def mean(cls, maps: list[ConfidenceMap]) -> ConfidenceMap:
+        """The pointwise mean of several maps (still monotone), on all their knots."""
+        x = np.unique(np.concatenate([m.x for m in maps]))
+        return cls(x.tolist(), np.mean([m.at(x) for m in maps], axis=0).tolist())
+
+
+def fit_confidence_map(confidence: np.ndarray, correct: np.ndarray) -> ConfidenceMap:
+    """Isotonic regression of correctness on the top probability (pool adjacent
+    violators): each block of records becomes one knot at its mean confidence, with its
+    accuracy, shrunk by half a record towards 1/2 so no knot promises certainty.
+
+    Temperature scaling (Guo et al. 2017) bends every confidence the same way; on
+    drifting track history the model is under-confident in the middle and
+    over-confident near 1, which one temperature cannot mend (it made held-out ECE
+    worse than no calibration in the drift benchmark), and a monotone map can."""
+    order = np.argsort(confidence, kind="stable")
+    blocks: list[list[float]] = []  # [sum of confidence, correct, records]
+    for c, k in zip(confidence[order], correct[order].astype(float), strict=True):
+        blocks.append([float(c), k, 1.0])
+        while len(blocks) > 1 and blocks[-2][1] * blocks[-1][2] >= blocks[-1][1] * blocks[-2][2]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last, strict=True)]
+    sums = np.array(blocks)
+    x = sums[:, 0] / sums[:, 2]
+    y = np.maximum.accumulate((sums[:, 1] + 0.5) / (sums[:, 2] + 1.0))
+    return ConfidenceMap([round(float(v), 6) for v in x], [round(float(v), 6) for v in y])
+
+
+@dataclass
+class Calibration:
+    """A confidence map fitted on validation records, and what it changed there."""
+
+    confidence_map: ConfidenceMap | None
+    ece_before: float
+    ece_after: float
+    records: int
+    reliability_before: list[dict[str, float]]
+    reliability_after: list[dict[str, float]]
+    new_trip_map: ConfidenceMap | None = None
+    """The map for trips the model does not know (see `new_trip_source`)."""
+    new_trip_ece: tuple[float, float] | None = None
+    """ECE of those records read as new trips, (before, after) their map."""
+    new_trip_source: str = ""
+    """Which records the map for new trips was fitted on, for reports."""
+
+    def describe(self) -> str:
+        text = describe_map(self.confidence_map)
+        if self.new_trip_map is not None:
+            text += f"; new trips: {describe_map(self.new_trip_map)}"
+        return text
+
+
+def describe_map(cmap: ConfidenceMap | None) -> str:
+    """A few points of the map, for reports."""
+    if cmap is None:
+        return "none: too few validation records to fit one"
+    points = np.array([0.5, 0.7, 0.9, 0.99])
+    return ", ".join(f"{p:g} -> {m:.3f}" for p, m in zip(points, cmap.at(points), strict=True))
+
+
+def reliability_bins(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+) -> list[dict[str, float]]:
+    """Per equal-width confidence bin: records, mean confidence, accuracy."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "records": int(sel.sum()),
+                        "confidence": float(confidence[sel].mean()), "accuracy": float(correct[sel].mean())})  # fmt: skip
+    return out
+
+
+def coverage_at_precision(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:
+    """The largest share of records answerable, most confident first, with accuracy on
+    the answered records at least `precision`."""
+    if len(confidence) == 0:
+        return float("nan")
+    order = np.argsort(-confidence, kind="stable")
+    hits = np.cumsum(correct[order])
+    accuracy = hits / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(accuracy >= precision)
+    return float((ok[-1] + 1) / len(order)) if len(ok) else 0.0
+
+
+def evaluate_predictions(
+    probs: np.ndarray, true_tracks: np.ndarray, labels: list[str], stations: np.ndarray
+) -> dict[str, Any]:
+    """Top-1/top-3, per station, accuracy at coverage, ECE and confusion counts.
+
+    Records whose true track is not among `labels` count as wrong."""
+    y = label_indices(true_tracks, labels)
+    n = len(y)
+    order = np.argsort(-probs, axis=1)
+    top1 = order[:, 0]
+    correct = top1 == y
+    top3 = (order[:, :3] == y[:, None]).any(axis=1)
+    confidence = probs[np.arange(n), top1] if n else np.zeros(0)
+    per_station = {}
+    for station in sorted(set(stations)):
+        sel = stations == station
+        per_station[station] = {"records": int(sel.sum()), "accuracy": float(correct[sel].mean())}
+    coverage = []
+    for threshold in COVERAGE_THRESHOLDS:
+        sel = confidence >= threshold
+        coverage.append({
+            "threshold": threshold,
+            "coverage": float(sel.mean()) if n else float("nan"),
+            "accuracy": float(correct[sel].mean()) if sel.any() else float("nan"),
+        })  # fmt: skip
+    known = y >= 0
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(confusion, (y[known], top1[known]), 1)
+    return {
+        "records": int(n),
+        "unknown_track_records": int((~known).sum()),
+        "top1_accuracy": float(correct.mean()) if n else float("nan"),
+        "top3_accuracy": float(top3.mean()) if n else float("nan"),
+        "mean_confidence": float(confidence.mean()) if n else float("nan"),
+        "expected_calibration_error": expected_calibration_error(confidence, correct),
+        "per_station": per_station,
+        "coverage": coverage,
+        "confusion": confusion,
+        "predicted_tracks": np.array(labels, dtype=object)[top1]
+        if n
+        else np.array([], dtype=object),
+    }
+
+
+def load_sample_truth(export_dir: Path) -> dict[tuple[str, str, float], float] | None:
+    """Generating probabilities of sample data, from the export or its root (else None)."""
+    for path in (export_dir / SAMPLE_TRUTH_FILE, export_dir.parent / SAMPLE_TRUTH_FILE):
+        if path.is_file():
+            data = np.load(path)
+            keys = zip(
+                data["station_id"],
+                data["trip_id"],
+                data["scheduled_timestamp"].tolist(),
+                strict=True,
+            )
+            return dict(zip(keys, data["best_probability"].tolist(), strict=True))
+    return None
+
+
+def best_possible_accuracy(
+    truth: dict | None, columns: dict[str, np.ndarray], idx: np.ndarray
+) -> dict[str, Any] | None:
+    """Mean generating probability of the likeliest track over the records (sample data)."""
+    if truth is None:
+        return None
+    keys = zip(
+        columns["station_id"][idx], columns["trip_id"][idx],
+        columns["scheduled_timestamp"][idx].astype(np.float32).tolist(), strict=True,
+    )  # fmt: skip
+    found = [truth[k] for k in keys if k in truth]
+    if not found:
+        return None
+    return {"accuracy": float(np.mean(found)), "matched": len(found), "records": int(len(idx))}
+
+
+#: Precisions at which reports give the share of records a predictor can answer.
+PRECISION_TARGETS = (0.8, 0.9)
+
+
+@dataclass
+class Evaluation:
+    """A model scored on a set of records, with its comparisons."""
+
+    metrics: dict[str, Any]
+    baselines: dict[str, float]
+    best_possible: dict[str, Any] | None
+    labels: list[str]
+    probabilities: np.ndarray
+    #: predictor ("model" or a baseline) -> precision -> share of records answerable
+    answerable: dict[str, dict[float, float]] = field(default_factory=dict)
+    calibration: Calibration | None = None
+
+
+def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
+    with figure(path, ncols=2, figsize=(11, 4)) as (_, axes):
+        epochs = range(1, len(history.get("loss", [])) + 1)
+        for key, ax in zip(("loss", "accuracy"), axes, strict=True):
+            for name, label in ((key, "train"), (f"val_{key}", "validation")):
+                if name in history:
+                    ax.plot(epochs, history[name], label=f"{label} {key}")
+            ax.set(xlabel="epoch", title=key)
+            ax.grid(alpha=0.3)
+            ax.legend()
+    return path
+
+
+def plot_confusion_matrix(confusion: np.ndarray, labels: list[str], path: Path) -> Path:
+    rows = confusion.sum(axis=1, keepdims=True)
+    share = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+    size = max(5.0, 0.45 * len(labels) + 2)
+    with figure(path, figsize=(size, size * 0.85)) as (fig, ax):
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set(xlabel="predicted track", ylabel="actual track",
+               title="Validation confusion matrix (row-normalised)")  # fmt: skip
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    return path
+
+
+def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
+    """Accuracy against confidence per bin, before and after the confidence map."""
+    c = calibration
+    with figure(path, figsize=(5.5, 5)) as (_, ax):
+        ax.plot(
+            [0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration"
+        )
+        for bins, label, style in ((c.reliability_before, f"model (ECE {c.ece_before:.3f})", "o-"),
+                                   (c.reliability_after, f"calibrated (ECE {c.ece_after:.3f})", "s-")):  # fmt: skip
+            ax.plot(
+                [b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=label
+            )
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability), mean per bin",
+               ylabel="accuracy in the bin", title=f"Reliability on {c.records:,} validation records")  # fmt: skip
+        ax.legend(loc="upper left")
+    return path
+
+
+def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validation records") -> str:
+    m = ev.metrics
+    unknown = m["unknown_track_records"]
+    parts = [
+        f"## {title}",
+        "",
+        f"{m['records']:,} records"
+        + (f", of which {unknown:,} have a track never seen in training (counted as wrong)"
+           if unknown else "")
+        + ". All figures below are measured on these same records.",
+        "",
+        markdown_table(["", "Accuracy"], accuracy_rows(ev)),
+        "",
+        *margin_lines(ev),
+        "### Accuracy at coverage",
+        "",
+        "Answer only when the top probability reaches a threshold: the share of records "
+        "answered and the accuracy on them.",
+        "",
+        markdown_table(["Threshold", "Coverage", "Accuracy"],
+                       [[f"{c['threshold']:.2f}", pct(c["coverage"]), pct(c["accuracy"])]
+                        for c in m["coverage"]]),
+        "",
+        f"Expected calibration error (10 bins): {m['expected_calibration_error']:.4f} "
+        f"(mean top-1 confidence {pct(m['mean_confidence'])} vs accuracy {pct(m['top1_accuracy'])}).",
+        "",
+        *calibration_lines(ev.calibration),
+        *answerable_lines(ev),
+        "### Accuracy per station",
+        "",
+        markdown_table(["Station", "Records", "Accuracy"],
+                       [[s, f"{v['records']:,}", pct(v["accuracy"])]
+                        for s, v in m["per_station"].items()]),
+        "",
+    ]  # fmt: skip
+    return "\n".join(parts)
+
+
+def accuracy_rows(ev: Evaluation) -> list[list[str]]:
+    """The model, every lookup table and (on sample data) the best possible."""
+    m = ev.metrics
+    rows = [
+        ["Model (top-1)", pct(m["top1_accuracy"])],
+        ["Model (top-3)", pct(m["top3_accuracy"])],
+    ]
+    rows += [[f"Baseline: {BASELINE_NAMES[key]}", pct(acc)] for key, acc in ev.baselines.items()]
+    if ev.best_possible:
+        bp = ev.best_possible
+        rows.append([f"Best possible (sample data's generating probabilities, {bp['matched']:,} records)",
+                     pct(bp["accuracy"])])  # fmt: skip
+    return rows
+
+
+def margin_lines(ev: Evaluation) -> list[str]:
+    """The model's margin over the strongest lookup table, and its share of the best possible."""
+    top1, lines = ev.metrics["top1_accuracy"], []
+    strongest = strongest_baseline(ev.baselines)
+    if strongest:
+        name, accuracy = strongest
+        delta = top1 - accuracy
+        lines += [f"The strongest lookup table is the {BASELINE_NAMES[name]} ({pct(accuracy)}); "
+                  f"the model {'beats it by' if delta > 0 else 'trails it by'} {100 * abs(delta):.2f} points.",
+                  ""]  # fmt: skip
+    if ev.best_possible:
+        ratio = top1 / ev.best_possible["accuracy"]
+        lines += [f"Model accuracy is {100 * ratio:.1f}% of the best possible.", ""]
+    return lines
+
+
+def calibration_lines(calibration: Calibration | None) -> list[str]:
+    if calibration is None:
+        return []
+    return [
+        "### Calibration",
+        "",
+        "The saved model's output layer maps its top probability to the accuracy that validation "
+        "records with that confidence had (isotonic regression on the records whose trip the model "
+        f"knew; {calibration.describe()}); the other tracks share the rest in proportion and the "
+        "answer never changes. So `predict`, `load_predictor`, `serve` and the `.keras` file itself "
+        "all answer with calibrated probabilities.",
+        f"Expected calibration error on those records: {calibration.ece_before:.4f} before, "
+        f"{calibration.ece_after:.4f} after (the map was fitted on these records' known trips, "
+        "so the figure after is in-sample).",
+        *(
+            []
+            if calibration.new_trip_ece is None
+            else [
+                "",
+                "Records whose trip the model does not know (a new schedule season's) get a map of "
+                f"their own, fitted on {calibration.new_trip_source}: ECE "
+                f"{calibration.new_trip_ece[0]:.4f} before, {calibration.new_trip_ece[1]:.4f} after "
+                "(in-sample).",
+            ]
+        ),
+        "",
+        "![Reliability diagram](reliability_diagram.png)",
+        "",
+    ]
+
+
+def answerable_lines(ev: Evaluation) -> list[str]:
+    """The share of records each predictor can answer at a given precision."""
+    if not ev.answerable:
+        return []
+    names = {"model": "Model", **{k: f"Lookup: {v}" for k, v in BASELINE_NAMES.items()}}
+    rows = [[names[name], *[pct(cov[p]) for p in PRECISION_TARGETS]]
+            for name, cov in ev.answerable.items()]  # fmt: skip
+    lines = [
+        "### Answerable at a precision",
+        "",
+        "Answering the most confident records first (the model by its probability, a lookup "
+        "table by the share of its key's training records with that track): the largest share "
+        "of records answerable with that accuracy on the answered ones.",
+        "",
+        markdown_table(
+            ["Predictor", *[f"at {100 * p:.0f}% precision" for p in PRECISION_TARGETS]], rows
+        ),
+        "",
+    ]
+    strongest = strongest_baseline(ev.baselines)
+    if strongest and strongest[0] in ev.answerable:
+        model, lookup = ev.answerable["model"][0.8], ev.answerable[strongest[0]][0.8]
+        lines += [f"At 80% precision the model answers {pct(model)} of records, the strongest lookup "
+                  f"table {pct(lookup)}.", ""]  # fmt: skip
+    return lines
+
+
+def evaluation_figures(ev: Evaluation | None) -> dict[str, Any] | None:
+    """An evaluation's headline figures as plain JSON (for registries and servers)."""
+    if ev is None:
+        return None
+    m = ev.metrics
+    strongest = max(ev.baselines.items(), key=lambda kv: kv[1], default=(None, None))
+    return {
+        "records": int(len(ev.probabilities)),
+        "top1_accuracy": float(m["top1_accuracy"]), "top3_accuracy": float(m["top3_accuracy"]),
+        "expected_calibration_error": float(m["expected_calibration_error"]),
+        "coverage_at_precision": {f"{p:.2f}": float(v) for p, v in ev.answerable.get("model", {}).items()},
+        "lookup_tables": {k: float(v) for k, v in ev.baselines.items()},
+        "strongest_table": strongest[0],
+        "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
+    }  # fmt: skip
+
+
+def member_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> list[float]:
+    """Weights (summing to one) for the members' probabilities that minimise the log-loss
+    of their weighted mean on labelled records (exponentiated gradient on the simplex;
+    equal weights when no record has a known track). A member that is weaker on these
+    records gets less say instead of dragging the vote down."""
+    rows = np.flatnonzero(labels >= 0)
+    weights = np.full(len(probabilities), 1.0 / len(probabilities))
+    if len(rows) == 0 or len(probabilities) == 1:
+        return weights.tolist()
+    true = np.stack([p[rows, labels[rows]] for p in probabilities], axis=1).astype(np.float64)
+    for _ in range(500):
+        gradient = -(true / np.maximum(true @ weights, 1e-12)[:, None]).mean(axis=0)
+        weights = weights * np.exp(-2.0 * (gradient - gradient.min()))
+        weights /= weights.sum()
+    return [round(float(w), 4) for w in weights]
+
+
+def majority_vote(member_probs: list[np.ndarray]) -> np.ndarray:
+    """Class chosen by most members; ties go to the higher mean probability."""
+    stacked = np.stack(member_probs)  # members x records x classes
+    votes = np.zeros(stacked.shape[1:])
+    rows = np.arange(stacked.shape[1])
+    for probs in stacked:
+        votes[rows, probs.argmax(axis=1)] += 1
+    return (votes + 1e-3 * stacked.mean(axis=0)).argmax(axis=1)
+
+
+def member_agreement(member_probs: list[np.ndarray]) -> dict[str, float]:
+    picks = np.stack([p.argmax(axis=1) for p in member_probs])
+    all_agree = float((picks == picks[0]).all(axis=0).mean())
+    pairs = [
+        float((picks[i] == picks[j]).mean())
+        for i in range(len(picks))
+        for j in range(i + 1, len(picks))
+    ]
+    return {"all_agree": all_agree, "mean_pairwise": float(np.mean(pairs)) if pairs else 1.0}
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t distribution (bisection on a numerically integrated CDF)."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0, Simpson's rule from 0 to t
+        steps = 2000
+        h = t / steps
+        density = [
+            math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df))
+            for i in range(steps + 1)
+        ]
+        area = density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2])
+        return 0.5 + area * h / 3
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_confidence_interval(values: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean, sample standard deviation and the t-distribution interval of the mean."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan")}
+    std = float(x.std(ddof=1))
+    half = student_t_quantile(0.5 + confidence / 2, len(x) - 1) * std / math.sqrt(len(x))
+    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half}
+
+
+def interval(ci: dict[str, float]) -> str:
+    return f"{ci['mean']:.4f} (std {ci['std']:.4f}; 95% CI {ci['low']:.4f} to {ci['high']:.4f})"
+
+
+def window_figures(
+    ev: Evaluation, columns: dict[str, np.ndarray], idx: np.ndarray
+) -> dict[str, Any]:
+    """One window's (or one model's) figures, flat, as backtest_results.json holds them."""
+    m = ev.metrics
+    correct = m["predicted_tracks"] == columns["track_number"][idx]
+    confidence = ev.probabilities.max(axis=1) if len(idx) else np.zeros(0)
+    figures: dict[str, Any] = {
+        "records": int(len(idx)), "model_top1": float(m["top1_accuracy"]),
+        "model_ece": float(m["expected_calibration_error"]),
+        "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
+        **{name: float(v) for name, v in ev.baselines.items()},
+        "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
+        "stations": {s: v["accuracy"] for s, v in m["per_station"].items()},
+    }  # fmt: skip
+    return figures
