@@ -64,14 +64,20 @@ NORTH_STATION_ASSIGNMENT = assignment("2024-03-20T08:10:00-04:00", "place-north"
                                       "CR-Weekday-Spring-24-301", "North Station - Lowell Ln", 1, None)  # fmt: skip
 
 
+#: The commands of keep_model_current.py; every other mode is tfrecord_reader.py's.
+KEEPING_CURRENT = {"backtest", "retrain", "promote", "rollback"}
+
+
 def run_mode(data: Path | str, *args: str, out: Path, **invoke):
-    """Run a tfrecord_reader command through click's runner with outputs under `out`;
-    (result, the run directory it printed last). Fails the test on a non-zero exit."""
+    """Run a tfrecord_reader command (or a keep_model_current one) through click's runner
+    with outputs under `out`; (result, the run directory it printed last). Fails the test
+    on a non-zero exit."""
     from click.testing import CliRunner
 
-    from imt_ml import tfrecord_reader as tr
+    from imt_ml import keep_model_current, tfrecord_reader
 
-    result = CliRunner().invoke(tr.cli, [str(data), *args], env={"IMT_ML_OUTPUT_DIR": str(out)},
+    cli = keep_model_current.cli if args[0] in KEEPING_CURRENT else tfrecord_reader.cli
+    result = CliRunner().invoke(cli, [str(data), *args], env={"IMT_ML_OUTPUT_DIR": str(out)},
                                 **invoke)  # fmt: skip
     assert result.exit_code == 0, result.output[-3000:]
     return result, Path(result.stdout.strip().splitlines()[-1])

@@ -17,7 +17,7 @@ from imt_ml.utils import FEATURE_SCHEMA, ModelRegistry
 from conftest import only_export_dir, read_export, run_mode, sample_root_fixture
 
 REPO = Path(__file__).resolve().parents[1]
-READER = REPO / "src/imt_ml/tfrecord_reader.py"
+KEEPER = REPO / "src/imt_ml/keep_model_current.py"
 DAY = 86_400.0
 #: 2024-01-01 00:00 Boston (a Monday), in Unix seconds.
 MONDAY = 1704085200.0
@@ -105,12 +105,12 @@ def test_backtest_warm_start_is_not_worse_and_bad_starts_are_one_line(sample_roo
 
     from click.testing import CliRunner
 
-    from imt_ml import tfrecord_reader as tr
+    from imt_ml import keep_model_current
 
     for bad, message in (("1999-01-01", "no record before the first origin"),
                          ("2099-01-01", "after the export's newest record"),
                          ("yesterday", "not a date")):  # fmt: skip
-        result = CliRunner().invoke(tr.cli, [str(sample_root), "backtest", "--start", bad],
+        result = CliRunner().invoke(keep_model_current.cli, [str(sample_root), "backtest", "--start", bad],
                                     env={"IMT_ML_OUTPUT_DIR": str(tmp_path / "bad")})  # fmt: skip
         assert result.exit_code == 1 and message in result.output, result.output
 
@@ -120,10 +120,10 @@ def test_backtest_warm_start_is_not_worse_and_bad_starts_are_one_line(sample_roo
 # ---------------------------------------------------------------------------
 
 
-def reader(*args: str, out: Path) -> subprocess.CompletedProcess:
+def keeper(*args: str, out: Path) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, str(READER), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(KEEPER), *args], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "IMT_ML_OUTPUT_DIR": str(out),
                                             "IMT_ML_NO_PROGRESS": "1"})  # fmt: skip
 
@@ -146,14 +146,14 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rolls_back
         export = write_records(tmp_path / name, [as_tuple(r) for r in training_rows])
         _, run_dir = run_mode(export, "train", "--epochs", "3", "--batch-size", "128",
                               "--test-days", "0", out=tmp_path / f"{name}-out")  # fmt: skip
-        promoted = reader("-", "promote", "--registry", str(registry), "--model",
+        promoted = keeper("-", "promote", "--registry", str(registry), "--model",
                           str(run_dir / "track_prediction_model_best.keras"), out=tmp_path)  # fmt: skip
         assert promoted.returncode == 0, promoted.stderr
 
     # A champion that learnt nothing (shuffled tracks) loses to a challenger that learnt.
     weak = tmp_path / "weak-registry"
     champion(weak, shuffled_tracks(early, 1), "weak")
-    retrained = reader(str(real), "retrain", "--registry", str(weak), "--holdout-days", "3",
+    retrained = keeper(str(real), "retrain", "--registry", str(weak), "--holdout-days", "3",
                        "--epochs", "3", "--batch-size", "128", out=tmp_path / "r1")  # fmt: skip
     assert retrained.returncode == 0, retrained.stderr
     assert "Promote:" in retrained.stderr
@@ -166,16 +166,16 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rolls_back
     assert "champion (version 1)" in report and "installed as version 2" in report
 
     # Nothing newer than the new champion: nothing to judge, nothing changes.
-    again = reader(
+    again = keeper(
         str(real), "retrain", "--registry", str(weak), "--epochs", "1", out=tmp_path / "r2"
     )
     assert again.returncode == 0 and "nothing to judge" in again.stderr
     assert registry.current_version() == 2
 
     # rollback makes version 1 current again; there is nothing before it.
-    back = reader("-", "rollback", "--registry", str(weak), out=tmp_path)
+    back = keeper("-", "rollback", "--registry", str(weak), out=tmp_path)
     assert back.returncode == 0 and registry.current_version() == 1
-    none = reader("-", "rollback", "--registry", str(weak), out=tmp_path)
+    none = keeper("-", "rollback", "--registry", str(weak), out=tmp_path)
     assert none.returncode == 1 and "no version before 1" in none.stderr
     assert "Traceback" not in none.stderr
 
@@ -186,12 +186,12 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rolls_back
     garbage = write_records(
         tmp_path / "garbage", [as_tuple(r) for r in shuffled_tracks(early, 2) + late]
     )
-    refused = reader(str(garbage), "retrain", "--registry", str(good), "--holdout-days", "3",
+    refused = keeper(str(garbage), "retrain", "--registry", str(good), "--holdout-days", "3",
                      "--epochs", "3", "--batch-size", "128", out=tmp_path / "r3")  # fmt: skip
     assert refused.returncode == 0, refused.stderr
     assert "Keep:" in refused.stderr and "below the champion's" in refused.stderr
     assert ModelRegistry(good).versions() == [1] and ModelRegistry(good).current_version() == 1
-    dry = reader(str(real), "retrain", "--registry", str(tmp_path / "empty"), "--dry-run",
+    dry = keeper(str(real), "retrain", "--registry", str(tmp_path / "empty"), "--dry-run",
                  "--epochs", "1", "--batch-size", "128", out=tmp_path / "r4")  # fmt: skip
     assert dry.returncode == 0 and "Promote:" in dry.stderr
     assert ModelRegistry(tmp_path / "empty").versions() == []

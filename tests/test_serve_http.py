@@ -24,6 +24,7 @@ from mbta_standin import StandInMbta
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "src/imt_ml/serve_predictions.py"
 READER = REPO / "src/imt_ml/tfrecord_reader.py"
+KEEPER = REPO / "src/imt_ml/keep_model_current.py"
 BOSTON = ZoneInfo("America/New_York")
 UNAVAILABLE = "Predictions are not available for this station"
 PREDICTION_FIELDS = {
@@ -45,7 +46,7 @@ class Service:
 
     def __init__(self, root: Path, model: Path, redis_port: int, api: StandInMbta) -> None:
         self.registry = root / "registry"
-        promoted = subprocess.run([sys.executable, str(READER), "-", "promote", "--registry",
+        promoted = subprocess.run([sys.executable, str(KEEPER), "-", "promote", "--registry",
                                    str(self.registry), "--model", str(model)],
                                   capture_output=True, text=True, timeout=180)  # fmt: skip
         assert promoted.returncode == 0, promoted.stderr
@@ -395,7 +396,7 @@ def test_a_promotion_is_served_within_seconds_without_failing_a_request(service)
         thread.start()
     try:
         time.sleep(1.0)
-        promoted = subprocess.run([sys.executable, str(READER), "-", "promote", "--registry",
+        promoted = subprocess.run([sys.executable, str(KEEPER), "-", "promote", "--registry",
                                    str(service.registry), "--model", str(service.model)],
                                   capture_output=True, text=True, timeout=180)  # fmt: skip
         assert promoted.returncode == 0, promoted.stderr

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from imt_ml import evaluation
 from imt_ml import layers as track_layers
 from imt_ml import tfrecord_reader as tr
 from imt_ml.export_track_data import TFRecordShardWriter, encode_example
@@ -213,7 +214,7 @@ def test_report_numbers_match_the_saved_model(trained, sample_root):
         assert f"| Model (top-1) | {100 * top1:.2f}% |" in section
         tops.append(top1)
         for name in ("station_train", "station_trip_weighted"):
-            base = tr.baseline_predictions(tables, columns, idx)[name]
+            base = evaluation.baseline_predictions(tables, columns, idx)[name]
             acc = (base == columns["track_number"][idx]).mean()
             assert f"| Baseline: {tr.BASELINE_NAMES[name]} | {100 * acc:.2f}% |" in section
         best = tr.best_possible_accuracy(truth, columns, idx)
@@ -657,7 +658,7 @@ def test_training_augmentation_keeps_each_records_clock_and_day_group():
     features = {"trip_id": tf.constant(trips), "scheduled_timestamp": tf.constant(stamps)}
     hidden = 0
     for _ in range(5):
-        out, labels = tr._hide_identities(dict(features), tf.zeros(len(stamps), tf.int64))
+        out, labels = tr.hide_identities(dict(features), tf.zeros(len(stamps), tf.int64))
         assert np.array_equal(out["scheduled_timestamp"].numpy(), stamps)
         assert np.array_equal(tr.boston_days(out["scheduled_timestamp"].numpy()),
                               tr.boston_days(stamps))  # fmt: skip

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from imt_ml import tfrecord_reader as tr
+from imt_ml import utils
 from imt_ml.utils import free_port
 
 from conftest import assignment, sample_root_fixture
@@ -166,9 +167,9 @@ def test_no_data_is_an_error_before_ray_starts(tmp_path):
 
 
 def test_a_local_ray_dir_invisible_to_a_node_is_refused():
-    tr.refuse_unshared_ray_dir("/data/ray", {"10.0.0.1": True, "10.0.0.2": True})
+    utils.refuse_unshared_ray_dir("/data/ray", {"10.0.0.1": True, "10.0.0.2": True})
     with pytest.raises(tr.UserError, match="shared storage .* or a URI"):
-        tr.refuse_unshared_ray_dir("/data/ray", {"10.0.0.1": True, "10.0.0.2": False})
+        utils.refuse_unshared_ray_dir("/data/ray", {"10.0.0.1": True, "10.0.0.2": False})
 
 
 # ---------------------------------------------------------------------------

@@ -218,10 +218,10 @@ class SyncTrainer:
 
     def __init__(self, strategy: Any, data: Any, index: int, workers: int, recipe: Any):
         from imt_ml.tfrecord_reader import (
-            _hide_identities,
             make_dataset,
             model_features,
             recency_weights,
+            with_hidden_identities,
         )
 
         batch_size, seed = recipe.batch_size, recipe.seed
@@ -244,7 +244,7 @@ class SyncTrainer:
         ds = tf.data.Dataset.from_tensor_slices(({k: tf.constant(v) for k, v in features.items()},
                                                  tf.constant(labels), tf.constant(sample_weights)))  # fmt: skip
         batches = ds.shuffle(len(labels), seed=seed).batch(batch_size, drop_remainder=True)
-        batches = batches.map(_hide_identities, num_parallel_calls=tf.data.AUTOTUNE)
+        batches = with_hidden_identities(batches, seed)
         self.train_ds = batches.repeat().with_options(options)
         known = data.val_known
         val_part = data.val_idx[known][index::workers]
@@ -256,7 +256,7 @@ class SyncTrainer:
             callbacks: list | None = None) -> dict[str, list[float]]:  # fmt: skip
         """Train with `recipe`'s rate, schedule and early stopping (its batch size and
         half-life are the ones this trainer's data was built with)."""
-        from imt_ml.tfrecord_reader import cosine_rate
+        from imt_ml.layers import cosine_rate
 
         with self.strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate=recipe.learning_rate)

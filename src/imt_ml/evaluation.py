@@ -20,7 +20,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from imt_ml.utils import SAMPLE_TRUTH_FILE, boston_offsets, figure, markdown_table, pct
+from imt_ml.utils import (
+    SAMPLE_TRUTH_FILE,
+    Run,
+    UserError,
+    boston_offsets,
+    figure,
+    files_section,
+    markdown_table,
+    pct,
+)
 
 #: A schedule season lasts about 90 days; 60 lets the current one outweigh the last.
 RECENCY_HALF_LIFE_DAYS = 60.0
@@ -84,6 +93,13 @@ def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray
     weights = 0.5 ** (age_days / half_life_days)
     return weights / weights.mean()
 
+
+#: A station's track reads as closed (track works; see `closed_tracks`) when the departures
+#: the station had after the track's last one would have given it at least this many, at
+#: its share of the station's departures of the same kind of day (weekday, Saturday,
+#: Sunday) in the CLOSED_TRACK_LOOKBACK_DAYS up to that last one. At 20, a track that is
+#: merely quiet shows no departure with a chance of about e^-20.
+CLOSED_TRACK_EXPECTED = 20.0
 
 #: The lookup tables a skeptic would try, in the order reports list them: each counted
 #: plainly and with the model's recency weighting (`_weighted`).
@@ -326,6 +342,14 @@ def reliability_bins(
             out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "records": int(sel.sum()),
                         "confidence": float(confidence[sel].mean()), "accuracy": float(correct[sel].mean())})  # fmt: skip
     return out
+
+
+def log_loss(ev: Evaluation, true_tracks: np.ndarray) -> float:
+    """Mean negative log probability of the true track (tracks outside the model's labels
+    get probability 1e-7), the calibrated probabilities' cross-entropy."""
+    y = label_indices(true_tracks, ev.labels)
+    p = np.where(y >= 0, ev.probabilities[np.arange(len(y)), np.maximum(y, 0)], 0.0)
+    return float(-np.log(np.maximum(p, 1e-7)).mean()) if len(y) else float("nan")
 
 
 def coverage_at_precision(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:
@@ -712,3 +736,329 @@ def window_figures(
         "stations": {s: v["accuracy"] for s, v in m["per_station"].items()},
     }  # fmt: skip
     return figures
+
+
+# ---------------------------------------------------------------------------
+# Report sections of the training modes.
+# ---------------------------------------------------------------------------
+
+
+def closed_track_lines(vocab: Any) -> list[str]:
+    """One report line per station with tracks the model reads as closed."""
+    return [
+        f"- Closed platforms (no departure where at least {CLOSED_TRACK_EXPECTED:.0f} were "
+        f"expected; the model gives them no probability): {station} track(s) "
+        + ", ".join(f"{t} since {boston_date(day)}" for t, day in tracks.items())
+        for station, tracks in vocab.closed_tracks.items()
+    ]
+
+
+def boston_date(day: int) -> str:
+    """A Boston day number (`boston_days`) as YYYY-MM-DD."""
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day))).isoformat()
+
+
+def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Path) -> list[str]:
+    """Which model the validation figures describe, and which one was saved."""
+    if refit is None:
+        return [
+            "## Saved Models",
+            "",
+            f"- The figures above describe `{best_path.name}` itself: it was trained on the training "
+            f"records only (`--no-refit`), and `{final_path.name}` holds the final weights of the same run.",
+            "",
+        ]
+    return [
+        "## Saved Models",
+        "",
+        "- The validation figures above describe a model trained on the training records only, "
+        f"checkpointed at its best validation accuracy (epoch {refit['best_epochs']}).",
+        f"- The saved models were then refit on all {refit['records']:,} records, the newest included, "
+        f"with vocabularies from all of them: `{best_path.name}` continued from that checkpoint and "
+        f"`{final_path.name}` from the run's final weights (epoch {refit['final_epochs']}), "
+        + (
+            f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s) from a learning rate of "
+            f"{refit['learning_rate']:g} (`--refit-lr-factor`), "
+            if refit["epochs"]
+            else "with no epoch (`--refit-epochs 0`: the validated weights reading tables of every "
+            "record), "
+        )
+        + (
+            "one refit serving both as they were the same weights, "
+            if refit["best_epochs"] == refit["final_epochs"]
+            else ""
+        )
+        + f"with the confidence map fitted above ({refit['calibration']}).",
+        "- The refit models have no held-out records left; the figures above estimate them. "
+        "`--no-refit` saves the validated models instead.",
+        *closed_track_lines(refit["vocab_info"]),
+        "",
+    ]
+
+
+def evaluation_sections(
+    tuning: Evaluation, test: Evaluation | None, data: Any
+) -> list[str]:
+    """The headline (test window) evaluation first, then the tuning figures, each titled with
+    what its records are."""
+    info = data.split_info
+    tuning_title = ("Tuning figures: the validation records (they chose the checkpoint, early "
+                    "stopping and the confidence map)")  # fmt: skip
+    if test is None:
+        return [evaluation_section(tuning, tuning_title + "; no test window was held out "
+                                   "(`--test-days 0`), so these are the only figures")]  # fmt: skip
+    period_text = " to ".join(info.get("test_period", []))
+    test_title = (f"Held-out test window: the newest {info.get('test_days', 0):g} days "
+                  f"({period_text}), which no training choice saw")  # fmt: skip
+    return [evaluation_section(test, test_title), evaluation_section(tuning, tuning_title)]
+
+
+def performance_section(history: dict[str, list[float]], best_path: Path) -> list[str]:
+    epochs_run = len(history.get("loss", []))
+    best_epoch = int(np.argmax(history["val_accuracy"])) + 1
+    return [
+        "## Final Performance Metrics (tuning figures: the validation records)",
+        "",
+        f"- Validation Loss: {history['val_loss'][-1]:.4f} (last epoch)",
+        f"- Validation Accuracy: {history['val_accuracy'][-1]:.4f} (last epoch)",
+        f"- Best Validation Accuracy: {max(history['val_accuracy']):.4f} "
+        f"(epoch {best_epoch} of {epochs_run}; saved as `{best_path.name}`)",
+        "- Keras' validation figures leave out validation records whose track never occurred in training; "
+        "the evaluation below counts them as wrong.",
+        "",
+    ]
+
+
+def epoch_lines(history: dict[str, list[float]], opts: Any, seconds: float) -> list[str]:
+    epochs_run = len(history.get("loss", []))
+    return [
+        f"- Epochs run: {epochs_run} of {opts.epochs}"
+        + (" (early stopping)" if epochs_run < opts.epochs else ""),
+        f"- Fit time: {seconds:.1f} s ({seconds / max(epochs_run, 1):.2f} s per epoch)",
+    ]
+
+
+def schedule_section(opts: Any, mode: str) -> list[str]:
+    stopping = (
+        "off" if opts.no_early_stop
+        else f"on val_loss, patience {opts.early_stop_patience}, min delta "
+        f"{opts.early_stop_min_delta:g}, best weights restored"
+    )  # fmt: skip
+    rate = (
+        "constant" if opts.no_scheduler
+        else f"cosine from {opts.learning_rate:g} to 1% over {opts.scheduler_tmax or opts.epochs} "
+        f"epochs, times {opts.reduce_lr_factor:g} after {opts.reduce_lr_patience} epochs without a "
+        "better val_loss"
+    )  # fmt: skip
+    return [
+        "## Train Mode Details" if mode == "train" else "## Final Training Details",
+        "",
+        f"- Early stopping: {stopping}",
+        f"- Learning rate: {rate}",
+        "",
+    ]
+
+
+def figures_section(run: Run, history: dict[str, list[float]], evaluation: Evaluation) -> list[str]:
+    """Learning curves and the confusion matrix, drawn into the run directory."""
+    curves = plot_learning_curves(history, run.path("learning_curves.png"))
+    confusion = plot_confusion_matrix(
+        evaluation.metrics["confusion"], evaluation.labels, run.path("confusion_matrix.png")
+    )
+    return ["## Learning Curves", "", f"![Learning curves]({curves.name})", "",
+            "## Confusion Matrix", "", f"![Confusion matrix]({confusion.name})", ""]  # fmt: skip
+
+
+def train_files_section(files: Any, serving: Path) -> list[str]:
+    best, final = files.best.name, files.final.name
+    return files_section(
+        f"- `{best}`, `{final}`: models taking raw values, answering with track probabilities "
+        "(labels in the `track_probabilities` layer); `import imt_ml`, then "
+        "`keras.saving.load_model(path, compile=False)`",
+        f"- `{serving.name}/`: TensorFlow SavedModel of `{best}` for any TF runtime; its `serve` "
+        "signature takes the raw fields by name and returns `tracks` (most likely first) and `probabilities`",
+        f"- `{files.vocab.name}`: vocabularies and baseline tables",
+        "- `logs/`: TensorBoard",
+    )
+
+
+def train_headline(evaluation: Evaluation, held_out: bool = True) -> str:
+    m = evaluation.metrics
+    where = "held-out test window" if held_out else "validation (tuning) records"
+    headline = f"{where}: top-1 {pct(m['top1_accuracy'])}, top-3 {pct(m['top3_accuracy'])}"
+    strongest = strongest_baseline(evaluation.baselines)
+    if strongest:
+        headline += (
+            f"; strongest lookup table ({BASELINE_NAMES[strongest[0]]}) {pct(strongest[1])}"
+        )
+    if evaluation.best_possible:
+        headline += f"; best possible {pct(evaluation.best_possible['accuracy'])}"
+    return headline
+
+
+def ensemble_members_section(members: list[Any], weights: list[float]) -> list[str]:
+    header = ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1",
+              "Weight"]  # fmt: skip
+    rows = [[*m.row, f"{w:.3f}"] for m, w in zip(members, weights, strict=True)]
+    return [
+        "## Ensemble Members", "", markdown_table(header, rows), "",
+        "The combined model is the weighted mean of the members' probabilities, with the weights "
+        "(summing to one) that minimise its log-loss on the validation records.", "",
+    ]  # fmt: skip
+
+
+def ensemble_refit_section(refits: list[dict[str, Any]], calibration: Calibration) -> list[str]:
+    if not refits:
+        return []
+    epochs = ", ".join(f"{r['best_epochs']}/{r['final_epochs']}" for r in refits)
+    return [
+        "## Saved Models",
+        "",
+        "- The validation figures above describe the members trained on the training records "
+        "only, and their average.",
+        f"- Every member was then refit on all {refits[0]['records']:,} records, the newest included, "
+        f"for the epoch counts its validated run chose ({epochs} for best/final), with its own "
+        "confidence map; the combined model averages the refit members' best checkpoints with the "
+        f"weights above and applies the combined map ({calibration.describe()}).",
+        "",
+    ]
+
+
+def ensemble_files_section(mp: str, combined_path: Path, serving: Path) -> list[str]:
+    return files_section(
+        f"- `{mp}_{{i}}_best.keras`, `{mp}_{{i}}_final.keras`: each member",
+        f"- `{combined_path.name}`: the average of the members' best checkpoints, raw values in, "
+        "track probabilities out (`evaluate`, `predict` and `serve` accept it)",
+        f"- `{serving.name}/`: TensorFlow SavedModel of the combined model; its `serve` signature takes the "
+        "raw fields by name and returns `tracks` (most likely first) and `probabilities`",
+        f"- `{mp}_vocab.json`: vocabularies and baseline tables",
+        "- Every `.keras` file loads with `keras.saving.load_model(path, compile=False)` after `import imt_ml`",
+    )
+
+
+def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> list[np.ndarray]:
+    """Validation indices of each fold. Contiguous periods of time by default (records
+    with the same scheduled time stay together); a seeded shuffle with `shuffle`."""
+    n = len(timestamps)
+    if k < 2:
+        raise UserError("--k-folds must be at least 2")
+    if k > n:
+        raise UserError(f"--k-folds {k} is more than the {n} records in the export")
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(n)
+        return [np.sort(part) for part in np.array_split(order, k)]
+    order = np.argsort(timestamps, kind="stable")
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    for j in range(1, k):  # never cut between two records of the same time
+        while (
+            0 < bounds[j] < n and timestamps[order[bounds[j]]] == timestamps[order[bounds[j] - 1]]
+        ):
+            bounds[j] += 1
+        bounds[j] = max(bounds[j], bounds[j - 1])
+    folds = [np.sort(order[bounds[j] : bounds[j + 1]]) for j in range(k)]
+    empty = [j + 1 for j, f in enumerate(folds) if len(f) == 0]
+    if empty:
+        raise UserError(
+            f"fold(s) {', '.join(map(str, empty))} would have no validation records: "
+            "too many records share a scheduled time for this many contiguous folds "
+            "(use fewer --k-folds or --shuffle-folds)"
+        )
+    return folds
+
+
+def validation_period(timestamps: np.ndarray) -> str:
+    first, last = (
+        dt.datetime.fromtimestamp(float(t), dt.UTC) for t in (timestamps.min(), timestamps.max())
+    )
+    return f"{first:%Y-%m-%d} to {last:%Y-%m-%d}"
+
+
+def cv_performance_section(summary: dict[str, Any]) -> list[str]:
+    lines = ["## Final Performance Metrics", ""]
+    if "test_accuracy" in summary:
+        lines += [
+            f"Held-out test window ({' to '.join(summary['test_period'])}), in no fold, which no "
+            "training choice saw: each fold's model scored there, beside the strongest lookup "
+            "table of the same fold's training records.",
+            "",
+            f"- Mean test accuracy: {interval(summary['test_accuracy'])}",
+            f"- Mean strongest lookup table: {interval(summary['test_baseline_accuracy'])}",
+            f"- Model minus lookup table: {interval(summary['test_difference'])}",
+            "",
+        ]
+    return lines + [
+        "Tuning figures: each fold's validation records (they chose its early stopping and "
+        "calibration):",
+        "",
+        f"- Mean validation accuracy: {interval(summary['accuracy'])}",
+        "- Mean accuracy of each fold's strongest lookup table (named per fold below): "
+        f"{interval(summary['baseline_accuracy'])}",
+        f"- Model minus baseline: {interval(summary['difference'])}",
+        "",
+        "What the intervals are: Student's t with k - 1 degrees of freedom over the fold "
+        "figures, as if the folds were independent samples. They are not: every two folds "
+        "share most of their training records, so the fold figures are positively correlated "
+        "and the true uncertainty is larger than the interval says (Bengio and Grandvalet "
+        "2004: no unbiased estimator of k-fold cross-validation's variance exists). The "
+        "interval describes how much the figure moves between periods of this export; it "
+        "does not account for that correlation, for other exports or for the periods after "
+        "the newest record.",
+        "",
+    ]
+
+
+def cv_folds_section(rows: list[list[Any]]) -> list[str]:
+    header = ["Fold", "Validation period", "Records", "Accuracy", "Loss", "Baseline",
+              "Model - baseline", "Strongest lookup table"]  # fmt: skip
+    return [
+        "## Cross-Validation Folds",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Accuracy counts validation records whose track the fold's training data never saw as wrong; "
+        "the loss (Keras) leaves them out.",
+        "",
+    ]
+
+
+def cv_deployable_section(mp: str, fitted: Any) -> list[str]:
+    refit = fitted.refit
+    how = (f"then refit on all {refit['records']:,} records for {refit['epochs']} epochs"
+           if refit else "not refit (`--no-refit`)")  # fmt: skip
+    return [
+        "## Deployable Model",
+        "",
+        f"- `{mp}_best.keras` and `{mp}_final.keras` come from `train`'s recipe on the same export "
+        f"with the options above: validated on the newest records ({fitted.epochs} epochs), "
+        f"calibrated there ({fitted.calibration.describe()}), {how}. `train` with the same "
+        "options saves the same model.",
+        "- Its accuracy is not measured here: the fold figures above estimate it.",
+        "",
+    ]
+
+
+def cv_files_section(mp: str) -> list[str]:
+    return files_section(
+        f"- `{mp}_best.keras`, `{mp}_final.keras`, `{mp}_vocab.json`, "
+        f"`{mp}_serving/`: the deployable model, its vocabularies and its TensorFlow SavedModel",
+        f"- `{mp}_fold_{{j}}.keras`: each fold's model (`import imt_ml`, then "
+        "`keras.saving.load_model(path, compile=False)`), and `_fold_{j}_serving/`, its TensorFlow SavedModel",
+        "- `cv_results.json`: every number above; `fold_assignment.npy`: each record's fold, in export order",
+    )
+
+
+TOP_TRIALS_HEADER = ["Rank", "Layers", "Units", "Decay", "Dropout", "L2", "LR", "Batch",
+                     "Emb route/train", "Half-life d", "Epochs", "Best val acc"]  # fmt: skip
+
+
+def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for rank, t in enumerate(trials, 1):
+        c = t["config"]
+        rows.append([rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
+                     f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
+                     f"{c['route_embedding']}/{c['train_embedding']}",
+                     f"{c.get('recency_half_life', RECENCY_HALF_LIFE_DAYS):g}", t["epochs"],
+                     f"{t['best_val_accuracy']:.4f}"])  # fmt: skip
+    return rows
+

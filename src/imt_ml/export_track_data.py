@@ -147,6 +147,24 @@ def _iso_timestamp(value: Any) -> float:
     return parsed.timestamp()
 
 
+def track_label(track: Any) -> tuple[str, str]:
+    """(the platform label, "") of a record's track, or ("", why the record is skipped)."""
+    if track is None:
+        return "", "null_track"
+    if type(track) is not str:
+        return "", "wrong_type"
+    track = track.strip()
+    if not track:
+        return "", "empty_track"
+    if not (track.isascii() and track.isdigit()):
+        return "", "non_numeric_track"
+    if track[0] == "0":  # one label per platform: "05" is track 5; "0" is no platform
+        track = track.lstrip("0")
+        if not track:
+            return "", "invalid_track"
+    return track, ""
+
+
 def parse_assignment(raw: bytes | str | None) -> Record | str:
     """A record tuple (FEATURE_SCHEMA order), or the skip reason as a string.
 
@@ -169,19 +187,9 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     except KeyError:
         return "missing_field"
 
-    if track is None:
-        return "null_track"
-    if type(track) is not str:
-        return "wrong_type"
-    track = track.strip()
-    if not track:
-        return "empty_track"
-    if not (track.isascii() and track.isdigit()):
-        return "non_numeric_track"
-    if track[0] == "0":  # one label per platform: "05" is track 5; "0" is no platform
-        track = track.lstrip("0")
-        if not track:
-            return "invalid_track"
+    track, skipped = track_label(track)
+    if skipped:
+        return skipped
 
     if not (
         type(station) is str and type(route) is str and type(trip) is str

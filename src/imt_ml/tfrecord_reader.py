@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import io
 import json
 import math
@@ -41,64 +40,80 @@ if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/tfrecord_reader
 
 from imt_ml.evaluation import (
     BASELINE_NAMES,
+    CLOSED_TRACK_EXPECTED,
     PRECISION_TARGETS,
     RECENCY_HALF_LIFE_DAYS,
     SECONDS_PER_DAY,
+    TOP_TRIALS_HEADER,
     Calibration,
     ConfidenceMap,
     Evaluation,
     baseline_answers,
-    baseline_predictions,
     baseline_tables,
     best_possible_accuracy,
     boston_days,
     boston_weekdays,
+    closed_track_lines,
     coverage_at_precision,
-    describe_map,
+    cv_deployable_section,
+    cv_files_section,
+    cv_folds_section,
+    cv_performance_section,
+    ensemble_files_section,
+    ensemble_members_section,
+    ensemble_refit_section,
+    epoch_lines,
     evaluate_predictions,
     evaluation_figures,
     evaluation_section,
+    evaluation_sections,
     expected_calibration_error,
+    figures_section,
     fit_confidence_map,
+    fold_indices,
     interval,
     iso_utc,
     label_indices,
     load_sample_truth,
+    log_loss,
     majority_vote,
     mean_confidence_interval,
     member_agreement,
     member_weights,
-    paired_margin,
+    performance_section,
     period,
     plot_confusion_matrix,
-    plot_learning_curves,
     plot_reliability_diagram,
     recency_weights,
+    refit_section,
     reliability_bins,
+    schedule_section,
     strongest_baseline,
+    top_trial_rows,
     track_sort_key,
+    train_files_section,
+    train_headline,
     train_numbers,
-    window_figures,
+    validation_period,
 )
 from imt_ml.utils import (
+    ENV_DETERMINISTIC,
     ENV_OUTPUT,
     ENV_PROGRESS,
     ENV_TF_LOG,
+    HISTORY_FOLDS,
     METADATA_FILE,
     SHARD_GLOB,
-    TRACKER_TIMEZONE,
-    ModelRegistry,
+    LazyModule,
     Run,
     UserError,
+    check_shared_storage,
     chunked,
     configuration_section,
+    connect_ray,
     dataclass_options,
     environment_epilog,
-    figure,
-    files_section,
-    from_options,
-    HISTORY_FOLDS,
-    LazyModule,
+    is_uri,
     keras,
     log,
     markdown_table,
@@ -107,7 +122,6 @@ from imt_ml.utils import (
     parse_instant,
     pct,
     progress,
-    split_host_port,
     tf,
     tf_parse_spec,
     timing_section,
@@ -163,12 +177,6 @@ REFIT_EPOCHS = 2
 #: three cells with 14 days of a new season in training, against 0.017-0.025, and 30-45%
 #: less coverage at 80% precision there).
 REFIT_LR_FACTOR = 1.0
-#: A station's track reads as closed (track works; see `closed_tracks`) when the departures
-#: the station had after the track's last one would have given it at least this many, at
-#: its share of the station's departures of the same kind of day (weekday, Saturday,
-#: Sunday) in the CLOSED_TRACK_LOOKBACK_DAYS up to that last one. At 20, a track that is
-#: merely quiet shows no departure with a chance of about e^-20.
-CLOSED_TRACK_EXPECTED = 20.0
 CLOSED_TRACK_LOOKBACK_DAYS = 28
 #: BostonClock day number standing for "open" in the model's table of closing days.
 OPEN_TRACK_DAY = 1e7
@@ -473,21 +481,6 @@ def closed_tracks(
     return closed
 
 
-def closed_track_lines(vocab: Vocabulary) -> list[str]:
-    """One report line per station with tracks the model reads as closed."""
-    return [
-        f"- Closed platforms (no departure where at least {CLOSED_TRACK_EXPECTED:.0f} were "
-        f"expected; the model gives them no probability): {station} track(s) "
-        + ", ".join(f"{t} since {boston_date(day)}" for t, day in tracks.items())
-        for station, tracks in vocab.closed_tracks.items()
-    ]
-
-
-def boston_date(day: int) -> str:
-    """A Boston day number (`boston_days`) as YYYY-MM-DD."""
-    return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day))).isoformat()
-
-
 def history_tables(
     vocab: Vocabulary, columns: dict[str, np.ndarray], train_idx: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -556,16 +549,26 @@ def model_features(
 HIDE_TRAIN_SHARE = 0.03
 
 
-def _hide_identities(features: dict[str, Any], labels: Any, *weights: Any) -> tuple:
+def hide_identities(features: dict[str, Any], labels: Any, *weights: Any, key: Any = 0) -> tuple:
     """Training augmentation on a batch: a share of records lose their trip id and with
     it their train number, so the model learns what to answer for a train it never saw.
     Only identities are touched; the clock and the record's group of days stay as they
-    were (no own track as evidence)."""
+    were (no own track as evidence). `key` seeds the draw (stateless, so deterministic
+    ops allow it; `with_hidden_identities` gives each batch its own)."""
     batch = tf.shape(labels)[0]
-    draw = tf.random.uniform([batch])
+    draw = tf.random.stateless_uniform([batch], seed=tf.stack([tf.cast(key, tf.int64), 0]))
     out = dict(features)
     out["trip_id"] = tf.where(draw < HIDE_TRAIN_SHARE, tf.fill([batch], ""), features["trip_id"])
     return (out, labels, *weights)
+
+
+def with_hidden_identities(batches: Any, seed: int) -> Any:
+    """`hide_identities` on every batch, each with its own key from a seeded random
+    stream drawn anew every epoch."""
+    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.zip((batches, keys)).map(
+        lambda batch, key: hide_identities(*batch, key=key), num_parallel_calls=tf.data.AUTOTUNE
+    )
 
 
 def make_dataset(
@@ -592,7 +595,7 @@ def make_dataset(
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
     )  # fmt: skip
     if augment:
-        ds = ds.map(_hide_identities, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = with_hidden_identities(ds, seed)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -769,6 +772,17 @@ class ModelConfig:
     weekday_history: bool = True
     """Read the station + train number + weekday table too (a train whose track depends
     on the weekday; see history_tables)."""
+    trip_history: bool = True
+    """Read the station + trip id table (features and evidence)."""
+    train_history: bool = True
+    """Read the station + train number table (features and evidence; its weekday
+    refinement goes with it)."""
+    evidence: bool = True
+    """Add the tables' log-shares to the logits (EvidenceLogits)."""
+    other_days: bool = True
+    """In training, a record reads the tables without its own group of days (OtherDays)."""
+    closed_tracks: bool = True
+    """Give a platform the records say is closed no probability (ClosedTracks)."""
     seed: int = 42
 
 
@@ -794,15 +808,18 @@ def _lookup(values: Any, vocabulary: list[str], name: str) -> Any:
 
 
 def _embed(index: Any, vocabulary: list[str], dim: int, name: str) -> Any:
+    """An embedding of `dim` per value (None for 0: the model does without it)."""
+    if dim == 0:
+        return None
     return keras.layers.Embedding(len(vocabulary) + 1, dim, name=f"{name}_embedding")(index)
 
 
 def identity_features(
     inputs: dict[str, Any], vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict, clock: Any
 ) -> tuple[list[Any], list[Any]]:
-    """(features, history features) of the train: its number's embedding, and what the
-    lookup tables of station + trip id, station + train number and station + train
-    number + weekday know of it."""
+    """(features, the history features the model reads, the trip table's) of the train:
+    its number's embedding, and what the lookup tables of station + trip id, station +
+    train number and station + train number + weekday know of it."""
     if not vocab_info.history:
         raise ValueError("the vocabulary has no history tables: build it from the records "
                          "(prepare_split or load_tfrecord_dataset)")  # fmt: skip
@@ -826,12 +843,15 @@ def identity_features(
         index = rows[name]
         counts = [_fixed_table(index, vocab_info.history[name + suffix], f"{name}_counts{suffix}", fixed)
                   for suffix in ("", "_folds")]  # fmt: skip
-        readable.append(track_layers.OtherDays(name=f"{name}_other_days")([*counts, clock]))
+        readable.append(track_layers.OtherDays(name=f"{name}_other_days")([*counts, clock])
+                        if cfg.other_days else counts[0])  # fmt: skip
     readable = track_layers.NewTrips(cfg.hide_trip, cfg.thin_trip, seed=cfg.seed,
-                             whole_train=cfg.new_trip_whole_train, name="new_trips")(readable)  # fmt: skip
+                                     whole_train=cfg.new_trip_whole_train, name="new_trips")(readable)  # fmt: skip
     histories = [track_layers.TrackHistory(name=f"{name}_history")(counts)
                  for name, counts in zip(names, readable, strict=True)]  # fmt: skip
-    return [train, *histories], histories
+    read = [h for name, h in zip(names, histories, strict=True)
+            if (cfg.trip_history if name == "station_trip" else cfg.train_history)]  # fmt: skip
+    return [train, *read], read, histories[0]
 
 
 def time_features(inputs: dict[str, Any], vocab_info: Vocabulary, clock: Any) -> list[Any]:
@@ -881,11 +901,11 @@ def create_simple_model(
     fixed: dict[Any, np.ndarray] = {}
     station_index = _lookup(inputs["station_id"], vocab_info.stations, "station")
     clock = track_layers.BostonClock(name="boston_clock")(inputs["scheduled_timestamp"])
-    identity, histories = identity_features(inputs, vocab_info, cfg, fixed, clock)
+    identity, histories, trip_history = identity_features(inputs, vocab_info, cfg, fixed, clock)
     direction_index = layers.IntegerLookup(vocabulary=[0, 1], name="direction_lookup")(
         inputs["direction_id"]
     )
-    x = layers.Concatenate(name="features")([
+    embedded = [
         _embed(station_index, vocab_info.stations, cfg.station_embedding, "station"),
         _embed(_lookup(inputs["route_id"], vocab_info.routes, "route"),
                vocab_info.routes, cfg.route_embedding, "route"),
@@ -893,11 +913,15 @@ def create_simple_model(
                vocab_info.headsigns, cfg.headsign_embedding, "headsign"),
         *identity,
         layers.Embedding(3, 2, name="direction_embedding")(direction_index),
-        *time_features(inputs, vocab_info, clock),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    x = layers.Concatenate(name="features")(
+        [e for e in embedded if e is not None] + time_features(inputs, vocab_info, clock)
+    )
     logits = dense_logits(x, vocab_info.num_classes, cfg)
-    if histories:
-        finer = int(len(histories) > 2)  # the weekday table refines the train-number one
+    if histories and cfg.evidence:
+        # the weekday table refines the train-number one
+        finer = int(len(histories) > 1 and cfg.weekday_history and cfg.train_history
+                    and "station_train_day" in vocab_info.history)  # fmt: skip
         evidence = track_layers.EvidenceLogits(finer=finer, name="evidence_logits")(histories)
         logits = layers.Add(name="logits_with_evidence")([logits, evidence])
     # Tracks never seen at a station get a -1e4 logit there (row 0, unknown station,
@@ -907,11 +931,11 @@ def create_simple_model(
     penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
     # And from its closing day on, a platform the records say is closed (closed_tracks).
     since = _fixed_table(station_index, closing_days(vocab_info), "closing_days", fixed)
-    closed = track_layers.ClosedTracks(name="closed_tracks")([since, clock])
+    closed = [track_layers.ClosedTracks(name="closed_tracks")([since, clock])] if cfg.closed_tracks else []
     probabilities = layers.Activation("softmax", name="softmax")(
-        layers.Add(name="masked_logits")([logits, penalty, closed])
+        layers.Add(name="masked_logits")([logits, penalty, *closed])
     )
-    known_trip = track_layers.KnownKey(name="known_trip")(histories[0])
+    known_trip = track_layers.KnownKey(name="known_trip")(trip_history)
     outputs = track_layers.TrackProbabilities(
         vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
     )([probabilities, known_trip])
@@ -1019,34 +1043,13 @@ def uncalibrated(model: Any) -> Any:
     return keras.Model(model.inputs, raw_probabilities(model.get_layer("track_probabilities")))
 
 
-def calibrate_model(
-    model: Any, columns: dict[str, np.ndarray], idx: np.ndarray, labels: list[str],
-    new_schedule: Sequence[tuple[Any, np.ndarray]] = (),
-) -> tuple[Any, Calibration]:  # fmt: skip
-    """Fit a confidence map on the records `idx` and return the model with it applied
-    (in place of any it had). The map for trips the model does not know is fitted on
-    `new_schedule` where given: per past change of schedule, a copy of the model that
-    knows only the records before it and the records of its first weeks (see
-    `new_schedule_proxy`); else on the records `idx` read as new trips."""
-    probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
-    y = label_indices(columns["track_number"][idx], labels)
-    # Fit on the records of trips the model knows: the weeks after a cut-off ask mostly
-    # about those; a new schedule's first days (unknown trip ids) would soften every
-    # answer for the sake of a few days. Too few known trips: all records.
-    known = known_trips(model, columns, idx)
-    if known.sum() < 100:
-        known[:] = True
-    top = probs.argmax(axis=1)  # the map never changes the answer
-    confidence, correct = probs[np.arange(len(top)), top], top == y
-    fit = known & (y >= 0)
-    cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
-    # Records read as new trips (a new schedule season's first days): their own map, for
-    # the records whose trip the model does not know.
-    # (a past change's proxy, its records), or (None: the model itself, its records read
-    # as new trips)
-    sources: list[tuple[Any, np.ndarray]] = list(new_schedule)
-    if not sources and (y >= 0).sum() >= 50:
-        sources = [(None, idx)]
+def fit_new_trip_map(
+    model: Any, columns: dict[str, np.ndarray], labels: list[str],
+    sources: list[tuple[Any, np.ndarray]], past_changes: bool,
+) -> tuple[ConfidenceMap | None, tuple[float, float] | None, str]:  # fmt: skip
+    """(the map for records whose trip the model does not know, its ECE before and after,
+    which records it was fitted on): per source, (a past change's proxy, its records) or
+    (None, records the model itself reads as new trips)."""
     new_conf, new_correct, starts = [], [], []
     for proxy, new_idx in sources:
         if len(new_idx) == 0:
@@ -1077,10 +1080,41 @@ def calibrate_model(
             "whose trip was new then, each read with the history of the records before it only "
             "(what the model would have known the day before: the train numbers' evidence as "
             "stale as on the first day of the next schedule)"
-            if new_schedule
+            if past_changes
             else "the same validation records read as new trips (no evidence of the trip; of "
             "the train, only its other trips): no change of schedule in the records to learn from"
         )  # fmt: skip
+    return new_map, new_ece, source
+
+
+def calibrate_model(
+    model: Any, columns: dict[str, np.ndarray], idx: np.ndarray, labels: list[str],
+    new_schedule: Sequence[tuple[Any, np.ndarray]] = (),
+) -> tuple[Any, Calibration]:  # fmt: skip
+    """Fit a confidence map on the records `idx` and return the model with it applied
+    (in place of any it had). The map for trips the model does not know is fitted on
+    `new_schedule` where given: per past change of schedule, a copy of the model that
+    knows only the records before it and the records of its first weeks (see
+    `new_schedule_proxy`); else on the records `idx` read as new trips."""
+    probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
+    y = label_indices(columns["track_number"][idx], labels)
+    # Fit on the records of trips the model knows: the weeks after a cut-off ask mostly
+    # about those; a new schedule's first days (unknown trip ids) would soften every
+    # answer for the sake of a few days. Too few known trips: all records.
+    known = known_trips(model, columns, idx)
+    if known.sum() < 100:
+        known[:] = True
+    top = probs.argmax(axis=1)  # the map never changes the answer
+    confidence, correct = probs[np.arange(len(top)), top], top == y
+    fit = known & (y >= 0)
+    cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
+    # Records read as new trips (a new schedule season's first days) get their own map.
+    # (a past change's proxy, its records), or (None: the model itself, its records read
+    # as new trips)
+    sources: list[tuple[Any, np.ndarray]] = list(new_schedule)
+    if not sources and (y >= 0).sum() >= 50:
+        sources = [(None, idx)]
+    new_map, new_ece, source = fit_new_trip_map(model, columns, labels, sources, bool(new_schedule))
     calibrated = with_calibration(model, cmap, new_map)
     output = calibrated.get_layer("track_probabilities")
     gated = isinstance(output.input, list | tuple)  # the map applies to known trips only
@@ -1237,8 +1271,12 @@ class TrainOptions:
         TEST_DAYS, "Hold out the newest DAYS from every choice made in training; the headline "
         "figures come from them (0: none, and the headline is a tuning figure).",
         click.FloatRange(min=0), metavar="DAYS")
-    split: str = option_field("time", f"Of the rest, time: the latest 20% (at most {VALIDATION_DAYS} days) validate; "
-                              "random: a seeded shuffle.", click.Choice(["time", "random"]))
+    split: str = option_field("time", "Of the rest, time: the latest 20% (at most --validation-days) "
+                              "validate; random: a seeded shuffle.", click.Choice(["time", "random"]))
+    validation_days: float = option_field(
+        VALIDATION_DAYS, "With --split time, validate on at most the newest DAYS before the test "
+        "window (the horizon the model is used for; backtest uses its --horizon).",
+        click.FloatRange(min=0, min_open=True), metavar="DAYS")
     # No class weights: weighted classes shift the probabilities away from the
     # frequencies they should match, which costs calibration (ECE 0.044 against
     # 0.028 on held-out drift data, bench-drift at 50k records) and top-1 accuracy.
@@ -1327,21 +1365,18 @@ def weighted_training_data(data: PreparedData, opts: TrainOptions) -> tuple[Any,
     """(training dataset, class weights for Keras): with a recency half-life, class and
     recency weights go together into per-record sample weights."""
     weights = class_weights(data.train_labels, data.vocab_info.num_classes, opts.class_weight)
-    if opts.recency_half_life <= 0:
-        if opts.batch_size == data.batch_size:  # the prepared dataset will do
-            return data.train_ds, weights
-        return make_dataset(
-            model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
-            shuffle=True, seed=opts.seed, augment=data.augmented,
-        ), weights  # fmt: skip
+    features = model_features(data.columns, data.train_idx)
+    if opts.recency_half_life <= 0:  # built here, after the recipe seeded every generator
+        return make_dataset(features, data.train_labels, opts.batch_size, shuffle=True,
+                            seed=opts.seed, augment=data.augmented), weights  # fmt: skip
     per_class = np.ones(data.vocab_info.num_classes)
     for i, w in (weights or {}).items():
         per_class[i] = w
     ts = data.columns["scheduled_timestamp"][data.train_idx]
     sample_weights = per_class[data.train_labels] * recency_weights(ts, opts.recency_half_life)
     return make_dataset(
-        model_features(data.columns, data.train_idx), data.train_labels, opts.batch_size,
-        shuffle=True, seed=opts.seed, augment=data.augmented, sample_weights=sample_weights,
+        features, data.train_labels, opts.batch_size, shuffle=True, seed=opts.seed,
+        augment=data.augmented, sample_weights=sample_weights,
     ), None  # fmt: skip
 
 
@@ -1600,42 +1635,147 @@ def refit_on_every_record(
             "calibration": calibration.describe(), "vocab_info": all_data.vocab_info}  # fmt: skip
 
 
-def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Path) -> list[str]:
-    """Which model the validation figures describe, and which one was saved."""
-    if refit is None:
-        return [
-            "## Saved Models",
-            "",
-            f"- The figures above describe `{best_path.name}` itself: it was trained on the training "
-            f"records only (`--no-refit`), and `{final_path.name}` holds the final weights of the same run.",
-            "",
-        ]
-    return [
-        "## Saved Models",
-        "",
-        "- The validation figures above describe a model trained on the training records only, "
-        f"checkpointed at its best validation accuracy (epoch {refit['best_epochs']}).",
-        f"- The saved models were then refit on all {refit['records']:,} records, the newest included, "
-        f"with vocabularies from all of them: `{best_path.name}` continued from that checkpoint and "
-        f"`{final_path.name}` from the run's final weights (epoch {refit['final_epochs']}), "
-        + (
-            f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s) from a learning rate of "
-            f"{refit['learning_rate']:g} (`--refit-lr-factor`), "
-            if refit["epochs"]
-            else "with no epoch (`--refit-epochs 0`: the validated weights reading tables of every "
-            "record), "
-        )
-        + (
-            "one refit serving both as they were the same weights, "
-            if refit["best_epochs"] == refit["final_epochs"]
-            else ""
-        )
-        + f"with the confidence map fitted above ({refit['calibration']}).",
-        "- The refit models have no held-out records left; the figures above estimate them. "
-        "`--no-refit` saves the validated models instead.",
-        *closed_track_lines(refit["vocab_info"]),
-        "",
-    ]
+#: Embedding layer -> the vocabulary its rows follow (row 0 is "unknown").
+EMBEDDING_VOCABULARIES = {"station_embedding": "stations", "route_embedding": "routes",
+                          "headsign_embedding": "headsigns", "train_embedding": "train_numbers"}  # fmt: skip
+
+
+def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> int:
+    """Start `model` (built for `vocab`) from `source`'s learnt weights (built for
+    `source_vocab`): same-shaped weights are copied, embedding rows follow their token
+    into the new vocabulary (new tokens start from the unknown row), the output layer's columns
+    follow their track label. The history tables and the station-track mask are the new
+    records' own and are left alone. Returns how many weights were carried over."""
+    carried = 0
+    source_layers = {layer.name: layer for layer in source.layers}
+    for layer in model.layers:
+        old = source_layers.get(layer.name)
+        if old is None or not layer.weights or not any(w.trainable for w in layer.weights):
+            continue  # new, weightless, or a fixed table built from the new records
+        new_values = [np.array(w) for w in layer.get_weights()]
+        old_values = old.get_weights()
+        if len(new_values) != len(old_values):
+            continue
+        for i, (new, previous) in enumerate(zip(new_values, old_values, strict=True)):
+            if layer.name in EMBEDDING_VOCABULARIES and new.shape[1:] == previous.shape[1:]:
+                field_name = EMBEDDING_VOCABULARIES[layer.name]
+                rows = {token: r for r, token in enumerate(source_vocab[field_name], start=1)}
+                # A token first seen in the new records starts from the unknown row: what
+                # the model answered for it before it knew it. For train numbers that row
+                # is trained (see hide_identities); a random row is one it never read.
+                for r, token in enumerate(["", *vocab[field_name]]):
+                    new[r] = previous[rows.get(token, 0)]
+            elif layer.name == "logits" and new.shape[:-1] == previous.shape[:-1]:
+                columns = {label: c for c, label in enumerate(source_vocab.tracks)}
+                for c, label in enumerate(vocab.tracks):
+                    if label in columns:
+                        new[..., c] = previous[..., columns[label]]
+            elif new.shape == previous.shape:
+                new = previous
+            else:
+                continue
+            new_values[i] = new
+            carried += 1
+        layer.set_weights(new_values)
+    return carried
+
+
+def take_records(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns of the records `idx` only (in that order)."""
+    return {name: values[idx] for name, values in columns.items()}
+
+
+#: Epochs of a warm-started fit: it starts near its optimum, and ten more epochs of a
+#: restarted cosine schedule took as long as a cold fit for the same validation accuracy.
+WARM_EPOCHS = 3
+
+
+def prepare_training_data(
+    source: Path | str | Export, opts: TrainOptions, test_days: float | None = None
+) -> PreparedData:
+    """The records of an export (a directory, or one already read) split as the recipe
+    splits them: the newest `test_days` (--test-days by default) held out, then by
+    --split, validating on at most --validation-days."""
+    export = source if isinstance(source, Export) else load_export(source)
+    train, val, test, info = split_records(
+        export.columns["scheduled_timestamp"], opts.split, opts.seed, VALIDATION_FRACTION,
+        opts.test_days if test_days is None else test_days, opts.validation_days,
+    )  # fmt: skip
+    return prepare_split(*export, train, val, info, opts.batch_size, opts.seed, test_idx=test,
+                         recency_half_life=opts.recency_half_life)  # fmt: skip
+
+
+@dataclass
+class FittedModel:
+    """What the recipe made: the saved files, the validated model and how it was chosen."""
+
+    files: ModelFiles
+    config: ModelConfig
+    #: The calibrated best checkpoint of the validated fit (before any refit), as loaded.
+    validated: Any
+    #: The vocabulary the saved models read: every record's after a refit.
+    vocab: Vocabulary
+    calibration: Calibration
+    history: dict[str, list[float]]
+    fit_seconds: float
+    seconds: float
+    #: The refit's figures (`refit_on_every_record`); None without one.
+    refit: dict[str, Any] | None = None
+    #: Weights carried over from a warm start.
+    carried: int = 0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history.get("loss", []))
+
+    def load(self) -> Any:
+        """The saved best model, as a consumer loads it."""
+        return load_saved_model(self.files.best)
+
+
+def fit_track_model(
+    data: PreparedData,
+    opts: TrainOptions,
+    files: ModelFiles,
+    config: ModelConfig | None = None,
+    warm: tuple[Any, Vocabulary] | None = None,
+    log_dir: Path | None = None,
+    label: str = "",
+    before_refit: Callable[[FittedModel], bool] | None = None,
+    name: str = "track_predictor",
+) -> FittedModel:
+    """THE training recipe; every mode that makes a model calls it.
+
+    1. Fit on the training records; the validation records choose the best checkpoint
+       (`files.best`) and stop early (`files.final`: the final weights).
+    2. Calibrate both on the validation records, the map for new trips fitted on the
+       last changes of schedule in the records (`save_calibrated`).
+    3. Unless --no-refit (or `before_refit` says no): refit both on every record of
+       `data.columns`, with vocabularies and history tables of all of them, and save
+       them over the validated ones with the same confidence maps.
+    The vocabulary and lookup tables go to `files.vocab`. With `warm` (a model and its
+    vocabulary) the fit starts from that model's weights for at most WARM_EPOCHS epochs.
+    `before_refit` sees the validated model first (retrain's champion/challenger gate);
+    `name` names the Keras model (ensemble members need their own)."""
+    started = time.perf_counter()
+    cfg = config or ModelConfig(seed=opts.seed)
+    if warm is not None:
+        opts = dataclasses.replace(opts, epochs=min(opts.epochs, WARM_EPOCHS))
+    keras.utils.set_random_seed(cfg.seed)
+    save_vocab(files.vocab, data.vocab_info,
+               baseline_tables(data.columns, data.train_idx, opts.recency_half_life))  # fmt: skip
+    model = create_simple_model(data.vocab_info, cfg, name=name)
+    carried = transfer_weights(model, warm[0], warm[1], data.vocab_info) if warm else 0
+    history, fit_seconds = fit_model(model, data, opts, files.best, log_dir, label)
+    calibration = save_calibrated(model, data, files.best, files.final, cfg)
+    fitted = FittedModel(files, cfg, load_saved_model(files.best), data.vocab_info, calibration,
+                         history, fit_seconds, 0.0, carried=carried)  # fmt: skip
+    wanted = before_refit(fitted) if before_refit is not None else True
+    if wanted and not opts.no_refit:
+        fitted.refit = refit_on_every_record(data, opts, cfg, history, calibration, files, name)
+        fitted.vocab = fitted.refit["vocab_info"]
+    fitted.seconds = time.perf_counter() - started
+    return fitted
 
 
 @dataclass
@@ -1671,12 +1811,6 @@ class ModelFiles:
         return cls(*(run_dir / name for name in names))
 
 
-def prepare_training_data(data_dir: Path | str, opts: TrainOptions) -> PreparedData:
-    """The export read and split as the training options say (test window included)."""
-    return prepare_data(data_dir, opts.batch_size, opts.split, opts.seed,
-                        test_days=opts.test_days, recency_half_life=opts.recency_half_life)  # fmt: skip
-
-
 def held_out_evaluations(
     model: Any, data: PreparedData, tables: dict[str, Any], calibration: Calibration | None
 ) -> tuple[Evaluation, Evaluation | None]:
@@ -1698,39 +1832,31 @@ def run_train(
     mode_sections: Callable[[Path], list[str]] | None = None,
     data: PreparedData | None = None,
 ) -> TrainResult:
-    """`train`: fit one model, save best/final/vocab, write training_report.md.
+    """`train`: the recipe on one export; writes the models, vocab, summary and
+    training_report.md under output/{mode}_<time>/.
 
     `tune` reuses it for its final model: `mode` names the output directory and the
     report, `mode_sections(run_dir)` adds the mode's own report sections."""
-    keras.utils.set_random_seed(opts.seed)
-    cfg = config or ModelConfig(seed=opts.seed)
     data = data or prepare_training_data(data_dir, opts)
     run = Run.start(mode)
     files = ModelFiles.under(run.run_dir, opts.model_path)
+    fitted = fit_track_model(data, opts, files, config, log_dir=run.path("logs"))
+    # The validated model on the test window nothing above was tuned on
     tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
-    save_vocab(files.vocab, data.vocab_info, tables)
-    model = create_simple_model(data.vocab_info, cfg)
-    history, fit_seconds = fit_model(model, data, opts, files.best, run.path("logs"))
-    # Calibrate on the validation records; evaluate the best checkpoint as a user loads it,
-    # on the test window nothing above was tuned on
-    calibration = save_calibrated(model, data, files.best, files.final, cfg)
-    best = load_saved_model(files.best)
-    tuning, test = held_out_evaluations(best, data, tables, calibration)
+    tuning, test = held_out_evaluations(fitted.validated, data, tables, fitted.calibration)
     evaluation = test or tuning
-    plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
-    refit = None  # else: every record, the newest included, for the epochs chosen above
-    if not opts.no_refit:
-        refit = refit_on_every_record(data, opts, cfg, history, calibration, files)
-    serving = export_serving_model(load_saved_model(files.best), serving_dir_for(files.best))
+    plot_reliability_diagram(fitted.calibration, run.path("reliability_diagram.png"))
+    serving = export_serving_model(fitted.load(), serving_dir_for(files.best))
+    history = fitted.history
     report = [
         overview_section(run, data.export_dir),
         performance_section(history, files.best),
         *evaluation_sections(tuning, test, data),
         configuration_section(opts),
         dataset_section(data),
-        timing_section(run, *epoch_lines(history, opts, fit_seconds)),
-        model_section(best, cfg, opts.class_weight, data.augmented),
-        refit_section(refit, files.best, files.final),
+        timing_section(run, *epoch_lines(history, opts, fitted.fit_seconds)),
+        model_section(fitted.validated, fitted.config, opts.class_weight, data.augmented),
+        refit_section(fitted.refit, files.best, files.final),
         mode_sections(run.run_dir) if mode_sections else [],
         schedule_section(opts, mode),
         figures_section(run, history, evaluation),
@@ -1738,122 +1864,29 @@ def run_train(
     ]
     write_report(run, f"Training Report - {mode.capitalize()}", report,
                  train_headline(evaluation, test is not None))  # fmt: skip
+    write_json(files.summary, model_summary(data, tuning, test, fitted))
+    return TrainResult(run.run_dir, evaluation, history, fitted.fit_seconds, tuning)
+
+
+def trained_until(data: PreparedData, fitted: FittedModel) -> float:
+    """The newest scheduled time the saved model learnt from (unix s)."""
     ts = data.columns["scheduled_timestamp"]
-    trained_until = float(ts.max() if not opts.no_refit else ts[data.train_idx].max())
-    write_json(files.summary, {**model_summary(data, tuning, test), "trained_until": trained_until})
-    return TrainResult(run.run_dir, evaluation, history, fit_seconds, tuning)
+    return float(ts.max() if fitted.refit else ts[data.train_idx].max())
 
 
-def model_summary(data: PreparedData, tuning: Evaluation | None,
-                  test: Evaluation | None) -> dict[str, Any]:  # fmt: skip
-    """`{model_path}_summary.json`: what a model was trained on and how it scored on the
-    held-out test window (and on the tuning records), for `promote` and the server."""
+def model_summary(data: PreparedData, tuning: Evaluation | None, test: Evaluation | None,
+                  fitted: FittedModel) -> dict[str, Any]:  # fmt: skip
+    """`{model_path}_summary.json`, and a registry version's metadata: what a model was
+    trained on, until when, and how it scored on the held-out records (and on the tuning
+    records), for `promote`, `retrain` and the server."""
     return {
         "export": str(data.export_dir),
         "periods": data.split_info,
         "held_out": evaluation_figures(test),
         "tuning": evaluation_figures(tuning),
+        "trained_until": trained_until(data, fitted),
+        "refit_records": fitted.refit["records"] if fitted.refit else None,
     }
-
-
-def evaluation_sections(
-    tuning: Evaluation, test: Evaluation | None, data: PreparedData
-) -> list[str]:
-    """The headline (test window) evaluation first, then the tuning figures, each titled with
-    what its records are."""
-    info = data.split_info
-    tuning_title = ("Tuning figures: the validation records (they chose the checkpoint, early "
-                    "stopping and the confidence map)")  # fmt: skip
-    if test is None:
-        return [evaluation_section(tuning, tuning_title + "; no test window was held out "
-                                   "(`--test-days 0`), so these are the only figures")]  # fmt: skip
-    period_text = " to ".join(info.get("test_period", []))
-    test_title = (f"Held-out test window: the newest {info.get('test_days', 0):g} days "
-                  f"({period_text}), which no training choice saw")  # fmt: skip
-    return [evaluation_section(test, test_title), evaluation_section(tuning, tuning_title)]
-
-
-def performance_section(history: dict[str, list[float]], best_path: Path) -> list[str]:
-    epochs_run = len(history.get("loss", []))
-    best_epoch = int(np.argmax(history["val_accuracy"])) + 1
-    return [
-        "## Final Performance Metrics (tuning figures: the validation records)",
-        "",
-        f"- Validation Loss: {history['val_loss'][-1]:.4f} (last epoch)",
-        f"- Validation Accuracy: {history['val_accuracy'][-1]:.4f} (last epoch)",
-        f"- Best Validation Accuracy: {max(history['val_accuracy']):.4f} "
-        f"(epoch {best_epoch} of {epochs_run}; saved as `{best_path.name}`)",
-        "- Keras' validation figures leave out validation records whose track never occurred in training; "
-        "the evaluation below counts them as wrong.",
-        "",
-    ]
-
-
-def epoch_lines(history: dict[str, list[float]], opts: TrainOptions, seconds: float) -> list[str]:
-    epochs_run = len(history.get("loss", []))
-    return [
-        f"- Epochs run: {epochs_run} of {opts.epochs}"
-        + (" (early stopping)" if epochs_run < opts.epochs else ""),
-        f"- Fit time: {seconds:.1f} s ({seconds / max(epochs_run, 1):.2f} s per epoch)",
-    ]
-
-
-def schedule_section(opts: TrainOptions, mode: str) -> list[str]:
-    stopping = (
-        "off" if opts.no_early_stop
-        else f"on val_loss, patience {opts.early_stop_patience}, min delta "
-        f"{opts.early_stop_min_delta:g}, best weights restored"
-    )  # fmt: skip
-    rate = (
-        "constant" if opts.no_scheduler
-        else f"cosine from {opts.learning_rate:g} to 1% over {opts.scheduler_tmax or opts.epochs} "
-        f"epochs, times {opts.reduce_lr_factor:g} after {opts.reduce_lr_patience} epochs without a "
-        "better val_loss"
-    )  # fmt: skip
-    return [
-        "## Train Mode Details" if mode == "train" else "## Final Training Details",
-        "",
-        f"- Early stopping: {stopping}",
-        f"- Learning rate: {rate}",
-        "",
-    ]
-
-
-def figures_section(run: Run, history: dict[str, list[float]], evaluation: Evaluation) -> list[str]:
-    """Learning curves and the confusion matrix, drawn into the run directory."""
-    curves = plot_learning_curves(history, run.path("learning_curves.png"))
-    confusion = plot_confusion_matrix(
-        evaluation.metrics["confusion"], evaluation.labels, run.path("confusion_matrix.png")
-    )
-    return ["## Learning Curves", "", f"![Learning curves]({curves.name})", "",
-            "## Confusion Matrix", "", f"![Confusion matrix]({confusion.name})", ""]  # fmt: skip
-
-
-def train_files_section(files: ModelFiles, serving: Path) -> list[str]:
-    best, final = files.best.name, files.final.name
-    return files_section(
-        f"- `{best}`, `{final}`: models taking raw values, answering with track probabilities "
-        "(labels in the `track_probabilities` layer); `import imt_ml`, then "
-        "`keras.saving.load_model(path, compile=False)`",
-        f"- `{serving.name}/`: TensorFlow SavedModel of `{best}` for any TF runtime; its `serve` "
-        "signature takes the raw fields by name and returns `tracks` (most likely first) and `probabilities`",
-        f"- `{files.vocab.name}`: vocabularies and baseline tables",
-        "- `logs/`: TensorBoard",
-    )
-
-
-def train_headline(evaluation: Evaluation, held_out: bool = True) -> str:
-    m = evaluation.metrics
-    where = "held-out test window" if held_out else "validation (tuning) records"
-    headline = f"{where}: top-1 {pct(m['top1_accuracy'])}, top-3 {pct(m['top3_accuracy'])}"
-    strongest = strongest_baseline(evaluation.baselines)
-    if strongest:
-        headline += (
-            f"; strongest lookup table ({BASELINE_NAMES[strongest[0]]}) {pct(strongest[1])}"
-        )
-    if evaluation.best_possible:
-        headline += f"; best possible {pct(evaluation.best_possible['accuracy'])}"
-    return headline
 
 
 # ---------------------------------------------------------------------------
@@ -1922,41 +1955,33 @@ class EnsembleResult:
 
 @dataclass
 class Member:
-    """One trained ensemble member."""
+    """One trained ensemble member: the recipe's result with its own architecture."""
 
     index: int
-    config: ModelConfig
-    files: ModelFiles
-    history: dict[str, list[float]]
-    calibration: Calibration
-    seconds: float
+    fitted: FittedModel
     evaluation: Evaluation
-    params: int
 
     @property
     def row(self) -> list[Any]:
-        return [self.index, describe_config(self.config), f"{self.params:,}",
-                len(self.history["loss"]), f"{self.seconds:.1f}",
+        f = self.fitted
+        return [self.index, describe_config(f.config), f"{f.validated.count_params():,}",
+                f.epochs, f"{f.fit_seconds:.1f}",
                 pct(self.evaluation.metrics["top1_accuracy"])]  # fmt: skip
 
 
 def train_member(
     run: Run, data: PreparedData, opts: TrainOptions, index: int, cfg: ModelConfig, count: int
-) -> tuple[Member, Any]:
-    """(the member, its calibrated best checkpoint as loaded from disk)."""
-    keras.utils.set_random_seed(cfg.seed)
-    model = create_simple_model(data.vocab_info, cfg, name=f"track_predictor_{index}")
-    files = ModelFiles.under(run.run_dir, f"{opts.model_path}_{index}")
-    history, seconds = fit_model(
-        model, data, opts, files.best, run.path("logs") / f"member_{index}",
-        label=f"Member {index + 1}/{count}: {describe_config(cfg)}",
-    )  # fmt: skip
-    calibration = save_calibrated(model, data, files.best, files.final, cfg)
-    best = load_saved_model(files.best)
-    ev = evaluate_model(best, data.columns, data.val_idx, None, None)
+) -> Member:
+    """One member by the recipe (its vocabulary in the ensemble's shared `_vocab.json`),
+    scored on the validation records."""
+    files = dataclasses.replace(ModelFiles.under(run.run_dir, f"{opts.model_path}_{index}"),
+                                vocab=run.path(f"{opts.model_path}_vocab.json"))  # fmt: skip
+    fitted = fit_track_model(data, opts, files, cfg, log_dir=run.path("logs") / f"member_{index}",
+                             label=f"Member {index + 1}/{count}: {describe_config(cfg)}",
+                             name=f"track_predictor_{index}")  # fmt: skip
+    ev = evaluate_model(fitted.validated, data.columns, data.val_idx, None, None)
     log(f"Member {index + 1}/{count}: validation top-1 {pct(ev.metrics['top1_accuracy'])}")
-    member = Member(index, cfg, files, history, calibration, seconds, ev, best.count_params())
-    return member, best
+    return Member(index, fitted, ev)
 
 
 def save_combined(
@@ -1975,23 +2000,16 @@ def save_combined(
         calibration, combined  # fmt: skip
 
 
-def refit_members(
-    members: list[Member], weights: list[float], data: PreparedData, opts: TrainOptions,
-    calibration: Calibration, vocab_path: Path, combined_path: Path,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Every member refit on all records for its chosen epochs; their weighted average
-    recombined over `combined_path` with the combined confidence map."""
-    refits = []
-    for m in members:
-        log(f"Member {m.index + 1}/{len(members)}: refit")
-        files = dataclasses.replace(m.files, vocab=vocab_path)
-        refits.append(refit_on_every_record(data, opts, m.config, m.history, m.calibration,
-                                            files, name=f"track_predictor_{m.index}"))  # fmt: skip
-    refit = [load_saved_model(m.files.best) for m in members]
+def save_refit_combined(
+    members: list[Member], weights: list[float], calibration: Calibration, path: Path
+) -> list[dict[str, Any]]:
+    """The refit members' weighted average (the recipe refit each on every record) saved
+    over `path` with the combined confidence map; returns the refits' figures."""
+    refit = [m.fitted.load() for m in members]
     with_calibration(
-        build_ensemble_model(refit, refits[0]["vocab_info"], weights), calibration.confidence_map
-    ).save(combined_path)
-    return refits
+        build_ensemble_model(refit, members[0].fitted.vocab, weights), calibration.confidence_map
+    ).save(path)
+    return [m.fitted.refit for m in members if m.fitted.refit is not None]
 
 
 def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> EnsembleResult:
@@ -2002,22 +2020,18 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     run = Run.start("ensemble")
     mp = opts.model_path
     tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
-    save_vocab(run.path(f"{mp}_vocab.json"), data.vocab_info, tables)
-    trained = [train_member(run, data, opts, i, cfg, num_models)
+    members = [train_member(run, data, opts, i, cfg, num_models)
                for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed))]  # fmt: skip
-    members = [member for member, _ in trained]
     true_labels = label_indices(data.columns["track_number"][data.val_idx], data.vocab_info.tracks)
     weights = member_weights([m.evaluation.probabilities for m in members], true_labels)
     combined_path = run.path(f"{mp}_combined.keras")
     soft, calibration, combined = save_combined(
-        [b for _, b in trained], weights, data, tables, combined_path
+        [m.fitted.validated for m in members], weights, data, tables, combined_path
     )
     _, test = held_out_evaluations(combined, data, tables, calibration)
     plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
-    refits = []
-    if not opts.no_refit:
-        refits = refit_members(members, weights, data, opts, calibration,
-                               run.path(f"{mp}_vocab.json"), combined_path)  # fmt: skip
+    refits = [] if opts.no_refit else save_refit_combined(members, weights, calibration,
+                                                          combined_path)  # fmt: skip
     serving = export_serving_model(load_saved_model(combined_path), run.path(f"{mp}_serving"))
     votes = Votes.of(members, data, soft)
     report = [
@@ -2028,7 +2042,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         configuration_section(opts),
         dataset_section(data),
         timing_section(
-            run, f"- Mean fit time per member: {np.mean([m.seconds for m in members]):.1f} s"
+            run, f"- Mean fit time per member: {np.mean([m.fitted.fit_seconds for m in members]):.1f} s"
         ),
         ensemble_model_section(run, combined, opts, data, soft),
         ensemble_refit_section(refits, calibration),
@@ -2037,7 +2051,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     headline = votes.headline + (f"; held-out test window top-1 "
                                  f"{pct(test.metrics['top1_accuracy'])}" if test else "")  # fmt: skip
     write_report(run, "Training Report - Ensemble", report, headline)
-    return EnsembleResult(run.run_dir, soft, votes.majority, votes.members, [m.seconds for m in members],
+    return EnsembleResult(run.run_dir, soft, votes.majority, votes.members, [m.fitted.fit_seconds for m in members],
                           votes.agreement, test)  # fmt: skip
 
 
@@ -2084,17 +2098,6 @@ class Votes:
         ]
 
 
-def ensemble_members_section(members: list[Member], weights: list[float]) -> list[str]:
-    header = ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1",
-              "Weight"]  # fmt: skip
-    rows = [[*m.row, f"{w:.3f}"] for m, w in zip(members, weights, strict=True)]
-    return [
-        "## Ensemble Members", "", markdown_table(header, rows), "",
-        "The combined model is the weighted mean of the members' probabilities, with the weights "
-        "(summing to one) that minimise its log-loss on the validation records.", "",
-    ]  # fmt: skip
-
-
 def ensemble_model_section(
     run: Run, combined: Any, opts: TrainOptions, data: PreparedData, soft: Evaluation
 ) -> list[str]:
@@ -2114,81 +2117,9 @@ def ensemble_model_section(
     ]
 
 
-def ensemble_refit_section(refits: list[dict[str, Any]], calibration: Calibration) -> list[str]:
-    if not refits:
-        return []
-    epochs = ", ".join(f"{r['best_epochs']}/{r['final_epochs']}" for r in refits)
-    return [
-        "## Saved Models",
-        "",
-        "- The validation figures above describe the members trained on the training records "
-        "only, and their average.",
-        f"- Every member was then refit on all {refits[0]['records']:,} records, the newest included, "
-        f"for the epoch counts its validated run chose ({epochs} for best/final), with its own "
-        "confidence map; the combined model averages the refit members' best checkpoints with the "
-        f"weights above and applies the combined map ({calibration.describe()}).",
-        "",
-    ]
-
-
-def ensemble_files_section(mp: str, combined_path: Path, serving: Path) -> list[str]:
-    return files_section(
-        f"- `{mp}_{{i}}_best.keras`, `{mp}_{{i}}_final.keras`: each member",
-        f"- `{combined_path.name}`: the average of the members' best checkpoints, raw values in, "
-        "track probabilities out (`evaluate`, `predict` and `serve` accept it)",
-        f"- `{serving.name}/`: TensorFlow SavedModel of the combined model; its `serve` signature takes the "
-        "raw fields by name and returns `tracks` (most likely first) and `probabilities`",
-        f"- `{mp}_vocab.json`: vocabularies and baseline tables",
-        "- Every `.keras` file loads with `keras.saving.load_model(path, compile=False)` after `import imt_ml`",
-    )
-
-
 # ---------------------------------------------------------------------------
 # cv: k-fold cross-validation, folds contiguous in time by default.
 # ---------------------------------------------------------------------------
-
-
-def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> list[np.ndarray]:
-    """Validation indices of each fold. Contiguous periods of time by default (records
-    with the same scheduled time stay together); a seeded shuffle with `shuffle`."""
-    n = len(timestamps)
-    if k < 2:
-        raise UserError("--k-folds must be at least 2")
-    if k > n:
-        raise UserError(f"--k-folds {k} is more than the {n} records in the export")
-    if shuffle:
-        order = np.random.default_rng(seed).permutation(n)
-        return [np.sort(part) for part in np.array_split(order, k)]
-    order = np.argsort(timestamps, kind="stable")
-    bounds = [round(i * n / k) for i in range(k + 1)]
-    for j in range(1, k):  # never cut between two records of the same time
-        while (
-            0 < bounds[j] < n and timestamps[order[bounds[j]]] == timestamps[order[bounds[j] - 1]]
-        ):
-            bounds[j] += 1
-        bounds[j] = max(bounds[j], bounds[j - 1])
-    folds = [np.sort(order[bounds[j] : bounds[j + 1]]) for j in range(k)]
-    empty = [j + 1 for j, f in enumerate(folds) if len(f) == 0]
-    if empty:
-        raise UserError(
-            f"fold(s) {', '.join(map(str, empty))} would have no validation records: "
-            "too many records share a scheduled time for this many contiguous folds "
-            "(use fewer --k-folds or --shuffle-folds)"
-        )
-    return folds
-
-
-def save_deployable_model(
-    model: Any, data: PreparedData, run_dir: Path, model_path: str
-) -> list[Path]:
-    """`{model_path}_best.keras` and `_final.keras` (the same model: no validation records
-    remain to choose an epoch), `_vocab.json` and `_serving/`."""
-    paths = [run_dir / f"{model_path}_{kind}.keras" for kind in ("best", "final")]
-    for path in paths:
-        model.save(path)
-    save_vocab(run_dir / f"{model_path}_vocab.json", data.vocab_info,
-               baseline_tables(data.columns, data.train_idx))  # fmt: skip
-    return [*paths, export_serving_model(model, run_dir / f"{model_path}_serving")]
 
 
 def check_folds_trainable(columns: dict[str, np.ndarray], folds: list[np.ndarray]) -> None:
@@ -2196,13 +2127,6 @@ def check_folds_trainable(columns: dict[str, np.ndarray], folds: list[np.ndarray
     for j, val_idx in enumerate(folds):
         if len(set(np.delete(columns["track_number"], val_idx))) < 2:
             raise UserError(f"fold {j + 1}'s training records hold fewer than two tracks")
-
-
-def validation_period(timestamps: np.ndarray) -> str:
-    first, last = (
-        dt.datetime.fromtimestamp(float(t), dt.UTC) for t in (timestamps.min(), timestamps.max())
-    )
-    return f"{first:%Y-%m-%d} to {last:%Y-%m-%d}"
 
 
 @dataclass
@@ -2224,30 +2148,40 @@ def cv_fold(
     run: Run, export: Export, opts: TrainOptions, j: int, folds: list[np.ndarray], shuffled: bool,
     test_idx: np.ndarray,
 ) -> Fold:  # fmt: skip
-    """Train fold j's model on every other fold, calibrate, save and score it on its own
-    fold and on the test window."""
+    """Fold j's model by the recipe (trained on every other fold, validated and calibrated
+    on its own, no refit), saved and scored on its fold and on the test window."""
     val_idx, columns = folds[j], export.columns
     train_idx = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != j]))
     split_info = {"method": "cv-random" if shuffled else "cv-time", "fold": j}
     data = prepare_split(*export, train_idx, val_idx, split_info, opts.batch_size, opts.seed,
                          test_idx=test_idx, recency_half_life=opts.recency_half_life)  # fmt: skip
-    keras.utils.set_random_seed(opts.seed + j)
-    model = create_simple_model(data.vocab_info, ModelConfig(seed=opts.seed + j))
-    history, seconds = fit_model(model, data, opts, None, None, label=f"Fold {j + 1}/{len(folds)}")
-    loss = float(model.evaluate(data.val_ds, verbose=0, return_dict=True)["loss"])
-    model, calibration = calibrate_model(model, columns, val_idx, data.vocab_info.tracks)
-    model.save(run.path(f"{opts.model_path}_fold_{j}.keras"))
-    export_serving_model(model, run.path(f"{opts.model_path}_fold_{j}_serving"))
+    prefix = f"{opts.model_path}_fold_{j}"
+    files = ModelFiles(run.path(f"{prefix}.keras"), run.path(f"{prefix}_final.keras"),
+                       run.path(f"{prefix}_vocab.json"), run.path(f"{prefix}_summary.json"))  # fmt: skip
+    fitted = fit_track_model(data, dataclasses.replace(opts, no_refit=True), files,
+                             ModelConfig(seed=opts.seed + j), label=f"Fold {j + 1}/{len(folds)}")  # fmt: skip
+    export_serving_model(fitted.validated, run.path(f"{prefix}_serving"))
     tables = baseline_tables(columns, data.train_idx, opts.recency_half_life)
-    ev, test = held_out_evaluations(model, data, tables, calibration)
+    ev, test = held_out_evaluations(fitted.validated, data, tables, fitted.calibration)
+    result = fold_result(j, data, ev, test, fitted)
+    log(f"Fold {j + 1}/{len(folds)}: top-1 {pct(result['accuracy'])}, "
+        f"baseline {pct(result['baseline_accuracy'])}")  # fmt: skip
+    return Fold(result, fitted.calibration)
+
+
+def fold_result(j: int, data: PreparedData, ev: Evaluation, test: Evaluation | None,
+                fitted: FittedModel) -> dict[str, Any]:  # fmt: skip
+    """One fold's figures as cv_results.json holds them."""
+    val_idx = data.val_idx
     name, baseline = strongest_baseline(ev.baselines) or ("", math.nan)
     accuracy = ev.metrics["top1_accuracy"]
     result = {"fold": j + 1, "validation_records": int(len(val_idx)),
               "training_records": int(len(data.train_idx)),
-              "validation_period": validation_period(columns["scheduled_timestamp"][val_idx]),
-              "accuracy": accuracy, "loss": loss, "baseline": name, "baseline_accuracy": baseline,
-              "difference": accuracy - baseline, "epochs": len(history["loss"]),
-              "fit_seconds": seconds}  # fmt: skip
+              "validation_period": validation_period(data.columns["scheduled_timestamp"][val_idx]),
+              "accuracy": accuracy, "loss": log_loss(ev, data.columns["track_number"][val_idx]),
+              "baseline": name, "baseline_accuracy": baseline,
+              "difference": accuracy - baseline, "epochs": fitted.epochs,
+              "fit_seconds": fitted.fit_seconds}  # fmt: skip
     if ev.best_possible:
         result["best_possible"] = ev.best_possible["accuracy"]
     if test is not None:
@@ -2255,24 +2189,17 @@ def cv_fold(
         test_accuracy = test.metrics["top1_accuracy"]
         result.update({"test_accuracy": test_accuracy, "test_baseline_accuracy": test_baseline,
                        "test_difference": test_accuracy - test_baseline})  # fmt: skip
-    log(f"Fold {j + 1}/{len(folds)}: top-1 {pct(accuracy)}, baseline {pct(baseline)}")
-    return Fold(result, calibration)
+    return result
 
 
-def deploy_cv_model(
-    run: Run, export: Export, opts: TrainOptions, folds: list[Fold]
-) -> tuple[int, str]:
-    """The model to deploy: every record, the settings the folds evaluated, for the median
-    of their epoch counts, with the mean of their confidence maps. (epochs, that map)"""
-    epochs = max(1, int(round(float(np.median([f.result["epochs"] for f in folds])))))
-    model, all_data, _ = fit_on_every_record(export, opts, ModelConfig(seed=opts.seed), epochs)
-    maps = [f.calibration.confidence_map for f in folds if f.calibration.confidence_map]
-    cmap = ConfidenceMap.mean(maps) if maps else None
-    new_maps = [f.calibration.new_trip_map for f in folds if f.calibration.new_trip_map]
-    new_map = ConfidenceMap.mean(new_maps) if new_maps else None
-    save_deployable_model(with_calibration(model, cmap, new_map), all_data, run.run_dir,
-                          opts.model_path)  # fmt: skip
-    return epochs, describe_map(cmap)
+def deploy_cv_model(run: Run, export: Export, opts: TrainOptions) -> tuple[FittedModel, Path]:
+    """The model to deploy: `train`'s recipe on the same export with the same options
+    (validated on the newest records, calibrated, refit on every record), so it is the
+    model `train` would save. (the recipe's result, its SavedModel directory)"""
+    files = ModelFiles.under(run.run_dir, opts.model_path)
+    fitted = fit_track_model(prepare_training_data(export, opts), opts, files,
+                             label="Deployable model: the train recipe on every fold")  # fmt: skip
+    return fitted, export_serving_model(fitted.load(), serving_dir_for(files.best))
 
 
 def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool) -> Path:
@@ -2293,7 +2220,7 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     for j, val_idx in enumerate(indices):
         assignment[val_idx] = j
     np.save(run.path("fold_assignment.npy"), assignment)
-    deploy_epochs, deploy_calibration = deploy_cv_model(run, export, opts, folds)
+    deployed, _ = deploy_cv_model(run, export, opts)
     method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
     results = [f.result for f in folds]
     keys = ["accuracy", "baseline_accuracy", "difference"]
@@ -2311,7 +2238,7 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         cv_folds_section([f.row(shuffle_folds) for f in folds]),
         configuration_section(opts),
         timing_section(None, f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s"),
-        cv_deployable_section(opts.model_path, n, deploy_epochs, deploy_calibration),
+        cv_deployable_section(opts.model_path, deployed),
         cv_files_section(opts.model_path),
     ]  # fmt: skip
     headline = f"mean validation (tuning) accuracy {interval(summary['accuracy'])}"
@@ -2320,78 +2247,6 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
                     + headline)  # fmt: skip
     write_report(run, "Training Report - Cross-Validation", report, headline)
     return run.run_dir
-
-
-def cv_performance_section(summary: dict[str, Any]) -> list[str]:
-    lines = ["## Final Performance Metrics", ""]
-    if "test_accuracy" in summary:
-        lines += [
-            f"Held-out test window ({' to '.join(summary['test_period'])}), in no fold, which no "
-            "training choice saw: each fold's model scored there, beside the strongest lookup "
-            "table of the same fold's training records.",
-            "",
-            f"- Mean test accuracy: {interval(summary['test_accuracy'])}",
-            f"- Mean strongest lookup table: {interval(summary['test_baseline_accuracy'])}",
-            f"- Model minus lookup table: {interval(summary['test_difference'])}",
-            "",
-        ]
-    return lines + [
-        "Tuning figures: each fold's validation records (they chose its early stopping and "
-        "calibration):",
-        "",
-        f"- Mean validation accuracy: {interval(summary['accuracy'])}",
-        "- Mean accuracy of each fold's strongest lookup table (named per fold below): "
-        f"{interval(summary['baseline_accuracy'])}",
-        f"- Model minus baseline: {interval(summary['difference'])}",
-        "",
-        "What the intervals are: Student's t with k - 1 degrees of freedom over the fold "
-        "figures, as if the folds were independent samples. They are not: every two folds "
-        "share most of their training records, so the fold figures are positively correlated "
-        "and the true uncertainty is larger than the interval says (Bengio and Grandvalet "
-        "2004: no unbiased estimator of k-fold cross-validation's variance exists). The "
-        "interval describes how much the figure moves between periods of this export; it "
-        "does not account for that correlation, for other exports or for the periods after "
-        "the newest record.",
-        "",
-    ]
-
-
-def cv_folds_section(rows: list[list[Any]]) -> list[str]:
-    header = ["Fold", "Validation period", "Records", "Accuracy", "Loss", "Baseline",
-              "Model - baseline", "Strongest lookup table"]  # fmt: skip
-    return [
-        "## Cross-Validation Folds",
-        "",
-        markdown_table(header, rows),
-        "",
-        "Accuracy counts validation records whose track the fold's training data never saw as wrong; "
-        "the loss (Keras) leaves them out.",
-        "",
-    ]
-
-
-def cv_deployable_section(mp: str, n: int, epochs: int, calibration: str) -> list[str]:
-    return [
-        "## Deployable Model",
-        "",
-        f"- `{mp}_best.keras` and `{mp}_final.keras` are one model trained on all "
-        f"{n:,} records with the options above and the default architecture, for {epochs} epochs (the median "
-        "of the folds' epoch counts), without early stopping: no validation records remain to choose an epoch, "
-        "so the two files are the same model. Its probabilities carry the mean of the folds' fitted "
-        f"confidence maps ({calibration}).",
-        "- Its accuracy is not measured here: the fold figures above estimate it.",
-        "",
-    ]
-
-
-def cv_files_section(mp: str) -> list[str]:
-    return files_section(
-        f"- `{mp}_best.keras`, `{mp}_final.keras`, `{mp}_vocab.json`, "
-        f"`{mp}_serving/`: the deployable model, its vocabularies and its TensorFlow SavedModel",
-        f"- `{mp}_fold_{{j}}.keras`: each fold's model (`import imt_ml`, then "
-        "`keras.saving.load_model(path, compile=False)`), and `_fold_{j}_serving/`, its TensorFlow SavedModel",
-        "- `cv_results.json`: every number above; `fold_assignment.npy`: each record's fold, in export order",
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -2544,88 +2399,6 @@ def tune_trial(
         model = create_simple_model(data.vocab_info, model_config_from_trial(config, seed))
     fit_model(model, data, opts, None, None, extra_callbacks=[track_layers.ReportEachEpoch(opts)],
               initial_epoch=start_epoch)  # fmt: skip
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of a Ray address such as ray://h:10001 or h:6379; None for 'auto'."""
-    if address == "auto":
-        return None
-    parsed = split_host_port(address.split("://", 1)[-1].rstrip("/"))
-    if parsed is None:
-        raise UserError(f"--ray-address {address!r} should look like host:port or ray://host:port")
-    return parsed
-
-
-def connect_ray(address: str | None, num_cpus: int | None = None) -> Any:
-    """ray.init on a running cluster (after checking it answers) or a local one."""
-    import logging
-    import socket
-
-    import ray
-
-    if address:
-        target = _host_port(address)
-        if target:
-            try:
-                with socket.create_connection(target, timeout=5):
-                    pass
-            except OSError as exc:
-                raise UserError(f"cannot reach the Ray cluster at {address}: {exc}") from None
-    try:
-        ray.init(
-            address=address or None,
-            num_cpus=None if address else num_cpus,
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
-    except ConnectionError as exc:
-        raise UserError(f"cannot join the Ray cluster at {address}: {exc}") from None
-    return ray
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def check_shared_storage(ray: Any, ray_dir: Path) -> None:
-    """On a multi-node cluster, every node must see --ray-dir (shared storage) or it must
-    be a URI; Ray requires it. A marker file written here is looked for on each node."""
-    import uuid
-
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2:
-        return
-    ray_dir.mkdir(parents=True, exist_ok=True)
-    marker = ray_dir / f".imt-ml-shared-check-{uuid.uuid4().hex}"
-    marker.write_text("ok")
-    try:
-
-        @ray.remote(num_cpus=0)
-        def sees(path: str) -> bool:
-            return Path(path).exists()
-
-        visible = ray.get([
-            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
-            for n in nodes
-        ])  # fmt: skip
-    finally:
-        marker.unlink(missing_ok=True)
-    refuse_unshared_ray_dir(
-        str(ray_dir), dict(zip([n["NodeManagerAddress"] for n in nodes], visible, strict=True))
-    )
-
-
-def refuse_unshared_ray_dir(ray_dir: str, visible_from: dict[str, bool]) -> None:
-    missing = [node for node, seen in visible_from.items() if not seen]
-    if missing:
-        raise UserError(
-            f"--ray-dir {ray_dir} is a local path that node(s) {', '.join(missing)} cannot see; "
-            "on a multi-node cluster use a directory on shared storage mounted at the same path "
-            "on every node (e.g. NFS) or a URI such as s3://bucket/ray_results or gs://..."
-        )
 
 
 def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
@@ -2806,22 +2579,6 @@ class Search:
         ]
 
 
-TOP_TRIALS_HEADER = ["Rank", "Layers", "Units", "Decay", "Dropout", "L2", "LR", "Batch",
-                     "Emb route/train", "Half-life d", "Epochs", "Best val acc"]  # fmt: skip
-
-
-def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
-    rows = []
-    for rank, t in enumerate(trials, 1):
-        c = t["config"]
-        rows.append([rank, c["hidden_layers"], c["first_units"], c["width_decay"], f"{c['dropout']:.2f}",
-                     f"{c['l2']:.1e}", f"{c['learning_rate']:.1e}", c["batch_size"],
-                     f"{c['route_embedding']}/{c['train_embedding']}",
-                     f"{c.get('recency_half_life', RECENCY_HALF_LIFE_DAYS):g}", t["epochs"],
-                     f"{t['best_val_accuracy']:.4f}"])  # fmt: skip
-    return rows
-
-
 def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
     """`evaluate`: score a saved model on every record of an export."""
     export_dir = find_export_dir(data_dir)
@@ -2845,19 +2602,6 @@ def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluati
                  f"top-1 {pct(m['top1_accuracy'])}, top-3 {pct(m['top3_accuracy'])} on {len(idx):,} records",
                  name="evaluation_report.md")  # fmt: skip
     return run.run_dir, evaluation
-
-
-def run_promote(registry: Path, model_file: Path) -> int:
-    """Check that the model loads, then install it as the registry's current version."""
-    load_saved_model(model_file)  # a broken file never becomes current
-    vocab = vocab_file_for(model_file)
-    summary = vocab.with_name(vocab.name.replace("_vocab.json", "_summary.json"))
-    metadata: dict[str, Any] = json.loads(summary.read_text()) if summary.is_file() else {}
-    if not metadata and vocab.is_file():
-        metadata = {"periods": json.loads(vocab.read_text()).get("split", {})}
-    version = ModelRegistry(registry).install(model_file, vocab, metadata)
-    log(f"Installed {model_file} as version {version} of {registry} (now current)")
-    return version
 
 
 def load_saved_model(model_file: Path | str) -> Any:
@@ -3060,529 +2804,13 @@ def export_serving_model(model: Any, path: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------
-# Keeping a model current: a rolling backtest, retraining with a champion and a
-# challenger, and rolling a registry back.
-# ---------------------------------------------------------------------------
-
-#: Embedding layer -> the vocabulary its rows follow (row 0 is "unknown").
-EMBEDDING_VOCABULARIES = {"station_embedding": "stations", "route_embedding": "routes",
-                          "headsign_embedding": "headsigns", "train_embedding": "train_numbers"}  # fmt: skip
-
-
-def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> int:
-    """Start `model` (built for `vocab`) from `source`'s learnt weights (built for
-    `source_vocab`): same-shaped weights are copied, embedding rows follow their token
-    into the new vocabulary (new tokens start from the unknown row), the output layer's columns
-    follow their track label. The history tables and the station-track mask are the new
-    records' own and are left alone. Returns how many weights were carried over."""
-    carried = 0
-    source_layers = {layer.name: layer for layer in source.layers}
-    for layer in model.layers:
-        old = source_layers.get(layer.name)
-        if old is None or not layer.weights or not any(w.trainable for w in layer.weights):
-            continue  # new, weightless, or a fixed table built from the new records
-        new_values = [np.array(w) for w in layer.get_weights()]
-        old_values = old.get_weights()
-        if len(new_values) != len(old_values):
-            continue
-        for i, (new, previous) in enumerate(zip(new_values, old_values, strict=True)):
-            if layer.name in EMBEDDING_VOCABULARIES and new.shape[1:] == previous.shape[1:]:
-                field_name = EMBEDDING_VOCABULARIES[layer.name]
-                rows = {token: r for r, token in enumerate(source_vocab[field_name], start=1)}
-                # A token first seen in the new records starts from the unknown row: what
-                # the model answered for it before it knew it. For train numbers that row
-                # is trained (see _hide_identities); a random row is one it never read.
-                for r, token in enumerate(["", *vocab[field_name]]):
-                    new[r] = previous[rows.get(token, 0)]
-            elif layer.name == "logits" and new.shape[:-1] == previous.shape[:-1]:
-                columns = {label: c for c, label in enumerate(source_vocab.tracks)}
-                for c, label in enumerate(vocab.tracks):
-                    if label in columns:
-                        new[..., c] = previous[..., columns[label]]
-            elif new.shape == previous.shape:
-                new = previous
-            else:
-                continue
-            new_values[i] = new
-            carried += 1
-        layer.set_weights(new_values)
-    return carried
-
-
-def take_records(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The columns of the records `idx` only (in that order)."""
-    return {name: values[idx] for name, values in columns.items()}
-
-
-@dataclass
-class FittedModel:
-    """A model trained by the recipe on some records: where it is and what it knew."""
-
-    files: ModelFiles
-    vocab: Vocabulary
-    calibration: Calibration
-    epochs: int
-    seconds: float
-    carried: int = 0
-    history: dict[str, list[float]] = field(default_factory=dict)
-
-    def load(self) -> Any:
-        return load_saved_model(self.files.best)
-
-
-#: Epochs of a warm-started fit: it starts near its optimum, and ten more epochs of a
-#: restarted cosine schedule took as long as a cold fit for the same validation accuracy.
-WARM_EPOCHS = 3
-
-
-def fit_by_recipe(data: PreparedData, opts: TrainOptions, files: ModelFiles,
-                  warm: tuple[Any, Vocabulary] | None = None) -> FittedModel:  # fmt: skip
-    """`train`'s recipe without its report: fit with the validation records choosing the
-    checkpoint and the confidence map, then (unless --no-refit) refit on every record of
-    `data.columns`. With `warm`, the validated fit starts from that model's weights and
-    runs at most WARM_EPOCHS epochs (the refit continues from it, as always)."""
-    started = time.perf_counter()
-    if warm is not None:
-        opts = dataclasses.replace(opts, epochs=min(opts.epochs, WARM_EPOCHS))
-    cfg = ModelConfig(seed=opts.seed)
-    keras.utils.set_random_seed(opts.seed)
-    save_vocab(files.vocab, data.vocab_info,
-               baseline_tables(data.columns, data.train_idx, opts.recency_half_life))  # fmt: skip
-    model = create_simple_model(data.vocab_info, cfg)
-    carried = transfer_weights(model, warm[0], warm[1], data.vocab_info) if warm else 0
-    history, _ = fit_model(model, data, opts, files.best, None)
-    calibration = save_calibrated(model, data, files.best, files.final, cfg)
-    vocab = data.vocab_info
-    if not opts.no_refit:
-        refit = refit_on_every_record(data, opts, cfg, history, calibration, files)
-        vocab = refit["vocab_info"]
-    return FittedModel(files, vocab, calibration, len(history.get("loss", [])),
-                       time.perf_counter() - started, carried, history)  # fmt: skip
-
-
-def split_for_recipe(export: Export, columns: dict[str, np.ndarray], train_part: np.ndarray,
-                     opts: TrainOptions, test_idx: np.ndarray | None = None,
-                     validation_days: float = VALIDATION_DAYS) -> PreparedData:  # fmt: skip
-    """Prepared data whose training and validation records are `train_part` of `columns`,
-    split by time as `train` splits them (validating on at most `validation_days`)."""
-    ts = columns["scheduled_timestamp"][train_part]
-    train, val, _, info = split_records(ts, opts.split, opts.seed, VALIDATION_FRACTION, 0,
-                                        validation_days)  # fmt: skip
-    return prepare_split(export.export_dir, export.metadata, columns, train_part[train],
-                         train_part[val], info, opts.batch_size, opts.seed, test_idx=test_idx,
-                         recency_half_life=opts.recency_half_life)  # fmt: skip
-
-
 # -- backtest ------------------------------------------------------------------
 
 
-@dataclass
-class BacktestOptions:
-    """Where the origins are and how each window's model is made."""
-
-    # fmt: off
-    start: str = option_field(help="First origin (YYYY-MM-DD, Boston midnight).", metavar="YYYY-MM-DD")
-    every: float = option_field(7.0, "Days between origins.", click.FloatRange(min=0.5))
-    horizon: float = option_field(7.0, "Days each origin's model is scored on.", click.FloatRange(min=0.5))
-    warm_start: bool = option_field(False, "Start each origin's model from the previous one's weights.")
-    keep_models: bool = option_field(False, "Keep every origin's model files (default: only the last).")
     # fmt: on
 
 
-def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[float]:
-    """Unix times of the origins: Boston midnight of `start`, then every `every` days
-    while records remain after the origin."""
-    from zoneinfo import ZoneInfo
-
-    try:
-        first = dt.datetime.combine(dt.date.fromisoformat(start), dt.time(),
-                                    tzinfo=ZoneInfo(TRACKER_TIMEZONE)).timestamp()  # fmt: skip
-    except ValueError:
-        raise UserError(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
-    if len(timestamps) == 0 or first <= timestamps.min():
-        raise UserError(f"--start {start} leaves no record before the first origin to train on")
-    if first > timestamps.max():
-        raise UserError(f"--start {start} is after the export's newest record")
-    origins, origin = [], first
-    while origin <= timestamps.max():
-        origins.append(origin)
-        origin += every * SECONDS_PER_DAY
-    return origins
-
-
-def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) -> Path:
-    """`backtest`: at each origin, train on everything before it and score the next
-    `horizon` days against every lookup table of the same records (and the best
-    possible on sample data); writes a report, a plot and backtest_results.json."""
-    import shutil
-
-    export = load_export(data_dir)
-    columns = export.columns
-    ts = columns["scheduled_timestamp"]
-    origins = backtest_origins(ts, bt.start, bt.every)
-    truth = load_sample_truth(export.export_dir)
-    run = Run.start("backtest")
-    windows: list[dict[str, Any]] = []
-    pooled: dict[str, list[np.ndarray]] = defaultdict(list)
-    warm: tuple[Any, Vocabulary] | None = None
-    previous_dir: Path | None = None
-    bar = progress(origins, desc="backtest origins", unit="origin")
-    for origin in bar:
-        end = origin + bt.horizon * SECONDS_PER_DAY
-        before = np.flatnonzero(ts < origin)
-        window = np.flatnonzero((ts >= origin) & (ts < end))
-        if len(window) == 0 or len(before) < 10:
-            continue
-        # The model a deployment would have had: trained on the records before the origin only.
-        sub = take_records(columns, before)
-        # Validated on the newest `horizon` days: the horizon the model is then used for.
-        data = split_for_recipe(export, sub, np.arange(len(before)), opts,
-                                validation_days=bt.horizon)  # fmt: skip
-        origin_dir = run.path(f"origin_{dt.datetime.fromtimestamp(origin, dt.UTC):%Y-%m-%d}")
-        origin_dir.mkdir()
-        fitted = fit_by_recipe(data, opts, ModelFiles.under(origin_dir, opts.model_path), warm)
-        model = fitted.load()
-        tables = baseline_tables(columns, before, opts.recency_half_life)
-        ev = evaluate_model(model, columns, window, tables, truth)
-        strongest = strongest_baseline(ev.baselines)
-        margin: tuple[float | None, float | None] = (None, None)
-        if strongest and len(window) >= 2:
-            truth_tracks = columns["track_number"][window]
-            table = baseline_predictions(tables, columns, window)[strongest[0]]
-            margin = paired_margin(ev.metrics["predicted_tracks"] == truth_tracks,
-                                   table == truth_tracks)  # fmt: skip
-        figures = {"start": float(origin), "end": float(end), **window_figures(ev, columns, window),
-                   "strongest_table": strongest[0] if strongest else None,
-                   "margin": margin[0], "margin_interval": margin[1],
-                   "train_records": int(len(before)), "train_seconds": round(fitted.seconds, 1),
-                   "epochs": fitted.epochs,
-                   "closed_tracks": {station: sorted(tracks, key=track_sort_key)
-                                     for station, tracks in fitted.vocab.closed_tracks.items()}}  # fmt: skip
-        windows.append(figures)
-        pooled["probabilities_top"].append(ev.probabilities.max(axis=1))
-        pooled["correct"].append(ev.metrics["predicted_tracks"] == columns["track_number"][window])
-        bar.set_postfix(top1=f"{figures['model_top1']:.3f}", secs=f"{fitted.seconds:.0f}")
-        if bt.warm_start:
-            warm = (model, fitted.vocab)
-        if previous_dir is not None and not bt.keep_models:
-            shutil.rmtree(previous_dir, ignore_errors=True)
-        previous_dir = origin_dir
-    if not windows:
-        raise UserError("no origin had records both before it and in its horizon")
-    total = backtest_total(windows, pooled)
-    results = {"options": {**dataclasses.asdict(bt), "recency_half_life": opts.recency_half_life,
-                           "epochs": opts.epochs, "no_refit": opts.no_refit},
-               "export": str(export.export_dir), "windows": windows, "total": total}  # fmt: skip
-    write_json(run.path("backtest_results.json"), results)
-    plot = plot_backtest(windows, run.path("backtest.png"))
-    write_report(run, "Backtest Report", backtest_sections(run, export, bt, windows, total, plot),
-                 f"model top-1 {pct(total['model_top1'])} over {total['records']:,} records in "
-                 f"{len(windows)} windows (strongest table {total['strongest_table']} "
-                 f"{pct(total[total['strongest_table']])})", name="backtest_report.md")  # fmt: skip
-    return run.run_dir
-
-
-def backtest_total(
-    windows: list[dict[str, Any]], pooled: dict[str, list[np.ndarray]]
-) -> dict[str, Any]:
-    """The figures of the whole period: what a deployment with this cadence would have had."""
-    n = np.array([w["records"] for w in windows], dtype=float)
-    confidence = np.concatenate(pooled["probabilities_top"])
-    correct = np.concatenate(pooled["correct"])
-    total: dict[str, Any] = {
-        "records": int(n.sum()), "windows": len(windows),
-        "model_top1": float(correct.mean()),
-        "model_ece": expected_calibration_error(confidence, correct),
-        "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
-    }  # fmt: skip
-    for name in BASELINE_NAMES:
-        if name in windows[0]:
-            total[name] = float(np.dot(n, [w[name] for w in windows]) / n.sum())
-    tables = [name for name in BASELINE_NAMES if name in total]
-    total["strongest_table"] = max(tables, key=lambda t: total[t]) if tables else None
-    if all(w["best_possible"] is not None for w in windows):
-        total["best_possible"] = float(np.dot(n, [w["best_possible"] for w in windows]) / n.sum())
-    stations = sorted({s for w in windows for s in w["stations"]})
-    total["stations"] = {}
-    for station in stations:
-        rows = [(w["stations"][station], w["records"]) for w in windows if station in w["stations"]]
-        total["stations"][station] = float(sum(a * r for a, r in rows) / sum(r for _, r in rows))
-    return total
-
-
-def plot_backtest(windows: list[dict[str, Any]], path: Path) -> Path:
-    starts = [dt.datetime.fromtimestamp(w["start"], dt.UTC) for w in windows]
-    with figure(path, figsize=(10, 4.5)) as (_, ax):
-        ax.plot(starts, [w["model_top1"] for w in windows], "o-", label="model", linewidth=2)
-        strongest = [max(w[t] for t in BASELINE_NAMES if t in w) for w in windows]
-        ax.plot(starts, strongest, "s--", label="strongest lookup table")
-        if all(w["best_possible"] is not None for w in windows):
-            ax.plot(starts, [w["best_possible"] for w in windows], ":", label="best possible")
-        ax.set_ylabel("top-1 accuracy in the window")
-        ax.set_xlabel("origin")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return path
-
-
-def closed_windows_lines(windows: list[dict[str, Any]]) -> list[str]:
-    """Which origins' models read platforms as closed (`closed_tracks`), if any did."""
-    lines = [
-        f"- {dt.datetime.fromtimestamp(w['start'], dt.UTC):%Y-%m-%d}: "
-        + "; ".join(f"{s} {', '.join(t)}" for s, t in w["closed_tracks"].items())
-        for w in windows if w.get("closed_tracks")
-    ]  # fmt: skip
-    if not lines:
-        return []
-    return ["Platforms the origin's model read as closed (no departure where at least "
-            f"{CLOSED_TRACK_EXPECTED:.0f} were expected; no probability from their closing day):",
-            "", *lines, ""]  # fmt: skip
-
-
-def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: list[dict[str, Any]],
-                      total: dict[str, Any], plot: Path) -> list[list[str]]:  # fmt: skip
-    tables = [t for t in BASELINE_NAMES if t in total]
-    header = ["Origin", "Records", "Model", "ECE", "@80%", "Margin", *tables, "Best possible",
-              "Train s"]  # fmt: skip
-
-    def row(label: str, w: dict[str, Any]) -> list[Any]:
-        margin = (f"{100 * w['margin']:+.2f} ±{100 * w['margin_interval']:.2f}"
-                  if w.get("margin") is not None else "")  # fmt: skip
-        return [label, f"{w['records']:,}", pct(w["model_top1"]), f"{w['model_ece']:.3f}",
-                pct(w["model_coverage_80"]), margin, *(pct(w[t]) for t in tables),
-                pct(w["best_possible"]) if w.get("best_possible") is not None else "n/a",
-                w.get("train_seconds", "")]  # fmt: skip
-
-    rows = [row(f"{dt.datetime.fromtimestamp(w['start'], dt.UTC):%Y-%m-%d}", w) for w in windows]
-    rows.append(row("**total**", total))
-    beaten = sum(w["model_top1"] > max(w[t] for t in tables) for w in windows)
-    stations = [[s, pct(v)] for s, v in total["stations"].items()]
-    return [
-        overview_section(
-            run,
-            export.export_dir,
-            f"- Origins: from {bt.start} every {bt.every:g} days; each scored on the next "
-            f"{bt.horizon:g} days; {'warm-started from the previous origin' if bt.warm_start else 'each trained from scratch'}",
-        ),  # fmt: skip
-        [
-            "## Windows",
-            "",
-            "Each origin's model was trained with `train`'s recipe on the records before the origin "
-            f"only (its newest {bt.horizon:g} days validating: the horizon it is then scored on), and "
-            "every lookup table was built from the same records. The totals are what a "
-            "deployment retraining on this cadence would have scored.",
-            "",
-            markdown_table(header, rows),
-            "",
-            f"The model beat every lookup table in {beaten} of {len(windows)} windows. Margin: "
-            "the model's top-1 minus the window's strongest table's, in points, with the 95% "
-            "interval of that difference over the same records; where it holds 0 the two "
-            "cannot be told apart on that window.",
-            "",
-            *closed_windows_lines(windows),
-            f"![Top-1 over time]({plot.name})",
-            "",
-        ],
-        [
-            "## Per station (whole period)",
-            "",
-            markdown_table(["Station", "Model top-1"], stations),
-            "",
-        ],
-        [
-            "## Files",
-            "",
-            "- `backtest_results.json`: every window's figures and the totals",
-            "- `backtest.png`: top-1 per window",
-            "- `origin_<date>/`: the last origin's model"
-            + (" (every origin's: --keep-models)" if bt.keep_models else ""),
-            "",
-        ],
-    ]
-
-
-# -- retrain and rollback -------------------------------------------------------
-
-
-@dataclass
-class RetrainOptions:
-    """The champion/challenger rule and the registry."""
-
-    # fmt: off
-    registry: Path = option_field(help="The model registry (created on the first run).",
-                                  type=click.Path(file_okay=False, path_type=Path))
-    holdout_days: float = option_field(7.0, "The newest days both models are scored on.",
-                                       click.FloatRange(min=0.5))
-    tolerance: float = option_field(0.2, "Top-1 points the challenger may fall short of the champion.",
-                                    click.FloatRange(min=0))
-    max_ece: float = option_field(0.03, "The challenger's ECE may be at most max(this, the champion's).",
-                                  click.FloatRange(min=0))
-    warm_start: bool = option_field(False, "Start the challenger from the champion's weights.")
-    dry_run: bool = option_field(False, "Decide and report, but install nothing.")
-    keep: int = option_field(5, "Versions kept in the registry (the current one always).",
-                             click.IntRange(min=1))
     # fmt: on
-
-
-def decide_promotion(champion: dict[str, Any] | None, challenger: dict[str, Any],
-                     opts: RetrainOptions) -> tuple[bool, str]:  # fmt: skip
-    """(promote?, why) by the champion/challenger rule."""
-    if champion is None:
-        return True, "no current version: the first model is installed"
-    floor = champion["model_top1"] - opts.tolerance / 100
-    ece_cap = max(opts.max_ece, champion["model_ece"])
-    reasons = []
-    if challenger["model_top1"] < floor:
-        reasons.append(f"top-1 {pct(challenger['model_top1'])} is below the champion's "
-                       f"{pct(champion['model_top1'])} minus {opts.tolerance:g} points")  # fmt: skip
-    if challenger["model_ece"] > ece_cap:  # (comparisons on the same records)
-        reasons.append(f"ECE {challenger['model_ece']:.3f} is above {ece_cap:.3f} "
-                       f"(the larger of {opts.max_ece:g} and the champion's {champion['model_ece']:.3f})")  # fmt: skip
-    if reasons:
-        return False, "the challenger's " + "; and its ".join(reasons)
-    return True, (f"the challenger's top-1 {pct(challenger['model_top1'])} (champion "
-                  f"{pct(champion['model_top1'])}, tolerance {opts.tolerance:g} points) and ECE "
-                  f"{challenger['model_ece']:.3f} (cap {ece_cap:.3f}) pass")  # fmt: skip
-
-
-def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) -> tuple[Path, bool]:
-    """`retrain`: a challenger trained on all but the newest --holdout-days, scored with
-    the registry's current model (the champion) on those days; promoted by the rule, then
-    refit on every record and installed. Returns (run directory, promoted)."""
-    registry = ModelRegistry(rt.registry)
-    export = load_export(data_dir)
-    columns = export.columns
-    ts = columns["scheduled_timestamp"]
-    cut = ts.max() - rt.holdout_days * SECONDS_PER_DAY
-    holdout = np.flatnonzero(ts > cut)
-    before = np.flatnonzero(ts <= cut)
-    if len(before) < 10 or len(holdout) == 0:
-        raise UserError(f"the export does not cover more than --holdout-days {rt.holdout_days:g}")
-    run = Run.start("retrain")
-    truth = load_sample_truth(export.export_dir)
-    tables = baseline_tables(columns, before, opts.recency_half_life)
-
-    # The champion, scored on the holdout days it never saw (a champion trained yesterday
-    # has seen most of them: only the records after its newest one are fair to both).
-    version = registry.current_version()
-    champion_model, champion, champion_vocab = None, None, None
-    if version is not None:
-        recorded = registry.metadata(version).get("trained_until")
-        seen_until = float(recorded) if recorded is not None else -math.inf
-        holdout = holdout[ts[holdout] > seen_until]
-        if len(holdout) == 0:
-            why = (f"no record is newer than what version {version} was trained on "
-                   f"(until {period(np.array([seen_until]))[0]}): nothing to judge a challenger on")  # fmt: skip
-            log("Keep: " + why)
-            write_report(run, "Retrain Report", [overview_section(run, export.export_dir,
-                         f"- Registry: {rt.registry}"), ["## Decision", "", f"- Keep the champion: {why}.", ""]],
-                         f"kept the champion: {why}", name="retrain_report.md")  # fmt: skip
-            return run.run_dir, False
-        champion_model = load_saved_model(registry.model_file(version))
-        vocab_path = registry.version_dir(version) / "model_vocab.json"
-        if vocab_path.is_file():
-            champion_vocab = Vocabulary.from_json(json.loads(vocab_path.read_text()))
-        champion = window_figures(evaluate_model(champion_model, columns, holdout, tables, truth),
-                                  columns, holdout)  # fmt: skip
-
-    # The challenger: the train recipe on everything before the holdout days (no refit yet).
-    warm = (
-        (champion_model, champion_vocab) if rt.warm_start and champion_vocab is not None else None
-    )
-    validated = dataclasses.replace(opts, no_refit=True)
-    data = split_for_recipe(export, columns, before, validated, test_idx=holdout)
-    files = ModelFiles.under(run.run_dir, opts.model_path)
-    fitted = fit_by_recipe(data, validated, files, warm)
-    # Scored as it would have answered from the first holdout day: the validated weights
-    # reading history tables of every record before it (the champion's tables reach its
-    # newest record too; the validated model's miss the days that validated it).
-    before_export = Export(export.export_dir, export.metadata, take_records(columns, before))
-    deployed, _, _ = fit_on_every_record(before_export, opts, ModelConfig(seed=opts.seed), 0,
-                                         warm=(fitted.load(), fitted.vocab))  # fmt: skip
-    deployed = with_calibration(deployed, fitted.calibration.confidence_map,
-                                fitted.calibration.new_trip_map)  # fmt: skip
-    challenger = window_figures(evaluate_model(deployed, columns, holdout, tables, truth),
-                                columns, holdout)  # fmt: skip
-    promote, why = decide_promotion(champion, challenger, rt)
-    log(("Promote: " if promote else "Keep: ") + why)
-
-    installed = None
-    if promote and not rt.dry_run:
-        # The challenger's recipe on every record, the newest days included: the refit
-        # continues from the validated challenger.
-        refit = refit_on_every_record(data, opts, ModelConfig(seed=opts.seed), fitted.history,
-                                      fitted.calibration, files)  # fmt: skip
-        summary = {"export": str(export.export_dir), "periods": {
-            "train_period": period(ts), "holdout_period": period(ts[holdout])},
-            "held_out": {"records": int(len(holdout)), "top1_accuracy": challenger["model_top1"],
-                         "expected_calibration_error": challenger["model_ece"],
-                         "coverage_at_precision": {"0.80": challenger["model_coverage_80"]},
-                         "lookup_tables": {t: challenger[t] for t in BASELINE_NAMES if t in challenger},
-                         "best_possible": challenger["best_possible"]},
-            "champion": champion, "decision": why, "refit_records": refit["records"],
-            "trained_until": float(ts.max())}  # fmt: skip
-        installed = registry.install(files.best, files.vocab, summary)
-        pruned = registry.prune(rt.keep)
-        log(f"Installed version {installed} in {registry.root} (now current)"
-            + (f"; removed versions {', '.join(map(str, pruned))}" if pruned else ""))  # fmt: skip
-    report = retrain_sections(
-        run, export, rt, version, champion, challenger, promote, why, installed
-    )
-    write_report(run, "Retrain Report", report,
-                 ("promoted" if promote and installed else "dry run: would promote" if promote
-                  else "kept the champion") + f": {why}", name="retrain_report.md")  # fmt: skip
-    return run.run_dir, bool(promote and installed)
-
-
-def retrain_sections(run: Run, export: Export, rt: RetrainOptions, version: int | None,
-                     champion: dict[str, Any] | None, challenger: dict[str, Any], promote: bool,
-                     why: str, installed: int | None) -> list[list[str]]:  # fmt: skip
-    tables = [t for t in BASELINE_NAMES if t in challenger]
-    header = ["Model", "Top-1", "ECE", "@80% precision", "Best possible"]
-    rows = [["challenger", pct(challenger["model_top1"]), f"{challenger['model_ece']:.3f}",
-             pct(challenger["model_coverage_80"]), pct(challenger["best_possible"])
-             if challenger["best_possible"] is not None else "n/a"]]  # fmt: skip
-    if champion is not None:
-        rows.insert(0, [f"champion (version {version})", pct(champion["model_top1"]),
-                        f"{champion['model_ece']:.3f}", pct(champion["model_coverage_80"]),
-                        pct(champion["best_possible"]) if champion["best_possible"] is not None
-                        else "n/a"])  # fmt: skip
-    decision = ("installed as version " + str(installed) if installed else
-                "not installed (--dry-run)" if promote else "not installed")  # fmt: skip
-    return [
-        overview_section(run, export.export_dir, f"- Registry: {rt.registry}"),
-        [
-            "## Decision",
-            "",
-            f"- {'Promote' if promote else 'Keep the champion'}: {why}.",
-            f"- The challenger was {decision}.",
-            "",
-        ],
-        [
-            "## Both models on the newest days",
-            "",
-            f"The newest {rt.holdout_days:g} days ({challenger['records']:,} records), which the "
-            "challenger never saw; lookup tables from the records before them.",
-            "",
-            markdown_table(header, rows),
-            "",
-            markdown_table(["Lookup table", "Top-1"], [[t, pct(challenger[t])] for t in tables]),
-            "",
-        ],
-    ]
-
-
-def run_rollback(registry_dir: Path) -> int:
-    """Make the version before the current one current again; returns it."""
-    registry = ModelRegistry(registry_dir)
-    current = registry.current_version()
-    earlier = [v for v in registry.versions() if current is None or v < current]
-    if not earlier:
-        raise UserError(f"{registry_dir} has no version before {current} to roll back to")
-    registry.make_current(earlier[-1])
-    log(f"{registry_dir}: version {earlier[-1]} is current again (was {current})")
-    return earlier[-1]
 
 
 # ---------------------------------------------------------------------------
@@ -3608,7 +2836,7 @@ def cli(ctx: click.Context, data_dir: Path) -> None:
 
 
 #: The environment a training mode reads, for its --help.
-TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG)
+TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG, ENV_DETERMINISTIC)
 
 
 @cli.command(epilog=TRAINING_EPILOG)
@@ -3636,59 +2864,6 @@ def evaluate(ctx: click.Context, model_file: Path) -> None:
 def predict(model_file: Path, input_file: Any) -> None:
     """Predict tracks for JSON lines; one JSON line out per line in (DATA_DIR is not read)."""
     run_predict(model_file, input_file, click.echo)
-
-
-@cli.command(epilog=TRAINING_EPILOG)
-@dataclass_options(BacktestOptions)
-@training_options
-@click.pass_context
-def backtest(ctx: click.Context, **options: Any) -> None:
-    """Rolling-origin evaluation: at each origin train on everything before it, score the
-    next --horizon days; writes output/backtest_<time>/ with backtest_results.json."""
-    bt = from_options(BacktestOptions, options)
-    train_options = {
-        k: v
-        for k, v in options.items()
-        if k not in {f.name for f in dataclasses.fields(BacktestOptions)}
-    }
-    click.echo(str(run_backtest(ctx.obj["data_dir"], TrainOptions(**train_options), bt)))
-
-
-@cli.command(epilog=TRAINING_EPILOG)
-@dataclass_options(RetrainOptions)
-@training_options
-@click.pass_context
-def retrain(ctx: click.Context, **options: Any) -> None:
-    """Champion and challenger: train on all but the newest --holdout-days, score both there,
-    promote the challenger into --registry only if it is as good; exit 0 either way."""
-    rt = from_options(RetrainOptions, options)
-    train_options = {
-        k: v
-        for k, v in options.items()
-        if k not in {f.name for f in dataclasses.fields(RetrainOptions)}
-    }
-    run_dir, _ = run_retrain(ctx.obj["data_dir"], TrainOptions(**train_options), rt)
-    click.echo(str(run_dir))
-
-
-@cli.command()
-@click.option("--registry", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The model registry.")  # fmt: skip
-def rollback(registry: Path) -> None:
-    """Make the registry's previous version current again (DATA_DIR is not read)."""
-    version = run_rollback(registry)
-    click.echo(str(ModelRegistry(registry).version_dir(version)))
-
-
-@cli.command()
-@click.option("--registry", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The model registry directory (created if missing).")  # fmt: skip
-@model_option("The saved .keras model to install (its _vocab.json and _summary.json go with it).")
-def promote(registry: Path, model_file: Path) -> None:
-    """Install a model as the registry's next version and make it current; a running
-    `serve-predictions --model REGISTRY` swaps to it within seconds (DATA_DIR is not read)."""
-    version = run_promote(registry, model_file)
-    click.echo(str(ModelRegistry(registry).version_dir(version)))
 
 
 @cli.command(epilog=TRAINING_EPILOG)

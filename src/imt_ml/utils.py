@@ -33,6 +33,7 @@ import click
 
 #: Set (to anything) to see TensorFlow's C++ start-up log again (see LazyModule).
 TF_LOG_VARIABLE = "IMT_ML_TF_LOG"
+DETERMINISTIC_VARIABLE = "IMT_ML_DETERMINISTIC"
 # TensorFlow's C++ info lines drown a CLI's own output; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -68,12 +69,16 @@ def import_tensorflow() -> Any:
     its CUDA probing prints lines marked E0000 on every machine without a GPU, which
     read like errors. Its absl logging ignores TF_CPP_MIN_LOG_LEVEL set from Python,
     so the import and the device probe run with stderr silenced; Python errors still
-    raise."""
+    raise. With $IMT_ML_DETERMINISTIC set, every op runs deterministically (slower): one
+    seed then gives the same model on the same records, run after run."""
     if "tensorflow" in sys.modules or os.environ.get(TF_LOG_VARIABLE):
-        return importlib.import_module("tensorflow")
-    with stderr_silenced():
         module = importlib.import_module("tensorflow")
-        module.config.list_physical_devices()  # where the CUDA probing prints
+    else:
+        with stderr_silenced():
+            module = importlib.import_module("tensorflow")
+            module.config.list_physical_devices()  # where the CUDA probing prints
+    if os.environ.get(DETERMINISTIC_VARIABLE):
+        module.config.experimental.enable_op_determinism()
     return module
 
 
@@ -215,6 +220,7 @@ def tf_parse_spec() -> dict[str, Any]:
 #: epilog lists the ones it reads; nothing else in the environment changes a run).
 ENV_OUTPUT = "IMT_ML_OUTPUT_DIR (the directory output/<mode>_<time>/ goes under; default ./output)"
 ENV_PROGRESS = "IMT_ML_NO_PROGRESS (set to anything: no progress bars)"
+ENV_DETERMINISTIC = f"{DETERMINISTIC_VARIABLE} (set to anything: deterministic ops, for reproducible models)"
 ENV_TF_LOG = f"{TF_LOG_VARIABLE} (set to anything: TensorFlow's C++ start-up log on stderr)"
 ENV_REDIS = "IMT_REDIS_ENDPOINT, IMT_REDIS_PORT, IMT_REDIS_PASSWORD (see the --redis-* options)"
 
@@ -563,6 +569,11 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
 # version, and a crash at any point leaves the current version as it was.
 # ---------------------------------------------------------------------------
 
+#: The outputs of keep_model_current.py's runs, under output/{backtest,retrain}_<time>/.
+BACKTEST_RESULTS_FILE = "backtest_results.json"
+BACKTEST_REPORT_FILE = "backtest_report.md"
+BACKTEST_PLOT_FILE = "backtest.png"
+RETRAIN_REPORT_FILE = "retrain_report.md"
 REGISTRY_MODEL_FILE = "model.keras"
 REGISTRY_VOCAB_FILE = "model_vocab.json"
 REGISTRY_METADATA_FILE = "metadata.json"
@@ -752,4 +763,91 @@ def figure(path: Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Ray clusters: joining one, and checking that results can be shared.
+# ---------------------------------------------------------------------------
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address such as ray://h:10001 or h:6379; None for 'auto'."""
+    if address == "auto":
+        return None
+    parsed = split_host_port(address.split("://", 1)[-1].rstrip("/"))
+    if parsed is None:
+        raise UserError(f"--ray-address {address!r} should look like host:port or ray://host:port")
+    return parsed
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> Any:
+    """ray.init on a running cluster (after checking it answers) or a local one."""
+    import logging
+    import socket
+
+    import ray
+
+    if address:
+        target = _host_port(address)
+        if target:
+            try:
+                with socket.create_connection(target, timeout=5):
+                    pass
+            except OSError as exc:
+                raise UserError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    try:
+        ray.init(
+            address=address or None,
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    except ConnectionError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address}: {exc}") from None
+    return ray
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def check_shared_storage(ray: Any, ray_dir: Path) -> None:
+    """On a multi-node cluster, every node must see --ray-dir (shared storage) or it must
+    be a URI; Ray requires it. A marker file written here is looked for on each node."""
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    marker = ray_dir / f".imt-ml-shared-check-{uuid.uuid4().hex}"
+    marker.write_text("ok")
+    try:
+
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> bool:
+            return Path(path).exists()
+
+        visible = ray.get([
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in nodes
+        ])  # fmt: skip
+    finally:
+        marker.unlink(missing_ok=True)
+    refuse_unshared_ray_dir(
+        str(ray_dir), dict(zip([n["NodeManagerAddress"] for n in nodes], visible, strict=True))
+    )
+
+
+def refuse_unshared_ray_dir(ray_dir: str, visible_from: dict[str, bool]) -> None:
+    missing = [node for node, seen in visible_from.items() if not seen]
+    if missing:
+        raise UserError(
+            f"--ray-dir {ray_dir} is a local path that node(s) {', '.join(missing)} cannot see; "
+            "on a multi-node cluster use a directory on shared storage mounted at the same path "
+            "on every node (e.g. NFS) or a URI such as s3://bucket/ray_results or gs://..."
+        )
 

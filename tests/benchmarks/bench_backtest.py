@@ -43,7 +43,7 @@ from imt_ml.sample_data import Closure, Drift, SampleHistory  # noqa: E402
 from imt_ml.tfrecord_reader import BASELINE_NAMES  # noqa: E402
 from imt_ml.utils import TRACKER_TIMEZONE  # noqa: E402
 
-READER = Path(__file__).resolve().parents[2] / "src/imt_ml/tfrecord_reader.py"
+READER = Path(__file__).resolve().parents[2] / "src/imt_ml/keep_model_current.py"
 CLOSED = ("place-sstat", ("5", "6"))
 YEAR_MINUTES_TARGET = 30
 

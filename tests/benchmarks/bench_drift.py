@@ -44,6 +44,7 @@ import click
 import numpy as np
 
 from imt_ml import tfrecord_reader as tr
+from imt_ml.evaluation import paired_margin
 from imt_ml.export_track_data import (
     ExportStats,
     TFRecordShardWriter,
@@ -189,7 +190,7 @@ def score(run_dir: Path, test: Path, window: str) -> tuple[tr.Evaluation, float,
     table, share = tr.baseline_answers(tables, columns, idx)[name]
     truth_tracks = columns["track_number"][idx]
     model_hits = evaluation.metrics["predicted_tracks"] == truth_tracks
-    margin = tr.paired_margin(model_hits, table == truth_tracks)
+    margin = paired_margin(model_hits, table == truth_tracks)
     coverage = coverage_margin((evaluation.probabilities.max(axis=1), model_hits),
                                (share, table == truth_tracks))  # fmt: skip
     return evaluation, float(ceiling.mean()), margin, coverage

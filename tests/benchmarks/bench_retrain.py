@@ -32,7 +32,7 @@ from bench_drift import write_export  # noqa: E402
 from imt_ml.export_track_data import parse_assignment  # noqa: E402
 from imt_ml.sample_data import Drift, SampleHistory  # noqa: E402
 
-READER = Path(__file__).resolve().parents[2] / "src/imt_ml/tfrecord_reader.py"
+READER = Path(__file__).resolve().parents[2] / "src/imt_ml/keep_model_current.py"
 TARGET_SECONDS = 60
 
 

@@ -48,6 +48,7 @@ from imt_ml.utils import LocalRedisServer, ModelRegistry, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 READER = ROOT / "src/imt_ml/tfrecord_reader.py"
+KEEPER = ROOT / "src/imt_ml/keep_model_current.py"
 SERVER = ROOT / "src/imt_ml/serve_predictions.py"
 RESULT = "ml:track_predict:result:"
 STATIONS = [("place-sstat", "CR-Worcester"), ("place-bbsta", "CR-Providence"),
@@ -79,7 +80,7 @@ def train_small_model(tmp: Path) -> Path:
 
 
 def promote(registry: Path, model: Path) -> None:
-    subprocess.run([sys.executable, str(READER), "-", "promote", "--registry", str(registry),
+    subprocess.run([sys.executable, str(KEEPER), "-", "promote", "--registry", str(registry),
                     "--model", str(model)], check=True, capture_output=True)  # fmt: skip
 
 
