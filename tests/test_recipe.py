@@ -67,7 +67,9 @@ def test_train_retrain_backtest_and_cv_save_the_same_model(sample_root, tmp_path
     last = max(r["scheduled_timestamp"] for r in rows)
     assert last - first > 10 * 86_400, "the sample must span more than the held-out days"
 
-    trained = run(READER, str(sample_root), "train", *COMMON, "--test-days", "3", out=tmp_path / "t")
+    trained = run(
+        READER, str(sample_root), "train", *COMMON, "--test-days", "3", out=tmp_path / "t"
+    )
     registry = tmp_path / "registry"
     run(KEEPER, str(sample_root), "retrain", "--registry", str(registry), "--holdout-days", "3",
         *COMMON, out=tmp_path / "r")  # fmt: skip

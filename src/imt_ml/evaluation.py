@@ -796,9 +796,7 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
     ]
 
 
-def evaluation_sections(
-    tuning: Evaluation, test: Evaluation | None, data: Any
-) -> list[str]:
+def evaluation_sections(tuning: Evaluation, test: Evaluation | None, data: Any) -> list[str]:
     """The headline (test window) evaluation first, then the tuning figures, each titled with
     what its records are."""
     info = data.split_info
@@ -888,9 +886,7 @@ def train_headline(evaluation: Evaluation, held_out: bool = True) -> str:
     headline = f"{where}: top-1 {pct(m['top1_accuracy'])}, top-3 {pct(m['top3_accuracy'])}"
     strongest = strongest_baseline(evaluation.baselines)
     if strongest:
-        headline += (
-            f"; strongest lookup table ({BASELINE_NAMES[strongest[0]]}) {pct(strongest[1])}"
-        )
+        headline += f"; strongest lookup table ({BASELINE_NAMES[strongest[0]]}) {pct(strongest[1])}"
     if evaluation.best_possible:
         headline += f"; best possible {pct(evaluation.best_possible['accuracy'])}"
     return headline
@@ -1061,4 +1057,3 @@ def top_trial_rows(trials: list[dict[str, Any]]) -> list[list[Any]]:
                      f"{c.get('recency_half_life', RECENCY_HALF_LIFE_DAYS):g}", t["epochs"],
                      f"{t['best_val_accuracy']:.4f}"])  # fmt: skip
     return rows
-

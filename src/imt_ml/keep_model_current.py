@@ -403,7 +403,8 @@ def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) ->
                                                load_sample_truth(export.export_dir))  # fmt: skip
         verdict["challenger"] = window_figures(verdict["evaluation"], export.columns, holdout)
         verdict["promote"], verdict["why"] = decide_promotion(
-            champion.figures if champion else None, verdict["challenger"], rt)
+            champion.figures if champion else None, verdict["challenger"], rt
+        )
         log(("Promote: " if verdict["promote"] else "Keep: ") + verdict["why"])
         return verdict["promote"] and not rt.dry_run
 
@@ -528,6 +529,7 @@ def run_promote(registry: Path, model_file: Path) -> int:
     version = ModelRegistry(registry).install(model_file, vocab, metadata)
     log(f"Installed {model_file} as version {version} of {registry} (now current)")
     return version
+
 
 # ---------------------------------------------------------------------------
 # Command line.

@@ -126,6 +126,7 @@ class CyclicalEncoding(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "period": self.period, "column": self.column}
 
+
 # ---------------------------------------------------------------------------
 # History: the lookup tables' counts as features and as evidence.
 # ---------------------------------------------------------------------------
@@ -304,6 +305,7 @@ class EvidenceLogits(keras.layers.Layer):
         history = inputs[0]
         return keras.KerasTensor((history.shape[0], history.shape[1] - 1), dtype="float32")
 
+
 # ---------------------------------------------------------------------------
 # Output: masks, and labelled, calibrated probabilities.
 # ---------------------------------------------------------------------------
@@ -407,6 +409,7 @@ class KnownKey(keras.layers.Layer):
 
     def compute_output_spec(self, history):
         return keras.KerasTensor((history.shape[0], 1), dtype="float32")
+
 
 # ---------------------------------------------------------------------------
 # Training callbacks.

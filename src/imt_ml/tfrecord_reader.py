@@ -881,6 +881,31 @@ def dense_logits(x: Any, num_classes: int, cfg: ModelConfig) -> Any:
     return layers.Dense(num_classes, name="logits")(x)
 
 
+def track_outputs(logits: Any, station_index: Any, clock: Any, trip_history: Any,
+                  vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict) -> Any:  # fmt: skip
+    """Logits -> labelled, calibrated probabilities over the tracks open at the station."""
+    layers = keras.layers
+    # Tracks never seen at a station get a -1e4 logit there (row 0, unknown station,
+    # allows every track).
+    allowed = _fixed_table(station_index, station_track_mask(vocab_info),
+                           "station_track_mask", fixed)  # fmt: skip
+    penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
+    # And from its closing day on, a platform the records say is closed (closed_tracks).
+    since = _fixed_table(station_index, closing_days(vocab_info), "closing_days", fixed)
+    closed = (
+        [track_layers.ClosedTracks(name="closed_tracks")([since, clock])]
+        if cfg.closed_tracks
+        else []
+    )
+    probabilities = layers.Activation("softmax", name="softmax")(
+        layers.Add(name="masked_logits")([logits, penalty, *closed])
+    )
+    known_trip = track_layers.KnownKey(name="known_trip")(trip_history)
+    return track_layers.TrackProbabilities(
+        vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
+    )([probabilities, known_trip])
+
+
 def create_simple_model(
     vocab_info: Vocabulary, config: ModelConfig | None = None, name: str = "track_predictor"
 ) -> Any:
@@ -924,21 +949,7 @@ def create_simple_model(
                     and "station_train_day" in vocab_info.history)  # fmt: skip
         evidence = track_layers.EvidenceLogits(finer=finer, name="evidence_logits")(histories)
         logits = layers.Add(name="logits_with_evidence")([logits, evidence])
-    # Tracks never seen at a station get a -1e4 logit there (row 0, unknown station,
-    # allows every track).
-    allowed = _fixed_table(station_index, station_track_mask(vocab_info),
-                           "station_track_mask", fixed)  # fmt: skip
-    penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
-    # And from its closing day on, a platform the records say is closed (closed_tracks).
-    since = _fixed_table(station_index, closing_days(vocab_info), "closing_days", fixed)
-    closed = [track_layers.ClosedTracks(name="closed_tracks")([since, clock])] if cfg.closed_tracks else []
-    probabilities = layers.Activation("softmax", name="softmax")(
-        layers.Add(name="masked_logits")([logits, penalty, *closed])
-    )
-    known_trip = track_layers.KnownKey(name="known_trip")(trip_history)
-    outputs = track_layers.TrackProbabilities(
-        vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
-    )([probabilities, known_trip])
+    outputs = track_outputs(logits, station_index, clock, trip_history, vocab_info, cfg, fixed)
     model = keras.Model(inputs=inputs, outputs=outputs, name=name)
     for layer, table in fixed.items():
         layer.set_weights([table])
@@ -1762,6 +1773,7 @@ def fit_track_model(
     if warm is not None:
         opts = dataclasses.replace(opts, epochs=min(opts.epochs, WARM_EPOCHS))
     keras.utils.set_random_seed(cfg.seed)
+    files.best.parent.mkdir(parents=True, exist_ok=True)
     save_vocab(files.vocab, data.vocab_info,
                baseline_tables(data.columns, data.train_idx, opts.recency_half_life))  # fmt: skip
     model = create_simple_model(data.vocab_info, cfg, name=name)
@@ -2042,7 +2054,8 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         configuration_section(opts),
         dataset_section(data),
         timing_section(
-            run, f"- Mean fit time per member: {np.mean([m.fitted.fit_seconds for m in members]):.1f} s"
+            run,
+            f"- Mean fit time per member: {np.mean([m.fitted.fit_seconds for m in members]):.1f} s",
         ),
         ensemble_model_section(run, combined, opts, data, soft),
         ensemble_refit_section(refits, calibration),
@@ -2807,10 +2820,10 @@ def export_serving_model(model: Any, path: Path) -> Path:
 # -- backtest ------------------------------------------------------------------
 
 
-    # fmt: on
+# fmt: on
 
 
-    # fmt: on
+# fmt: on
 
 
 # ---------------------------------------------------------------------------

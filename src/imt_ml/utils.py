@@ -220,7 +220,9 @@ def tf_parse_spec() -> dict[str, Any]:
 #: epilog lists the ones it reads; nothing else in the environment changes a run).
 ENV_OUTPUT = "IMT_ML_OUTPUT_DIR (the directory output/<mode>_<time>/ goes under; default ./output)"
 ENV_PROGRESS = "IMT_ML_NO_PROGRESS (set to anything: no progress bars)"
-ENV_DETERMINISTIC = f"{DETERMINISTIC_VARIABLE} (set to anything: deterministic ops, for reproducible models)"
+ENV_DETERMINISTIC = (
+    f"{DETERMINISTIC_VARIABLE} (set to anything: deterministic ops, for reproducible models)"
+)
 ENV_TF_LOG = f"{TF_LOG_VARIABLE} (set to anything: TensorFlow's C++ start-up log on stderr)"
 ENV_REDIS = "IMT_REDIS_ENDPOINT, IMT_REDIS_PORT, IMT_REDIS_PASSWORD (see the --redis-* options)"
 
@@ -850,4 +852,3 @@ def refuse_unshared_ray_dir(ray_dir: str, visible_from: dict[str, bool]) -> None
             "on a multi-node cluster use a directory on shared storage mounted at the same path "
             "on every node (e.g. NFS) or a URI such as s3://bucket/ray_results or gs://..."
         )
-

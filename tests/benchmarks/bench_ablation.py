@@ -116,7 +116,11 @@ def histories(records: int, seed: int, root: Path):
                                            for d in (train_end, test_start, test_end))  # fmt: skip
         train = [row for row, day in zip(clean, days, strict=True) if day < train_end]
         test = [row for row, day in zip(clean, days, strict=True) if test_start <= day < test_end]
-        yield window, write_export(root / window, "train", train), write_export(root / window, "test", test)
+        yield (
+            window,
+            write_export(root / window, "train", train),
+            write_export(root / window, "test", test),
+        )
 
 
 def answers(model: Any, columns: dict, raw: bool = False) -> dict[str, np.ndarray]:
@@ -126,8 +130,10 @@ def answers(model: Any, columns: dict, raw: bool = False) -> dict[str, np.ndarra
     source = tr.uncalibrated(model) if raw else model
     probs = tr.predict_probabilities(source, tr.model_features(columns, idx))
     metrics = evaluate_predictions(probs, columns["track_number"], labels, columns["station_id"])
-    return {"hits": metrics["predicted_tracks"] == columns["track_number"],
-            "confidence": probs.max(axis=1)}
+    return {
+        "hits": metrics["predicted_tracks"] == columns["track_number"],
+        "confidence": probs.max(axis=1),
+    }
 
 
 def train_variant(train: Path, opts: tr.TrainOptions, cfg: tr.ModelConfig, augmented: bool,
@@ -172,7 +178,14 @@ def report(results: Path) -> None:
     print(f"\nAblation: the top-1 cost of removing each mechanism (default minus without, points, "
           f"95% paired interval) per cell and pooled; ECE change without it; {os.cpu_count()} cores")  # fmt: skip
     print("cells: " + ", ".join(cells))
-    header = ["mechanism", *[c.replace("seed", "s") for c in cells], "pooled", "ΔECE", "train s", "verdict"]
+    header = [
+        "mechanism",
+        *[c.replace("seed", "s") for c in cells],
+        "pooled",
+        "ΔECE",
+        "train s",
+        "verdict",
+    ]
     rows = []
     for name, (what, _) in MECHANISMS.items():
         measured = [c for c in cells if name in load[c]]
@@ -194,8 +207,9 @@ def report(results: Path) -> None:
         hd, hv = np.concatenate(hits_d), np.concatenate(hits_v)
         margin, half = paired_margin(hd, hv)
         significant |= margin - half > 0
-        ece = (expected_calibration_error(np.concatenate(conf_v), hv)
-               - expected_calibration_error(np.concatenate(conf_d), hd))
+        ece = expected_calibration_error(np.concatenate(conf_v), hv) - expected_calibration_error(
+            np.concatenate(conf_d), hd
+        )
         worse_ece = ece > ECE_TOLERANCE
         off_by_default = name.endswith("+")
         if off_by_default:  # the variant adds it: it earns a place only if adding is better
