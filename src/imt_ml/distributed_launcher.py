@@ -389,8 +389,7 @@ def make_hypermodel(data: Any, opts: SearchOptions, strategy: Any = None,
         compile_model,
         create_simple_model,
         data_for_recipe,
-        training_callbacks,
-        weighted_training_data,
+        fit_model,
     )
 
     prepared: dict[tuple, Any] = {}  # (batch size, half-life) -> data, sync trainer
@@ -417,15 +416,12 @@ def make_hypermodel(data: Any, opts: SearchOptions, strategy: Any = None,
         def fit(self, hp: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
             cfg, recipe, trial_data, trainer = setup(hp)
             epochs, initial = kwargs.get("epochs", 1), kwargs.get("initial_epoch", 0)
-            if trainer is None:  # one machine per trial: plain Keras, `train`'s callbacks
-                train_ds, class_weight = weighted_training_data(trial_data, recipe)
-                callbacks = training_callbacks(recipe, None, None) + list(
-                    kwargs.get("callbacks") or []
-                )
-                return model.fit(train_ds, validation_data=trial_data.val_ds, epochs=epochs,
-                                 initial_epoch=initial, class_weight=class_weight,
-                                 callbacks=callbacks, verbose=0, shuffle=False)  # fmt: skip
-            history = trainer.fit(model, recipe, epochs, initial, kwargs.get("callbacks"))
+            if trainer is None:  # one machine per trial: the recipe's own fit
+                history, _ = fit_model(model, trial_data, dataclasses.replace(recipe, epochs=epochs),
+                                       None, None, extra_callbacks=kwargs.get("callbacks"),
+                                       initial_epoch=initial)  # fmt: skip
+            else:
+                history = trainer.fit(model, recipe, epochs, initial, kwargs.get("callbacks"))
             return {
                 "val_accuracy": max(history["val_accuracy"]),
                 "val_loss": min(history["val_loss"]),
@@ -487,7 +483,7 @@ def train_and_save_best(
 
 
 def search_section(title: str, lines: list[str], best: list[dict[str, Any]]) -> list[str]:
-    from imt_ml.tfrecord_reader import markdown_table
+    from imt_ml.utils import markdown_table
 
     rows = [[i + 1, t["trial_id"], f"{t['score']:.4f}" if t["score"] is not None else "n/a",
              ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["hyperparameters"].items())]

@@ -105,6 +105,7 @@ class BacktestOptions:
     horizon: float = option_field(7.0, "Days each origin's model is scored on.", click.FloatRange(min=0.5))
     warm_start: bool = option_field(False, "Start each origin's model from the previous one's weights.")
     keep_models: bool = option_field(False, "Keep every origin's model files (default: only the last).")
+    # fmt: on
 
 
 def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[float]:
@@ -345,6 +346,7 @@ class RetrainOptions:
     dry_run: bool = option_field(False, "Decide and report, but install nothing.")
     keep: int = option_field(5, "Versions kept in the registry (the current one always).",
                              click.IntRange(min=1))
+    # fmt: on
 
 
 def decide_promotion(champion: dict[str, Any] | None, challenger: dict[str, Any],

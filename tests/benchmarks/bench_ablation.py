@@ -44,17 +44,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_drift import season_start, write_export  # noqa: E402
+from bench_backtest import history  # noqa: E402
+from bench_drift import write_export  # noqa: E402
 
 from imt_ml import tfrecord_reader as tr  # noqa: E402
 from imt_ml.evaluation import evaluate_predictions, expected_calibration_error, paired_margin  # noqa: E402
-from imt_ml.export_track_data import parse_assignment  # noqa: E402
-from imt_ml.sample_data import Closure, Drift, SampleHistory  # noqa: E402
 from imt_ml.utils import TRACKER_TIMEZONE  # noqa: E402
 
 #: window -> (training ends, test starts, test ends), in days after the change of season C.
 WINDOWS = {"before": (-28, -28, 0), "new": (0, 0, 28), "closure": (21, 21, 35)}
-CLOSED = ("place-sstat", ("5", "6"))
 ECE_TOLERANCE = 0.005
 
 Variant = tuple[str, Callable[[tr.TrainOptions, tr.ModelConfig], tuple]]
@@ -98,18 +96,13 @@ MECHANISMS: dict[str, tuple[str, Callable]] = {
 
 
 def histories(records: int, seed: int, root: Path):
-    """Yield (window, training export, test export) of one world's history."""
+    """Yield (window, training export, test export) of one world's history (bench-backtest's:
+    the closure starts two weeks after the last change of season C)."""
     from zoneinfo import ZoneInfo
 
     boston = ZoneInfo(TRACKER_TIMEZONE)
-    days_after = max(end for *_, end in WINDOWS.values())
-    last = max(dt.datetime.fromtimestamp(e.score, boston).date()
-               for e in SampleHistory(seed, Drift(0.15)).generate(records))  # fmt: skip
-    change = season_start(last - dt.timedelta(days=days_after))
-    closure = Closure(CLOSED[0], CLOSED[1], change + dt.timedelta(weeks=2),
-                      change + dt.timedelta(weeks=5))  # fmt: skip
-    events = SampleHistory(seed, Drift(0.15, closures=(closure,))).generate(records)
-    clean = [(e, parse_assignment(e.payload)) for e in events if e.kind == "clean"]
+    weeks_after = -(-max(end for *_, end in WINDOWS.values()) // 7)
+    clean, change, _ = history(records, seed, weeks_after)
     days = [dt.datetime.fromtimestamp(e.score, boston).date() for e, _ in clean]
     for window, (train_end, test_start, test_end) in WINDOWS.items():
         train_end, test_start, test_end = (change + dt.timedelta(days=d)
