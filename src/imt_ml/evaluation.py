@@ -1012,7 +1012,7 @@ def cv_folds_section(rows: list[list[Any]]) -> list[str]:
         markdown_table(header, rows),
         "",
         "Accuracy counts validation records whose track the fold's training data never saw as wrong; "
-        "the loss (Keras) leaves them out.",
+        "the loss (the calibrated model's log loss) gives them a probability of 1e-7.",
         "",
     ]
 

@@ -2899,7 +2899,7 @@ def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
 @click.pass_context
 def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) -> None:
     """k-fold cross-validation (accuracy per fold, mean, 95% interval), then the model to
-    deploy trained on every record; writes output/cv_<time>/. --split does not apply."""
+    deploy by `train`'s recipe (--split applies to it only); writes output/cv_<time>/."""
     run_dir = run_cv(ctx.obj["data_dir"], TrainOptions(**options), k_folds, shuffle_folds)
     click.echo(str(run_dir))
 
