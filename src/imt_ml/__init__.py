@@ -17,6 +17,7 @@ exporter light.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 from typing import Any
@@ -27,19 +28,24 @@ def _register_layers() -> None:
 
 
 class _RegisterLayersWithKeras:
-    """A meta path finder that runs `_register_layers` right after `import keras`."""
+    """A meta path finder that runs `_register_layers` right after `import keras`.
+
+    It answers every look-up of "keras" until Keras is really imported: TensorFlow
+    asks `importlib.util.find_spec("keras")` only to see whether Keras is installed,
+    and the import that follows needs the same treatment."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != "keras":
             return None
-        sys.meta_path.remove(self)  # once; and so that the real finders answer
-        spec = importlib.util.find_spec(name)
+        spec = importlib.machinery.PathFinder.find_spec(name)  # the real finder, not us again
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_layers()
 
         spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]

@@ -2623,6 +2623,7 @@ def load_saved_model(model_file: Path | str) -> Any:
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")
     try:
+        track_layers.register  # noqa: B018  (imports the custom layers, registering them)
         model = keras.models.load_model(path, compile=False)
         model_labels(model)
     except Exception as exc:  # Keras raises many kinds for a foreign or broken file
