@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import math
 import os
@@ -35,12 +36,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import click
 import orjson
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/serve_predictions.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -257,7 +264,7 @@ class ModelHolder:
         version = self.registry.current_version()
         if version is None:
             raise UserError(f"the model registry {self.source} has no current version yet "
-                            "(install one: tfrecord_reader.py - promote --registry DIR --model FILE)")  # fmt: skip
+                            "(install one: keep_model_current.py - promote --registry DIR --model FILE)")  # fmt: skip
         return load_model(self.registry.model_file(version), str(version),
                           self.registry.metadata(version))  # fmt: skip
 
@@ -689,6 +696,11 @@ class PredictionService:
                 self._redis = self.redis_target.connect()
             return self._redis
 
+    def drop_redis(self) -> None:
+        """Forget the connection (after a failure): the next use makes a new one."""
+        with self._redis_lock:
+            self._redis = None
+
     def split_known(self, loaded: LoadedModel, asked: list[Asked]) -> list[Answer | None]:
         """Cached answers, None where the model must be asked."""
         return [self.cache.get(loaded.version, a) for a in asked]
@@ -779,13 +791,47 @@ class Batcher:
 # ---------------------------------------------------------------------------
 
 
+class LiveCollector:
+    """Metrics read when scraped: the model answering, swaps, live accuracy by version,
+    station and route."""
+
+    def __init__(self, service: PredictionService) -> None:
+        self.service = service
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        service = self.service
+        loaded = service.holder.current
+        info = GaugeMetricFamily("imt_model_info", "The model answering now", labels=["version"])
+        info.add_metric([loaded.version], 1.0)
+        yield info
+        swaps = GaugeMetricFamily("imt_model_swaps", "Models swapped in since start")
+        swaps.add_metric([], float(service.holder.swaps))
+        yield swaps
+        labels = ["version", "station", "route"]
+        accuracy = GaugeMetricFamily("imt_live_accuracy", "Share of scored answers whose "
+                                     "track was the one recorded", labels=labels)  # fmt: skip
+        scored = GaugeMetricFamily("imt_live_scored", "Answers scored against a recorded "
+                                   "track", labels=labels)  # fmt: skip
+        ece = GaugeMetricFamily("imt_live_ece", "Expected calibration error of scored "
+                                "answers (10 bins)", labels=labels)  # fmt: skip
+        for (version, station, route), row in sorted(service.live.table.items()):
+            if row.get("total"):
+                accuracy.add_metric([version, station, route], row["correct"] / row["total"])
+                scored.add_metric([version, station, route], row["total"])
+                ece.add_metric([version, station, route], LiveAccuracy.ece(row) or 0.0)
+        yield accuracy
+        yield scored
+        yield ece
+
+
 class Metrics:
     """Requests and latency by endpoint, predictions by station, the model version and
     live accuracy, in a registry of this service's own."""
 
     def __init__(self, service: PredictionService) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
-        from prometheus_client.core import GaugeMetricFamily
 
         self.registry = CollectorRegistry()
         self.requests = Counter("imt_http_requests_total", "HTTP requests by endpoint and status",
@@ -799,37 +845,7 @@ class Metrics:
         self.queue = Counter("imt_queue_requests_total", "Queue requests by outcome", ["outcome"],
                              registry=self.registry)  # fmt: skip
         self._by_station: dict[str, Any] = {}
-
-        class Live:
-            def collect(self) -> Any:
-                loaded = service.holder.current
-                info = GaugeMetricFamily(
-                    "imt_model_info", "The model answering now", labels=["version"]
-                )
-                info.add_metric([loaded.version], 1.0)
-                yield info
-                swaps = GaugeMetricFamily("imt_model_swaps", "Models swapped in since start")
-                swaps.add_metric([], float(service.holder.swaps))
-                yield swaps
-                labels = ["version", "station", "route"]
-                accuracy = GaugeMetricFamily("imt_live_accuracy", "Share of scored answers whose "
-                                             "track was the one recorded", labels=labels)  # fmt: skip
-                scored = GaugeMetricFamily("imt_live_scored", "Answers scored against a recorded "
-                                           "track", labels=labels)  # fmt: skip
-                ece = GaugeMetricFamily("imt_live_ece", "Expected calibration error of scored "
-                                        "answers (10 bins)", labels=labels)  # fmt: skip
-                for (version, station, route), row in sorted(service.live.table.items()):
-                    if row.get("total"):
-                        accuracy.add_metric(
-                            [version, station, route], row["correct"] / row["total"]
-                        )
-                        scored.add_metric([version, station, route], row["total"])
-                        ece.add_metric([version, station, route], LiveAccuracy.ece(row) or 0.0)
-                yield accuracy
-                yield scored
-                yield ece
-
-        self.registry.register(Live())
+        self.registry.register(LiveCollector(service))
 
     def prediction(self, station: str) -> None:
         counter = self._by_station.get(station)
@@ -901,6 +917,39 @@ TRACKER_WRITE_CONFIDENCE = 0.5
 TRACKER_MARGIN = 0.05
 
 
+#: A Redis write: key, value, seconds to expiry.
+Write = tuple[str, bytes, int]
+
+
+def split_requests(
+    parsed: list[TrackRequest | tuple[str | None, str]], loaded: LoadedModel
+) -> tuple[list[TrackRequest], list[tuple[str | None, str]]]:
+    """The requests the model can answer, and (id, reason) for the rest: those that
+    could not be parsed, then those for a station the model does not know."""
+    good = [p for p in parsed if isinstance(p, TrackRequest)]
+    refused = [p for p in parsed if not isinstance(p, TrackRequest)]
+    refused += [
+        (r.id, UNAVAILABLE) for r in good if r.asked.station_id not in loaded.predictor.stations
+    ]
+    good = [r for r in good if r.asked.station_id in loaded.predictor.stations]
+    return good, refused
+
+
+def result_body(request: TrackRequest, prediction: dict[str, Any], row: Any,
+                created_at: str) -> bytes:  # fmt: skip
+    """A queue result, as the tracker's worker wrote it."""
+    asked = request.asked
+    return orjson.dumps({
+        "id": request.id, "station_id": asked.station_id, "route_id": asked.route_id,
+        "direction_id": asked.direction_id, "scheduled_time": request.doc["scheduled_time"],
+        "track_number": prediction["track_number"],
+        "predicted_track_index": int(prediction["track_number"]) - 1,
+        "confidence": prediction["confidence_score"],
+        "model_confidence": prediction["model_confidence"],
+        "probabilities": [round(float(p), 6) for p in row], "created_at": created_at,
+    })  # fmt: skip
+
+
 class PredictionWorker:
     """Answers the tracker's queue: BLMOVE to a processing list, predict the batch in one
     call, write the results (and the tracker's `track_prediction:` records) and remove
@@ -967,69 +1016,24 @@ class PredictionWorker:
         return [first, *client.eval(_TAKE_MORE, 2, *keys, self.opts.max_batch - 1)]
 
     def _answer(self, client: Any, batch: list[bytes]) -> None:
+        """Answer one batch: results, errors and the tracker's records written, and the
+        batch removed from the processing list, in one transaction."""
         parsed = [parse_track_request(raw) for raw in batch]
-        good = [p for p in parsed if isinstance(p, TrackRequest)]
-        writes: list[tuple[str, bytes, int]] = []
-        deletes: list[str] = []
-        trackers: list[tuple[str, dict[str, Any]]] = []
         created_at = now_iso()
         loaded = self.service.holder.current
-        for request in good:
-            if request.asked.station_id not in loaded.predictor.stations:
-                parsed.append((request.id, UNAVAILABLE))
-        good = [r for r in good if r.asked.station_id in loaded.predictor.stations]
+        good, refused = split_requests(parsed, loaded)
         try:
             rows, predictions = self._predict(loaded, good)
         except Exception as exc:  # the model failed on a batch: answer it, never stop
             log(f"{now_iso()} queue: prediction failed for a batch of {len(good)}: "
                 f"{type(exc).__name__}: {exc}")  # fmt: skip
-            failed: list[TrackRequest | tuple[str | None, str]] = [
-                (r.id, f"prediction failed: {type(exc).__name__}") for r in good]  # fmt: skip
-            parsed = failed + [p for p in parsed if not isinstance(p, TrackRequest)]
+            failed = [(r.id, f"prediction failed: {type(exc).__name__}") for r in good]
+            refused = [*failed, *refused]
             good, rows, predictions = [], [], []
-        for request, prediction, row in zip(good, predictions, rows, strict=True):
-            asked = request.asked
-            if prediction["confidence_score"] < self.opts.min_confidence:
-                self.below += 1
-                continue
-            index = int(prediction["track_number"]) - 1
-            body = orjson.dumps({
-                "id": request.id, "station_id": asked.station_id, "route_id": asked.route_id,
-                "direction_id": asked.direction_id, "scheduled_time": request.doc["scheduled_time"],
-                "track_number": prediction["track_number"], "predicted_track_index": index,
-                "confidence": prediction["confidence_score"],
-                "model_confidence": prediction["model_confidence"],
-                "probabilities": [round(float(p), 6) for p in row], "created_at": created_at,
-            })  # fmt: skip
-            latest = (f"{self.opts.latest_prefix}{asked.station_id}:{asked.route_id}:"
-                      f"{asked.direction_id}:{int(asked.timestamp)}")  # fmt: skip
-            writes += [(self.opts.result_prefix + request.id, body, self.opts.result_ttl),
-                       (latest, body, self.opts.result_ttl)]  # fmt: skip
-            if asked.trip_id:
-                suffix = f"{asked.station_id}:{asked.route_id}:{asked.trip_id}:{utc_date(asked.timestamp)}"
-                trackers.append(
-                    (suffix, {**prediction, "prediction_method": TRACKER_PREDICTION_METHOD})
-                )
-        for item in parsed:
-            if isinstance(item, TrackRequest):
-                continue
-            request_id, reason = item
-            self.errors += 1
-            if request_id is None:
-                log(f"{now_iso()} queue: dropped a request without a usable id: {reason}")
-                continue
-            body = orjson.dumps({"id": request_id, "error": reason, "created_at": created_at})
-            writes.append((self.opts.result_prefix + request_id, body, self.opts.result_ttl))
-        if trackers:  # the tracker's rule for replacing an existing track_prediction
-            existing = client.mget([f"track_prediction:{s}" for s, _ in trackers])
-            for (suffix, prediction), old in zip(trackers, existing, strict=True):
-                old_confidence = _confidence_of(old)
-                confidence = prediction["confidence_score"]
-                if confidence >= TRACKER_WRITE_CONFIDENCE or (
-                        old_confidence is not None and confidence > old_confidence + TRACKER_MARGIN):  # fmt: skip
-                    writes.append((f"track_prediction:{suffix}", orjson.dumps(prediction),
-                                   TRACK_PREDICTION_TTL))  # fmt: skip
-                    deletes.append(f"negative_track_prediction:{suffix}")
+        writes, trackers = self._result_writes(good, predictions, rows, created_at)
+        writes += self._error_writes(refused, created_at)
+        tracker_writes, deletes = self._tracker_writes(client, trackers)
+        writes += tracker_writes
         pipe = client.pipeline(transaction=True)
         for key, value, ttl in writes:
             pipe.set(key, value, ex=ttl)
@@ -1041,6 +1045,62 @@ class PredictionWorker:
         self.answered += len(batch)
         self.batches += 1
         self.service.metrics.queue.labels("answered").inc(len(batch))
+
+    def _result_writes(self, good: list[TrackRequest], predictions: list[dict[str, Any]],
+                       rows: list[Any], created_at: str) -> tuple[list[Write], list[tuple[str, dict[str, Any]]]]:  # fmt: skip
+        """The result and latest-result keys of each answer confident enough, and the
+        tracker's records (suffix, prediction) to consider."""
+        writes: list[Write] = []
+        trackers: list[tuple[str, dict[str, Any]]] = []
+        for request, prediction, row in zip(good, predictions, rows, strict=True):
+            asked = request.asked
+            if prediction["confidence_score"] < self.opts.min_confidence:
+                self.below += 1
+                continue
+            body = result_body(request, prediction, row, created_at)
+            latest = (f"{self.opts.latest_prefix}{asked.station_id}:{asked.route_id}:"
+                      f"{asked.direction_id}:{int(asked.timestamp)}")  # fmt: skip
+            writes += [(self.opts.result_prefix + request.id, body, self.opts.result_ttl),
+                       (latest, body, self.opts.result_ttl)]  # fmt: skip
+            if asked.trip_id:
+                suffix = f"{asked.station_id}:{asked.route_id}:{asked.trip_id}:{utc_date(asked.timestamp)}"
+                trackers.append(
+                    (suffix, {**prediction, "prediction_method": TRACKER_PREDICTION_METHOD})
+                )
+        return writes, trackers
+
+    def _error_writes(self, refused: list[tuple[str | None, str]], created_at: str) -> list[Write]:
+        """An error result for each request that cannot be answered (one without an id
+        is only logged)."""
+        writes: list[Write] = []
+        for request_id, reason in refused:
+            self.errors += 1
+            if request_id is None:
+                log(f"{now_iso()} queue: dropped a request without a usable id: {reason}")
+                continue
+            body = orjson.dumps({"id": request_id, "error": reason, "created_at": created_at})
+            writes.append((self.opts.result_prefix + request_id, body, self.opts.result_ttl))
+        return writes
+
+    @staticmethod
+    def _tracker_writes(client: Any, trackers: list[tuple[str, dict[str, Any]]]
+                        ) -> tuple[list[Write], list[str]]:  # fmt: skip
+        """The tracker's records that its rule lets replace the existing ones, and the
+        negative records they supersede (to delete)."""
+        writes: list[Write] = []
+        deletes: list[str] = []
+        if not trackers:
+            return writes, deletes
+        existing = client.mget([f"track_prediction:{s}" for s, _ in trackers])
+        for (suffix, prediction), old in zip(trackers, existing, strict=True):
+            old_confidence = _confidence_of(old)
+            confidence = prediction["confidence_score"]
+            if confidence >= TRACKER_WRITE_CONFIDENCE or (
+                    old_confidence is not None and confidence > old_confidence + TRACKER_MARGIN):  # fmt: skip
+                writes.append((f"track_prediction:{suffix}", orjson.dumps(prediction),
+                               TRACK_PREDICTION_TTL))  # fmt: skip
+                deletes.append(f"negative_track_prediction:{suffix}")
+        return writes, deletes
 
     def _predict(
         self, loaded: LoadedModel, good: list[TrackRequest]
@@ -1067,7 +1127,9 @@ def _confidence_of(raw: bytes | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------
-# HTTP: the tracker's prediction API (FastAPI), plus /healthz, /model and /metrics.
+# HTTP: the tracker's prediction API (FastAPI), plus /healthz, /model and /metrics: one
+# APIRouter per concern, the service reached through the ServiceDep dependency, and
+# create_app wiring them with the middleware and the error handlers.
 # ---------------------------------------------------------------------------
 
 #: Endpoint label for metrics (path templates, so ids do not make new series).
@@ -1166,232 +1228,208 @@ class EdgeMiddleware:
         await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(service: PredictionService) -> Any:
-    """The FastAPI application (OpenAPI docs at /docs)."""
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import Response
+class ORJSONResponse(Response):
+    """JSON rendered by orjson (the endpoints return these, skipping FastAPI's encoder)."""
 
-    class ORJSONResponse(Response):
-        """JSON rendered by orjson (the endpoints return these, skipping FastAPI's encoder)."""
+    media_type = "application/json"
 
-        media_type = "application/json"
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
-        def render(self, content: Any) -> bytes:
-            return orjson.dumps(content)
 
-    from pydantic import BaseModel, Field
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+# -- the bodies the endpoints parse themselves (their schemas are listed at /docs) ------
 
-    # FastAPI reads the endpoints' annotations (strings here) in this module's globals.
-    globals()["Request"] = Request
 
-    class PredictionRequest(BaseModel):
-        """The tracker's PredictionRequest (as a JSON body or as query parameters)."""
+class PredictionRequest(BaseModel):
+    """The tracker's PredictionRequest (as a JSON body or as query parameters)."""
 
-        station_id: str = Field(examples=["place-sstat"])
-        route_id: str = Field(examples=["CR-Worcester"])
-        trip_id: str = Field("", examples=["CR-Weekday-Fall-26-520"])
-        headsign: str = Field("", examples=["Worcester"])
-        direction_id: int = Field(examples=[0])
-        scheduled_time: str = Field(examples=["2026-12-02T17:35:00-05:00"],
-                                    description="ISO 8601; without an offset it is Boston time")  # fmt: skip
+    station_id: str = Field(examples=["place-sstat"])
+    route_id: str = Field(examples=["CR-Worcester"])
+    trip_id: str = Field("", examples=["CR-Weekday-Fall-26-520"])
+    headsign: str = Field("", examples=["Worcester"])
+    direction_id: int = Field(examples=[0])
+    scheduled_time: str = Field(examples=["2026-12-02T17:35:00-05:00"],
+                                description="ISO 8601; without an offset it is Boston time")  # fmt: skip
 
-    class ChainedRequest(BaseModel):
-        predictions: list[PredictionRequest] = Field(max_length=MAX_CHAINED)
 
-    class DateRequest(BaseModel):
-        target_date: str = Field(examples=["2026-12-03"], description="a date or datetime")
+class ChainedRequest(BaseModel):
+    predictions: list[PredictionRequest] = Field(max_length=MAX_CHAINED)
 
-    app = FastAPI(title="imt-ml track predictions", default_response_class=ORJSONResponse,
-                  description="The Inky MBTA Tracker's track-prediction API, answered by imt-ml.")  # fmt: skip
-    app.add_middleware(EdgeMiddleware, service=service)
-    origins = [o.strip() for o in service.options.cors_origins.split(",") if o.strip()]
-    if origins:
-        from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"])  # fmt: skip
+class DateRequest(BaseModel):
+    target_date: str = Field(examples=["2026-12-03"], description="a date or datetime")
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> ORJSONResponse:
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]  # fmt: skip
-        return ORJSONResponse({"detail": detail}, status_code=422)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
-        return ORJSONResponse({"detail": exc.detail}, status_code=exc.status_code,
-                              headers=getattr(exc, "headers", None))  # fmt: skip
+BODY_MODELS = (PredictionRequest, ChainedRequest, DateRequest)
 
-    @app.exception_handler(Exception)
-    async def crashed(_request: Request, exc: Exception) -> ORJSONResponse:
-        log(f"{now_iso()} HTTP: {type(exc).__name__}: {str(exc)[:300]}")
-        return ORJSONResponse({"detail": "internal error"}, status_code=500)
 
-    def limited(request: Request, group: str) -> ORJSONResponse | None:
-        if service.limiter is None:
-            return None
-        client = request.client.host if request.client else "unknown"
-        wait = service.limiter.allow(client, group)
-        if wait is None:
-            return None
-        return ORJSONResponse({"detail": f"rate limit exceeded: {service.limiter.limits[group]} "
-                               f"{group} requests a minute"}, status_code=429,
-                              headers={"retry-after": str(math.ceil(wait))})  # fmt: skip
+def body_schema(model_name: str, required: bool = True) -> dict[str, Any]:
+    """OpenAPI for a JSON body the endpoint parses itself (listed at /docs)."""
+    return {"requestBody": {"required": required, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model_name}"}}}}}  # fmt: skip
 
-    def unprocessable(detail: Any) -> ORJSONResponse:
-        return ORJSONResponse({"detail": detail}, status_code=422)
 
-    async def json_body(request: Request) -> Any:
-        body = await request.body()
-        if not body.strip():
-            raise ValueError("a JSON body is required")
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"the body is not JSON: {exc}") from None
+# -- dependencies and helpers the routers share ------------------------------------------
 
-    def validated(doc: Any, where: str) -> Asked:
-        if not isinstance(doc, dict):
-            raise ValueError(f"{where}: a prediction request must be a JSON object")
-        try:
-            return asked_from(doc)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
 
-    def body_schema(model_name: str, required: bool = True) -> dict[str, Any]:
-        """OpenAPI for a JSON body the endpoint parses itself (listed at /docs)."""
-        return {"requestBody": {"required": required, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model_name}"}}}}}  # fmt: skip
+async def get_service(request: Request) -> PredictionService:
+    """The service the application was made for (create_app keeps it in app.state)."""
+    return request.app.state.service
 
-    @app.post("/predictions", openapi_extra=body_schema("PredictionRequest", required=False),
-              summary="Predict the track of one departure (JSON body or query parameters)")  # fmt: skip
-    async def predictions(request: Request) -> Any:
-        if (refused := limited(request, "predictions")) is not None:
-            return refused
-        try:
-            query = request.query_params
-            doc = dict(query) if "station_id" in query else await json_body(request)
-            asked = validated(doc, "body" if "station_id" not in query else "query")
-        except ValueError as exc:
-            return unprocessable(str(exc))
-        return ORJSONResponse((await service.answer([asked]))[0])
 
-    @app.post("/chained-predictions", openapi_extra=body_schema("ChainedRequest"),
-              summary=f"Predict up to {MAX_CHAINED} departures in one call")  # fmt: skip
-    async def chained_predictions(request: Request) -> Any:
-        if (refused := limited(request, "chained")) is not None:
-            return refused
-        try:
-            doc = await json_body(request)
-            if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
-                raise ValueError('the body must be {"predictions": [request, ...]}')
-            if len(doc["predictions"]) > MAX_CHAINED:
-                raise ValueError(f"at most {MAX_CHAINED} predictions a call "
-                                 f"({len(doc['predictions'])} given)")  # fmt: skip
-            asked = [validated(d, f"predictions[{i}]") for i, d in enumerate(doc["predictions"])]
-        except ValueError as exc:
-            return unprocessable(str(exc))
-        return ORJSONResponse({"results": await service.answer(asked)})
+#: An endpoint parameter of this type receives the PredictionService.
+ServiceDep = Annotated[PredictionService, Depends(get_service)]
 
-    @app.get("/stats/{station_id}/{route_id}", summary="Live accuracy of the answers served")
-    def stats(request: Request, station_id: str, route_id: str) -> Any:
-        if (refused := limited(request, "stats")) is not None:
-            return refused
-        loaded = service.holder.current
-        station = parent_station(station_id)
-        if station not in loaded.predictor.stations:
-            return {"success": False, "stats": UNAVAILABLE}
-        figures = service.live.stats(loaded.version, station, route_id)
-        versions = {v: service.live.stats(v, station, route_id)
-                    for (v, s, r) in service.live.table if s == station and r == route_id}  # fmt: skip
-        return {"success": True, "stats": {"station_id": station, "route_id": route_id,
-                                           "model_version": loaded.version, **figures,
-                                           "by_model_version": versions}}  # fmt: skip
 
-    @app.get("/historical/{station_id}/{route_id}", summary="Recorded track assignments")
-    def historical(request: Request, station_id: str, route_id: str,
-                   days: int = Query(30, ge=1, le=366)) -> Any:  # fmt: skip
-        if (refused := limited(request, "historical")) is not None:
-            return refused
-        station = parent_station(station_id)
-        now = time.time()
-        try:
-            client = service.redis()
-            keys = client.zrangebyscore(f"track_timeseries:{station}:{route_id}",
-                                        now - days * 86_400, now)  # fmt: skip
-            values = client.mget(keys) if keys else []
-        except Exception as exc:
-            log(
-                f"{now_iso()} /historical: Redis failed: {service.redis_target.redact(str(exc))[:200]}"
-            )
-            with service._redis_lock:
-                service._redis = None
-            return ORJSONResponse({"detail": "the history store (Redis) is not answering"},
-                                  status_code=503)  # fmt: skip
-        out = []
-        for value in values:
-            if value is None:
-                continue
-            try:
-                doc = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(doc, dict):
-                out.append(doc)
-        return out
+def limited(request: Request, service: PredictionService, group: str) -> ORJSONResponse | None:
+    """None when the client may make this request, else the HTTP 429 to answer."""
+    if service.limiter is None:
+        return None
+    client = request.client.host if request.client else "unknown"
+    wait = service.limiter.allow(client, group)
+    if wait is None:
+        return None
+    return ORJSONResponse({"detail": f"rate limit exceeded: {service.limiter.limits[group]} "
+                           f"{group} requests a minute"}, status_code=429,
+                          headers={"retry-after": str(math.ceil(wait))})  # fmt: skip
 
-    @app.post("/predictions/date", openapi_extra=body_schema("DateRequest"),
-              summary="Every departure of a date at the four stations, predicted")  # fmt: skip
-    async def predictions_for_date(request: Request) -> Any:
-        if (refused := limited(request, "date")) is not None:
-            return refused
-        try:
-            doc = await json_body(request)
-            if not isinstance(doc, dict) or not isinstance(doc.get("target_date"), str):
-                raise ValueError('the body must be {"target_date": "YYYY-MM-DD or a datetime"}')
-            day = boston_date(doc["target_date"])
-        except ValueError as exc:
-            return unprocessable(str(exc))
-        return ORJSONResponse(await date_answer(service, day))
 
-    @app.get("/healthz", summary="Liveness: the model that answers")
-    def healthz() -> Any:
-        return {"status": "ok", "model_version": service.holder.current.version,
-                "queue": "off" if service.options.no_queue else "on",
-                "live_accuracy_store": "ok" if service.live.redis_ok else "down"}  # fmt: skip
+def unprocessable(detail: Any) -> ORJSONResponse:
+    return ORJSONResponse({"detail": detail}, status_code=422)
 
-    @app.get("/model", summary="Which model answers: version, training period, held-out figures")
-    def model() -> Any:
-        loaded = service.holder.current
-        return {"version": loaded.version, "path": str(loaded.path), "loaded_at": loaded.loaded_at,
-                "registry": str(service.holder.registry.root) if service.holder.registry else None,
-                "tracks": loaded.predictor.labels, "stations": sorted(loaded.predictor.stations),
-                "metadata": loaded.metadata}  # fmt: skip
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    def metrics() -> Any:
-        from prometheus_client import CONTENT_TYPE_LATEST
+async def json_body(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise ValueError("a JSON body is required")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from None
 
-        return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    app.state.models = (PredictionRequest, ChainedRequest, DateRequest)  # for the OpenAPI schema
-    app.openapi_schema = None
-    original_openapi = app.openapi
+def validated(doc: Any, where: str) -> Asked:
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: a prediction request must be a JSON object")
+    try:
+        return asked_from(doc)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
-    def openapi() -> dict[str, Any]:  # the hand-parsed bodies' schemas, listed for /docs
-        if app.openapi_schema is None:
-            schema = original_openapi()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model_class in app.state.models:
-                components[model_class.__name__] = model_class.model_json_schema(
-                    ref_template="#/components/schemas/{model}")  # fmt: skip
-            app.openapi_schema = schema
-        return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app
+# -- errors: every one answered as {"detail": ...} ---------------------------------------
+
+
+async def invalid(_request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]  # fmt: skip
+    return ORJSONResponse({"detail": detail}, status_code=422)
+
+
+async def http_error(_request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    return ORJSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                          headers=getattr(exc, "headers", None))  # fmt: skip
+
+
+async def crashed(_request: Request, exc: Exception) -> ORJSONResponse:
+    log(f"{now_iso()} HTTP: {type(exc).__name__}: {str(exc)[:300]}")
+    return ORJSONResponse({"detail": "internal error"}, status_code=500)
+
+
+EXCEPTION_HANDLERS: tuple[tuple[type[Exception], Callable[..., Any]], ...] = (
+    (RequestValidationError, invalid), (StarletteHTTPException, http_error), (Exception, crashed))  # fmt: skip
+
+
+# -- the tracker's prediction API: one departure, or many at once ------------------------
+
+prediction_router = APIRouter()
+
+
+@prediction_router.post("/predictions", openapi_extra=body_schema("PredictionRequest", required=False),
+                        summary="Predict the track of one departure (JSON body or query parameters)")  # fmt: skip
+async def predictions(request: Request, service: ServiceDep) -> Any:
+    if (refused := limited(request, service, "predictions")) is not None:
+        return refused
+    try:
+        query = request.query_params
+        doc = dict(query) if "station_id" in query else await json_body(request)
+        asked = validated(doc, "body" if "station_id" not in query else "query")
+    except ValueError as exc:
+        return unprocessable(str(exc))
+    return ORJSONResponse((await service.answer([asked]))[0])
+
+
+@prediction_router.post("/chained-predictions", openapi_extra=body_schema("ChainedRequest"),
+                        summary=f"Predict up to {MAX_CHAINED} departures in one call")  # fmt: skip
+async def chained_predictions(request: Request, service: ServiceDep) -> Any:
+    if (refused := limited(request, service, "chained")) is not None:
+        return refused
+    try:
+        doc = await json_body(request)
+        if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
+            raise ValueError('the body must be {"predictions": [request, ...]}')
+        if len(doc["predictions"]) > MAX_CHAINED:
+            raise ValueError(f"at most {MAX_CHAINED} predictions a call "
+                             f"({len(doc['predictions'])} given)")  # fmt: skip
+        asked = [validated(d, f"predictions[{i}]") for i, d in enumerate(doc["predictions"])]
+    except ValueError as exc:
+        return unprocessable(str(exc))
+    return ORJSONResponse({"results": await service.answer(asked)})
+
+
+# -- the tracker's record endpoints: live accuracy, recorded tracks ----------------------
+
+record_router = APIRouter()
+
+
+@record_router.get("/stats/{station_id}/{route_id}", summary="Live accuracy of the answers served")
+def stats(request: Request, station_id: str, route_id: str, service: ServiceDep) -> Any:
+    if (refused := limited(request, service, "stats")) is not None:
+        return refused
+    loaded = service.holder.current
+    station = parent_station(station_id)
+    if station not in loaded.predictor.stations:
+        return {"success": False, "stats": UNAVAILABLE}
+    figures = service.live.stats(loaded.version, station, route_id)
+    versions = {v: service.live.stats(v, station, route_id)
+                for (v, s, r) in service.live.table if s == station and r == route_id}  # fmt: skip
+    return {"success": True, "stats": {"station_id": station, "route_id": route_id,
+                                       "model_version": loaded.version, **figures,
+                                       "by_model_version": versions}}  # fmt: skip
+
+
+@record_router.get("/historical/{station_id}/{route_id}", summary="Recorded track assignments")
+def historical(request: Request, station_id: str, route_id: str, service: ServiceDep,
+               days: int = Query(30, ge=1, le=366)) -> Any:  # fmt: skip
+    if (refused := limited(request, service, "historical")) is not None:
+        return refused
+    station = parent_station(station_id)
+    now = time.time()
+    try:
+        client = service.redis()
+        keys = client.zrangebyscore(f"track_timeseries:{station}:{route_id}",
+                                    now - days * 86_400, now)  # fmt: skip
+        values = client.mget(keys) if keys else []
+    except Exception as exc:
+        log(f"{now_iso()} /historical: Redis failed: {service.redis_target.redact(str(exc))[:200]}")
+        service.drop_redis()
+        return ORJSONResponse({"detail": "the history store (Redis) is not answering"},
+                              status_code=503)  # fmt: skip
+    return [doc for doc in map(_json_object, values) if doc is not None]
+
+
+def _json_object(value: bytes | None) -> dict[str, Any] | None:
+    """A stored JSON object; None when absent or not one."""
+    if value is None:
+        return None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+# -- predictions by date: the day's scheduled departures (MBTA V3 API), each predicted ---
 
 
 def boston_date(text: str) -> dt.date:
@@ -1481,6 +1519,102 @@ def scheduled_departures(
     return out
 
 
+schedule_router = APIRouter()
+
+
+@schedule_router.post("/predictions/date", openapi_extra=body_schema("DateRequest"),
+                      summary="Every departure of a date at the four stations, predicted")  # fmt: skip
+async def predictions_for_date(request: Request, service: ServiceDep) -> Any:
+    if (refused := limited(request, service, "date")) is not None:
+        return refused
+    try:
+        doc = await json_body(request)
+        if not isinstance(doc, dict) or not isinstance(doc.get("target_date"), str):
+            raise ValueError('the body must be {"target_date": "YYYY-MM-DD or a datetime"}')
+        day = boston_date(doc["target_date"])
+    except ValueError as exc:
+        return unprocessable(str(exc))
+    return ORJSONResponse(await date_answer(service, day))
+
+
+# -- operations: liveness, the model, Prometheus metrics ---------------------------------
+
+operations_router = APIRouter()
+
+
+@operations_router.get("/healthz", summary="Liveness: the model that answers")
+def healthz(service: ServiceDep) -> Any:
+    return {"status": "ok", "model_version": service.holder.current.version,
+            "queue": "off" if service.options.no_queue else "on",
+            "live_accuracy_store": "ok" if service.live.redis_ok else "down"}  # fmt: skip
+
+
+@operations_router.get(
+    "/model", summary="Which model answers: version, training period, held-out figures"
+)
+def model(service: ServiceDep) -> Any:
+    loaded = service.holder.current
+    return {"version": loaded.version, "path": str(loaded.path), "loaded_at": loaded.loaded_at,
+            "registry": str(service.holder.registry.root) if service.holder.registry else None,
+            "tracks": loaded.predictor.labels, "stations": sorted(loaded.predictor.stations),
+            "metadata": loaded.metadata}  # fmt: skip
+
+
+@operations_router.get("/metrics", summary="Prometheus metrics")
+def metrics(service: ServiceDep) -> Any:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- the application: the routers above, wired to one service ----------------------------
+
+#: In this order (the OpenAPI document lists the paths so).
+ROUTERS = (prediction_router, record_router, schedule_router, operations_router)
+
+
+def openapi_with_bodies(app: FastAPI, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's OpenAPI document plus the hand-parsed bodies' schemas (for /docs)."""
+    if app.openapi_schema is None:
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model_class in app.state.models:
+            components[model_class.__name__] = model_class.model_json_schema(
+                ref_template="#/components/schemas/{model}")  # fmt: skip
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the server runs: the batcher that groups requests into model calls."""
+    service = app.state.service
+    service.batcher = Batcher(service.holder)
+    yield
+
+
+def create_app(service: PredictionService) -> FastAPI:
+    """The FastAPI application (OpenAPI docs at /docs): the routers, the middleware and
+    the error handlers, with `service` in app.state for the endpoints' ServiceDep."""
+    app = FastAPI(title="imt-ml track predictions", default_response_class=ORJSONResponse,
+                  description="The Inky MBTA Tracker's track-prediction API, answered by imt-ml.",
+                  lifespan=lifespan)  # fmt: skip
+    app.state.service = service
+    app.state.models = BODY_MODELS  # for the OpenAPI schema
+    app.add_middleware(EdgeMiddleware, service=service)
+    origins = [o.strip() for o in service.options.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])  # fmt: skip
+    for exception, handler in EXCEPTION_HANDLERS:
+        app.add_exception_handler(exception, handler)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.openapi_schema = None
+    app.openapi = functools.partial(openapi_with_bodies, app, app.openapi)  # type: ignore[method-assign]
+    return app
+
+
 # ---------------------------------------------------------------------------
 # Running it: one process, HTTP in the main thread, the queue and watchers beside it.
 # ---------------------------------------------------------------------------
@@ -1540,10 +1674,88 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class ServiceRun:
+    """One run of the service: the background threads, the queue worker, the stop
+    signal, and the HTTP server (or a wait in its place) until SIGTERM/SIGINT."""
+
+    def __init__(self, service: PredictionService, target: RedisTarget,
+                 sock: socket.socket | None) -> None:  # fmt: skip
+        options = service.options
+        self.service, self.target, self.sock = service, target, sock
+        self.worker = None if options.no_queue else PredictionWorker(service, target, options)
+        self.worker_thread: threading.Thread | None = None
+        self.status = StatusLog(service, self.worker, options.log_interval)
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        """Live accuracy, the registry watcher and the status log (the queue starts later)."""
+        self.service.live.start()
+        if self.service.holder.registry is not None:
+            self.service.holder.watch(self.service.options.watch_interval)
+        self.status.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.stop)
+
+    def stop(self, signum: int, _frame: Any) -> None:
+        """The signal handler (uvicorn re-raises what it caught: it lands here too)."""
+        if not self.stopping.is_set():
+            log(f"{now_iso()} {signal.Signals(signum).name}: finishing what is in hand")
+        self.stopping.set()
+        if self.worker is not None:
+            self.worker.stopping = True
+
+    def announce(self) -> None:
+        options, loaded = self.service.options, self.service.holder.current
+        where = (
+            []
+            if self.sock is None
+            else [
+                f"HTTP on http://{options.http_host}:{self.sock.getsockname()[1]} (docs at /docs)"
+            ]
+        )
+        if self.worker is not None:
+            where.append(f"the queue {options.requests_key} on Redis at {self.target.label}")
+        log(f"{now_iso()} serving model {loaded.version} ({loaded.path}, {len(loaded.predictor.labels)} "
+            f"tracks): {'; '.join(where)}")  # fmt: skip
+
+    def start_queue(self) -> None:
+        if self.worker is not None:
+            self.worker_thread = threading.Thread(target=self.worker.run, name="queue", daemon=True)
+            self.worker_thread.start()
+
+    def serve(self) -> None:
+        """HTTP until uvicorn stops, or else wait for a signal or the queue's end."""
+        if self.sock is not None:
+            self.serve_http(self.sock)
+            if not self.stopping.is_set():
+                self.stop(signal.SIGTERM, None)
+        else:
+            while not self.stopping.wait(0.5):
+                if self.worker_thread is not None and not self.worker_thread.is_alive():
+                    break
+
+    def serve_http(self, sock: socket.socket) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(create_app(self.service), log_level="warning", access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=10)  # fmt: skip
+        uvicorn.Server(config).run(sockets=[sock])
+
+    def finish(self) -> None:
+        """Let the queue finish its batch, stop the threads, write the last answers."""
+        if self.worker is not None:
+            self.worker.stopping = True
+        if self.worker_thread is not None:
+            self.worker_thread.join(timeout=30)
+        self.service.holder.stop()
+        self.status.stop()
+        self.service.live.stop()
+        with contextlib.suppress(Exception):
+            self.service.live.flush()  # the last answers, for scoring
+
+
 def run_service(model: Path, target: RedisTarget, options: ServeOptions) -> int:
     """Load, warm up, answer until SIGTERM/SIGINT; finish what is in hand; exit code."""
-    import uvicorn
-
     if options.no_http and options.no_queue:
         raise UserError("--no-http and --no-queue leave nothing to serve")
     options.limits()  # a malformed --rate-limits fails before the model loads
@@ -1552,70 +1764,17 @@ def run_service(model: Path, target: RedisTarget, options: ServeOptions) -> int:
     gc.set_threshold(50_000, 20, 100)
     target.connect().close()  # a wrong password or host: one line, exit 1
     holder = ModelHolder(model)
-    live = LiveAccuracy(target, options.score_interval)
-    service = PredictionService(holder, live, target, options)
+    service = PredictionService(holder, LiveAccuracy(target, options.score_interval), target,
+                                options)  # fmt: skip
     sock = None if options.no_http else listening_socket(options.http_host, options.http_port)
-    live.start()
-    if holder.registry is not None:
-        holder.watch(options.watch_interval)
-    worker = None if options.no_queue else PredictionWorker(service, target, options)
-    status = StatusLog(service, worker, options.log_interval)
-    status.start()
-
-    stopping = threading.Event()
-
-    def stop(signum: int, _frame: Any) -> None:  # uvicorn re-raises what it caught: land here
-        if not stopping.is_set():
-            log(f"{now_iso()} {signal.Signals(signum).name}: finishing what is in hand")
-        stopping.set()
-        if worker is not None:
-            worker.stopping = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
-    loaded = holder.current
-    where = (
-        []
-        if sock is None
-        else [f"HTTP on http://{options.http_host}:{sock.getsockname()[1]} (docs at /docs)"]
-    )
-    if worker is not None:
-        where.append(f"the queue {options.requests_key} on Redis at {target.label}")
-    log(f"{now_iso()} serving model {loaded.version} ({loaded.path}, {len(loaded.predictor.labels)} "
-        f"tracks): {'; '.join(where)}")  # fmt: skip
-    worker_thread = None
-    if worker is not None:
-        worker_thread = threading.Thread(target=worker.run, name="queue", daemon=True)
-        worker_thread.start()
+    run = ServiceRun(service, target, sock)
+    run.start()
+    run.announce()
+    run.start_queue()
     try:
-        if sock is not None:
-            app = create_app(service)
-
-            @contextlib.asynccontextmanager
-            async def lifespan(_app: Any) -> Any:
-                service.batcher = Batcher(holder)
-                yield
-
-            app.router.lifespan_context = lifespan
-            config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                    timeout_graceful_shutdown=10)  # fmt: skip
-            server = uvicorn.Server(config)
-            server.run(sockets=[sock])
-            stop(signal.SIGTERM, None) if not stopping.is_set() else None
-        else:
-            while not stopping.wait(0.5):
-                if worker_thread is not None and not worker_thread.is_alive():
-                    break
+        run.serve()
     finally:
-        if worker is not None:
-            worker.stopping = True
-        if worker_thread is not None:
-            worker_thread.join(timeout=30)
-        holder.stop()
-        status.stop()
-        live.stop()
-        with contextlib.suppress(Exception):
-            live.flush()  # the last answers, for scoring
+        run.finish()
     log(f"{now_iso()} stopped")
     return 0
 
