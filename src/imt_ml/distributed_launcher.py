@@ -244,7 +244,8 @@ class SyncTrainer:
         ds = tf.data.Dataset.from_tensor_slices(({k: tf.constant(v) for k, v in features.items()},
                                                  tf.constant(labels), tf.constant(sample_weights)))  # fmt: skip
         batches = ds.shuffle(len(labels), seed=seed).batch(batch_size, drop_remainder=True)
-        batches = with_hidden_identities(batches, seed)
+        if data.augmented:
+            batches = with_hidden_identities(batches, seed)
         self.train_ds = batches.repeat().with_options(options)
         known = data.val_known
         val_part = data.val_idx[known][index::workers]
@@ -383,14 +384,8 @@ def make_hypermodel(data: Any, opts: SearchOptions, strategy: Any = None,
     """The search's hypermodel: each trial's model is built and trained with its
     `trial_recipe`, on the data with that recipe's history tables (built once per
     half-life). `sync` = (index, workers) trains every trial on all workers."""
-    import keras_tuner as kt
-
-    from imt_ml.tfrecord_reader import (
-        compile_model,
-        create_simple_model,
-        data_for_recipe,
-        fit_model,
-    )
+    from imt_ml.hyperband import TrackHyperModel
+    from imt_ml.tfrecord_reader import data_for_recipe
 
     prepared: dict[tuple, Any] = {}  # (batch size, half-life) -> data, sync trainer
 
@@ -403,49 +398,14 @@ def make_hypermodel(data: Any, opts: SearchOptions, strategy: Any = None,
             prepared[key] = (trial_data, trainer)
         return (cfg, recipe, *prepared[key])
 
-    class TrackHyperModel(kt.HyperModel):
-        def build(self, hp: Any) -> Any:
-            cfg, recipe, trial_data, trainer = setup(hp)
-            keras.utils.set_random_seed(opts.seed)
-            with strategy.scope() if strategy is not None else contextlib.nullcontext():
-                model = create_simple_model(trial_data.vocab_info, cfg)
-            if trainer is None:
-                compile_model(model, recipe.learning_rate)
-            return model
-
-        def fit(self, hp: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
-            cfg, recipe, trial_data, trainer = setup(hp)
-            epochs, initial = kwargs.get("epochs", 1), kwargs.get("initial_epoch", 0)
-            if trainer is None:  # one machine per trial: the recipe's own fit
-                history, _ = fit_model(model, trial_data, dataclasses.replace(recipe, epochs=epochs),
-                                       None, None, extra_callbacks=kwargs.get("callbacks"),
-                                       initial_epoch=initial)  # fmt: skip
-            else:
-                history = trainer.fit(model, recipe, epochs, initial, kwargs.get("callbacks"))
-            return {
-                "val_accuracy": max(history["val_accuracy"]),
-                "val_loss": min(history["val_loss"]),
-            }
-
-    return TrackHyperModel()
+    return TrackHyperModel(setup, opts.seed, strategy)
 
 
 def make_tuner(hypermodel: Any, opts: SearchOptions, directory: str, overwrite: bool) -> Any:
-    import keras_tuner as kt
-
-    class RecordingHyperband(kt.Hyperband):
-        """Hyperband that remembers which trials this instance ran."""
-
-        ran: list[str]
-
-        def on_trial_begin(self, trial: Any) -> None:
-            self.ran = [*getattr(self, "ran", []), trial.trial_id]
-            log(f"[{self.tuner_id}] trial {trial.trial_id}: "
-                + ", ".join(f"{k}={v}" for k, v in trial.hyperparameters.values.items()))  # fmt: skip
-            super().on_trial_begin(trial)
+    from imt_ml.hyperband import RecordingHyperband, objective
 
     return RecordingHyperband(
-        hypermodel, objective=kt.Objective("val_accuracy", direction="max"),
+        hypermodel, objective=objective(),
         max_epochs=opts.max_epochs, factor=opts.factor, hyperband_iterations=opts.hyperband_iterations,
         executions_per_trial=opts.executions_per_trial, seed=opts.seed, directory=directory,
         project_name=opts.project_name, overwrite=overwrite,
@@ -467,13 +427,10 @@ def train_and_save_best(
 ) -> Path:
     """Retrain the best hyperparameters like `train` and write its usual outputs under
     `output/{mode}_<time>/`."""
-    import keras_tuner as kt
-
+    from imt_ml.hyperband import hyperparameters
     from imt_ml.tfrecord_reader import data_for_recipe, retrain_best
 
-    hp = kt.HyperParameters()
-    hp.values.update(hp_values)
-    cfg, recipe = trial_recipe(hp, opts)
+    cfg, recipe = trial_recipe(hyperparameters(hp_values), opts)
     # The trials' recipe; only the epoch cap may differ.
     train_opts = dataclasses.replace(recipe, epochs=opts.final_epochs or opts.max_epochs,
                                      model_path=opts.model_path, test_days=opts.test_days)  # fmt: skip

@@ -166,9 +166,7 @@ class NewTrips(keras.layers.Layer):
     `hide`: the trip is new; its counts read 0 and the train's counts keep only its
     other trips (its other seasons), which is all a new season's first records have
     (unless `whole_train`).
-    `thin`: the trip is young; a random fraction (3%-60%) of its counts stays, in
-    the train's counts too, as in the first weeks of a season. Trips stay known
-    otherwise, and nothing changes outside training.
+    Trips stay known otherwise, and nothing changes outside training.
 
     `whole_train`: in training the train's counts stay whole, its trip included, so
     the model learns to answer a new trip as its train's history says, and only the
@@ -178,10 +176,11 @@ class NewTrips(keras.layers.Layer):
     `always` (a copy for calibration, `as_new_trips`): every record, in and out of
     training, reads its trip as new, the train keeping only its other trips."""
 
-    def __init__(self, hide: float = 0.15, thin: float = 0.0, seed: int | None = None,
-                 always: bool = False, whole_train: bool = False, **kwargs):  # fmt: skip
+    def __init__(self, hide: float = 0.15, seed: int | None = None, always: bool = False,
+                 whole_train: bool = False, **kwargs):  # fmt: skip
+        kwargs.pop("thin", None)  # models saved while `thin` (young trips) existed: always 0
         super().__init__(**kwargs)
-        self.hide, self.thin, self.seed = float(hide), float(thin), seed
+        self.hide, self.seed = float(hide), seed
         self.always, self.whole_train = bool(always), bool(whole_train)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -189,14 +188,10 @@ class NewTrips(keras.layers.Layer):
         trip, train, *finer = inputs
         if self.always:
             return [trip * 0.0, *self._without_trip(trip, train, finer, trip * 0.0)]
-        if not training or self.hide + self.thin <= 0:
+        if not training or self.hide <= 0:
             return list(inputs)
-        shape = (keras.ops.shape(trip)[0], 1)
-        draw = keras.random.uniform(shape, seed=self.seed_generator)
-        fraction = keras.random.uniform(shape, 0.03, 0.6, seed=self.seed_generator)
-        keep = keras.ops.where(draw < self.hide, 0.0,
-                               keras.ops.where(draw < self.hide + self.thin, fraction, 1.0))  # fmt: skip
-        kept = trip * keep
+        draw = keras.random.uniform((keras.ops.shape(trip)[0], 1), seed=self.seed_generator)
+        kept = trip * keras.ops.cast(draw >= self.hide, trip.dtype)
         if self.whole_train:
             return [kept, train, *finer]
         return [kept, *self._without_trip(trip, train, finer, kept)]
@@ -214,9 +209,8 @@ class NewTrips(keras.layers.Layer):
         return [keras.KerasTensor(t.shape, dtype="float32") for t in inputs]
 
     def get_config(self):
-        return {**super().get_config(), "hide": self.hide, "thin": self.thin,
-                "seed": self.seed, "always": self.always,
-                "whole_train": self.whole_train}  # fmt: skip
+        return {**super().get_config(), "hide": self.hide, "seed": self.seed,
+                "always": self.always, "whole_train": self.whole_train}  # fmt: skip
 
 
 @register

@@ -544,9 +544,11 @@ def model_features(
 
 
 #: Share of training records whose train is hidden in each batch (trip id and train
-#: number), so the unknown buckets learn at any training size: what a train never seen
-#: looks like. (New and young trips are the model's own augmentation: NewTrips.)
+#: number), so the unknown buckets learn what a train never seen looks like.
 HIDE_TRAIN_SHARE = 0.03
+#: Below this many training records the batches hide trains (the seed's "augmentation
+#: for small datasets"); above it bench-ablation measured a tie (docs/model.md#ablation).
+AUGMENT_BELOW = 10_000
 
 
 def hide_identities(features: dict[str, Any], labels: Any, *weights: Any, key: Any = 0) -> tuple:
@@ -666,7 +668,7 @@ def prepare_split(
     keep = train_labels >= 0  # the exporter only writes numeric tracks; belt and braces
     train_idx, train_labels = train_idx[keep], train_labels[keep]
     val_labels = label_indices(columns["track_number"][val_idx], labels)
-    augmented = True if augment is None else augment
+    augmented = len(train_idx) < AUGMENT_BELOW if augment is None else augment
     test_idx = np.zeros(0, dtype=np.int64) if test_idx is None else test_idx
     counts = {
         "total": int(len(columns["track_number"])),
@@ -758,11 +760,6 @@ class ModelConfig:
     train_embedding: int = 16
     hide_trip: float = 0.15
     """Share of training records that read their trip as new (see NewTrips)."""
-    thin_trip: float = 0.0
-    """Share of training records that read their trip as young (see NewTrips). Off: in
-    bench-drift it cost about half a point in the weeks after a change of season (a
-    thinned trip keeps its exact shares, so the model learned to trust the noisy shares
-    of a few records too much)."""
     new_trip_whole_train: bool = True
     """In training, a new trip's train keeps its whole counts (see NewTrips). With only
     its other trips the model learned to doubt the train's history and answered below
@@ -845,8 +842,8 @@ def identity_features(
                   for suffix in ("", "_folds")]  # fmt: skip
         readable.append(track_layers.OtherDays(name=f"{name}_other_days")([*counts, clock])
                         if cfg.other_days else counts[0])  # fmt: skip
-    readable = track_layers.NewTrips(cfg.hide_trip, cfg.thin_trip, seed=cfg.seed,
-                                     whole_train=cfg.new_trip_whole_train, name="new_trips")(readable)  # fmt: skip
+    readable = track_layers.NewTrips(cfg.hide_trip, seed=cfg.seed, name="new_trips",
+                                     whole_train=cfg.new_trip_whole_train)(readable)
     histories = [track_layers.TrackHistory(name=f"{name}_history")(counts)
                  for name, counts in zip(names, readable, strict=True)]  # fmt: skip
     read = [h for name, h in zip(names, histories, strict=True)
@@ -1236,12 +1233,7 @@ def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bo
         f"- Class weights: {class_weight}",
         f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRAIN_SHARE:.0%} of "
         f"records hidden with their train number); in the model, {cfg.hide_trip:.0%} read their "
-        f"trip as new ({new_trip})"
-        + (
-            f" and {cfg.thin_trip:.0%} as young (a random 3-60% of its counts)"
-            if cfg.thin_trip
-            else ""
-        ),
+        f"trip as new ({new_trip})",
         "",
     ]
     return "\n".join(lines)

@@ -59,15 +59,17 @@ Variant = tuple[str, Callable[[tr.TrainOptions, tr.ModelConfig], tuple]]
 
 
 def config(**changes: Any) -> Callable:
-    return lambda opts, cfg: (opts, dataclasses.replace(cfg, **changes), True)
+    return lambda opts, cfg: (opts, dataclasses.replace(cfg, **changes), None)
 
 
 def options(**changes: Any) -> Callable:
-    return lambda opts, cfg: (dataclasses.replace(opts, **changes), cfg, True)
+    return lambda opts, cfg: (dataclasses.replace(opts, **changes), cfg, None)
 
 
 #: name -> (what the variant is, how it changes (options, model config) -> (options,
-#: config, augmented)). "+": an option off by default, measured by turning it on.
+#: config, augmented: None for the default)). "+": an option off by default, measured by
+#: turning it on. Removed after the run of 2026-12-04: thin_trip+ (young trips), and the
+#: per-batch hiding of trains above 10,000 records (now hide_identities+).
 MECHANISMS: dict[str, tuple[str, Callable]] = {
     "trip_table": ("without the station + trip id table", config(trip_history=False)),
     "train_table": ("without the station + train number tables", config(train_history=False)),
@@ -76,9 +78,8 @@ MECHANISMS: dict[str, tuple[str, Callable]] = {
     "other_days": ("training reads its own days' counts too", config(other_days=False)),
     "new_trip_shrinkage": ("no record reads its trip as new (hide_trip 0)", config(hide_trip=0.0)),
     "whole_train": ("a new trip's train keeps only its other trips", config(new_trip_whole_train=False)),
-    "thin_trip+": ("+ 15% of records read their trip as young", config(thin_trip=0.15)),
-    "hide_identities": ("no batch hides trains (augmentation off)",
-                        lambda opts, cfg: (opts, cfg, False)),
+    "hide_identities+": ("+ each batch hides 3% of trains (augmentation on)",
+                         lambda opts, cfg: (opts, cfg, True)),
     "closed_tracks": ("without the closed-platform mask", config(closed_tracks=False)),
     "recency": ("every record weighs the same (--recency-half-life 0)", options(recency_half_life=0.0)),
     "class_weights+": ("+ balanced class weights", options(class_weight="balanced")),
@@ -92,6 +93,14 @@ MECHANISMS: dict[str, tuple[str, Callable]] = {
     "route_embedding": ("without the route embedding", config(route_embedding=0)),
     "headsign_embedding": ("without the headsign embedding", config(headsign_embedding=0)),
     "train_embedding": ("without the train-number embedding", config(train_embedding=0)),
+    # the removals together: what the ties above add up to
+    "lean": ("no dropout or embeddings; one layer of 64",
+             lambda opts, cfg: (opts, dataclasses.replace(
+                 cfg, dropout=0.0, hidden_units=(64,), station_embedding=0, route_embedding=0,
+                 headsign_embedding=0, train_embedding=0), None)),
+    "lean_embedded": ("no dropout; one layer of 64; embeddings kept",
+                      lambda opts, cfg: (opts, dataclasses.replace(
+                          cfg, dropout=0.0, hidden_units=(64,)), None)),
 }  # fmt: skip
 
 
@@ -129,11 +138,11 @@ def answers(model: Any, columns: dict, raw: bool = False) -> dict[str, np.ndarra
     }
 
 
-def train_variant(train: Path, opts: tr.TrainOptions, cfg: tr.ModelConfig, augmented: bool,
-                  out: Path) -> tuple[Any, float]:  # fmt: skip
+def train_variant(train: Path, opts: tr.TrainOptions, cfg: tr.ModelConfig,
+                  augmented: bool | None, out: Path) -> tuple[Any, float]:  # fmt: skip
     data = tr.prepare_training_data(train, opts)
-    if not augmented:
-        data = dataclasses.replace(data, augmented=False)
+    if augmented is not None:
+        data = dataclasses.replace(data, augmented=augmented)
     started = time.perf_counter()
     fitted = tr.fit_track_model(data, opts, tr.ModelFiles.under(out, "model"), cfg)
     return fitted.load(), time.perf_counter() - started
@@ -147,7 +156,7 @@ def run_cell(cell: str, train: Path, test: Path, names: list[str], results: Path
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if not (target / "default.npz").is_file():  # once per cell: every part pairs with it
-            default, seconds = train_variant(train, opts, cfg, True, Path(tmp) / "default")
+            default, seconds = train_variant(train, opts, cfg, None, Path(tmp) / "default")
             np.savez(target / "default.npz", seconds=seconds, **answers(default, columns))
             # calibration: the same model's own probabilities, before its confidence maps
             np.savez(target / "calibration.npz", seconds=0.0, **answers(default, columns, raw=True))
