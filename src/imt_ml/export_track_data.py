@@ -1,17 +1,16 @@
 """Export the tracker's track history from Redis to sharded TFRecord files.
 
-The tracker keeps one JSON string per departure under
-`track_history:{station}:{route}:{trip}:{date}` and indexes those keys in sorted
-sets `track_timeseries:{station}:{route}` scored by scheduled time. This script
-reads exactly those two key families and nothing else:
+Reads exactly the tracker's two key families: a JSON string per departure under
+`track_history:{station}:{route}:{trip}:{date}`, indexed by the sorted sets
+`track_timeseries:{station}:{route}` (score: scheduled time).
 
     uv run src/imt_ml/export_track_data.py --output ./track_data_export
     uv run src/imt_ml/export_track_data.py --redis-url redis://user:pw@host:6379/0 \\
         --since 2025-01-01 --until 2025-03-31 --records-per-file 5000
 
-The result is `<output>/<YYYY-MM-DD_HH-MM-SS>/track_data_NNNN.tfrecord` plus
-`metadata.json`. The directory is built under a hidden `.NAME.partial` name and
-renamed only when complete, so an interrupted export never looks finished.
+The result, `<output>/<YYYY-MM-DD_HH-MM-SS>/track_data_NNNN.tfrecord` and `metadata.json`,
+is built as a hidden `.NAME.partial` and renamed when complete: an interrupted export
+never looks finished.
 """
 
 from __future__ import annotations
@@ -27,15 +26,14 @@ import struct
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import click
 import orjson
 
-# google-crc32c: Google's maintained CRC-32C, in C with SSE4.2 / ARMv8 CRC
-# instructions, wheels for Linux, macOS and Windows; imports in ~2 ms.
+# Google's CRC-32C in C (SSE4.2 / ARMv8 CRC instructions, wheels everywhere; imports in ~2 ms).
 from google_crc32c import value as crc32c
 
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/export_track_data.py`
@@ -54,6 +52,7 @@ from imt_ml.utils import (
     boston_clock,
     environment_epilog,
     log,
+    parse_instant,
     progress,
     redis_options,
     timestamped_dir,
@@ -66,9 +65,8 @@ SERIES_PREFIX = "track_timeseries:"
 
 #: Members fetched per ZRANGE + MGET round trip pair.
 FETCH_CHUNK = 2000
-#: Keys SCAN walks per call while looking for the series. The tracker keeps a
-#: string per departure, so the keyspace is large and the series are few; 1,000
-#: a call made the search of 1M keys take a second of round trips.
+#: Keys SCAN walks per call: the keyspace is large (a string per departure) and the
+#: series are few; 1,000 a call made the search of 1M keys take a second of round trips.
 SCAN_COUNT = 20_000
 
 #: Why a record was left out, in the order the summary lists them.
@@ -85,16 +83,11 @@ SKIP_REASONS = (
     "duplicate",
 )
 
-# ---------------------------------------------------------------------------
-# Parsing one assignment JSON into a record in schema order.
-# ---------------------------------------------------------------------------
+# -- Parsing one assignment JSON into a record in schema order -------------------------
 
 REQUIRED_FIELDS = (
-    "station_id", "route_id", "trip_id", "headsign", "assignment_type",
-    "direction_id", "day_of_week", "hour", "minute",
-    "track_number",
-    "scheduled_time",
-    "actual_time",
+    "station_id", "route_id", "trip_id", "headsign", "assignment_type", "direction_id",
+    "day_of_week", "hour", "minute", "track_number", "scheduled_time", "actual_time",
     "recorded_time",
 )  # fmt: skip
 
@@ -130,10 +123,8 @@ _OFFSETS: dict[str, float] = {}
 
 def _iso_timestamp(value: Any) -> float:
     """Unix seconds of an ISO 8601 time with a UTC offset; TypeError/ValueError otherwise.
-
-    fromisoformat builds a new timezone object for every "-05:00" it meets, which
-    costs more than the parse; a known offset suffix is taken off and subtracted.
-    """
+    A known offset suffix is taken off and subtracted: fromisoformat builds a new timezone
+    for every "-05:00" it meets, which costs more than the parse."""
     offset = _OFFSETS.get(value[-6:])
     if offset is not None:
         return (_fromisoformat(value[:-6]) - _EPOCH).total_seconds() - offset
@@ -166,11 +157,8 @@ def track_label(track: Any) -> tuple[str, str]:
 
 
 def parse_assignment(raw: bytes | str | None) -> Record | str:
-    """A record tuple (FEATURE_SCHEMA order), or the skip reason as a string.
-
-    This runs once per exported record, so it is written for speed: one dict
-    lookup per field, no per-field helper calls on the common path.
-    """
+    """A record (FEATURE_SCHEMA order), or the skip reason as a string. It runs once per
+    record, so it is written for speed: no per-field helper calls on the common path."""
     if raw is None:
         return "expired_key"
     try:
@@ -186,30 +174,24 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
         ) = _get_required(doc)  # fmt: skip
     except KeyError:
         return "missing_field"
-
     track, skipped = track_label(track)
     if skipped:
         return skipped
-
+    # type() rather than isinstance(): a JSON true/false must not pass as 1/0.
     if not (
         type(station) is str and type(route) is str and type(trip) is str
-        and type(headsign) is str and type(kind) is str
-        and station and route and trip
+        and type(headsign) is str and type(kind) is str and station and route and trip
+        and type(direction) is int and type(weekday) is int and type(hour) is int
+        and type(minute) is int
     ):  # fmt: skip
-        return "wrong_type"
-    # type() rather than isinstance(): a JSON true/false must not pass as 1/0.
-    if not (type(direction) is int and type(weekday) is int and type(hour) is int
-            and type(minute) is int):  # fmt: skip
         return "wrong_type"
     if not (0 <= direction <= 1 and 0 <= weekday <= 6 and 0 <= hour <= 23 and 0 <= minute <= 59):
         return "invalid_value"
-
     try:
         scheduled_ts, recorded_ts = _iso_timestamp(scheduled), _iso_timestamp(recorded)
         actual_ts = 0.0 if actual is None else _iso_timestamp(actual)
     except (TypeError, ValueError):
         return "invalid_value"
-
     # The clock fields are written in Boston time, from the instant: the tracker's own
     # are UTC, other writers' local (they are only checked above, never trusted).
     weekday, hour, minute = boston_clock(scheduled_ts)
@@ -219,19 +201,13 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------
-# tf.train.Example encoding.
-#
-# Building tf.train.Example messages through the protobuf API costs ~30 us a
-# record, more than the whole rest of the export. The schema is fixed, so the
-# wire format is written directly; tests parse the bytes back with
-# tf.io.parse_example and compare them with the protobuf API's output.
-# https://protobuf.dev/programming-guides/encoding/
-#
+# -- tf.train.Example encoding ----------------------------------------------------------
+# The protobuf API costs ~30 us a record, more than the rest of the export, so the fixed
+# schema's wire format (https://protobuf.dev/programming-guides/encoding/) is written
+# directly; tests compare it with the protobuf API's output.
 #   Example  { features (1): Features }
 #   Features { feature (1): repeated MapEntry { key (1): string, value (2): Feature } }
 #   Feature  { bytes_list (1) | float_list (2) | int64_list (3) }, each { value (1) }
-# ---------------------------------------------------------------------------
 
 _SMALL_VARINTS = [bytes((n,)) for n in range(128)]
 
@@ -279,13 +255,10 @@ def encode_example_reference(record: tuple) -> bytes:
 class ExampleEncoder:
     """Fast tf.train.Example encoding for a stream of records (FEATURE_SCHEMA order).
 
-    Most values repeat: a few stations, routes, tracks and headsigns, a trip id
-    every day of its season, and only 2 x 7 x 24 x 60 combinations of the small
-    integers. Their encoded map entries are cached, so a typical record costs a
-    few dict lookups, one struct.pack for its floats and one join. Each cache
-    holds at most MAX_CACHED values; later new values are encoded uncached.
-    Map entries may come in any order, so strings, then integers, then floats.
-    """
+    Most values repeat (a few stations, routes, tracks; 2 x 7 x 24 x 60 combinations of
+    the small integers), so encoded map entries are cached, up to MAX_CACHED values each:
+    a record costs a few lookups, one struct.pack for its floats and one join. Map entries
+    may come in any order: strings, then integers, then floats."""
 
     MAX_CACHED = 100_000
 
@@ -297,8 +270,8 @@ class ExampleEncoder:
         float_slots = [i for i, k in enumerate(kinds) if k == "float"]
         self.string_lookup: list[tuple[int, dict[str, bytes]]] = [(i, {}) for i in string_slots]
         self.int_cache: dict[tuple, bytes] = {}
-        self.get_ints = _tuple_getter(self.int_slots)
-        self.get_floats = _tuple_getter(float_slots)
+        self.get_ints = operator.itemgetter(*self.int_slots)  # several slots: a tuple
+        self.get_floats = operator.itemgetter(*float_slots)
         fmt, self.float_args = "<", []
         for i in float_slots:
             entry = _map_entry(self.names[i], _feature("float", 0.0))
@@ -344,13 +317,6 @@ def _example_header(length: int) -> bytes:
     return b"\x0a" + _varint(length)
 
 
-def _tuple_getter(slots: list[int]) -> Callable[[tuple], tuple]:
-    """itemgetter that returns a tuple even for a single slot."""
-    if len(slots) == 1:
-        return lambda record: (record[slots[0]],)
-    return operator.itemgetter(*slots)
-
-
 _default_encoder = ExampleEncoder()
 
 
@@ -359,9 +325,7 @@ def encode_example(record: tuple) -> bytes:
     return _default_encoder.encode(record)
 
 
-# ---------------------------------------------------------------------------
-# What an export saw: counts for metadata.json and the closing summary.
-# ---------------------------------------------------------------------------
+# -- What an export saw: counts for metadata.json and the closing summary ---------------
 
 
 class ExportStats:
@@ -437,16 +401,12 @@ class ExportStats:
         return f"skipped {skipped:,} ({', '.join(parts)})"
 
 
-# ---------------------------------------------------------------------------
-# Sharded, atomic TFRecord output.
-# ---------------------------------------------------------------------------
+# -- Sharded, atomic TFRecord output ----------------------------------------------------
 
 
 def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's checksum: CRC-32C, rotated right by 15 bits, plus a constant.
-
-    https://www.tensorflow.org/tutorials/load_data/tfrecord#tfrecords_format_details
-    """
+    """TFRecord's checksum: CRC-32C, rotated right by 15 bits, plus a constant (see
+    https://www.tensorflow.org/tutorials/load_data/tfrecord#tfrecords_format_details)."""
     crc = crc32c(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -468,11 +428,8 @@ def frame_tfrecord(data: bytes) -> bytes:
 
 
 class TFRecordShardWriter:
-    """Writes `track_data_NNNN.tfrecord` shards into a hidden `.NAME.partial`
-    directory and renames it to `NAME` (with metadata.json) only on commit().
-
-    The TFRecord framing is written here, without TensorFlow, so an export needs
-    neither its import time nor its memory."""
+    """Writes `track_data_NNNN.tfrecord` shards (framed here, without TensorFlow) into a
+    hidden `.NAME.partial` directory, renamed to `NAME` with metadata.json on commit()."""
 
     #: Bytes buffered per shard before a write(2); records are ~400 bytes.
     BUFFER_BYTES = 1 << 20
@@ -489,17 +446,14 @@ class TFRecordShardWriter:
         self._in_file = 0
 
     def write(self, serialized: bytes) -> None:
-        if self._in_file >= self.records_per_file or self._file is None:
-            self._open_next()
+        if self._in_file >= self.records_per_file or self._file is None:  # the next shard
+            self._close_current()
+            name = SHARD_PATTERN.format(len(self.files))
+            self._file = open(self.partial_dir / name, "wb", buffering=self.BUFFER_BYTES)
+            self._in_file = 0
+            self.files.append({"file": name, "records": 0})
         self._file.write(frame_tfrecord(serialized))
         self._in_file += 1
-
-    def _open_next(self) -> None:
-        self._close_current()
-        name = SHARD_PATTERN.format(len(self.files))
-        self._file = open(self.partial_dir / name, "wb", buffering=self.BUFFER_BYTES)  # noqa: SIM115
-        self._in_file = 0
-        self.files.append({"file": name, "records": 0})
 
     def _close_current(self) -> None:
         if self._file is not None:
@@ -514,22 +468,16 @@ class TFRecordShardWriter:
         os.rename(self.partial_dir, self.final_dir)
         return self.final_dir
 
-    def abort(self) -> None:
-        """Remove everything written so far."""
-        self._close_current()
-        shutil.rmtree(self.partial_dir, ignore_errors=True)
-
     def __enter__(self) -> TFRecordShardWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None and self.partial_dir.exists():
-            self.abort()
+        if exc_type is not None and self.partial_dir.exists():  # remove all written so far
+            self._close_current()
+            shutil.rmtree(self.partial_dir, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------
-# Reading the tracker's layout from Redis.
-# ---------------------------------------------------------------------------
+# -- Reading the tracker's layout from Redis ---------------------------------------------
 
 
 class Page(NamedTuple):
@@ -541,18 +489,14 @@ class Page(NamedTuple):
     duplicates: int
 
 
-def _member_owner_series(member: bytes) -> bytes | None:
-    """`track_timeseries:{station}:{route}` that should index this history key."""
-    parts = member.split(b":", 3)
-    if len(parts) < 4 or parts[0] + b":" != HISTORY_PREFIX.encode():
-        return None
-    return SERIES_PREFIX.encode() + parts[1] + b":" + parts[2]
-
-
 def _duplicated_elsewhere(client: Any, members: list[bytes]) -> set[bytes]:
-    """Members of a foreign series that their own series also lists."""
-    owned = [(m, _member_owner_series(m)) for m in members]
-    owned = [(m, s) for m, s in owned if s is not None]
+    """Members of a foreign series that their own series (`track_timeseries:{station}:{route}`
+    of the history key) also lists."""
+    owned = []
+    for member in members:
+        parts = member.split(b":", 3)
+        if len(parts) == 4 and parts[0] + b":" == HISTORY_PREFIX.encode():
+            owned.append((member, SERIES_PREFIX.encode() + parts[1] + b":" + parts[2]))
     if not owned:
         return set()
     pipe = client.pipeline(transaction=False)
@@ -563,9 +507,8 @@ def _duplicated_elsewhere(client: Any, members: list[bytes]) -> set[bytes]:
 
 def fetch_page(client: Any, key: bytes, first: int, last: int) -> Page:
     """Members ranked first..last of a series and their values (one ZRANGE, one MGET).
-
-    A member that belongs to another station/route and is listed by its own
-    series too is left out here, and counted, so each record is read once."""
+    A member of another station/route that its own series lists too is left out here,
+    and counted, so each record is read once."""
     members = client.zrange(key, first, last)
     values = client.mget(members) if members else []
     own_prefix = HISTORY_PREFIX.encode() + key[len(SERIES_PREFIX) :] + b":"
@@ -581,10 +524,10 @@ def read_pages(
 ) -> None:
     """The reader process: take a plan from `plans`, send its pages to `pages` in order.
 
-    An error is sent in place of a page; a closed pipe (the exporter is gone or
-    had nothing to read) ends the process quietly. Ctrl-C is the exporter's.
-    `inherited`: the exporter's own ends of the two pipes, which a forked child holds
-    too; closed first, or the child would never see the exporter go."""
+    An error is sent in place of a page; a closed pipe (the exporter is gone or had
+    nothing to read) ends the process quietly; Ctrl-C is the exporter's. `inherited`: the
+    exporter's ends of the pipes, which a forked child must close to see the exporter go."""
+    import pickle
     import signal
 
     for fd in inherited:
@@ -599,8 +542,13 @@ def read_pages(
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return
     except Exception as exc:
+        error: Exception = exc
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:
+            error = RuntimeError(f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            pages.send(exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
+            pages.send(error)
     finally:
         pages.close()
 
@@ -608,13 +556,12 @@ def read_pages(
 class PageReader:
     """A child process that reads pages from Redis while this one parses and writes.
 
-    Redis replies are parsed while holding the GIL, so a reading thread would
-    take its time from parsing and encoding, the exporter's bottleneck; a
-    process gives each a core. Start it first (a fork is cheap while this
-    process has no threads and no Redis connection), then hand it the plan.
-    """
+    Redis replies are parsed holding the GIL, so a reading thread would take its time
+    from parsing and encoding, the bottleneck; a process gives each a core. Start it
+    first (a fork is cheap with no threads and no Redis connection), then hand it a plan."""
 
     def __init__(self, target: RedisTarget) -> None:
+        import fcntl
         import multiprocessing
         import threading
 
@@ -622,11 +569,15 @@ class PageReader:
         # spawned child (used where fork is unsafe) can find it.
         from imt_ml.export_track_data import read_pages
 
-        method = "fork" if _can_fork() and threading.active_count() == 1 else "spawn"
+        can_fork = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+        method = "fork" if can_fork and threading.active_count() == 1 else "spawn"
         context: Any = multiprocessing.get_context(method)
         plans_in, self._plans = context.Pipe(duplex=False)
         self._pages, pages_out = context.Pipe(duplex=False)
-        _widen_pipe(pages_out.fileno())
+        # A whole page (~0.8 MB) fits in the pipe, so the reader can fetch the next one
+        # while the exporter is busy (Linux; elsewhere the default size stays).
+        with contextlib.suppress(AttributeError, OSError):
+            fcntl.fcntl(pages_out.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
         inherited = (self._plans.fileno(), self._pages.fileno()) if method == "fork" else ()
         self.process = context.Process(
             target=read_pages, args=(target, plans_in, pages_out, inherited),
@@ -656,188 +607,119 @@ class PageReader:
             self.process.terminate()
             self.process.join()
 
-    def __enter__(self) -> PageReader:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _can_fork() -> bool:
-    import multiprocessing
-
-    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+def find_series(client: Any) -> list[bytes]:
+    """Every `track_timeseries:*` sorted set (SCAN, never KEYS)."""
+    found = client.scan_iter(match=SERIES_PATTERN, count=SCAN_COUNT, _type="zset")
+    return sorted(progress(found, desc="Scanning Redis", unit=" sets"))
 
 
-def _widen_pipe(fd: int, size: int = 1 << 20) -> None:
-    """Let a whole page (~0.8 MB) sit in the pipe, so the reader can fetch the next
-    one while the exporter is busy (Linux; elsewhere the default size stays)."""
-    import fcntl
+def rank_ranges(
+    client: Any, series: list[bytes], since: float | None, until: float | None
+) -> list[tuple[bytes, int, int]]:
+    """(key, first rank, end rank exclusive) of the members within since/until."""
+    # Ranks of the first member at/after `since` and the first at/after `until`;
+    # "(x" is Redis's exclusive bound, so ZCOUNT(-inf, "(x") is the rank of x.
+    low = "-inf" if since is None else f"({since!r}"
+    high = "+inf" if until is None else f"({until!r}"
+    pipe = client.pipeline(transaction=False)
+    for key in series:
+        pipe.zcount(key, "-inf", low)
+        pipe.zcount(key, "-inf", high)
+    counts = pipe.execute()
+    ranges = []
+    for key, before, end in zip(series, counts[::2], counts[1::2], strict=True):
+        start = 0 if since is None else before
+        if end > start:
+            ranges.append((key, start, end))
+    return ranges
 
-    with contextlib.suppress(AttributeError, OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
 
-
-def _picklable(obj: Any) -> bool:
-    import pickle
-
+def iter_records(pages: Iterator[Page], total: int, stats: ExportStats) -> Iterator[Record]:
+    """Valid, de-duplicated records in (series, scheduled time) order."""
+    bar = progress(total=total, desc="Exporting records", unit=" rec", smoothing=0.1)
+    current_key: bytes | None = None
+    last_scheduled: float | None = None
+    seen: set[tuple[str, str]] = set()
+    skip = stats.skip
     try:
-        pickle.loads(pickle.dumps(obj))
-    except Exception:
-        return False
-    return True
-
-
-class TrackDataExporter:
-    """Streams track history from Redis into a TFRecordShardWriter.
-
-    Memory stays flat: sorted sets are paged by rank, FETCH_CHUNK members at a
-    time, and each page's values come back in one MGET, read by a PageReader
-    process while this one parses and writes the previous page.
-    """
-
-    def __init__(
-        self,
-        client: Any,
-        reader: PageReader,
-        since: float | None = None,
-        until: float | None = None,
-        chunk_size: int = FETCH_CHUNK,
-    ) -> None:
-        self.client = client
-        self.reader = reader
-        self.since = since
-        self.until = until
-        self.chunk_size = chunk_size
-        self.stats = ExportStats()
-
-    def find_series(self) -> list[bytes]:
-        """Every `track_timeseries:*` sorted set (SCAN, never KEYS)."""
-        keys = []
-        bar = progress(desc="Scanning Redis", unit=" sets")
-        for key in self.client.scan_iter(match=SERIES_PATTERN, count=SCAN_COUNT, _type="zset"):
-            keys.append(key)
-            bar.update(1)
+        for page in pages:
+            if page.key != current_key:
+                current_key, last_scheduled, seen = page.key, None, set()
+            if page.duplicates:
+                stats.skipped["duplicate"] += page.duplicates
+            for raw in page.values:
+                record = parse_assignment(raw)
+                if isinstance(record, str):
+                    skip(record)
+                    continue
+                # The same trip at the same station and scheduled time under two
+                # keys: the score is the scheduled time, so they sit side by side.
+                if record.scheduled_timestamp != last_scheduled:
+                    last_scheduled, seen = record.scheduled_timestamp, set()
+                identity = (record.station_id, record.trip_id)
+                if identity in seen:
+                    skip("duplicate")
+                    continue
+                seen.add(identity)
+                yield record
+            bar.update(page.members)
+    finally:
         bar.close()
-        return sorted(keys)
 
-    def rank_ranges(self, series: list[bytes]) -> list[tuple[bytes, int, int]]:
-        """(key, first rank, end rank exclusive) of the members within since/until."""
-        # Ranks of the first member at/after `since` and the first at/after `until`;
-        # "(x" is Redis's exclusive bound, so ZCOUNT(-inf, "(x") is the rank of x.
-        low = "-inf" if self.since is None else f"({self.since!r}"
-        high = "+inf" if self.until is None else f"({self.until!r}"
-        pipe = self.client.pipeline(transaction=False)
-        for key in series:
-            pipe.zcount(key, "-inf", low)
-            pipe.zcount(key, "-inf", high)
-        counts = pipe.execute()
-        ranges = []
-        for i, key in enumerate(series):
-            start = 0 if self.since is None else counts[2 * i]
-            end = counts[2 * i + 1]
-            if end > start:
-                ranges.append((key, start, end))
-        return ranges
 
-    def _pages(self, ranges: list[tuple[bytes, int, int]]) -> Iterator[Page]:
-        """Every page in order, from the reader process."""
-        plan = [
-            (key, first, min(first + self.chunk_size, end) - 1)
-            for key, start, end in ranges
-            for first in range(start, end, self.chunk_size)
-        ]
-        return self.reader.pages(plan)
-
-    def iter_records(self, ranges: list[tuple[bytes, int, int]]) -> Iterator[Record]:
-        """Valid, de-duplicated records in (series, scheduled time) order."""
-        total = sum(end - start for _, start, end in ranges)
-        bar = progress(total=total, desc="Exporting records", unit=" rec", smoothing=0.1)
-        current_key: bytes | None = None
-        last_scheduled: float | None = None
-        seen: set[tuple[str, str]] = set()
-        skip = self.stats.skip
-        try:
-            for page in self._pages(ranges):
-                if page.key != current_key:
-                    current_key, last_scheduled, seen = page.key, None, set()
-                if page.duplicates:
-                    self.stats.skipped["duplicate"] += page.duplicates
-                for raw in page.values:
-                    record = parse_assignment(raw)
-                    if isinstance(record, str):
-                        skip(record)
-                        continue
-                    # The same trip at the same station and scheduled time under two
-                    # keys: the score is the scheduled time, so they sit side by side.
-                    if record.scheduled_timestamp != last_scheduled:
-                        last_scheduled, seen = record.scheduled_timestamp, set()
-                    identity = (record.station_id, record.trip_id)
-                    if identity in seen:
-                        skip("duplicate")
-                        continue
-                    seen.add(identity)
-                    yield record
-                bar.update(page.members)
-        finally:
-            bar.close()
-
-    def export(self, writer: TFRecordShardWriter) -> Path:
-        """Run the whole export into `writer`; returns the published directory."""
-        series = self.find_series()
-        if not series:
-            raise UserError("no track history in Redis: no track_timeseries:* sorted sets found")
-        ranges = self.rank_ranges(series)
-        for record in self.iter_records(ranges):
-            writer.write(encode_example(record))
-            self.stats.add(record)
-        if self.stats.written == 0:
-            raise UserError(
-                "no exportable records"
-                + (" in the --since/--until range" if self.since or self.until else "")
-                + f" ({self.stats.summary()})"
-            )
-        return writer.commit(
-            self.stats.metadata(
-                source="redis",
-                series_count=len(series),
-                since=self.since,
-                until=self.until,
-                records_per_file=writer.records_per_file,
-            )
+def export_to(
+    writer: TFRecordShardWriter,
+    client: Any,
+    reader: PageReader,
+    since: float | None,
+    until: float | None,
+) -> tuple[Path, ExportStats]:
+    """Stream the history into `writer`: (the published directory, its stats). Memory stays
+    flat: series are read by rank, FETCH_CHUNK members a page (one ZRANGE + MGET), by
+    the reader process while this one parses and writes the previous page."""
+    stats = ExportStats()
+    series = find_series(client)
+    if not series:
+        raise UserError("no track history in Redis: no track_timeseries:* sorted sets found")
+    ranges = rank_ranges(client, series, since, until)
+    plan = [
+        (key, first, min(first + FETCH_CHUNK, end) - 1)
+        for key, start, end in ranges
+        for first in range(start, end, FETCH_CHUNK)
+    ]
+    total = sum(end - start for _, start, end in ranges)
+    for record in iter_records(reader.pages(plan), total, stats):
+        writer.write(encode_example(record))
+        stats.add(record)
+    if stats.written == 0:
+        raise UserError(
+            "no exportable records"
+            + (" in the --since/--until range" if since or until else "")
+            + f" ({stats.summary()})"
         )
+    metadata = stats.metadata(source="redis", series_count=len(series), since=since, until=until)
+    return writer.commit({**metadata, "records_per_file": writer.records_per_file}), stats
 
 
-# ---------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------
+# -- Command line -------------------------------------------------------------------------
 
 
 def parse_time_bound(text: str | None, *, end: bool) -> float | None:
-    """Unix seconds for --since/--until.
-
-    A date means midnight in the tracker's local time (America/New_York); an
-    --until date includes that whole day. A full ISO datetime is taken as given
-    (naive ones in local time).
-    """
+    """Unix seconds for --since/--until: a date is local midnight (America/New_York), an
+    --until date includes that whole day; an ISO datetime is as given (naive: local)."""
     if text is None:
         return None
     from zoneinfo import ZoneInfo
 
-    local = ZoneInfo(TRACKER_TIMEZONE)
     try:
-        if len(text) == 10:
-            day = dt.date.fromisoformat(text)
-            if end:
-                day += dt.timedelta(days=1)
-            return dt.datetime.combine(day, dt.time(), tzinfo=local).timestamp()
-        moment = dt.datetime.fromisoformat(text)
+        if len(text) != 10:
+            return parse_instant(text)
+        day = dt.date.fromisoformat(text) + dt.timedelta(days=1 if end else 0)
     except ValueError:
         flag = "--until" if end else "--since"
         raise UserError(f"{flag} {text!r} is not a date (YYYY-MM-DD) or ISO datetime") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=local)
-    return moment.timestamp()
+    return dt.datetime.combine(day, dt.time(), tzinfo=ZoneInfo(TRACKER_TIMEZONE)).timestamp()
 
 
 def run_export(
@@ -854,10 +736,9 @@ def run_export(
     try:
         client = target.connect()
         try:
-            exporter = TrackDataExporter(client, reader, since=since, until=until)
             with TFRecordShardWriter(output, records_per_file) as writer:
                 started = time.perf_counter()
-                path = exporter.export(writer)
+                path, stats = export_to(writer, client, reader, since, until)
         finally:
             client.close()
     except redis.RedisError as exc:
@@ -866,7 +747,7 @@ def run_export(
         raise UserError(f"cannot write the export under {output}: {exc}") from None
     finally:
         reader.close()
-    return path, exporter.stats, time.perf_counter() - started
+    return path, stats, time.perf_counter() - started
 
 
 @click.command(
@@ -875,7 +756,8 @@ def run_export(
 )
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
               default=Path("track_data_export"), show_default=True,
-              help="Export root; each export becomes a timestamped directory inside it.")  # fmt: skip
+              help="Export root; each export becomes a timestamped directory "
+                   "inside it.")  # fmt: skip
 @redis_options
 @click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Records per TFRecord shard.")  # fmt: skip
@@ -890,7 +772,6 @@ def cli(output: Path, redis: RedisTarget, records_per_file: int, since: str | No
     until_ts = parse_time_bound(until, end=True)
     if since_ts is not None and until_ts is not None and until_ts <= since_ts:
         raise UserError("--until must not be earlier than --since")
-
     redis.timeout = timeout
     log(f"Reading track history from Redis at {redis.label}")
     path, stats, seconds = run_export(redis, output, records_per_file, since_ts, until_ts)

@@ -1,28 +1,23 @@
 """Record new track history from the MBTA V3 API into Redis, in the tracker's own layout.
 
-The Inky MBTA Tracker stopped recording track history on 2026-02-10. This script
-takes over: it watches commuter-rail predictions at the four big stations and, for
-each departure whose platform is known, writes the record the tracker would have
-written (`track_history:{station}:{route}:{trip}:{UTC date}` plus the
-`track_timeseries:{station}:{route}` sorted set; docs/tracker-layout.md), so
-`export_track_data.py` reads old and new history alike. What it uses of the V3 API
-is in docs/mbta-v3.md.
+The tracker stopped recording on 2026-02-10. For each commuter-rail departure at the
+four big stations whose platform is known, this writes the record the tracker would
+have written (docs/tracker-layout.md; the API use: docs/mbta-v3.md), so
+`export_track_data.py` reads old and new history alike.
 
     export IMT_MBTA_API_KEY=...  IMT_REDIS_ENDPOINT=localhost
     uv run src/imt_ml/record_track_data.py                 # stream (Server-Sent Events)
     uv run src/imt_ml/record_track_data.py --poll 30       # poll every 30 s instead
     uv run src/imt_ml/record_track_data.py --once          # one pass, then exit (cron)
 
-A departure whose track changes before it leaves keeps one record under its first
-key; the record is rewritten with the new track (the track finally used wins) and
-the change is counted. What could not be written while Redis was down waits in
-memory (at most --max-pending records, oldest dropped first, counted) and is written
-after Redis answers again; SIGTERM or Ctrl-C writes what is pending and exits 0.
+A track changed before departure rewrites the record (the track finally used wins); while
+Redis is down records wait in memory; SIGTERM or Ctrl-C writes them and exits 0.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -43,14 +38,7 @@ import orjson
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/record_track_data.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml.utils import (
-    ENV_REDIS,
-    RedisTarget,
-    UserError,
-    environment_epilog,
-    log,
-    redis_options,
-)
+from imt_ml.utils import ENV_REDIS, RedisTarget, UserError, environment_epilog, log, redis_options
 
 DEFAULT_API_URL = "https://api-v3.mbta.com"
 API_KEY_VARIABLE = "IMT_MBTA_API_KEY"
@@ -66,11 +54,7 @@ NOT_DEPARTING = frozenset({"CANCELLED", "SKIPPED"})
 REMEMBER_SECONDS = 2 * 86_400
 
 
-# ---------------------------------------------------------------------------
-# The MBTA V3 API client (shared with the prediction service).
-# ---------------------------------------------------------------------------
-
-
+# -- The MBTA V3 API client (shared with the prediction service) ------------------------
 class ApiError(Exception):
     """The API did not answer usefully (network, 5xx, a body that is not JSON)."""
 
@@ -92,14 +76,12 @@ class RateLimited(ApiError):
 
 
 class MbtaClient:
-    """A small client of the MBTA V3 API: JSON:API documents by GET, and a streaming GET
-    that yields the raw bytes of a Server-Sent Events response.
+    """JSON:API documents by GET, Server-Sent Events by a streaming GET. The key goes only
+    in the `x-api-key` header and every error message passes `redact`: it is never printed."""
 
-    The key travels only in the `x-api-key` header and every error message passes
-    through `redact`, so it is never printed."""
-
-    def __init__(self, base_url: str = DEFAULT_API_URL, api_key: str | None = None,
-                 timeout: float = 15.0, stream_idle_timeout: float = 90.0) -> None:  # fmt: skip
+    def __init__(
+        self, base_url: str = DEFAULT_API_URL, api_key: str | None = None, timeout: float = 15.0
+    ) -> None:
         import httpx
 
         self.base_url = base_url.rstrip("/")
@@ -107,10 +89,9 @@ class MbtaClient:
         headers = {"accept-encoding": "gzip", "user-agent": "imt-ml-recorder"}
         if self.api_key:
             headers["x-api-key"] = self.api_key
-        self._timeout = httpx.Timeout(timeout)
-        # A stream is quiet between events; the server's keep-alive lines arrive well within this.
-        self._stream_timeout = httpx.Timeout(timeout, read=stream_idle_timeout)
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=self._timeout)
+        # A stream is quiet between events; the server's keep-alive lines come well within 90 s.
+        self._stream_timeout = httpx.Timeout(timeout, read=90.0)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def redact(self, text: str) -> str:
         return text.replace(self.api_key, "***") if self.api_key else text
@@ -118,29 +99,31 @@ class MbtaClient:
     def _failure(self, exc: Exception) -> ApiError:
         return ApiError(self.redact(f"{type(exc).__name__}: {exc}".rstrip(": ")))
 
-    def _check(self, response: Any) -> None:
-        status = response.status_code
-        if status in (401, 403):
-            raise ApiRefused(f"the MBTA API at {self.base_url} refused the API key (HTTP {status})")
-        if status == 429:
-            reset = response.headers.get("x-ratelimit-reset")
-            try:
-                reset_at = float(reset) if reset is not None else None
-            except ValueError:
-                reset_at = None
-            raise RateLimited(f"rate limited by {self.base_url} (HTTP 429)", reset_at)
-        if status >= 400:
-            raise ApiError(f"HTTP {status} from {self.base_url}{response.url.path}")
-
-    def get(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
-        """The JSON:API document at `path`; ApiRefused / RateLimited / ApiError otherwise."""
+    def _send(self, request: Any, stream: bool = False) -> Any:
+        """The response to `request`; ApiRefused / RateLimited / ApiError otherwise."""
         import httpx
 
         try:
-            response = self._http.get(path, params=params)
+            response = self._http.send(request, stream=stream)
         except httpx.HTTPError as exc:
             raise self._failure(exc) from None
-        self._check(response)
+        status = response.status_code
+        if status < 400:
+            return response
+        response.close()
+        if status in (401, 403):
+            raise ApiRefused(f"the MBTA API at {self.base_url} refused the API key (HTTP {status})")
+        if status == 429:
+            try:
+                reset_at: float | None = float(response.headers["x-ratelimit-reset"])
+            except (KeyError, ValueError):
+                reset_at = None
+            raise RateLimited(f"rate limited by {self.base_url} (HTTP 429)", reset_at)
+        raise ApiError(f"HTTP {status} from {self.base_url}{response.url.path}")
+
+    def get(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        """The JSON:API document at `path`; ApiRefused / RateLimited / ApiError otherwise."""
+        response = self._send(self._http.build_request("GET", path, params=params))
         try:
             document = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -150,39 +133,27 @@ class MbtaClient:
         return document
 
     def open_stream(self, path: str, params: dict[str, str] | None = None) -> Any:
-        """An open streaming response (`Accept: text/event-stream`); the caller reads
-        `iter_bytes()` and closes it."""
-        import httpx
-
-        request = self._http.build_request("GET", path, params=params,
-                                           headers={"accept": "text/event-stream"},
-                                           timeout=self._stream_timeout)  # fmt: skip
-        try:
-            response = self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise self._failure(exc) from None
-        try:
-            self._check(response)
-        except ApiError:
-            response.close()
-            raise
-        return response
+        """An open `text/event-stream` response; the caller reads `iter_bytes()`, closes it."""
+        headers = {"accept": "text/event-stream"}
+        request = self._http.build_request(
+            "GET", path, params=params, headers=headers, timeout=self._stream_timeout
+        )
+        return self._send(request, stream=True)
 
     def close(self) -> None:
         self._http.close()
 
 
 def parse_sse(chunks: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
-    """(event, data) for each Server-Sent Event in a byte stream; a keep-alive comment
-    line yields ("", b""). Data lines are joined with newlines, as the SSE spec says."""
+    """(event, data) of each Server-Sent Event (data lines joined by newlines, as the SSE
+    spec says); a keep-alive comment line yields ("", b"")."""
     buffer = b""
     event, data = "message", list[bytes]()
     for chunk in chunks:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
+            line = line.removesuffix(b"\r")
             if not line:  # a blank line ends an event
                 if data:
                     yield event, b"\n".join(data)
@@ -191,19 +162,14 @@ def parse_sse(chunks: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
                 yield "", b""
             else:
                 name, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
+                value = value.removeprefix(b" ")
                 if name == b"data":
                     data.append(value)
                 elif name == b"event":
                     event = value.decode("utf-8", "replace")
 
 
-# ---------------------------------------------------------------------------
-# From V3 resources to the tracker's records.
-# ---------------------------------------------------------------------------
-
-
+# -- From V3 resources to the tracker's records ------------------------------------------
 class Malformed(Exception):
     """A resource or event without the fields the spec promises."""
 
@@ -228,8 +194,7 @@ def scheduled_clock(text: str) -> tuple[float, str, int, int, int, str]:
 
 def tracker_headsign(trip_headsign: str, route_id: str) -> str:
     """The tracker's commuter-rail headsign: `"Newburyport - Newburyport Ln"`."""
-    line = route_id[3:] if route_id.startswith("CR-") else route_id
-    return f"{trip_headsign} - {line} Ln"
+    return f"{trip_headsign} - {route_id.removeprefix('CR-')} Ln"
 
 
 @dataclasses.dataclass(slots=True)
@@ -244,15 +209,12 @@ class Departure:
 
 
 def _related_id(resource: dict[str, Any], name: str) -> str | None:
-    related = (resource.get("relationships") or {}).get(name) or {}
-    data = related.get("data")
+    data = ((resource.get("relationships") or {}).get(name) or {}).get("data")
     return data.get("id") if isinstance(data, dict) else None
 
 
 class ResourceStore:
-    """What the recorder knows of stops and trips, from included resources, stream
-    events and the stations' child stops (the spec: read `platform_code` and
-    `parent_station`, never parse ids)."""
+    """The stops and trips seen (the spec: read `platform_code`, `parent_station`; no ids)."""
 
     def __init__(self) -> None:
         #: stop id -> (parent station id, platform code or None)
@@ -262,26 +224,26 @@ class ResourceStore:
 
     def add(self, resource: dict[str, Any]) -> None:
         """Remember a stop or trip resource; others are ignored. Malformed if unusable."""
-        kind = resource.get("type")
+        kind, rid = resource.get("type"), resource.get("id")
+        attributes = resource.get("attributes") or {}
         if kind == "stop":
-            attributes = resource.get("attributes") or {}
             code = attributes.get("platform_code")
-            parent = _related_id(resource, "parent_station") or resource.get("id")
-            if not isinstance(resource.get("id"), str) or not isinstance(parent, str):
+            parent = _related_id(resource, "parent_station") or rid
+            if not isinstance(rid, str) or not isinstance(parent, str):
                 raise Malformed("stop without an id")
-            self.stops[resource["id"]] = (parent, str(code) if code not in (None, "") else None)
+            self.stops[rid] = (parent, str(code) if code not in (None, "") else None)
         elif kind == "trip":
-            headsign = (resource.get("attributes") or {}).get("headsign")
-            if not isinstance(resource.get("id"), str) or not isinstance(headsign, str):
+            headsign = attributes.get("headsign")
+            if not isinstance(rid, str) or not isinstance(headsign, str):
                 raise Malformed("trip without an id or headsign")
-            self.trips[resource["id"]] = headsign
+            self.trips[rid] = headsign
 
 
-def departure_from_prediction(prediction: dict[str, Any], store: ResourceStore,
-                              stations: frozenset[str], now: float) -> Departure | str | None:  # fmt: skip
-    """The record a prediction makes, None when it makes none (no track yet, another
-    station, cancelled, already gone), or the trip id it waits for when that trip is
-    not known yet. Raises Malformed for a prediction without the promised fields."""
+def departure_from_prediction(
+    prediction: dict[str, Any], store: ResourceStore, stations: frozenset[str], now: float
+) -> Departure | str | None:
+    """The record a prediction makes; None if none (no track yet, another station,
+    cancelled, gone); the trip id to wait for if that trip is unknown; else Malformed."""
     try:
         attributes = prediction["attributes"]
         stop_id = prediction["relationships"]["stop"]["data"]["id"]
@@ -315,20 +277,30 @@ def departure_from_prediction(prediction: dict[str, Any], store: ResourceStore,
         "recorded_time": utc_text(dt.datetime.fromtimestamp(now, dt.UTC)),
         "day_of_week": weekday, "hour": hour, "minute": minute,
     }  # fmt: skip
-    return Departure(
-        key=f"track_history:{station}:{route_id}:{trip_id}:{date}",
-        series=f"track_timeseries:{station}:{route_id}",
-        score=timestamp,
-        track=track,
-        document=orjson.dumps(document),
-    )
+    key = f"track_history:{station}:{route_id}:{trip_id}:{date}"
+    series = f"track_timeseries:{station}:{route_id}"
+    return Departure(key, series, timestamp, track, orjson.dumps(document))
 
 
-# ---------------------------------------------------------------------------
-# The recorder: observe, keep pending, write, tell.
-# ---------------------------------------------------------------------------
+#: The fields of a record that say when it departs (kept from the first record).
+TIME_FIELDS = ("scheduled_time", "actual_time", "day_of_week", "hour", "minute")
 
 
+def _moved_to_track(departure: Departure, old: dict[str, Any] | None) -> tuple[bytes, float]:
+    """(JSON, score) of a record rewritten for a new track: the departure's time stays as
+    first written (its key's date follows it), the track and recorded time are new."""
+    if old is None:
+        return departure.document, departure.score
+    try:
+        score = dt.datetime.fromisoformat(old["scheduled_time"]).timestamp()
+    except (TypeError, KeyError, ValueError):
+        return departure.document, departure.score
+    document = orjson.loads(departure.document)
+    document.update({name: old[name] for name in TIME_FIELDS if name in old})
+    return orjson.dumps(document), score
+
+
+# -- The recorder: observe, keep pending, write, tell -----------------------------------
 class Shutdown(BaseException):
     """Raised in the main thread by SIGTERM/SIGINT."""
 
@@ -349,20 +321,28 @@ class RecorderOptions:
     max_backoff: float = 60.0
 
 
-COUNTERS = ("events", "departures", "written", "changes", "malformed", "errors", "reconnects",
-            "dropped")  # fmt: skip
-#: Counter -> how the interval line names it.
+#: Counter -> how the status lines name it, in their order.
 COUNTER_LABELS = {
     "events": "events", "departures": "departures seen", "written": "records written",
     "changes": "track changes", "malformed": "malformed", "errors": "errors",
     "reconnects": "reconnects", "dropped": "dropped (pending full)",
 }  # fmt: skip
-
 #: Pending records written per Redis round trip pair.
 WRITE_BATCH = 1000
 #: While events stream in, write at most this often (seconds): a burst of new
 #: departures becomes one pipeline instead of a round trip each.
 WRITE_EVERY = 0.2
+
+
+def counts_text(counter: collections.Counter[str], omit: str = "") -> str:
+    """The counters for a status line ("dropped" only when some were)."""
+    return ", ".join(f"{counter[n]:,} {label}" for n, label in COUNTER_LABELS.items()
+                     if n != omit and (n != "dropped" or counter[n]))  # fmt: skip
+
+
+def now_text() -> str:
+    """The time for a log line: UTC, to the second."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Backoff:
@@ -380,21 +360,37 @@ class Backoff:
         self.failures = 0
 
 
-class TrackRecorder:
-    """Turns predictions into tracker records and writes them to Redis.
+def _hand_over(chunks: queue.Queue[Any], stop: threading.Event, item: Any) -> None:
+    """Put `item` in `chunks`, but never block for good once the main thread has left."""
+    while not stop.is_set():
+        with contextlib.suppress(queue.Full):
+            chunks.put(item, timeout=0.5)
+            return
 
-    `observe_*` feed it resources; `flush()` writes what is pending; `tick()` flushes
-    when due and logs one line per interval. Single-threaded: only the stream's socket
-    reads happen in a helper thread."""
+
+def _pump(response: Any, chunks: queue.Queue[Any], stop: threading.Event) -> None:
+    """The stream's reader thread: its chunks, then None (the end) or the exception."""
+    try:
+        for chunk in response.iter_bytes():
+            _hand_over(chunks, stop, chunk)
+            if stop.is_set():
+                return
+        _hand_over(chunks, stop, None)
+    except Exception as exc:  # the stream failed: hand it to the main thread
+        _hand_over(chunks, stop, exc)
+
+
+class TrackRecorder:
+    """Turns predictions into tracker records and writes them to Redis: `observe_*` feed it,
+    `tick()` flushes when due and logs. Only the stream's socket is read in another thread."""
 
     def __init__(self, client: MbtaClient, redis_target: RedisTarget, redis_client: Any,
-                 options: RecorderOptions, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 options: RecorderOptions) -> None:  # fmt: skip
         self.api = client
         self.redis_target = redis_target
         self.redis = redis_client
         self.options = options
         self.stations = frozenset(options.stations)
-        self.clock = clock
         self.store = ResourceStore()
         self.interval: collections.Counter[str] = collections.Counter()
         self.total: collections.Counter[str] = collections.Counter()
@@ -414,13 +410,9 @@ class TrackRecorder:
         self.next_write = 0.0
         self.last_log = time.monotonic()
 
-    # -- counting --------------------------------------------------------------
-
     def count(self, name: str, n: int = 1) -> None:
         self.interval[name] += n
         self.total[name] += n
-
-    # -- observing -------------------------------------------------------------
 
     def observe_resource(self, resource: Any) -> None:
         """One resource from a poll, a reset or an add/update event."""
@@ -436,20 +428,17 @@ class TrackRecorder:
                     self.observe_prediction(waiting)
 
     def observe_prediction(self, prediction: dict[str, Any]) -> None:
-        now = self.clock()
-        found = departure_from_prediction(prediction, self.store, self.stations, now)
+        found = departure_from_prediction(prediction, self.store, self.stations, time.time())
         if found is None:
             return
         pid = prediction.get("id")
         if isinstance(found, str):  # its trip resource has not arrived yet
             self.waiting.setdefault(found, {})[str(pid)] = prediction
             return
-        first = self.keys.get(pid) if isinstance(pid, str) else None
-        if first is None:
-            if isinstance(pid, str):
-                self.keys[pid] = (found.key, found.score)
-        elif first[0] != found.key:  # same departure, its time moved across UTC midnight
-            found = self._rekeyed(found, *first)
+        if isinstance(pid, str):
+            first = self.keys.setdefault(pid, (found.key, found.score))
+            if first[0] != found.key:  # same departure, its time moved across UTC midnight
+                found = self._rekeyed(found, *first)
         self.departures_seen.add(found.key)
         if self.known.get(found.key, ("", 0.0))[0] == found.track:
             return  # already in Redis with this track
@@ -488,25 +477,20 @@ class TrackRecorder:
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self.count("malformed")
-            return
-        if event == "reset":
-            if not isinstance(payload, list):
-                self.count("malformed")
-                return
+            payload = None
+        if event == "reset" and isinstance(payload, list):
             self.waiting.clear()
-            resources = sorted(payload, key=lambda r: isinstance(r, dict) and r.get("type") == "prediction")  # fmt: skip
-            for resource in resources:
+            # Stops and trips first, then the predictions that name them.
+            for resource in sorted(
+                payload, key=lambda r: isinstance(r, dict) and r.get("type") == "prediction"
+            ):
                 self._safely(self.observe_resource, resource)
-        elif event in ("add", "update"):
+        elif event in ("add", "update") and payload is not None:
             self._safely(self.observe_resource, payload)
-        elif event == "remove":
-            if not isinstance(payload, dict):
-                self.count("malformed")
-                return
+        elif event == "remove" and isinstance(payload, dict):
             for waiting in self.waiting.values():
                 waiting.pop(str(payload.get("id")), None)
-        else:
+        else:  # JSON that does not parse, a payload of the wrong shape, an unknown event
             self.count("malformed")
 
     def _safely(self, observe: Callable[[Any], None], resource: Any) -> None:
@@ -515,12 +499,11 @@ class TrackRecorder:
         except Malformed:
             self.count("malformed")
 
-    # -- writing ----------------------------------------------------------------
-
     def flush(self) -> bool:
         """Write everything pending; False (and keep it) when Redis does not answer."""
         import redis
 
+        label = self.redis_target.label
         try:
             while self.pending:
                 batch = list(itertools.islice(self.pending.values(), WRITE_BATCH))
@@ -531,16 +514,14 @@ class TrackRecorder:
         except (redis.RedisError, OSError) as exc:  # down, restarting, read-only, refusing...
             self.count("errors")
             if not self.redis_down:
-                log(f"{now_text()} Redis at {self.redis_target.label} is not answering "
+                log(f"{now_text()} Redis at {label} is not answering "
                     f"({self.redis_target.redact(str(exc)) or type(exc).__name__}); keeping "
                     f"{len(self.pending):,} records in memory until it does")  # fmt: skip
             self.redis_down = True
             self.next_write = time.monotonic() + self.redis_backoff.next_wait()
             return False
         if self.redis_down:
-            log(
-                f"{now_text()} Redis at {self.redis_target.label} answers again; pending records written"
-            )
+            log(f"{now_text()} Redis at {label} answers again; pending records written")
             self.redis_down = False
         self.redis_backoff.reset()
         self.next_write = time.monotonic() + WRITE_EVERY
@@ -552,56 +533,48 @@ class TrackRecorder:
             for departure in batch:
                 pipe.get(departure.key)
             existing = pipe.execute()
-        changed = 0
-        written = 0
+        counts: collections.Counter[str] = collections.Counter()
         with self.redis.pipeline(transaction=True) as pipe:
             for departure, old in zip(batch, existing, strict=True):
-                old_document = _document_of(old) if old is not None else None
-                if old_document and old_document.get("track_number") == departure.track:
+                old_document = None
+                with contextlib.suppress(orjson.JSONDecodeError):  # also raised for None
+                    old_document = orjson.loads(old)
+                if not isinstance(old_document, dict):
+                    old_document = None  # absent, or dirty data
+                elif old_document.get("track_number") == departure.track:
                     continue  # already there with this track
-                if old is None:
-                    pipe.set(departure.key, departure.document, ex=HISTORY_TTL_SECONDS, nx=True)
-                    written += 1
-                    score = departure.score
-                else:  # the track changed before departure: the record follows it
-                    document, score = _moved_to_track(departure, old_document)
-                    pipe.set(departure.key, document, ex=HISTORY_TTL_SECONDS)
-                    changed += 1
+                # New: SET NX, as the tracker did. A changed track: the record follows it.
+                document, score = _moved_to_track(departure, old_document)
+                pipe.set(departure.key, document, ex=HISTORY_TTL_SECONDS, nx=old is None)
                 pipe.zadd(departure.series, {departure.key: score})
                 pipe.expire(departure.series, HISTORY_TTL_SECONDS)
+                counts["written" if old is None else "changes"] += 1
             pipe.execute()
         for departure in batch:
             self.known[departure.key] = (departure.track, departure.score)
-        self.count("written", written)
-        self.count("changes", changed)
+        self.count("written", counts["written"])
+        self.count("changes", counts["changes"])
 
-    def tick(self, force_log: bool = False) -> None:
-        """Flush when due (at once while Redis answers, on the backoff schedule while it
-        does not) and write the interval's log line when it is time."""
+    def tick(self) -> None:
+        """Flush when due (at once, or on the backoff schedule while Redis is down); log."""
         if self.pending and time.monotonic() >= self.next_write:
             self.flush()
-        if force_log or time.monotonic() - self.last_log >= self.options.log_interval:
+        if time.monotonic() - self.last_log >= self.options.log_interval:
             self.log_interval()
 
     def log_interval(self) -> None:
         seconds = time.monotonic() - self.last_log
         self.interval["departures"] = len(self.departures_seen)
-        parts = ", ".join(f"{self.interval[n]:,} {COUNTER_LABELS[n]}" for n in COUNTERS
-                          if n != "dropped" or self.interval[n])  # fmt: skip
+        parts = counts_text(self.interval)
         log(f"{now_text()} last {seconds:.0f} s: {parts}; {len(self.pending):,} pending")
         self.interval.clear()
         self.departures_seen.clear()
         self.last_log = time.monotonic()
-        self._forget_old()
-
-    def _forget_old(self) -> None:
-        """Drop memory of departures long gone, so a recorder can run for months."""
-        horizon = self.clock() - REMEMBER_SECONDS
+        # Forget departures long gone, so a recorder can run for months.
+        horizon = time.time() - REMEMBER_SECONDS
         for table in (self.known, self.keys):
             for name in [k for k, (_, score) in table.items() if score < horizon]:
                 del table[name]
-
-    # -- the API side ---------------------------------------------------------------
 
     def prediction_params(self) -> dict[str, str]:
         return {"filter[stop]": ",".join(self.options.stations),
@@ -623,8 +596,7 @@ class TrackRecorder:
         self.sleep(wait)
 
     def load_stations(self) -> None:
-        """Every track stop of the stations (`/stops/{parent}?include=child_stops`); the
-        first request of a run, so a refused key or a dead API is known at once."""
+        """The stations' track stops: the run's first request, so a bad key shows at once."""
         for station in self.options.stations:
             document = self.get_waiting_out_limits(f"/stops/{station}", {"include": "child_stops"})
             if not isinstance(document.get("data"), dict):
@@ -635,58 +607,19 @@ class TrackRecorder:
     def poll_once(self) -> None:
         """One pass: every current prediction at the stations."""
         document = self.get_waiting_out_limits("/predictions", self.prediction_params())
-        try:
-            self.observe_document(document)
-        except Malformed:
-            self.count("malformed")
+        self._safely(self.observe_document, document)
 
-    def stream_until_dropped(self, stop: threading.Event) -> None:
+    def stream_until_dropped(self) -> None:
         """Read the predictions stream until it ends or fails (ApiError then)."""
-        import httpx
-
         response = self.api.open_stream("/predictions", self.prediction_params())
         chunks: queue.Queue[Any] = queue.Queue(maxsize=256)  # ~16 MB at most, then TCP waits
-        end = object()
-
-        def hand_over(item: Any) -> None:
-            while not stop.is_set():  # never block for good once the main thread has left
-                try:
-                    chunks.put(item, timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
-
-        def pump() -> None:
-            try:
-                for chunk in response.iter_bytes():
-                    hand_over(chunk)
-                    if stop.is_set():
-                        return
-                hand_over(end)
-            except Exception as exc:  # the stream failed: hand it to the main thread
-                hand_over(exc)
-
-        reader = threading.Thread(target=pump, name="sse-reader", daemon=True)
+        stop = threading.Event()
+        reader = threading.Thread(target=_pump, args=(response, chunks, stop), name="sse-reader",
+                                  daemon=True)  # fmt: skip
         reader.start()
         self.api_backoff.reset()
-
-        def chunk_source() -> Iterator[bytes]:
-            while True:
-                try:
-                    item = chunks.get(timeout=0.5)
-                except queue.Empty:
-                    self.tick()
-                    continue
-                if item is end:
-                    return
-                if isinstance(item, Exception):
-                    if isinstance(item, httpx.HTTPError):
-                        raise self.api._failure(item)
-                    raise ApiError(f"stream failed: {type(item).__name__}")
-                yield item
-
         try:
-            for event, data in parse_sse(chunk_source()):
+            for event, data in parse_sse(self._chunks(chunks)):
                 self.observe_event(event, data)
                 self.tick()
             raise StreamEnded("the stream ended")
@@ -694,10 +627,27 @@ class TrackRecorder:
             stop.set()
             response.close()
 
+    def _chunks(self, chunks: queue.Queue[Any]) -> Iterator[bytes]:
+        """The stream's bytes from the reader thread, flushing and logging while none come."""
+        import httpx
+
+        while True:
+            try:
+                item = chunks.get(timeout=0.5)
+            except queue.Empty:
+                self.tick()
+                continue
+            if item is None:
+                return
+            if isinstance(item, httpx.HTTPError):
+                raise self.api._failure(item)
+            if isinstance(item, Exception):
+                raise ApiError(f"stream failed: {type(item).__name__}")
+            yield item
+
     def run(self) -> None:
         """Poll or stream until Shutdown; reconnect with backoff after failures."""
-        api_down = False
-        reconnecting = False
+        api_down = reconnecting = False
         while True:
             try:
                 if reconnecting or self.options.poll is not None:
@@ -711,24 +661,21 @@ class TrackRecorder:
                     self.sleep(self.options.poll)
                     continue
                 reconnecting = True
-                self.stream_until_dropped(threading.Event())
+                self.stream_until_dropped()
             except ApiRefused:
                 raise
             except RateLimited as exc:  # from opening the stream (polls wait it out inside)
                 self.count("errors")
                 self.wait_for_reset(exc)
-                reconnecting = self.options.poll is None
-                continue
             except ApiError as exc:
                 if not isinstance(exc, StreamEnded):
                     self.count("errors")
-                wait = self.api_backoff.next_wait()
                 if not api_down:
                     log(f"{now_text()} MBTA API: {exc}; reconnecting with backoff")
                 api_down = True
-            self.count("reconnects")
+                self.count("reconnects")
+                self.sleep(self.api_backoff.next_wait())
             reconnecting = self.options.poll is None
-            self.sleep(wait)
 
     def sleep(self, seconds: float) -> None:
         """Wait, still flushing and logging on time."""
@@ -749,68 +696,24 @@ class TrackRecorder:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         return not self.pending
 
-    def summary(self) -> str:
-        parts = ", ".join(f"{self.total[n]:,} {COUNTER_LABELS[n]}" for n in COUNTERS
-                          if n != "departures" and (n != "dropped" or self.total[n]))  # fmt: skip
-        return parts
 
-
-def _document_of(raw: bytes) -> dict[str, Any] | None:
-    """A stored record's JSON object, or None when it is not one (dirty data)."""
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return document if isinstance(document, dict) else None
-
-
-#: The fields of a record that say when it departs (kept from the first record).
-TIME_FIELDS = ("scheduled_time", "actual_time", "day_of_week", "hour", "minute")
-
-
-def _moved_to_track(departure: Departure, old: dict[str, Any] | None) -> tuple[bytes, float]:
-    """(JSON, score) of the record rewritten for a change of track: the new track and
-    recorded time, the departure's time as first written (its key's date follows it)."""
-    if old is None:
-        return departure.document, departure.score
-    try:
-        score = dt.datetime.fromisoformat(old["scheduled_time"]).timestamp()
-    except (TypeError, KeyError, ValueError):
-        return departure.document, departure.score
-    document = orjson.loads(departure.document)
-    document.update({name: old[name] for name in TIME_FIELDS if name in old})
-    return orjson.dumps(document), score
-
-
-def now_text() -> str:
-    """The time for a log line: UTC, to the second."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# ---------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------
+# -- Command line ------------------------------------------------------------------------
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _raise_shutdown(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one request to stop is enough
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ignore_stop_signals()  # one request to stop is enough
     raise Shutdown
-
-
-def parse_stations(text: str) -> tuple[str, ...]:
-    stations = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not stations:
-        raise UserError("--stations needs at least one parent stop id (e.g. place-sstat)")
-    return stations
 
 
 def record(api: MbtaClient, redis_target: RedisTarget, options: RecorderOptions) -> int:
     """Run the recorder; the exit code (0, or 1 when records could not be written)."""
     redis_client = redis_target.connect()
     recorder = TrackRecorder(api, redis_target, redis_client, options)
-    mode = "one poll" if options.once else (
-        f"polling every {options.poll:g} s" if options.poll is not None else "streaming")  # fmt: skip
+    mode = f"polling every {options.poll:g} s" if options.poll is not None else "streaming"
+    mode = "one poll" if options.once else mode
     previous = {s: signal.signal(s, _raise_shutdown) for s in (signal.SIGTERM, signal.SIGINT)}
     code = 0
     try:
@@ -833,13 +736,14 @@ def record(api: MbtaClient, redis_target: RedisTarget, options: RecorderOptions)
             code = 1
         except Shutdown:
             log(f"{now_text()} stopping: writing {len(recorder.pending):,} pending records")
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _ignore_stop_signals()
         if not recorder.drain(options.shutdown_grace):
-            log(f"{now_text()} {len(recorder.pending):,} records could not be written: Redis at "
-                f"{redis_target.label} did not answer within {options.shutdown_grace:g} s")  # fmt: skip
+            log(
+                f"{now_text()} {len(recorder.pending):,} records could not be written: Redis at "
+                f"{redis_target.label} did not answer within {options.shutdown_grace:g} s"
+            )
             code = 1
-        log(f"{now_text()} done: {recorder.summary()}")
+        log(f"{now_text()} done: {counts_text(recorder.total, omit='departures')}")
         return code
     finally:
         for sig, handler in previous.items():
@@ -859,20 +763,26 @@ def record(api: MbtaClient, redis_target: RedisTarget, options: RecorderOptions)
 @click.option("--once", is_flag=True, help="One polling pass: write what it finds, then exit.")
 @click.option("--api-url", default=DEFAULT_API_URL, show_default=True, help="MBTA V3 API base URL.")
 @click.option("--api-key", envvar=API_KEY_VARIABLE, default=None,
-              help=f"MBTA V3 API key, sent as x-api-key [env: {API_KEY_VARIABLE}]; never printed.")  # fmt: skip
+              help=f"MBTA V3 API key, sent as x-api-key [env: {API_KEY_VARIABLE}]; "
+                   "never printed.")  # fmt: skip
 @redis_options
 @click.option("--log-interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds between status lines.")  # fmt: skip
 @click.option("--max-pending", type=click.IntRange(min=1), default=50_000, show_default=True,
-              help="Records kept in memory while Redis is down (oldest dropped beyond this).")  # fmt: skip
+              help="Records kept in memory while Redis is down "
+                   "(oldest dropped beyond this).")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
               help="Seconds to wait for an API answer (a stream may be quiet 90 s).")  # fmt: skip
 def cli(stations: str, poll: float | None, once: bool, api_url: str, api_key: str | None,
-        redis: RedisTarget, log_interval: float, max_pending: int, timeout: float) -> None:  # fmt: skip
+        redis: RedisTarget, log_interval: float, max_pending: int,
+        timeout: float) -> None:  # fmt: skip
     """Record commuter-rail track assignments from the MBTA V3 API into Redis."""
     if not api_url.startswith(("http://", "https://")):
         raise UserError("--api-url must start with http:// or https://")
-    options = RecorderOptions(stations=parse_stations(stations), poll=poll, once=once,
+    parents = tuple(s.strip() for s in stations.split(",") if s.strip())
+    if not parents:
+        raise UserError("--stations needs at least one parent stop id (e.g. place-sstat)")
+    options = RecorderOptions(stations=parents, poll=poll, once=once,
                               log_interval=log_interval, max_pending=max_pending)  # fmt: skip
     redis.timeout = 5.0  # a recorder must notice a dead Redis in seconds, not minutes
     api = MbtaClient(api_url, api_key, timeout=timeout)
