@@ -1,22 +1,14 @@
 """Serve track predictions: the tracker's HTTP API and its Redis queue, from one model.
 
-The Inky MBTA Tracker used to answer track predictions over HTTP and to ask an ML
-worker through a Redis queue; it removed both on 2026-02-10. This one process does
-both, for the clients written against them (mbta-mcp, the tracker's page and
-displays, the tracker's own last ML-era code):
+The Inky MBTA Tracker removed both on 2026-02-10; this process answers them for the clients
+written against them (mbta-mcp, the tracker's page and displays, its last ML-era code):
 
-    uv run src/imt_ml/serve_predictions.py --model output/train_.../track_prediction_model_best.keras
+    uv run src/imt_ml/serve_predictions.py --model RUN_DIR/track_prediction_model_best.keras
     uv run src/imt_ml/serve_predictions.py --model ./registry        # follows `current`
-    curl -X POST 'http://127.0.0.1:8080/predictions?station_id=place-sstat&route_id=CR-Worcester&trip_id=CR-Weekday-Fall-26-520&headsign=Worcester&direction_id=0&scheduled_time=2026-12-02T17:35:00-05:00'
 
-HTTP (FastAPI + uvicorn; OpenAPI docs at /docs): POST /predictions (JSON body or
-query parameters), POST /chained-predictions, GET /stats/{station}/{route}, GET
-/historical/{station}/{route}?days=, POST /predictions/date, /healthz, /model,
-/metrics. The queue: requests LPUSHed on `ml:track_predict:requests`, answers under
-`ml:track_predict:result:{id}` and `...latest:...`, plus the `track_prediction:...`
-record the tracker's own ML worker wrote. Every answer is kept in Redis and scored
-against the track later recorded (by `record_track_data.py` or a tracker): that is
-the live accuracy in /stats, /metrics and each answer's `accuracy`.
+docs/serving.md lists the endpoints (OpenAPI at /docs) and the queue's keys. Every answer is
+kept in Redis and scored against the track recorded later (by `record_track_data.py` or a
+tracker): that is the live accuracy in /stats, /metrics and each answer's `accuracy`.
 """
 
 from __future__ import annotations
@@ -28,6 +20,7 @@ import dataclasses
 import datetime as dt
 import functools
 import gc
+import json
 import math
 import os
 import re
@@ -36,9 +29,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import click
 import orjson
@@ -46,7 +40,6 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/serve_predictions.py`
@@ -73,9 +66,11 @@ STATION_FAMILIES = {
     "WML-0012": "place-bbsta", "NEC-2265": "place-rugg",
 }  # fmt: skip
 SERVED_STATIONS = ("place-sstat", "place-north", "place-bbsta", "place-rugg")
+BOSTON = ZoneInfo("America/New_York")
 UNAVAILABLE = "Predictions are not available for this station"
 #: The tracker's limits per client address and minute, by endpoint group.
 DEFAULT_RATE_LIMITS = "predictions=100,chained=200,stats=50,historical=50,date=15"
+RATE_GROUPS = ("predictions", "chained", "stats", "historical", "date")
 MAX_CHAINED = 500
 #: The tracker's own ML worker wrote its answers under track_prediction:... with this
 #: method and expiry; its display reads them for trips without history.
@@ -95,21 +90,11 @@ def parent_station(stop_id: str) -> str:
     """The parent `place-...` id of a stop id (`NEC-2287-05` -> `place-sstat`)."""
     if stop_id.startswith("place-"):
         return stop_id
-    family = "-".join(stop_id.split("-")[:2])
-    return STATION_FAMILIES.get(family, stop_id)
-
-
-def utc_date(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).date().isoformat()
+    return STATION_FAMILIES.get("-".join(stop_id.split("-")[:2]), stop_id)
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
-
-
-# ---------------------------------------------------------------------------
-# Options.
-# ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -126,15 +111,16 @@ class ServeOptions:
         "dropped them too).", click.FloatRange(0, 1))
     rate_limits: str = option_field(DEFAULT_RATE_LIMITS,
         "Requests a client address may make a minute, by endpoint group.")
-    no_rate_limit: bool = option_field(False, "No rate limits at all (benchmarks, trusted networks).")
+    no_rate_limit: bool = option_field(False,
+        "No rate limits at all (benchmarks, trusted networks).")
     cors_origins: str = option_field("", "Comma-separated origins allowed by CORS (* for any).")
-    max_body_bytes: int = option_field(1_048_576, "Largest request body accepted (HTTP 413 beyond).",
-                                       click.IntRange(min=1))
-    cache_seconds: float = option_field(3600.0, "Seconds an answer is reused for the same request.",
-                                        click.FloatRange(min=0))
+    max_body_bytes: int = option_field(1_048_576,
+        "Largest request body accepted (HTTP 413 beyond).", click.IntRange(min=1))
+    cache_seconds: float = option_field(3600.0,
+        "Seconds an answer is reused for the same request.", click.FloatRange(min=0))
     api_url: str = option_field("https://api-v3.mbta.com", "MBTA V3 API (for /predictions/date).")
-    api_key: str | None = option_field(None, "MBTA V3 API key [env: IMT_MBTA_API_KEY]; never printed.",
-                                       envvar="IMT_MBTA_API_KEY")
+    api_key: str | None = option_field(None,
+        "MBTA V3 API key [env: IMT_MBTA_API_KEY]; never printed.", envvar="IMT_MBTA_API_KEY")
     watch_interval: float = option_field(1.0, "Seconds between looks at a registry's `current`.",
                                          click.FloatRange(min=0.05))
     score_interval: float = option_field(30.0,
@@ -152,7 +138,8 @@ class ServeOptions:
                                    click.IntRange(min=1))
     max_batch: int = option_field(256, "Most queue requests answered in one model call.",
                                   click.IntRange(min=1))
-    log_interval: float = option_field(60.0, "Seconds between status lines.", click.FloatRange(min=0.1))
+    log_interval: float = option_field(60.0, "Seconds between status lines.",
+                                       click.FloatRange(min=0.1))
     # fmt: on
 
     def limits(self) -> dict[str, int]:
@@ -160,21 +147,14 @@ class ServeOptions:
         limits = {}
         for part in filter(None, (p.strip() for p in self.rate_limits.split(","))):
             name, _, value = part.partition("=")
-            if (
-                name not in ("predictions", "chained", "stats", "historical", "date")
-                or not value.isdigit()
-            ):
-                raise UserError(f"--rate-limits: {part!r} is not GROUP=N (groups: predictions, "
-                                "chained, stats, historical, date)")  # fmt: skip
+            if name not in RATE_GROUPS or not value.isdigit():
+                groups = ", ".join(RATE_GROUPS)
+                raise UserError(f"--rate-limits: {part!r} is not GROUP=N (groups: {groups})")
             limits[name] = int(value)
         return limits
 
 
-# ---------------------------------------------------------------------------
-# The model: loaded, warmed up, swapped when a registry's `current` moves.
-# ---------------------------------------------------------------------------
-
-
+# -- The model: loaded, warmed up, swapped when a registry's `current` moves ---------------
 @dataclasses.dataclass
 class LoadedModel:
     """One model ready to answer, with what the answers need besides probabilities."""
@@ -188,16 +168,10 @@ class LoadedModel:
     loaded_at: str
     #: queue protocol: class j is track `track_index[j] + 1`
     track_index: Any
-    num_tracks: int
-
-    @property
-    def method(self) -> str:
-        return f"imt-ml model {self.version}"
 
     def historical_matches(self, station: str, trip_id: str, route: str) -> int:
-        """Training records behind an answer: the station + train number's, else the
-        station + route's."""
-        train = trip_id.rsplit("-", 1)[-1] if trip_id else ""
+        """Training records of the station + train number, else of the station + route."""
+        train = trip_id.rsplit("-", 1)[-1]
         found = self.counts.get("station_train", {}).get(f"{station}|{train}")
         if found is None:
             found = self.counts.get("station_route", {}).get(f"{station}|{route}", 0)
@@ -207,27 +181,20 @@ class LoadedModel:
 def load_model(path: Path, version: str, metadata: dict[str, Any] | None = None) -> LoadedModel:
     """Load a `.keras` model with its vocabulary and metadata, and warm it up so the first
     answer is as fast as the rest."""
-    import json
-
     import numpy as np
 
     from imt_ml import tfrecord_reader as tr
 
     predictor = tr.load_predictor(path)
-    vocab = {}
-    for candidate in (tr.vocab_file_for(path), path.with_name("model_vocab.json")):
-        if candidate.is_file():
-            vocab = json.loads(candidate.read_text())
-            break
+    vocab_file = tr.vocab_file_for(path)
+    found = [f for f in (vocab_file, path.with_name("model_vocab.json")) if f.is_file()]
+    vocab = json.loads(found[0].read_text()) if found else {}
     if metadata is None:
-        summary = path.with_name(
-            tr.vocab_file_for(path).name.replace("_vocab.json", "_summary.json")
-        )
+        summary = path.with_name(vocab_file.name.replace("_vocab.json", "_summary.json"))
         metadata = json.loads(summary.read_text()) if summary.is_file() else {}
         metadata.setdefault("periods", vocab.get("split", {}))
     counts = (vocab.get("baselines") or {}).get("record_counts") or {}
-    labels = predictor.labels
-    track_index = np.array([int(label) - 1 for label in labels])
+    track_index = np.array([int(label) - 1 for label in predictor.labels])
     station = next(iter(sorted(predictor.stations)), "place-sstat")
     warm = {"station_id": station, "route_id": "", "trip_id": "", "headsign": "",
             "direction_id": 0, "scheduled_timestamp": time.time()}  # fmt: skip
@@ -238,73 +205,62 @@ def load_model(path: Path, version: str, metadata: dict[str, Any] | None = None)
     # skips them (the objects of a model swapped out later are not reclaimed: a few MB).
     gc.collect()
     gc.freeze()
-    return LoadedModel(predictor, version, path, metadata, counts, now_iso(), track_index,
-                       int(track_index.max()) + 1)  # fmt: skip
+    return LoadedModel(predictor, version, path, metadata, counts, now_iso(), track_index)
 
 
 class ModelHolder:
-    """The model that answers now. With a registry it looks at `current` every
-    `interval` seconds and, when it moved, loads and warms the new version beside the
-    old, then swaps the reference: a request holds the model it started with, so none
-    fails or waits during a swap."""
+    """The model that answers now. With a registry it looks at `current` every `interval`
+    seconds and, when it moved, loads and warms the new version beside the old, then swaps
+    the reference: a request holds the model it started with, so none fails or waits."""
 
     def __init__(self, source: Path) -> None:
-        self.source = Path(source)
+        source = Path(source)
         self.registry = ModelRegistry(source) if ModelRegistry.looks_like(source) else None
-        self.current: LoadedModel = self._load_initial()
         self.swaps = 0
-        self._stop = threading.Event()
-
-    def _load_initial(self) -> LoadedModel:
         if self.registry is None:
-            if self.source.is_dir():
-                raise UserError(f"{self.source} is neither a .keras file nor a model registry "
+            if source.is_dir():
+                raise UserError(f"{source} is neither a .keras file nor a model registry "
                                 "(a directory with versions/ and current)")  # fmt: skip
-            return load_model(self.source, self.source.stem)
+            self.current = load_model(source, source.stem)
+            return
         version = self.registry.current_version()
         if version is None:
-            raise UserError(f"the model registry {self.source} has no current version yet "
-                            "(install one: keep_model_current.py - promote --registry DIR --model FILE)")  # fmt: skip
-        return load_model(self.registry.model_file(version), str(version),
-                          self.registry.metadata(version))  # fmt: skip
+            raise UserError(f"the model registry {source} has no current version yet (install "
+                            "one: keep_model_current.py - promote --registry DIR "
+                            "--model FILE)")  # fmt: skip
+        self.current = self._load(version)
 
-    def check(self) -> bool:
-        """Swap in the registry's current version if it changed; True when swapped."""
-        if self.registry is None:
-            return False
-        version = self.registry.current_version()
+    def _load(self, version: int) -> LoadedModel:
+        registry = self.registry
+        assert registry is not None
+        return load_model(registry.model_file(version), str(version), registry.metadata(version))
+
+    def check(self) -> None:
+        """Swap in the registry's current version if it changed."""
+        version = self.registry.current_version() if self.registry else None
         if version is None or str(version) == self.current.version:
-            return False
-        loaded = load_model(self.registry.model_file(version), str(version),
-                            self.registry.metadata(version))  # fmt: skip
-        previous, self.current = self.current.version, loaded
+            return
+        previous, self.current = self.current.version, self._load(version)
         self.swaps += 1
-        log(f"{now_iso()} model {previous} -> {loaded.version} ({loaded.path})")
-        return True
+        log(f"{now_iso()} model {previous} -> {self.current.version} ({self.current.path})")
 
-    def watch(self, interval: float) -> threading.Thread:
+    def watch(self, interval: float, stop: threading.Event) -> None:
+        """Check every `interval` seconds until `stop` is set."""
+
         def loop() -> None:
-            while not self._stop.wait(interval):
+            while not stop.wait(interval):
                 try:
                     self.check()
                 except Exception as exc:  # a broken version: keep answering with the old one
                     log(f"{now_iso()} cannot load the registry's current version: "
-                        f"{type(exc).__name__}: {str(exc)[:200]}; still serving {self.current.version}")  # fmt: skip
-                    self._stop.wait(max(interval, 10.0))
+                        f"{type(exc).__name__}: {str(exc)[:200]}; "
+                        f"still serving {self.current.version}")  # fmt: skip
+                    stop.wait(max(interval, 10.0))
 
-        thread = threading.Thread(target=loop, name="model-watch", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
+        threading.Thread(target=loop, name="model-watch", daemon=True).start()
 
 
-# ---------------------------------------------------------------------------
-# Answers: one request in, one TrackPrediction out.
-# ---------------------------------------------------------------------------
-
-
+# -- Answers: one request in, one TrackPrediction out -------------------------------------
 @dataclasses.dataclass(slots=True)
 class Asked:
     """A usable prediction request, normalised."""
@@ -318,23 +274,16 @@ class Asked:
     timestamp: float
 
     def features(self) -> dict[str, Any]:
+        """The model's input (its values, in order, are also the answer cache's key)."""
         return {"station_id": self.station_id, "route_id": self.route_id, "trip_id": self.trip_id,
                 "headsign": self.headsign, "direction_id": self.direction_id,
                 "scheduled_timestamp": self.timestamp}  # fmt: skip
 
-    def cache_key(self) -> tuple:
-        return (self.station_id, self.route_id, self.trip_id, self.headsign, self.direction_id,
-                self.timestamp)  # fmt: skip
-
-
-def echo_time(text: str, timestamp: float) -> str:
-    """The requested time as an aware ISO string (a time without an offset gets Boston's)."""
-    from zoneinfo import ZoneInfo
-
-    parsed = dt.datetime.fromisoformat(text.strip())
-    if parsed.tzinfo is None:
-        parsed = dt.datetime.fromtimestamp(timestamp, ZoneInfo("America/New_York"))
-    return parsed.isoformat().replace("+00:00", "Z")  # UTC as pydantic writes it
+    @property
+    def suffix(self) -> str:
+        """The tracker's key suffix for this departure: station:route:trip:UTC date."""
+        day = dt.datetime.fromtimestamp(self.timestamp, dt.UTC).date().isoformat()
+        return f"{self.station_id}:{self.route_id}:{self.trip_id}:{day}"
 
 
 def asked_from(doc: dict[str, Any]) -> Asked:
@@ -351,13 +300,15 @@ def asked_from(doc: dict[str, Any]) -> Asked:
     for name in ("station_id", "route_id", "trip_id", "headsign", "scheduled_time"):
         if doc.get(name) is not None and not isinstance(doc[name], str):
             raise ValueError(f"{name} must be a string")
+    text = doc["scheduled_time"]
     try:
-        timestamp = parse_instant(doc["scheduled_time"])
-        echoed = echo_time(doc["scheduled_time"], timestamp)
+        timestamp = parse_instant(text)
+        parsed = dt.datetime.fromisoformat(text.strip())
+        if parsed.tzinfo is None:  # echoed as an aware time: Boston's when it has no offset
+            parsed = dt.datetime.fromtimestamp(timestamp, BOSTON)
     except (ValueError, OverflowError):
-        raise ValueError(
-            f"scheduled_time {doc['scheduled_time']!r} is not an ISO 8601 time"
-        ) from None
+        raise ValueError(f"scheduled_time {text!r} is not an ISO 8601 time") from None
+    echoed = parsed.isoformat().replace("+00:00", "Z")  # UTC as pydantic writes it
     return Asked(parent_station(doc["station_id"].strip()), doc["route_id"].strip(),
                  (doc.get("trip_id") or "").strip(), (doc.get("headsign") or "").strip(),
                  direction, echoed, timestamp)  # fmt: skip
@@ -385,24 +336,20 @@ def answers_from_probabilities(loaded: LoadedModel, asked: list[Asked], calibrat
     ]  # fmt: skip
 
 
-def display_confidence(confidence: float) -> float:
-    """What a display should show: the calibrated probability rounded *down* to a 5%
-    step, so a display never claims more than the model does (0.83 shows as 0.80)."""
-    return math.floor(confidence * 20 + 1e-9) / 20
-
-
-def track_prediction(asked: Asked, answer: Answer, accuracy: float, method: str,
+def track_prediction(asked: Asked, answer: Answer, accuracy: float,
                      created_at: str) -> dict[str, Any]:  # fmt: skip
-    """The tracker's TrackPrediction, every field filled honestly."""
+    """The tracker's TrackPrediction, every field filled honestly. `display_confidence` is the
+    calibrated probability rounded *down* to a 5% step, so a display never claims more than
+    the model does (0.83 shows as 0.80)."""
     return {
         "station_id": asked.station_id, "route_id": asked.route_id, "trip_id": asked.trip_id,
         "headsign": asked.headsign, "direction_id": asked.direction_id,
         "scheduled_time": asked.scheduled_time, "track_number": answer.track,
         "confidence_score": round(answer.confidence, 6), "accuracy": round(accuracy, 6),
         "model_confidence": round(answer.model_confidence, 6),
-        "display_confidence": display_confidence(answer.confidence),
-        "prediction_method": method, "historical_matches": answer.matches,
-        "created_at": created_at,
+        "display_confidence": math.floor(answer.confidence * 20 + 1e-9) / 20,
+        "prediction_method": f"imt-ml model {answer.version}",
+        "historical_matches": answer.matches, "created_at": created_at,
     }  # fmt: skip
 
 
@@ -412,14 +359,11 @@ class AnswerCache:
 
     def __init__(self, ttl: float, size: int = 100_000) -> None:
         self.ttl, self.size = ttl, size
-        self.entries: collections.OrderedDict[tuple, tuple[float, Answer]] = (
-            collections.OrderedDict()
-        )
+        #: (version, *features) -> (expiry on the monotonic clock, answer)
+        self.entries: collections.OrderedDict = collections.OrderedDict()
 
     def get(self, version: str, asked: Asked) -> Answer | None:
-        if self.ttl <= 0:
-            return None
-        key = (version, *asked.cache_key())
+        key = (version, *asked.features().values())
         found = self.entries.get(key)
         if found is None or found[0] < time.monotonic():
             return None
@@ -427,49 +371,35 @@ class AnswerCache:
         return found[1]
 
     def put(self, asked: Asked, answer: Answer) -> None:
-        if self.ttl <= 0:
-            return
-        self.entries[(answer.version, *asked.cache_key())] = (time.monotonic() + self.ttl, answer)
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        if self.ttl > 0:
+            key = (answer.version, *asked.features().values())
+            self.entries[key] = (time.monotonic() + self.ttl, answer)
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
 
-# ---------------------------------------------------------------------------
-# Live accuracy: every answer kept, scored against the track recorded later.
-# ---------------------------------------------------------------------------
-
-
+# -- Live accuracy: every answer kept, scored against the track recorded later ------------
 class LiveAccuracy:
-    """Keeps served answers in Redis (`imt:served:{station}:{route}:{trip}:{UTC date}`, a
-    hash of model version -> answer, expiring after 3 days, indexed by scheduled time)
-    and, every `score_interval`, compares those whose departure has passed with
-    `track_history:` under the same suffix. Outcomes add up per model version, station
-    and route in `imt:live:{version}:{station}:{route}` hashes (totals, hits, tracks
-    and calibration bins), which survive restarts. Writes are buffered and made by a
-    background thread, so an answer never waits for Redis."""
+    """Keeps served answers in Redis (`imt:served:{suffix}`: model version -> answer) and,
+    every `score_interval`, scores those whose departure has passed against `track_history:`
+    under the same suffix, into `imt:live:{version}:{station}:{route}` (see docs/serving.md).
+    A background thread makes the writes, so an answer never waits for Redis."""
 
     def __init__(self, target: RedisTarget, score_interval: float) -> None:
         self.target = target
         self.score_interval = score_interval
-        self.buffer: collections.deque[tuple[str, float, str, bytes]] = collections.deque(
-            maxlen=200_000
-        )
+        #: (suffix, scheduled timestamp, version, answer) not yet written
+        self.buffer: collections.deque = collections.deque(maxlen=200_000)
         #: (version, station, route) -> the counters of that hash, as numbers
         self.table: dict[tuple[str, str, str], dict[str, float]] = {}
         self.redis_ok = True
-        self.scored = 0
-        self._stop = threading.Event()
         self._client: Any = None
 
     def served(self, asked: Asked, answer: Answer) -> None:
         """Keep an answer for scoring (answers without a trip id cannot be matched)."""
-        if not asked.trip_id:
-            return
-        suffix = f"{asked.station_id}:{asked.route_id}:{asked.trip_id}:{utc_date(asked.timestamp)}"
-        value = orjson.dumps({"track": answer.track, "p": round(answer.confidence, 6)})
-        self.buffer.append((suffix, asked.timestamp, answer.version, value))
-
-    # -- reading ---------------------------------------------------------------
+        if asked.trip_id:
+            value = orjson.dumps({"track": answer.track, "p": round(answer.confidence, 6)})
+            self.buffer.append((asked.suffix, asked.timestamp, answer.version, value))
 
     def accuracy(self, version: str, station: str, route: str) -> float:
         row = self.table.get((version, station, route))
@@ -478,46 +408,35 @@ class LiveAccuracy:
     def stats(self, version: str, station: str, route: str) -> dict[str, Any]:
         row = self.table.get((version, station, route), {})
         total, correct = int(row.get("total", 0)), int(row.get("correct", 0))
-        by_track = {
-            k.removeprefix("track:"): int(v) for k, v in row.items() if k.startswith("track:")
-        }
+        tracks = {k.removeprefix("track:"): int(v) for k, v in row.items() if k[:6] == "track:"}
+        updated = row.get("updated")
+        updated = dt.datetime.fromtimestamp(updated, dt.UTC).isoformat() if updated else None
         return {"total_predictions": total, "correct_predictions": correct,
                 "accuracy_rate": correct / total if total else 0.0,
                 "expected_calibration_error": self.ece(row),
                 "mean_confidence": row.get("confidence_sum", 0.0) / total if total else 0.0,
-                "last_updated": dt.datetime.fromtimestamp(row["updated"], dt.UTC).isoformat()
-                if row.get("updated") else None,
-                "prediction_counts_by_track": dict(sorted(by_track.items(), key=lambda kv: int(kv[0])
-                                                          if kv[0].isdigit() else 999))}  # fmt: skip
+                "last_updated": updated,
+                "prediction_counts_by_track": {t: tracks[t] for t in sorted(
+                    tracks, key=lambda t: int(t) if t.isdigit() else 999)}}  # fmt: skip
 
     @staticmethod
     def ece(row: dict[str, float]) -> float | None:
+        """Expected calibration error over the confidence bins; None before any outcome."""
         total = row.get("total", 0)
         if not total:
             return None
-        error = 0.0
-        for b in range(CALIBRATION_BINS):
-            n = row.get(f"bin{b}:n", 0)
-            if n:
-                error += (
-                    abs(row.get(f"bin{b}:confidence", 0) - row.get(f"bin{b}:correct", 0)) / total
-                )
-        return error
+        bins = range(CALIBRATION_BINS)
+        gaps = [abs(row.get(f"bin{b}:confidence", 0) - row.get(f"bin{b}:correct", 0)) for b in bins]
+        return sum(gap / total for gap in gaps)
 
-    # -- the background thread ---------------------------------------------------
+    def start(self, stop: threading.Event) -> None:
+        """Write, score and refresh in the background; once more, then end, when `stop` is set."""
+        threading.Thread(target=self._loop, args=(stop,), name="live-accuracy", daemon=True).start()
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._loop, name="live-accuracy", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
         next_score = 0.0
         while True:
-            stopping = self._stop.wait(1.0)
+            stopping = stop.wait(1.0)
             try:
                 while self.buffer:  # small pipelines: the answering threads wait less for the GIL
                     self.flush()
@@ -532,7 +451,8 @@ class LiveAccuracy:
             except Exception as exc:
                 if self.redis_ok:
                     log(f"{now_iso()} live accuracy: Redis at {self.target.label} failed "
-                        f"({self.target.redact(str(exc))[:200]}); answers wait in memory")  # fmt: skip
+                        f"({self.target.redact(str(exc))[:200]}); "
+                        "answers wait in memory")  # fmt: skip
                 self.redis_ok = False
                 self._client = None
             if stopping:
@@ -559,48 +479,42 @@ class LiveAccuracy:
             self.buffer.extendleft(reversed(batch))
             raise
 
-    def score(self, now: float | None = None) -> int:
+    def score(self) -> None:
         """Compare answers whose departure has passed with the recorded tracks."""
-        client = self.client()
-        now = time.time() if now is None else now
-        scored = 0
+        client, now = self.client(), time.time()
         while True:
-            due = client.zrangebyscore(
-                SERVED_INDEX, "-inf", now, start=0, num=2000, withscores=True
-            )
+            due = client.zrangebyscore(SERVED_INDEX, "-inf", now, 0, 2000, withscores=True)
             if not due:
-                return scored
-            pipe = client.pipeline(transaction=False)
+                return
+            reads = client.pipeline(transaction=False)
             for member, _ in due:
-                pipe.get(b"track_history:" + member)
-                pipe.hgetall(SERVED_PREFIX.encode() + member)
-            replies = pipe.execute()
-            updates = client.pipeline(transaction=True)
+                reads.get(b"track_history:" + member)
+                reads.hgetall(SERVED_PREFIX.encode() + member)
+            replies = reads.execute()
+            pipe = client.pipeline(transaction=True)
             done = 0
             for (member, timestamp), recorded, answers in zip(due, replies[::2], replies[1::2],
                                                                 strict=True):  # fmt: skip
-                track = _recorded_track(recorded)
+                track = (_json_object(recorded) or {}).get("track_number")
+                track = track.lstrip("0") or None if isinstance(track, str) else None
                 if track is None and timestamp > now - SERVED_TTL:
                     continue  # not recorded yet: look again next time
-                station, route = member.decode().split(":")[:2]
-                for version, value in (answers or {}).items():
-                    if track is None:
-                        break
-                    answer = orjson.loads(value)
-                    self._add_outcome(updates, version.decode(), station, route, answer, track, now)
-                    scored += 1
-                updates.zrem(SERVED_INDEX, member)
-                updates.delete(SERVED_PREFIX.encode() + member)
+                if track is not None:
+                    for version, value in (answers or {}).items():
+                        self._add_outcome(pipe, member, version, orjson.loads(value), track, now)
+                pipe.zrem(SERVED_INDEX, member)
+                pipe.delete(SERVED_PREFIX.encode() + member)
                 done += 1
-            updates.execute()
-            self.scored += scored
+            pipe.execute()
             if done == 0:  # everything due is still waiting for its record
-                return scored
+                return
 
     @staticmethod
-    def _add_outcome(pipe: Any, version: str, station: str, route: str, answer: dict[str, Any],
-                     track: str, now: float) -> None:  # fmt: skip
-        key = f"{LIVE_PREFIX}{version}:{station}:{route}"
+    def _add_outcome(pipe: Any, member: bytes, version: bytes, answer: dict[str, Any], track: str,
+                     now: float) -> None:  # fmt: skip
+        """Count one scored answer in `imt:live:{version}:{station}:{route}`."""
+        station, route = member.decode().split(":")[:2]
+        key = f"{LIVE_PREFIX}{version.decode()}:{station}:{route}"
         hit = int(answer["track"] == track)
         confidence = float(answer["p"])
         b = min(int(confidence * CALIBRATION_BINS), CALIBRATION_BINS - 1)
@@ -628,26 +542,18 @@ class LiveAccuracy:
         self.table = table
 
 
-def _json_field(raw: bytes | None, name: str) -> Any:
-    """One field of a stored JSON object; None when absent or the value is not one."""
-    if raw is None:
+def _json_object(value: bytes | None) -> dict[str, Any] | None:
+    """A stored JSON object; None when absent or not one."""
+    if value is None:
         return None
     try:
-        return orjson.loads(raw).get(name)
-    except (orjson.JSONDecodeError, AttributeError):
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
         return None
+    return doc if isinstance(doc, dict) else None
 
 
-def _recorded_track(raw: bytes | None) -> str | None:
-    track = _json_field(raw, "track_number")
-    return track.lstrip("0") or None if isinstance(track, str) else None
-
-
-# ---------------------------------------------------------------------------
-# The service: what HTTP and the queue share.
-# ---------------------------------------------------------------------------
-
-
+# -- The service: what HTTP and the queue share -------------------------------------------
 class RateLimiter:
     """Fixed one-minute windows per client address and endpoint group."""
 
@@ -686,9 +592,9 @@ class PredictionService:
         self.mbta = MbtaClient(options.api_url, options.api_key)
         self.date_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self.metrics = Metrics(self)
+        self.batcher = Batcher(holder)
         self._redis: Any = None
         self._redis_lock = threading.Lock()
-        self.batcher: Batcher | None = None
 
     def redis(self) -> Any:
         with self._redis_lock:
@@ -701,13 +607,7 @@ class PredictionService:
         with self._redis_lock:
             self._redis = None
 
-    def split_known(self, loaded: LoadedModel, asked: list[Asked]) -> list[Answer | None]:
-        """Cached answers, None where the model must be asked."""
-        return [self.cache.get(loaded.version, a) for a in asked]
-
-    def finish(
-        self, loaded: LoadedModel, asked: list[Asked], answers: list[Answer]
-    ) -> list[dict[str, Any]]:
+    def finish(self, asked: list[Asked], answers: list[Answer]) -> list[dict[str, Any]]:
         """TrackPredictions for answered requests; each kept for live accuracy."""
         created = now_iso()
         out = []
@@ -716,9 +616,7 @@ class PredictionService:
             self.live.served(a, answer)
             self.metrics.prediction(a.station_id)
             accuracy = self.live.accuracy(answer.version, a.station_id, a.route_id)
-            out.append(
-                track_prediction(a, answer, accuracy, f"imt-ml model {answer.version}", created)
-            )
+            out.append(track_prediction(a, answer, accuracy, created))
         return out
 
     async def answer(self, asked: list[Asked]) -> list[dict[str, Any]]:
@@ -727,22 +625,20 @@ class PredictionService:
         loaded = self.holder.current
         known = [a.station_id in loaded.predictor.stations for a in asked]
         usable = [a for a, k in zip(asked, known, strict=True) if k]
-        answers = self.split_known(loaded, usable)
+        answers = [self.cache.get(loaded.version, a) for a in usable]
         missing = [a for a, found in zip(usable, answers, strict=True) if found is None]
         if missing:
-            assert self.batcher is not None
             model, calibrated, raw = await self.batcher.predict([a.features() for a in missing])
             fresh = iter(answers_from_probabilities(model, missing, calibrated, raw))
             answers = [found or next(fresh) for found in answers]
-        done = iter(self.finish(loaded, usable, answers))  # type: ignore[arg-type]
+        done = iter(self.finish(usable, answers))  # type: ignore[arg-type]
         return [{"success": True, "prediction": next(done)} if k
                 else {"success": False, "prediction": UNAVAILABLE} for k in known]  # fmt: skip
 
 
 class Batcher:
-    """Requests that arrive while the model is busy are answered together in its next
-    call: one model call per burst instead of one per request. Runs on the event loop;
-    the model itself runs in one worker thread."""
+    """Requests that arrive while the model is busy are answered together in its next call
+    (one call per burst, not per request). Runs on the event loop; the model in one thread."""
 
     def __init__(self, holder: ModelHolder) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -786,53 +682,15 @@ class Batcher:
             self.running = False
 
 
-# ---------------------------------------------------------------------------
-# Metrics (Prometheus text at /metrics).
-# ---------------------------------------------------------------------------
-
-
-class LiveCollector:
-    """Metrics read when scraped: the model answering, swaps, live accuracy by version,
-    station and route."""
-
-    def __init__(self, service: PredictionService) -> None:
-        self.service = service
-
-    def collect(self) -> Any:
-        from prometheus_client.core import GaugeMetricFamily
-
-        service = self.service
-        loaded = service.holder.current
-        info = GaugeMetricFamily("imt_model_info", "The model answering now", labels=["version"])
-        info.add_metric([loaded.version], 1.0)
-        yield info
-        swaps = GaugeMetricFamily("imt_model_swaps", "Models swapped in since start")
-        swaps.add_metric([], float(service.holder.swaps))
-        yield swaps
-        labels = ["version", "station", "route"]
-        accuracy = GaugeMetricFamily("imt_live_accuracy", "Share of scored answers whose "
-                                     "track was the one recorded", labels=labels)  # fmt: skip
-        scored = GaugeMetricFamily("imt_live_scored", "Answers scored against a recorded "
-                                   "track", labels=labels)  # fmt: skip
-        ece = GaugeMetricFamily("imt_live_ece", "Expected calibration error of scored "
-                                "answers (10 bins)", labels=labels)  # fmt: skip
-        for (version, station, route), row in sorted(service.live.table.items()):
-            if row.get("total"):
-                accuracy.add_metric([version, station, route], row["correct"] / row["total"])
-                scored.add_metric([version, station, route], row["total"])
-                ece.add_metric([version, station, route], LiveAccuracy.ece(row) or 0.0)
-        yield accuracy
-        yield scored
-        yield ece
-
-
 class Metrics:
-    """Requests and latency by endpoint, predictions by station, the model version and
-    live accuracy, in a registry of this service's own."""
+    """Prometheus metrics (/metrics) in a registry of this service's own: requests and
+    latency by endpoint, predictions by station, queue outcomes, and, read when scraped,
+    the model answering, swaps and live accuracy by version, station and route."""
 
     def __init__(self, service: PredictionService) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
+        self.service = service
         self.registry = CollectorRegistry()
         self.requests = Counter("imt_http_requests_total", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)  # fmt: skip
@@ -845,7 +703,7 @@ class Metrics:
         self.queue = Counter("imt_queue_requests_total", "Queue requests by outcome", ["outcome"],
                              registry=self.registry)  # fmt: skip
         self._by_station: dict[str, Any] = {}
-        self.registry.register(LiveCollector(service))
+        self.registry.register(self)  # collect() below
 
     def prediction(self, station: str) -> None:
         counter = self._by_station.get(station)
@@ -853,28 +711,46 @@ class Metrics:
             counter = self._by_station[station] = self.predictions.labels(station)
         counter.inc()
 
-    def text(self) -> bytes:
-        from prometheus_client import generate_latest
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
 
-        return generate_latest(self.registry)
+        holder, table = self.service.holder, self.service.live.table
+        info = GaugeMetricFamily("imt_model_info", "The model answering now", labels=["version"])
+        info.add_metric([holder.current.version], 1.0)
+        swaps = GaugeMetricFamily("imt_model_swaps", "Models swapped in since start")
+        swaps.add_metric([], float(holder.swaps))
+        labels = ["version", "station", "route"]
+        accuracy = GaugeMetricFamily("imt_live_accuracy", "Share of scored answers whose "
+                                     "track was the one recorded", labels=labels)  # fmt: skip
+        scored = GaugeMetricFamily("imt_live_scored", "Answers scored against a recorded "
+                                   "track", labels=labels)  # fmt: skip
+        ece = GaugeMetricFamily("imt_live_ece", "Expected calibration error of scored "
+                                "answers (10 bins)", labels=labels)  # fmt: skip
+        for key, row in sorted(table.items()):
+            if row.get("total"):
+                accuracy.add_metric(list(key), row["correct"] / row["total"])
+                scored.add_metric(list(key), row["total"])
+                ece.add_metric(list(key), LiveAccuracy.ece(row) or 0.0)
+        return [info, swaps, accuracy, scored, ece]
 
 
-# ---------------------------------------------------------------------------
-# The Redis queue (the tracker's protocol), answered from the shared service.
-# ---------------------------------------------------------------------------
+# -- The Redis queue (the tracker's protocol), answered from the shared service -----------
+#: A Redis write: key, value, seconds to expiry.
+Write = tuple[str, bytes, int]
+#: A queue request that cannot be answered: its id (None when it has none), why.
+Refused = tuple[str | None, str]
 
 
 @dataclasses.dataclass
 class TrackRequest:
     """One usable request from the tracker's queue."""
 
-    raw: bytes
     id: str
     doc: dict[str, Any]
     asked: Asked
 
 
-def parse_track_request(raw: bytes) -> TrackRequest | tuple[str | None, str]:
+def parse_track_request(raw: bytes) -> TrackRequest | Refused:
     """A TrackRequest, or (its id if it has one, why it cannot be answered)."""
     try:
         doc = orjson.loads(raw)
@@ -886,10 +762,9 @@ def parse_track_request(raw: bytes) -> TrackRequest | tuple[str | None, str]:
     if isinstance(request_id, bool) or not isinstance(request_id, str | int) or request_id == "":
         return None, "the request has no usable id"
     try:
-        asked = asked_from(doc)
+        return TrackRequest(str(request_id), doc, asked_from(doc))
     except ValueError as exc:
         return str(request_id), str(exc)
-    return TrackRequest(raw, str(request_id), doc, asked)
 
 
 #: Moves up to ARGV[1] requests to the processing list in one round trip.
@@ -917,24 +792,6 @@ TRACKER_WRITE_CONFIDENCE = 0.5
 TRACKER_MARGIN = 0.05
 
 
-#: A Redis write: key, value, seconds to expiry.
-Write = tuple[str, bytes, int]
-
-
-def split_requests(
-    parsed: list[TrackRequest | tuple[str | None, str]], loaded: LoadedModel
-) -> tuple[list[TrackRequest], list[tuple[str | None, str]]]:
-    """The requests the model can answer, and (id, reason) for the rest: those that
-    could not be parsed, then those for a station the model does not know."""
-    good = [p for p in parsed if isinstance(p, TrackRequest)]
-    refused = [p for p in parsed if not isinstance(p, TrackRequest)]
-    refused += [
-        (r.id, UNAVAILABLE) for r in good if r.asked.station_id not in loaded.predictor.stations
-    ]
-    good = [r for r in good if r.asked.station_id in loaded.predictor.stations]
-    return good, refused
-
-
 def result_body(request: TrackRequest, prediction: dict[str, Any], row: Any,
                 created_at: str) -> bytes:  # fmt: skip
     """A queue result, as the tracker's worker wrote it."""
@@ -951,25 +808,22 @@ def result_body(request: TrackRequest, prediction: dict[str, Any], row: Any,
 
 
 class PredictionWorker:
-    """Answers the tracker's queue: BLMOVE to a processing list, predict the batch in one
-    call, write the results (and the tracker's `track_prediction:` records) and remove
-    the batch in one transaction. A request is never lost: whatever a dead worker left
-    in the processing list is requeued when a worker (re)connects."""
+    """Answers the tracker's queue: BLMOVE to a processing list, predict the batch in one call,
+    write the results and remove the batch in one transaction. A request is never lost: what a
+    dead worker left in the processing list is requeued when a worker (re)connects."""
 
-    def __init__(self, service: PredictionService, target: RedisTarget, opts: ServeOptions):
-        self.service = service
-        self.target = target
-        self.opts = opts
-        self.stopping = False
+    def __init__(self, service: PredictionService, target: RedisTarget, stopping: threading.Event):
+        self.service, self.target, self.opts = service, target, service.options
+        self.stopping = stopping  # set: finish the batch in hand and return
         self.answered = self.errors = self.batches = self.below = 0
 
     def run(self) -> None:
-        """Serve until `stopping`, then finish the batch in hand and return."""
+        """Serve until `stopping` is set."""
         import redis
 
         client = self.target.connect()
         self._requeue(client)
-        while not self.stopping:
+        while not self.stopping.is_set():
             try:
                 batch = self._take_batch(client)
                 if batch:
@@ -977,17 +831,15 @@ class PredictionWorker:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 client = self._reconnect(exc)
         log(f"{now_iso()} queue stopped: answered {self.answered:,} requests ({self.errors:,} "
-            f"with an error, {self.below:,} below --min-confidence) in {self.batches:,} batches")  # fmt: skip
+            f"with an error, {self.below:,} below --min-confidence) "
+            f"in {self.batches:,} batches")  # fmt: skip
 
     def _reconnect(self, exc: Exception) -> Any:
         """A new connection after a lost one, retried with backoff (0.5 s doubling to 10 s)."""
         log(f"{now_iso()} queue: lost Redis at {self.target.label} "
             f"({self.target.redact(str(exc)) or type(exc).__name__}); reconnecting")  # fmt: skip
         delay = 0.5
-        while not self.stopping:
-            deadline = time.monotonic() + delay
-            while not self.stopping and time.monotonic() < deadline:
-                time.sleep(0.05)
+        while not self.stopping.wait(delay):
             try:
                 client = self.target.connect()
                 self._requeue(client)
@@ -1001,9 +853,8 @@ class PredictionWorker:
     def _requeue(self, client: Any) -> None:
         moved = client.eval(_REQUEUE, 2, self.opts.processing_key, self.opts.requests_key)
         if moved:
-            log(
-                f"{now_iso()} queue: requeued {moved:,} requests left unanswered by an earlier worker"
-            )
+            log(f"{now_iso()} queue: requeued {moved:,} requests left unanswered by an "
+                "earlier worker")  # fmt: skip
 
     def _take_batch(self, client: Any) -> list[bytes]:
         """Up to max_batch requests, waiting at most half a second for the first."""
@@ -1018,22 +869,34 @@ class PredictionWorker:
     def _answer(self, client: Any, batch: list[bytes]) -> None:
         """Answer one batch: results, errors and the tracker's records written, and the
         batch removed from the processing list, in one transaction."""
-        parsed = [parse_track_request(raw) for raw in batch]
         created_at = now_iso()
         loaded = self.service.holder.current
-        good, refused = split_requests(parsed, loaded)
+        parsed = [parse_track_request(raw) for raw in batch]
+        requests = [p for p in parsed if isinstance(p, TrackRequest)]
+        stations = loaded.predictor.stations
+        good = [r for r in requests if r.asked.station_id in stations]
+        # (id, why) of those that cannot be answered: unparsable, then for an unknown station
+        refused = [p for p in parsed if not isinstance(p, TrackRequest)]
+        refused += [(r.id, UNAVAILABLE) for r in requests if r.asked.station_id not in stations]
         try:
-            rows, predictions = self._predict(loaded, good)
+            answered = self._predict(loaded, good)
         except Exception as exc:  # the model failed on a batch: answer it, never stop
             log(f"{now_iso()} queue: prediction failed for a batch of {len(good)}: "
                 f"{type(exc).__name__}: {exc}")  # fmt: skip
             failed = [(r.id, f"prediction failed: {type(exc).__name__}") for r in good]
-            refused = [*failed, *refused]
-            good, rows, predictions = [], [], []
-        writes, trackers = self._result_writes(good, predictions, rows, created_at)
-        writes += self._error_writes(refused, created_at)
-        tracker_writes, deletes = self._tracker_writes(client, trackers)
-        writes += tracker_writes
+            refused, answered = [*failed, *refused], []
+        writes, trackers = self._result_writes(answered, refused, created_at)
+        deletes = []
+        stored = client.mget([f"track_prediction:{s}" for s, _ in trackers]) if trackers else []
+        for (suffix, prediction), old in zip(trackers, stored, strict=True):
+            # The tracker's rule for replacing its record; the negative one it supersedes goes.
+            old = (_json_object(old) or {}).get("confidence_score")
+            new = prediction["confidence_score"]
+            beaten = isinstance(old, int | float) and new > old + TRACKER_MARGIN
+            if new >= TRACKER_WRITE_CONFIDENCE or beaten:
+                writes.append((f"track_prediction:{suffix}", orjson.dumps(prediction),
+                               TRACK_PREDICTION_TTL))  # fmt: skip
+                deletes.append(f"negative_track_prediction:{suffix}")
         pipe = client.pipeline(transaction=True)
         for key, value, ttl in writes:
             pipe.set(key, value, ex=ttl)
@@ -1046,113 +909,74 @@ class PredictionWorker:
         self.batches += 1
         self.service.metrics.queue.labels("answered").inc(len(batch))
 
-    def _result_writes(self, good: list[TrackRequest], predictions: list[dict[str, Any]],
-                       rows: list[Any], created_at: str) -> tuple[list[Write], list[tuple[str, dict[str, Any]]]]:  # fmt: skip
-        """The result and latest-result keys of each answer confident enough, and the
+    def _result_writes(self, answered: list[tuple[TrackRequest, dict[str, Any], Any]],
+                       refused: list[Refused], created_at: str
+                       ) -> tuple[list[Write], list[tuple[str, dict[str, Any]]]]:  # fmt: skip
+        """The result and latest-result keys of each answer confident enough, an error
+        result for each request refused (one without an id is only logged), and the
         tracker's records (suffix, prediction) to consider."""
+        opts = self.opts
         writes: list[Write] = []
         trackers: list[tuple[str, dict[str, Any]]] = []
-        for request, prediction, row in zip(good, predictions, rows, strict=True):
+        for request, prediction, row in answered:
             asked = request.asked
-            if prediction["confidence_score"] < self.opts.min_confidence:
+            if prediction["confidence_score"] < opts.min_confidence:
                 self.below += 1
                 continue
             body = result_body(request, prediction, row, created_at)
-            latest = (f"{self.opts.latest_prefix}{asked.station_id}:{asked.route_id}:"
+            latest = (f"{opts.latest_prefix}{asked.station_id}:{asked.route_id}:"
                       f"{asked.direction_id}:{int(asked.timestamp)}")  # fmt: skip
-            writes += [(self.opts.result_prefix + request.id, body, self.opts.result_ttl),
-                       (latest, body, self.opts.result_ttl)]  # fmt: skip
+            writes += [(opts.result_prefix + request.id, body, opts.result_ttl),
+                       (latest, body, opts.result_ttl)]  # fmt: skip
             if asked.trip_id:
-                suffix = f"{asked.station_id}:{asked.route_id}:{asked.trip_id}:{utc_date(asked.timestamp)}"
-                trackers.append(
-                    (suffix, {**prediction, "prediction_method": TRACKER_PREDICTION_METHOD})
-                )
-        return writes, trackers
-
-    def _error_writes(self, refused: list[tuple[str | None, str]], created_at: str) -> list[Write]:
-        """An error result for each request that cannot be answered (one without an id
-        is only logged)."""
-        writes: list[Write] = []
+                tracker = {**prediction, "prediction_method": TRACKER_PREDICTION_METHOD}
+                trackers.append((asked.suffix, tracker))
         for request_id, reason in refused:
             self.errors += 1
             if request_id is None:
                 log(f"{now_iso()} queue: dropped a request without a usable id: {reason}")
                 continue
             body = orjson.dumps({"id": request_id, "error": reason, "created_at": created_at})
-            writes.append((self.opts.result_prefix + request_id, body, self.opts.result_ttl))
-        return writes
+            writes.append((opts.result_prefix + request_id, body, opts.result_ttl))
+        return writes, trackers
 
-    @staticmethod
-    def _tracker_writes(client: Any, trackers: list[tuple[str, dict[str, Any]]]
-                        ) -> tuple[list[Write], list[str]]:  # fmt: skip
-        """The tracker's records that its rule lets replace the existing ones, and the
-        negative records they supersede (to delete)."""
-        writes: list[Write] = []
-        deletes: list[str] = []
-        if not trackers:
-            return writes, deletes
-        existing = client.mget([f"track_prediction:{s}" for s, _ in trackers])
-        for (suffix, prediction), old in zip(trackers, existing, strict=True):
-            old_confidence = _confidence_of(old)
-            confidence = prediction["confidence_score"]
-            if confidence >= TRACKER_WRITE_CONFIDENCE or (
-                    old_confidence is not None and confidence > old_confidence + TRACKER_MARGIN):  # fmt: skip
-                writes.append((f"track_prediction:{suffix}", orjson.dumps(prediction),
-                               TRACK_PREDICTION_TTL))  # fmt: skip
-                deletes.append(f"negative_track_prediction:{suffix}")
-        return writes, deletes
-
-    def _predict(
-        self, loaded: LoadedModel, good: list[TrackRequest]
-    ) -> tuple[list[Any], list[dict[str, Any]]]:
-        """One model call: each request's probabilities laid out as the queue's protocol
-        has them (index i is track i + 1), and its TrackPrediction."""
+    def _predict(self, loaded: LoadedModel, good: list[TrackRequest]) -> list[tuple]:
+        """One model call: (request, its TrackPrediction, its probabilities laid out as the
+        queue's protocol has them: index i is track i + 1) for each request."""
         import numpy as np
 
         if not good:
-            return [], []
+            return []
         asked = [r.asked for r in good]
         calibrated, raw = loaded.predictor.both_probabilities([a.features() for a in asked])
-        predictions = self.service.finish(
-            loaded, asked, answers_from_probabilities(loaded, asked, calibrated, raw)
-        )
-        by_track = np.zeros((len(good), loaded.num_tracks))
+        answers = answers_from_probabilities(loaded, asked, calibrated, raw)
+        predictions = self.service.finish(asked, answers)
+        by_track = np.zeros((len(good), int(loaded.track_index.max()) + 1))
         by_track[:, loaded.track_index] = calibrated
-        return list(by_track), predictions
+        return list(zip(good, predictions, by_track, strict=True))
 
 
-def _confidence_of(raw: bytes | None) -> float | None:
-    value = _json_field(raw, "confidence_score")
-    return float(value) if isinstance(value, int | float) else None
-
-
-# ---------------------------------------------------------------------------
-# HTTP: the tracker's prediction API (FastAPI), plus /healthz, /model and /metrics: one
-# APIRouter per concern, the service reached through the ServiceDep dependency, and
-# create_app wiring them with the middleware and the error handlers.
-# ---------------------------------------------------------------------------
-
-#: Endpoint label for metrics (path templates, so ids do not make new series).
-ENDPOINTS = (("/predictions/date", "/predictions/date"), ("/predictions", "/predictions"),
-             ("/chained-predictions", "/chained-predictions"),
-             ("/stats/", "/stats/{station_id}/{route_id}"),
-             ("/historical/", "/historical/{station_id}/{route_id}"), ("/healthz", "/healthz"),
-             ("/model", "/model"), ("/metrics", "/metrics"), ("/docs", "/docs"),
-             ("/openapi.json", "/openapi.json"))  # fmt: skip
+# -- HTTP (FastAPI): one APIRouter per concern, the service reached through ServiceDep -----
+#: Endpoint labels for metrics (path templates, so ids do not make new series); a path
+#: matches the part before any `{`, exactly or, ending in `/`, as a prefix.
+ENDPOINTS = ("/predictions/date", "/predictions", "/chained-predictions",
+             "/stats/{station_id}/{route_id}", "/historical/{station_id}/{route_id}", "/healthz",
+             "/model", "/metrics", "/docs", "/openapi.json")  # fmt: skip
 _SLASHES = re.compile(r"/{2,}")
 
 
 def endpoint_of(path: str) -> str:
-    for prefix, name in ENDPOINTS:
+    for name in ENDPOINTS:
+        prefix = name.split("{")[0]
         if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
             return name
     return "other"
 
 
 class EdgeMiddleware:
-    """Plain ASGI, in front of everything: `//predictions` is `/predictions` (mbta-mcp's
-    base URL ends with a slash); a body over the cap is HTTP 413 before any parsing;
-    every request is counted and timed by endpoint."""
+    """Plain ASGI, in front of everything: `//predictions` is `/predictions` (mbta-mcp's base
+    URL ends with a slash); a body over the cap is HTTP 413 before any parsing; every request
+    is counted and timed by endpoint."""
 
     def __init__(self, app: Any, service: PredictionService) -> None:
         self.app = app
@@ -1167,7 +991,6 @@ class EdgeMiddleware:
         if "//" in path:
             path = _SLASHES.sub("/", path)
             scope = {**scope, "path": path, "raw_path": path.encode()}
-        endpoint = endpoint_of(path)
         status = [500]
 
         async def send_counted(message: dict) -> None:
@@ -1177,19 +1000,21 @@ class EdgeMiddleware:
 
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_capped(receive)
-                if body is None:
-                    await self._json(send_counted, 413, {"detail": "request body too large (at most "
-                                     f"{self.service.options.max_body_bytes:,} bytes)"})  # fmt: skip
+                replay = await self._read_capped(receive)
+                if replay is None:
+                    cap = self.service.options.max_body_bytes
+                    detail = f"request body too large (at most {cap:,} bytes)"
+                    await ORJSONResponse({"detail": detail}, 413)(scope, receive, send_counted)
                     return
-                receive = self._replay(body)
+                receive = replay
             await self.app(scope, receive, send_counted)
         finally:
-            metrics = self.service.metrics
+            endpoint, metrics = endpoint_of(path), self.service.metrics
             metrics.requests.labels(endpoint, str(status[0])).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _read_capped(self, receive: Callable) -> bytes | None:
+    async def _read_capped(self, receive: Callable) -> Callable | None:
+        """Read the whole body: a `receive` that replays it, or None when over the cap."""
         cap = self.service.options.max_body_bytes
         chunks, size = [], 0
         while True:
@@ -1203,29 +1028,15 @@ class EdgeMiddleware:
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
-        return b"".join(chunks)
+        unread = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-    @staticmethod
-    def _replay(body: bytes) -> Callable:
-        sent = False
-
-        async def receive() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def replay() -> dict:
+            if unread:
+                return unread.pop()
             await asyncio.Event().wait()  # a second receive waits for a disconnect that never comes
             return {"type": "http.disconnect"}
 
-        return receive
-
-    @staticmethod
-    async def _json(send: Callable, status: int, body: dict) -> None:
-        payload = orjson.dumps(body)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": payload})
+        return replay
 
 
 class ORJSONResponse(Response):
@@ -1237,9 +1048,7 @@ class ORJSONResponse(Response):
         return orjson.dumps(content)
 
 
-# -- the bodies the endpoints parse themselves (their schemas are listed at /docs) ------
-
-
+# -- The bodies the endpoints parse themselves (their schemas are listed at /docs) --------
 class PredictionRequest(BaseModel):
     """The tracker's PredictionRequest (as a JSON body or as query parameters)."""
 
@@ -1248,8 +1057,10 @@ class PredictionRequest(BaseModel):
     trip_id: str = Field("", examples=["CR-Weekday-Fall-26-520"])
     headsign: str = Field("", examples=["Worcester"])
     direction_id: int = Field(examples=[0])
-    scheduled_time: str = Field(examples=["2026-12-02T17:35:00-05:00"],
-                                description="ISO 8601; without an offset it is Boston time")  # fmt: skip
+    scheduled_time: str = Field(
+        examples=["2026-12-02T17:35:00-05:00"],
+        description="ISO 8601; without an offset it is Boston time",
+    )
 
 
 class ChainedRequest(BaseModel):
@@ -1269,9 +1080,7 @@ def body_schema(model_name: str, required: bool = True) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{model_name}"}}}}}  # fmt: skip
 
 
-# -- dependencies and helpers the routers share ------------------------------------------
-
-
+# -- Dependencies and helpers the routers share -------------------------------------------
 async def get_service(request: Request) -> PredictionService:
     """The service the application was made for (create_app keeps it in app.state)."""
     return request.app.state.service
@@ -1283,10 +1092,8 @@ ServiceDep = Annotated[PredictionService, Depends(get_service)]
 
 def limited(request: Request, service: PredictionService, group: str) -> ORJSONResponse | None:
     """None when the client may make this request, else the HTTP 429 to answer."""
-    if service.limiter is None:
-        return None
     client = request.client.host if request.client else "unknown"
-    wait = service.limiter.allow(client, group)
+    wait = service.limiter.allow(client, group) if service.limiter else None
     if wait is None:
         return None
     return ORJSONResponse({"detail": f"rate limit exceeded: {service.limiter.limits[group]} "
@@ -1317,18 +1124,11 @@ def validated(doc: Any, where: str) -> Asked:
         raise ValueError(f"{where}: {exc}") from None
 
 
-# -- errors: every one answered as {"detail": ...} ---------------------------------------
-
-
+# -- Errors: every one answered as {"detail": ...} (HTTP errors by FastAPI's own handler) --
 async def invalid(_request: Request, exc: RequestValidationError) -> ORJSONResponse:
     detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
               for e in exc.errors()]  # fmt: skip
-    return ORJSONResponse({"detail": detail}, status_code=422)
-
-
-async def http_error(_request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
-    return ORJSONResponse({"detail": exc.detail}, status_code=exc.status_code,
-                          headers=getattr(exc, "headers", None))  # fmt: skip
+    return unprocessable(detail)
 
 
 async def crashed(_request: Request, exc: Exception) -> ORJSONResponse:
@@ -1336,24 +1136,21 @@ async def crashed(_request: Request, exc: Exception) -> ORJSONResponse:
     return ORJSONResponse({"detail": "internal error"}, status_code=500)
 
 
-EXCEPTION_HANDLERS: tuple[tuple[type[Exception], Callable[..., Any]], ...] = (
-    (RequestValidationError, invalid), (StarletteHTTPException, http_error), (Exception, crashed))  # fmt: skip
-
-
-# -- the tracker's prediction API: one departure, or many at once ------------------------
-
+# -- The tracker's prediction API: one departure, or many at once -------------------------
 prediction_router = APIRouter()
 
 
-@prediction_router.post("/predictions", openapi_extra=body_schema("PredictionRequest", required=False),
-                        summary="Predict the track of one departure (JSON body or query parameters)")  # fmt: skip
+@prediction_router.post("/predictions",
+                        openapi_extra=body_schema("PredictionRequest", required=False),
+                        summary="Predict the track of one departure (JSON body or query "
+                                "parameters)")  # fmt: skip
 async def predictions(request: Request, service: ServiceDep) -> Any:
     if (refused := limited(request, service, "predictions")) is not None:
         return refused
+    query = request.query_params
     try:
-        query = request.query_params
         doc = dict(query) if "station_id" in query else await json_body(request)
-        asked = validated(doc, "body" if "station_id" not in query else "query")
+        asked = validated(doc, "query" if "station_id" in query else "body")
     except ValueError as exc:
         return unprocessable(str(exc))
     return ORJSONResponse((await service.answer([asked]))[0])
@@ -1377,8 +1174,7 @@ async def chained_predictions(request: Request, service: ServiceDep) -> Any:
     return ORJSONResponse({"results": await service.answer(asked)})
 
 
-# -- the tracker's record endpoints: live accuracy, recorded tracks ----------------------
-
+# -- The tracker's record endpoints: live accuracy, recorded tracks -----------------------
 record_router = APIRouter()
 
 
@@ -1411,36 +1207,22 @@ def historical(request: Request, station_id: str, route_id: str, service: Servic
                                     now - days * 86_400, now)  # fmt: skip
         values = client.mget(keys) if keys else []
     except Exception as exc:
-        log(f"{now_iso()} /historical: Redis failed: {service.redis_target.redact(str(exc))[:200]}")
+        redacted = service.redis_target.redact(str(exc))[:200]
+        log(f"{now_iso()} /historical: Redis failed: {redacted}")
         service.drop_redis()
         return ORJSONResponse({"detail": "the history store (Redis) is not answering"},
                               status_code=503)  # fmt: skip
     return [doc for doc in map(_json_object, values) if doc is not None]
 
 
-def _json_object(value: bytes | None) -> dict[str, Any] | None:
-    """A stored JSON object; None when absent or not one."""
-    if value is None:
-        return None
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-# -- predictions by date: the day's scheduled departures (MBTA V3 API), each predicted ---
-
-
+# -- Predictions by date: the day's scheduled departures (MBTA V3 API), each predicted -----
 def boston_date(text: str) -> dt.date:
     """The Boston calendar date of a date or datetime string; ValueError if neither."""
-    from zoneinfo import ZoneInfo
-
     text = text.strip()
     try:
         if len(text) == 10:
             return dt.date.fromisoformat(text)
-        return dt.datetime.fromtimestamp(parse_instant(text), ZoneInfo("America/New_York")).date()
+        return dt.datetime.fromtimestamp(parse_instant(text), BOSTON).date()
     except (ValueError, OverflowError):
         raise ValueError(f"target_date {text!r} is not a date or an ISO 8601 datetime") from None
 
@@ -1448,14 +1230,12 @@ def boston_date(text: str) -> dt.date:
 async def date_answer(service: PredictionService, day: dt.date) -> dict[str, Any]:
     """That day's departures at the four stations (MBTA V3 schedules), each predicted;
     cached an hour per date and model version."""
-    from zoneinfo import ZoneInfo
-
     from starlette.concurrency import run_in_threadpool
 
-    today = dt.datetime.now(ZoneInfo("America/New_York")).date()
+    today = dt.datetime.now(BOSTON).date()
     if not today - dt.timedelta(days=1) <= day <= today + dt.timedelta(days=7):
-        return {"success": False, "departures": [],
-                "note": "Predictions by date are available from yesterday to 7 days ahead"}  # fmt: skip
+        note = "Predictions by date are available from yesterday to 7 days ahead"
+        return {"success": False, "departures": [], "note": note}
     loaded = service.holder.current
     key = (day.isoformat(), loaded.version)
     cached = service.date_cache.get(key)
@@ -1464,21 +1244,19 @@ async def date_answer(service: PredictionService, day: dt.date) -> dict[str, Any
     try:
         departures = await run_in_threadpool(scheduled_departures, service, day)
     except Exception as exc:
-        return {"success": False, "departures": [],
-                "note": f"the MBTA API could not be asked for schedules: {service.mbta.redact(str(exc))[:200]}"}  # fmt: skip
-    asked = [a for _, a in departures]
-    answers = await service.answer(asked) if asked else []
+        why = service.mbta.redact(str(exc))[:200]
+        note = f"the MBTA API could not be asked for schedules: {why}"
+        return {"success": False, "departures": [], "note": note}
+    answers = await service.answer([a for _, a in departures]) if departures else []
+    found = [a["prediction"] if a["success"] else None for a in answers]
     body = {"success": True, "note": None if departures else "no departures found for this date",
-            "departures": [{"departure_info": info,
-                            "prediction": answer["prediction"] if answer["success"] else None}
-                           for (info, _), answer in zip(departures, answers, strict=True)]}  # fmt: skip
+            "departures": [{"departure_info": info, "prediction": p}
+                           for (info, _), p in zip(departures, found, strict=True)]}  # fmt: skip
     service.date_cache[key] = (time.monotonic() + service.options.cache_seconds, body)
     return body
 
 
-def scheduled_departures(
-    service: PredictionService, day: dt.date
-) -> list[tuple[dict[str, Any], Asked]]:
+def scheduled_departures(service: PredictionService, day: dt.date) -> list[tuple[dict, Asked]]:
     """(departure_info, request) for each scheduled commuter-rail departure of `day`."""
     from imt_ml.record_track_data import tracker_headsign
 
@@ -1489,24 +1267,22 @@ def scheduled_departures(
     for resource in document.get("included") or []:
         if not isinstance(resource, dict):
             continue
-        if resource.get("type") == "stop":
+        kind, rid = resource.get("type"), resource.get("id")
+        if kind == "stop":
             parent = ((resource.get("relationships") or {}).get("parent_station") or {}).get("data")
-            parents[resource.get("id")] = (
-                parent.get("id") if isinstance(parent, dict) else resource.get("id")
-            )
-        elif resource.get("type") == "trip":
-            headsigns[resource.get("id")] = (resource.get("attributes") or {}).get("headsign") or ""
+            parents[rid] = parent.get("id") if isinstance(parent, dict) else rid
+        elif kind == "trip":
+            headsigns[rid] = (resource.get("attributes") or {}).get("headsign") or ""
     out = []
     for schedule in document.get("data") or []:
         try:
-            attributes = schedule["attributes"]
-            relations = schedule["relationships"]
+            attributes, relations = schedule["attributes"], schedule["relationships"]
             when = attributes.get("departure_time")
             if not when:
                 continue  # an arrival only: nothing departs
-            stop_id = relations["stop"]["data"]["id"]
-            trip_id = relations["trip"]["data"]["id"]
-            route_id = relations["route"]["data"]["id"]
+            stop_id, trip_id, route_id = (
+                relations[k]["data"]["id"] for k in ("stop", "trip", "route")
+            )
             direction = int(attributes.get("direction_id", relations.get("direction_id", 0)) or 0)
             station = parents.get(stop_id) or parent_station(stop_id)
             asked = asked_from({"station_id": station, "route_id": route_id, "trip_id": trip_id,
@@ -1523,7 +1299,8 @@ schedule_router = APIRouter()
 
 
 @schedule_router.post("/predictions/date", openapi_extra=body_schema("DateRequest"),
-                      summary="Every departure of a date at the four stations, predicted")  # fmt: skip
+                      summary="Every departure of a date at the four stations, "
+                              "predicted")  # fmt: skip
 async def predictions_for_date(request: Request, service: ServiceDep) -> Any:
     if (refused := limited(request, service, "date")) is not None:
         return refused
@@ -1537,8 +1314,7 @@ async def predictions_for_date(request: Request, service: ServiceDep) -> Any:
     return ORJSONResponse(await date_answer(service, day))
 
 
-# -- operations: liveness, the model, Prometheus metrics ---------------------------------
-
+# -- Operations: liveness, the model, Prometheus metrics ----------------------------------
 operations_router = APIRouter()
 
 
@@ -1562,103 +1338,46 @@ def model(service: ServiceDep) -> Any:
 
 @operations_router.get("/metrics", summary="Prometheus metrics")
 def metrics(service: ServiceDep) -> Any:
-    from prometheus_client import CONTENT_TYPE_LATEST
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
-
-
-# -- the application: the routers above, wired to one service ----------------------------
-
-#: In this order (the OpenAPI document lists the paths so).
-ROUTERS = (prediction_router, record_router, schedule_router, operations_router)
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# -- The application: the routers above, wired to one service -----------------------------
 def openapi_with_bodies(app: FastAPI, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """FastAPI's OpenAPI document plus the hand-parsed bodies' schemas (for /docs)."""
     if app.openapi_schema is None:
         schema = generate()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model_class in app.state.models:
+        for model_class in BODY_MODELS:
             components[model_class.__name__] = model_class.model_json_schema(
                 ref_template="#/components/schemas/{model}")  # fmt: skip
         app.openapi_schema = schema
     return app.openapi_schema
 
 
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the server runs: the batcher that groups requests into model calls."""
-    service = app.state.service
-    service.batcher = Batcher(service.holder)
-    yield
-
-
 def create_app(service: PredictionService) -> FastAPI:
     """The FastAPI application (OpenAPI docs at /docs): the routers, the middleware and
     the error handlers, with `service` in app.state for the endpoints' ServiceDep."""
     app = FastAPI(title="imt-ml track predictions", default_response_class=ORJSONResponse,
-                  description="The Inky MBTA Tracker's track-prediction API, answered by imt-ml.",
-                  lifespan=lifespan)  # fmt: skip
+                  description="The Inky MBTA Tracker's track-prediction API, answered by "
+                              "imt-ml.")  # fmt: skip
     app.state.service = service
-    app.state.models = BODY_MODELS  # for the OpenAPI schema
     app.add_middleware(EdgeMiddleware, service=service)
     origins = [o.strip() for o in service.options.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])  # fmt: skip
-    for exception, handler in EXCEPTION_HANDLERS:
-        app.add_exception_handler(exception, handler)
-    for router in ROUTERS:
+    app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, crashed)
+    # In this order: the OpenAPI document lists the paths so.
+    for router in (prediction_router, record_router, schedule_router, operations_router):
         app.include_router(router)
-    app.openapi_schema = None
-    app.openapi = functools.partial(openapi_with_bodies, app, app.openapi)  # type: ignore[method-assign]
+    app.openapi = functools.partial(openapi_with_bodies, app, app.openapi)  # type: ignore
     return app
 
 
-# ---------------------------------------------------------------------------
-# Running it: one process, HTTP in the main thread, the queue and watchers beside it.
-# ---------------------------------------------------------------------------
-
-
-class StatusLog:
-    """One line per interval: HTTP requests, queue answers, the model, live accuracy."""
-
-    def __init__(self, service: PredictionService, worker: PredictionWorker | None,
-                 interval: float) -> None:  # fmt: skip
-        self.service, self.worker, self.interval = service, worker, interval
-        self._stop = threading.Event()
-        self._last = (0.0, 0)
-
-    def start(self) -> None:
-        threading.Thread(target=self._loop, name="status-log", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _http_total(self) -> float:
-        total = 0.0
-        for metric in self.service.metrics.requests.collect():
-            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
-        return total
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            http, answered = self._http_total(), self.worker.answered if self.worker else 0
-            table = self.service.live.table
-            loaded = self.service.holder.current
-            rows = [r for (v, _, _), r in table.items() if v == loaded.version]
-            total = sum(r.get("total", 0) for r in rows)
-            correct = sum(r.get("correct", 0) for r in rows)
-            live = (
-                f"live accuracy {correct / total:.1%} of {total:,.0f} scored"
-                if total
-                else "no answer scored yet"
-            )
-            log(f"{now_iso()} last {self.interval:g} s: {http - self._last[0]:,.0f} HTTP requests, "
-                f"{answered - self._last[1]:,} queue requests; model {loaded.version}; {live}")  # fmt: skip
-            self._last = (http, answered)
-
-
+# -- Running it: one process, HTTP in the main thread, the queue and watchers beside it ----
 def listening_socket(host: str, port: int) -> socket.socket:
     """Bind the HTTP port ourselves: a port in use is one clear line, not a uvicorn trace."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1675,83 +1394,83 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 class ServiceRun:
-    """One run of the service: the background threads, the queue worker, the stop
-    signal, and the HTTP server (or a wait in its place) until SIGTERM/SIGINT."""
+    """One run: live accuracy, the registry watcher, the status log, the queue worker and HTTP
+    (or a wait in its place) until SIGTERM/SIGINT; then what is in hand is finished."""
 
     def __init__(self, service: PredictionService, target: RedisTarget,
                  sock: socket.socket | None) -> None:  # fmt: skip
         options = service.options
         self.service, self.target, self.sock = service, target, sock
-        self.worker = None if options.no_queue else PredictionWorker(service, target, options)
+        self.stopping = threading.Event()  # a signal came, or HTTP ended: the queue stops
+        self.finished = threading.Event()  # the background threads end
+        self.worker = None if options.no_queue else PredictionWorker(service, target, self.stopping)
         self.worker_thread: threading.Thread | None = None
-        self.status = StatusLog(service, self.worker, options.log_interval)
-        self.stopping = threading.Event()
 
-    def start(self) -> None:
-        """Live accuracy, the registry watcher and the status log (the queue starts later)."""
-        self.service.live.start()
-        if self.service.holder.registry is not None:
-            self.service.holder.watch(self.service.options.watch_interval)
-        self.status.start()
+    def run(self) -> None:
+        """Start the background threads, announce, serve, and finish what is in hand."""
+        service, options = self.service, self.service.options
+        service.live.start(self.finished)
+        if service.holder.registry is not None:
+            service.holder.watch(options.watch_interval, self.finished)
+        threading.Thread(target=self.status_log, name="status-log", daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
+        where = []
+        if self.sock is not None:
+            port = self.sock.getsockname()[1]
+            where.append(f"HTTP on http://{options.http_host}:{port} (docs at /docs)")
+        if self.worker is not None:
+            where.append(f"the queue {options.requests_key} on Redis at {self.target.label}")
+        loaded = service.holder.current
+        log(f"{now_iso()} serving model {loaded.version} ({loaded.path}, "
+            f"{len(loaded.predictor.labels)} tracks): {'; '.join(where)}")  # fmt: skip
+        if self.worker is not None:
+            self.worker_thread = threading.Thread(target=self.worker.run, name="queue", daemon=True)
+            self.worker_thread.start()
+        try:
+            if self.sock is None:  # wait for a signal or the queue's end
+                while not self.stopping.wait(0.5):
+                    if self.worker_thread is not None and not self.worker_thread.is_alive():
+                        break
+            else:  # HTTP until uvicorn stops (on a signal, which it re-raises into stop())
+                import uvicorn
+
+                config = uvicorn.Config(create_app(service), log_level="warning",
+                                        access_log=False, lifespan="on",
+                                        timeout_graceful_shutdown=10)  # fmt: skip
+                uvicorn.Server(config).run(sockets=[self.sock])
+                if not self.stopping.is_set():
+                    self.stop(signal.SIGTERM, None)
+        finally:  # let the queue finish its batch, stop the threads, write the last answers
+            self.stopping.set()
+            if self.worker_thread is not None:
+                self.worker_thread.join(timeout=30)
+            self.finished.set()
+            with contextlib.suppress(Exception):
+                service.live.flush()  # the last answers, for scoring
 
     def stop(self, signum: int, _frame: Any) -> None:
         """The signal handler (uvicorn re-raises what it caught: it lands here too)."""
         if not self.stopping.is_set():
             log(f"{now_iso()} {signal.Signals(signum).name}: finishing what is in hand")
         self.stopping.set()
-        if self.worker is not None:
-            self.worker.stopping = True
 
-    def announce(self) -> None:
-        options, loaded = self.service.options, self.service.holder.current
-        where = (
-            []
-            if self.sock is None
-            else [
-                f"HTTP on http://{options.http_host}:{self.sock.getsockname()[1]} (docs at /docs)"
-            ]
-        )
-        if self.worker is not None:
-            where.append(f"the queue {options.requests_key} on Redis at {self.target.label}")
-        log(f"{now_iso()} serving model {loaded.version} ({loaded.path}, {len(loaded.predictor.labels)} "
-            f"tracks): {'; '.join(where)}")  # fmt: skip
-
-    def start_queue(self) -> None:
-        if self.worker is not None:
-            self.worker_thread = threading.Thread(target=self.worker.run, name="queue", daemon=True)
-            self.worker_thread.start()
-
-    def serve(self) -> None:
-        """HTTP until uvicorn stops, or else wait for a signal or the queue's end."""
-        if self.sock is not None:
-            self.serve_http(self.sock)
-            if not self.stopping.is_set():
-                self.stop(signal.SIGTERM, None)
-        else:
-            while not self.stopping.wait(0.5):
-                if self.worker_thread is not None and not self.worker_thread.is_alive():
-                    break
-
-    def serve_http(self, sock: socket.socket) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(create_app(self.service), log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=10)  # fmt: skip
-        uvicorn.Server(config).run(sockets=[sock])
-
-    def finish(self) -> None:
-        """Let the queue finish its batch, stop the threads, write the last answers."""
-        if self.worker is not None:
-            self.worker.stopping = True
-        if self.worker_thread is not None:
-            self.worker_thread.join(timeout=30)
-        self.service.holder.stop()
-        self.status.stop()
-        self.service.live.stop()
-        with contextlib.suppress(Exception):
-            self.service.live.flush()  # the last answers, for scoring
+    def status_log(self) -> None:
+        """One line per --log-interval: HTTP requests, queue answers, the model, live accuracy."""
+        interval, last = self.service.options.log_interval, (0.0, 0)
+        while not self.finished.wait(interval):
+            metrics = self.service.metrics.requests.collect()
+            http = sum(s.value for m in metrics for s in m.samples if s.name.endswith("_total"))
+            answered = self.worker.answered if self.worker else 0
+            version = self.service.holder.current.version
+            rows = [r for (v, _, _), r in self.service.live.table.items() if v == version]
+            total = sum(r.get("total", 0) for r in rows)
+            correct = sum(r.get("correct", 0) for r in rows)
+            live = f"live accuracy {correct / total:.1%} of {total:,.0f} scored" if total else ""
+            log(f"{now_iso()} last {interval:g} s: {http - last[0]:,.0f} HTTP requests, "
+                f"{answered - last[1]:,} queue requests; model {version}; "
+                f"{live or 'no answer scored yet'}")  # fmt: skip
+            last = (http, answered)
 
 
 def run_service(model: Path, target: RedisTarget, options: ServeOptions) -> int:
@@ -1763,18 +1482,10 @@ def run_service(model: Path, target: RedisTarget, options: ServeOptions) -> int:
     # collection every couple of requests, and the older generations in turn: p99 halved.
     gc.set_threshold(50_000, 20, 100)
     target.connect().close()  # a wrong password or host: one line, exit 1
-    holder = ModelHolder(model)
-    service = PredictionService(holder, LiveAccuracy(target, options.score_interval), target,
-                                options)  # fmt: skip
+    live = LiveAccuracy(target, options.score_interval)
+    service = PredictionService(ModelHolder(model), live, target, options)
     sock = None if options.no_http else listening_socket(options.http_host, options.http_port)
-    run = ServiceRun(service, target, sock)
-    run.start()
-    run.announce()
-    run.start_queue()
-    try:
-        run.serve()
-    finally:
-        run.finish()
+    ServiceRun(service, target, sock).run()
     log(f"{now_iso()} stopped")
     return 0
 
