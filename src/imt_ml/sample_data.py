@@ -1,16 +1,10 @@
 """Synthetic track history in the tracker's exact format, for demos, tests and benchmarks.
 
-The history imitates what the tracker records at Boston's commuter-rail stations:
-the real stations and their platforms, the twelve routes, weekday and weekend
-timetables whose trip ids change with the schedule season, train numbers that
-mostly keep a "home" track (less reliably in rush hours), and a few percent of
-the dirty records real data holds. Each clean record's generating distribution
-is known, so the best accuracy any model could reach is saved beside it
-(`sample_truth.npz`: per record, the probability of its most likely track).
-
-    uv run src/imt_ml/sample_data.py to-redis --records 50000 --redis-port 6379
-    uv run src/imt_ml/sample_data.py to-export --records 50000 --output track_data_export
-    uv run src/imt_ml/sample_data.py demo
+Boston's commuter-rail stations, platforms and twelve routes; weekday and weekend timetables
+whose trip ids change with the schedule season; trains that mostly keep a "home" track (less
+so in rush hours); a few percent of dirty records. Each clean record's generating distribution
+is known, so `sample_truth.npz` holds the probability of its most likely track (the ceiling).
+Commands (to-redis, to-export, demo): docs/recording-and-export.md#sample-data.
 """
 
 from __future__ import annotations
@@ -26,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 
@@ -49,10 +44,6 @@ from imt_ml.utils import (
     redis_options,
 )
 
-# ---------------------------------------------------------------------------
-# The network: stations, their platforms, and the routes that use them.
-# ---------------------------------------------------------------------------
-
 SOUTH_ROUTES = (
     "CR-Worcester", "CR-Providence", "CR-Franklin", "CR-Fairmount",
     "CR-Needham", "CR-Kingston", "CR-Greenbush", "CR-NewBedford",
@@ -62,7 +53,8 @@ NORTH_ROUTES = ("CR-Fitchburg", "CR-Lowell", "CR-Haverhill", "CR-Newburyport")
 #: station -> (its tracks, the routes that stop there)
 STATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "place-sstat": (tuple(str(t) for t in range(1, 14)), SOUTH_ROUTES),
-    "place-bbsta": (("1", "2", "3", "5", "7"), ("CR-Worcester", "CR-Providence", "CR-Franklin", "CR-Needham")),
+    "place-bbsta": (("1", "2", "3", "5", "7"),
+                    ("CR-Worcester", "CR-Providence", "CR-Franklin", "CR-Needham")),
     "place-rugg": (("1", "2", "3"), ("CR-Providence", "CR-Franklin", "CR-Needham")),
     "place-north": (tuple(str(t) for t in range(1, 11)), NORTH_ROUTES),
 }  # fmt: skip
@@ -104,6 +96,8 @@ DIRTY_RATES = {
     "expired_key": 0.003,
     "duplicate": 0.003,
 }
+#: The track number a dirty record of these kinds holds.
+BAD_TRACKS = {"null_track": None, "empty_track": "", "non_numeric_track": "Commuter Rail"}
 
 #: How each train shares its trips over its zone at a zone-only station.
 ZONE_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
@@ -116,10 +110,6 @@ def season_of(day: dt.date) -> tuple[str, int]:
     index = (day.month % 12) // 3  # Dec, Jan, Feb -> 0
     year = day.year - 1 if day.month in (1, 2) else day.year
     return SEASONS[index], year
-
-
-def is_rush_hour(hour: int, weekday: bool) -> bool:
-    return weekday and (7 <= hour < 10 or 16 <= hour < 19)
 
 
 @dataclass
@@ -144,9 +134,8 @@ class Assignment:
     kind: str  # "clean" or a DIRTY_RATES reason
     truth_key: tuple[str, str, float] | None = None  # (station, trip, scheduled ts)
     best_probability: float = 0.0
-    #: The probability of the track that was likeliest for this departure last season: the
-    #: most an answer can expect that knows every train's exact distribution before the
-    #: latest change of season and nothing after it.
+    #: The probability of the track likeliest last season: the most an answer can expect
+    #: that knows every distribution before the latest change of season and nothing after.
     last_season_probability: float = 0.0
 
 
@@ -157,8 +146,7 @@ class Closure:
     station: str
     tracks: tuple[str, ...]
     start: dt.date
-    end: dt.date
-    """The first day the platforms are open again."""
+    end: dt.date  # the first day the platforms are open again
 
     def active(self, station: str, day: dt.date) -> bool:
         return station == self.station and self.start <= day < self.end
@@ -168,35 +156,23 @@ class Closure:
 class Drift:
     """How much the world changes: what makes real history hard to predict."""
 
-    home_move_share: float = 0.25
-    """Share of trains whose home track moves at each change of schedule season."""
+    home_move_share: float = 0.25  # share of trains whose home moves at each season change
+    #: Stations whose trains keep to a zone of tracks (their route's window), not a home.
     zone_stations: tuple[str, ...] = ("place-north",)
-    """Stations whose trains keep only to a zone of tracks (their route's window),
-    spread over it with the world's zone weights in an order of their own, instead of a home."""
+    #: A departure that would use a closed platform uses the nearest open one (so does the truth).
     closures: tuple[Closure, ...] = ()
-    """Platforms closed for a while; a departure that would use one uses the nearest
-    open platform of its station instead (the truth file follows)."""
 
 
 @dataclass(frozen=True)
 class World:
-    """The character of one generated world, drawn from the seed, so that a model (or its
-    defaults) cannot be fitted to one fixed generator: how firmly trains keep their home
-    track, how a zone station spreads its trains, how often a departure is cancelled
-    (no record), and a share of trains whose track depends on the weekday."""
+    """One world's character, drawn from the seed: no model can fit one fixed generator."""
 
-    home_share: float = 0.9
-    """Chance of the home track off-peak, before the train's own reliability."""
-    rush_home_share: float = 0.74
-    """The same in weekday rush hours."""
-    reliability_low: float = 0.85
-    """Each train's reliability is drawn from [reliability_low, 1]."""
-    zone_weights: tuple[float, ...] = ZONE_WEIGHTS
-    """How a zone station's train shares its trips over its zone, most used first."""
-    cancel_rate: float = 0.0
-    """Share of departures cancelled (never recorded)."""
-    weekday_share: float = 0.0
-    """Share of weekday trains with a second home on some weekdays of their own."""
+    home_share: float = 0.9  # chance of the home track off-peak, before the train's reliability
+    rush_home_share: float = 0.74  # the same in weekday rush hours
+    reliability_low: float = 0.85  # each train's reliability is drawn from [this, 1]
+    zone_weights: tuple[float, ...] = ZONE_WEIGHTS  # a zone train's shares, most used first
+    cancel_rate: float = 0.0  # share of departures cancelled (never recorded)
+    weekday_share: float = 0.0  # share of weekday trains with a second home on some weekdays
 
     @classmethod
     def draw(cls, seed: int) -> World:
@@ -216,13 +192,10 @@ class SampleHistory:
     """Deterministic generator of tracker assignments (see the module docstring)."""
 
     def __init__(
-        self, seed: int = 42, drift: Drift | None = None, world: World | None = None,
-        local_times: bool = False,
-    ) -> None:  # fmt: skip
-        from zoneinfo import ZoneInfo
-
+        self, seed: int = 42, drift: Drift | None = None, local_times: bool = False
+    ) -> None:
         self.drift = drift or Drift()
-        self.world = world or World.draw(seed)
+        self.world = World.draw(seed)
         #: False: the tracker's real format (UTC times and clock fields, the UTC date in
         #: the key); True: Boston local times with their offset, as other writers wrote.
         self.local_times = local_times
@@ -240,15 +213,14 @@ class SampleHistory:
             for t in self.trains if t.weekday and self.rng.random() < self.world.weekday_share
         }  # fmt: skip
         self.second_homes: dict[tuple[str, int], str] = {}
-        # Each route favours a window of neighbouring platforms at each station;
-        # the windows overlap and together cover every platform.
+        # Each route favours a window of neighbouring platforms at each station; the windows
+        # overlap and together cover every platform.
         self.windows: dict[tuple[str, str], list[str]] = {}
         for station, (tracks, routes) in STATIONS.items():
             for i, route_id in enumerate(routes):
-                width = min(4, len(tracks))
                 start = round(i * len(tracks) / len(routes))
                 self.windows[station, route_id] = [
-                    tracks[(start + i) % len(tracks)] for i in range(width)
+                    tracks[(start + j) % len(tracks)] for j in range(min(4, len(tracks)))
                 ]
         self.homes: dict[tuple[str, int], str] = {}
         self.zones: dict[tuple[str, int], list[str]] = {}  # the zone, most used first
@@ -259,15 +231,14 @@ class SampleHistory:
 
     def _timetable(self) -> list[Train]:
         trains = []
+        span = (23 * 60 + 30) - (5 * 60 + 30)
         for route_id, route in ROUTES.items():
             for weekday in (True, False):
                 count = route.trains_per_direction if weekday else route.trains_per_direction // 2
-                offset = 0 if weekday else 50
                 for direction_id in (0, 1):
                     for k in range(count):
                         # Outbound trains carry even numbers, inbound odd ones.
-                        number = route.number_base + offset + 2 * k + direction_id
-                        span = (23 * 60 + 30) - (5 * 60 + 30)
+                        number = route.number_base + (0 if weekday else 50) + 2 * k + direction_id
                         minutes = 5 * 60 + 30 + int(span * (k + self.rng.random()) / count)
                         if direction_id == 0:
                             dest = self.rng.choice(route.destinations)
@@ -287,17 +258,20 @@ class SampleHistory:
             self.homes[key] = self.rng.choice(self.windows[station, train.route_id])
         if weekday in self.second_home_days.get(train.number, ()):
             if key not in self.second_homes:
-                window = self.windows[station, train.route_id]
-                others = [t for t in window if t != self.homes[key]] or window
-                self.second_homes[key] = self.rng.choice(others)
+                self.second_homes[key] = self._other_track(key, train.route_id)
             return self.second_homes[key]
         return self.homes[key]
+
+    def _other_track(self, key: tuple[str, int], route_id: str) -> str:
+        """A random track of the window other than the home (the home if it is alone)."""
+        window = self.windows[key[0], route_id]
+        return self.rng.choice([t for t in window if t != self.homes[key]] or window)
 
     def _zone(self, station: str, train: Train) -> list[str]:
         key = (station, train.number)
         if key not in self.zones:
-            self.zones[key] = self.rng.sample(self.windows[station, train.route_id],
-                                              len(self.windows[station, train.route_id]))  # fmt: skip
+            window = self.windows[station, train.route_id]
+            self.zones[key] = self.rng.sample(window, len(window))
         return self.zones[key]
 
     def _new_season(self, season: tuple[str, int]) -> None:
@@ -307,10 +281,7 @@ class SampleHistory:
             route_of = {t.number: t.route_id for t in self.trains}
             for key in sorted(self.homes):
                 if self.rng.random() < self.drift.home_move_share:
-                    station, number = key
-                    window = self.windows[station, route_of[number]]
-                    others = [t for t in window if t != self.homes[key]] or window
-                    self.homes[key] = self.rng.choice(others)
+                    self.homes[key] = self._other_track(key, route_of[key[1]])
             for key in sorted(self.zones):
                 if self.rng.random() < self.drift.home_move_share:
                     self.zones[key] = self.rng.sample(self.zones[key], len(self.zones[key]))
@@ -319,33 +290,25 @@ class SampleHistory:
     def track_distribution(
         self, station: str, train: Train, hour: int, weekday: int | None = None
     ) -> dict[str, float]:
-        """The generating distribution over tracks for one departure (Boston `hour` and
-        `weekday`)."""
+        """The generating distribution over tracks for one departure (Boston hour, weekday)."""
         if station in self.drift.zone_stations:
             zone = self._zone(station, train)
             shares = self.world.zone_weights[: len(zone)]
             return {track: w / sum(shares) for track, w in zip(zone, shares, strict=True)}
         home = self._home(station, train, weekday)
         others = [t for t in self.windows[station, train.route_id] if t != home]
-        w = self.world
-        p_home = w.rush_home_share if is_rush_hour(hour, train.weekday) else w.home_share
-        p_home *= train.reliability
-        p_home = max(p_home, 0.55)
-        dist = {home: p_home}
-        if others:
-            # The first neighbour takes most of the exceptions.
-            weights = [0.6] + [0.4 / max(len(others) - 1, 1)] * (len(others) - 1)
-            if len(others) == 1:
-                weights = [1.0]
-            for track, share in zip(others, weights, strict=True):
-                dist[track] = (1 - p_home) * share
-        else:
-            dist[home] = 1.0
-        return dist
+        rush = train.weekday and (7 <= hour < 10 or 16 <= hour < 19)
+        p_home = self.world.rush_home_share if rush else self.world.home_share
+        p_home = max(p_home * train.reliability, 0.55)
+        if not others:
+            return {home: 1.0}
+        # The first neighbour takes most of the exceptions.
+        n = len(others) - 1
+        weights = [0.6] + [0.4 / n] * n if n else [1.0]
+        return {home: p_home} | {t: (1 - p_home) * w for t, w in zip(others, weights, strict=True)}
 
     def with_closures(self, dist: dict[str, float], station: str, day: dt.date) -> dict[str, float]:
-        """`dist` with the probability of a closed platform moved to the nearest open one
-        (the lower on a tie)."""
+        """`dist`, closed platforms' probability moved to the nearest open one (lower on a tie)."""
         closed = {t for c in self.drift.closures if c.active(station, day) for t in c.tracks}
         if not closed:
             return dist
@@ -359,21 +322,20 @@ class SampleHistory:
             moved[track] = moved.get(track, 0.0) + p
         return moved
 
-    def last_season_distribution(
-        self, station: str, train: Train, hour: int, weekday: int | None = None
-    ) -> dict[str, float] | None:
-        """The distribution this departure had under last season's homes and zones (None in
-        the first season). Call after `track_distribution` for the same departure, so every
-        home it needs exists and no random number is drawn."""
+    def _last_season_track(self, station: str, train: Train, local: dt.datetime) -> str | None:
+        """The track likeliest under last season's homes and zones (None in the first season).
+        Call after `track_distribution`, so that no random number is drawn."""
         if self._last_season is None:
             return None
         homes, zones = self.homes, self.zones
         self.homes = {**homes, **self._last_season[0]}
         self.zones = {**zones, **self._last_season[1]}
         try:
-            return self.track_distribution(station, train, hour, weekday)
+            last = self.track_distribution(station, train, local.hour, local.weekday())
         finally:
             self.homes, self.zones = homes, zones
+        last = self.with_closures(last, station, local.date())
+        return max(last, key=lambda t: last[t])
 
     def _trip_id(self, train: Train, day: dt.date) -> str:
         season, year = season_of(day)
@@ -403,14 +365,12 @@ class SampleHistory:
         """`n_records` assignments (clean and dirty), day by day from START_DATE."""
         rng = self.rng
         dirty_total = sum(DIRTY_RATES.values())
-        reasons = list(DIRTY_RATES)
-        reason_weights = [DIRTY_RATES[r] for r in reasons]
+        reasons, reason_weights = list(DIRTY_RATES), list(DIRTY_RATES.values())
         last_clean: Assignment | None = None
         emitted = 0
         day = START_DATE
         while emitted < n_records:
-            season = season_of(day)
-            if season != self._season:
+            if (season := season_of(day)) != self._season:
                 self._new_season(season)
             for station, train, local in self._departures(day):
                 if emitted >= n_records:
@@ -422,100 +382,71 @@ class SampleHistory:
                     kind = rng.choices(reasons, reason_weights)[0]
                     if kind == "duplicate" and last_clean is None:
                         kind = "clean"
-                if kind == "duplicate":
-                    assert last_clean is not None
-                    yield self._duplicate_of(last_clean)
-                    self.skip_counts["duplicate"] += 1
-                    emitted += 1
-                    last_clean = None  # never duplicate the same record twice
-                    continue
-                event = self._assignment(station, train, local, kind)
-                if kind == "clean":
-                    last_clean = event
+                if kind == "duplicate" and last_clean is not None:
+                    # Never duplicate the same record twice.
+                    event, last_clean = self._duplicate_of(last_clean), None
                 else:
+                    event = self._assignment(station, train, local, kind)
+                    if kind == "clean":
+                        last_clean = event
+                if kind != "clean":
                     self.skip_counts[kind] += 1
                 emitted += 1
                 yield event
             day += dt.timedelta(days=1)
 
     def _assignment(self, station: str, train: Train, local: dt.datetime, kind: str) -> Assignment:
-        rng = self.rng
-        trip_id = self._trip_id(train, local.date())
+        rng, day = self.rng, local.date()
+        trip_id = self._trip_id(train, day)
         dist = self.track_distribution(station, train, local.hour, local.weekday())
-        dist = self.with_closures(dist, station, local.date())
-        track: str | None = rng.choices(list(dist), list(dist.values()))[0]
+        dist = self.with_closures(dist, station, day)
+        track = rng.choices(list(dist), list(dist.values()))[0]
         recorded = local - dt.timedelta(seconds=rng.randint(300, 1800))
         # Other writers knew an actual time, sometimes (drawn either way, so both formats
         # describe the same departures and tracks).
         actual = local + dt.timedelta(seconds=rng.randint(-30, 600))
-        known = rng.random() > 0.1
-        extra: dict[str, Any] = {}
-        if self.local_times:
-            extra["actual_time"] = actual.isoformat() if known else None
+        actual_time = actual.isoformat() if rng.random() > 0.1 else None
+        extra = {"actual_time": actual_time} if self.local_times else {}
         doc = assignment_doc(
             station, train.route_id, trip_id, train.headsign, train.direction_id, local, track,
             assignment_type="historical" if rng.random() > 0.02 else "predicted",
             recorded=recorded, utc=not self.local_times, **extra,
         )  # fmt: skip
-        if kind == "null_track":
-            doc["track_number"] = None
-        elif kind == "empty_track":
-            doc["track_number"] = ""
-        elif kind == "non_numeric_track":
-            doc["track_number"] = "Commuter Rail"
+        if kind in BAD_TRACKS:
+            doc["track_number"] = BAD_TRACKS[kind]
         elif kind == "missing_field":
             del doc[rng.choice(["headsign", "hour", "scheduled_time", "direction_id"])]
         elif kind == "wrong_type":
             field = rng.choice(["direction_id", "hour"])
             doc[field] = str(doc[field])
-        payload: str | None = json.dumps(doc, separators=(",", ":"))
+        payload = json.dumps(doc, separators=(",", ":"))
         if kind == "invalid_json":
-            assert payload is not None
             payload = payload[: len(payload) // 2]  # a torn write
-        elif kind == "expired_key":
-            payload = None
         series = f"track_timeseries:{station}:{train.route_id}"
         # The key holds the scheduled date as the writer saw it: UTC for the tracker.
         keyed = local if self.local_times else local.astimezone(dt.UTC)
         member = f"track_history:{station}:{train.route_id}:{trip_id}:{keyed.date().isoformat()}"
         score = local.timestamp()
-        event = Assignment(series, member, score, payload, kind)
+        event = Assignment(series, member, score, None if kind == "expired_key" else payload, kind)
         if kind == "clean":
             event.truth_key = (station, trip_id, score)
-            event.best_probability = max(dist.values())
-            last = self.last_season_distribution(station, train, local.hour, local.weekday())
-            last = None if last is None else self.with_closures(last, station, local.date())
-            event.last_season_probability = (
-                event.best_probability
-                if last is None
-                else dist.get(max(last, key=lambda t: last[t]), 0.0)
-            )
+            event.best_probability = best = max(dist.values())
+            last = self._last_season_track(station, train, local)
+            event.last_season_probability = best if last is None else dist.get(last, 0.0)
         return event
 
-    def _duplicate_of(self, original: Assignment) -> Assignment:
+    def _duplicate_of(self, first: Assignment) -> Assignment:
         """A second copy of a clean record, in one of two ways seen in real data."""
-        station = original.series_key.split(":")[1]
+        station = first.series_key.split(":")[1]
         if self.rng.random() < 0.5:
             # The same history key indexed by another route's series at the station.
-            routes = [r for r in STATIONS[station][1] if r not in original.series_key]
+            routes = [r for r in STATIONS[station][1] if r not in first.series_key]
             series = f"track_timeseries:{station}:{self.rng.choice(routes)}"
-            return Assignment(series, original.member_key, original.score, None, "duplicate")
+            return Assignment(series, first.member_key, first.score, None, "duplicate")
         # The same assignment again under a key whose date is written differently.
-        prefix, day = original.member_key.rsplit(":", 1)
+        prefix, day = first.member_key.rsplit(":", 1)
         member = f"{prefix}:{day.replace('-', '')}"
-        return Assignment(
-            original.series_key, member, original.score, original.payload, "duplicate"
-        )
-
-
-# ---------------------------------------------------------------------------
-# Destinations: a Redis in the tracker's layout, or an export directory.
-# ---------------------------------------------------------------------------
-
-
-def utc_iso(when: dt.datetime) -> str:
-    """An aware time as the tracker wrote it: UTC with a `Z` (microseconds when present)."""
-    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+        return Assignment(first.series_key, member, first.score, first.payload, "duplicate")
 
 
 def assignment_doc(
@@ -523,16 +454,13 @@ def assignment_doc(
     scheduled: dt.datetime, track: str | None, recorded: dt.datetime | None = None,
     utc: bool = True, **fields: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """One track assignment as the tracker stores it (docs/tracker-layout.md).
-
-    `utc` (the tracker's real format): `scheduled_time` in UTC with a `Z`, `actual_time`
-    the same (the tracker never knew the actual time), and `day_of_week`, `hour` and
-    `minute` of the UTC time. Otherwise the local-offset form other writers used: the
-    aware `scheduled` time as given, its own clock fields, no actual time. `fields`
-    override any field (actual_time, assignment_type, ...)."""
+    """One track assignment as the tracker stores it (docs/tracker-layout.md). `utc` (its real
+    format): times in UTC with a `Z`, actual_time = scheduled_time (the tracker never knew it),
+    clock fields of the UTC time; else other writers' local-offset form with its own clock
+    fields and no actual time. `fields` override any field (actual_time, ...)."""
     recorded = recorded or scheduled - dt.timedelta(minutes=15)
     written = scheduled.astimezone(dt.UTC) if utc else scheduled
-    text = utc_iso(scheduled) if utc else scheduled.isoformat()
+    text = written.isoformat().replace("+00:00", "Z") if utc else scheduled.isoformat()
     return {
         "station_id": station, "route_id": route_id, "trip_id": trip_id, "headsign": headsign,
         "direction_id": direction_id, "assignment_type": "historical", "track_number": track,
@@ -547,8 +475,8 @@ def save_truth(
     path: Path, keys: list[tuple[str, str, float]], best: list[float],
     last_season: list[float] | None = None,
 ) -> None:  # fmt: skip
-    """Write `sample_truth.npz`: record identity -> best achievable probability (and, when
-    given, what an answer knowing only last season can expect)."""
+    """Write `sample_truth.npz`: record identity -> best achievable probability (and what an
+    answer knowing only last season can expect)."""
     import numpy as np
 
     extra = {} if last_season is None else {
@@ -604,18 +532,13 @@ def write_export(
     local_times: bool = False,
 ) -> Path:
     """Write an export directory directly (the same files the exporter makes)."""
-    from imt_ml.export_track_data import (
-        ExportStats,
-        TFRecordShardWriter,
-        encode_example,
-        parse_assignment,
-    )
+    from imt_ml import export_track_data as etd
 
     history = SampleHistory(seed, drift, local_times=local_times)
-    stats = ExportStats()
+    stats = etd.ExportStats()
     truth_keys: list[tuple[str, str, float]] = []
     truth_best: list[float] = []
-    with TFRecordShardWriter(output, records_per_file) as writer:
+    with etd.TFRecordShardWriter(output, records_per_file) as writer:
         events = progress(
             history.generate(n_records), total=n_records, desc="Writing export", unit=" rec"
         )
@@ -623,11 +546,11 @@ def write_export(
             if event.kind == "duplicate":
                 stats.skip("duplicate")
                 continue
-            parsed = parse_assignment(event.payload)
+            parsed = etd.parse_assignment(event.payload)
             if isinstance(parsed, str):
                 stats.skip(parsed)
                 continue
-            writer.write(encode_example(parsed))
+            writer.write(etd.encode_example(parsed))
             stats.add(parsed)
             if event.truth_key:
                 truth_keys.append(event.truth_key)
@@ -639,10 +562,6 @@ def write_export(
                            world=dataclasses.asdict(history.world), local_times=local_times)
         )  # fmt: skip
 
-
-# ---------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------
 
 records_option = click.option(
     "--records", "-n", type=click.IntRange(min=1), default=50_000, show_default=True,
@@ -738,12 +657,11 @@ def demo(records: int, seed: int, output: Path, epochs: int, drift: Drift) -> No
     path = run_demo_export(records, seed, output, drift)
     log(f"Demo export ready: {path}")
     result = run_train(path, TrainOptions(epochs=epochs, seed=seed))
-    ev, m = result.evaluation, result.evaluation.metrics
+    ev = result.evaluation
+    top1, top3 = ev.metrics["top1_accuracy"], ev.metrics["top3_accuracy"]
     log(f"\nDemo finished in {result.run_dir}")
     log("  on the held-out test window (the newest 7 days, which no training choice saw):")
-    log(
-        f"  top-1 accuracy                 {100 * m['top1_accuracy']:6.2f}%  (top-3 {100 * m['top3_accuracy']:.2f}%)"
-    )
+    log(f"  top-1 accuracy                 {100 * top1:6.2f}%  (top-3 {100 * top3:.2f}%)")
     for name, accuracy in ev.baselines.items():
         log(f"  lookup table: {name:<22} {100 * accuracy:6.2f}%")
     if ev.best_possible:
