@@ -1,25 +1,18 @@
 """Use several machines for one search: synchronous multi-worker trials, or parallel trials.
 
-sync-tune: a Keras Tuner Hyperband search in which every trial trains on all
-workers at once with tf.distribute.MultiWorkerMirroredStrategy. Start one process
-per worker with the same --workers list and its own --index; worker 0 is the chief
-and alone writes the model, vocab, config and report:
+sync-tune: Hyperband in which every trial trains on all workers at once
+(tf.distribute.MultiWorkerMirroredStrategy). Start one process per worker with the same
+--workers and its own --index; worker 0, the chief, alone writes model, vocab and report:
 
     uv run src/imt_ml/distributed_launcher.py sync-tune \\
-        --workers 192.168.1.10:2222,192.168.1.11:2222 --index 0 \\
-        --data-dir /shared/data --project-name track_tuning
+        --workers 192.168.1.10:2222,192.168.1.11:2222 --index 0 --data-dir /shared/data
 
-tuner-parallel: each instance trains whole trials on its own machine; the chief
-runs Keras Tuner's oracle service and every instance (the chief included) pulls
-its next trial from it, so no trial runs twice. The chief publishes where its
-oracle listens in the shared tuner directory, where the others find it:
+tuner-parallel: every instance (the chief included) trains whole trials, each pulled from
+the chief's Keras Tuner oracle service, so none runs twice; the others (--tuner-id tuner0,
+tuner1, ...) find the oracle's address in the shared tuner directory:
 
     uv run src/imt_ml/distributed_launcher.py tuner-parallel \\
-        --tuner-directory /mnt/shared/kt_runs --tuner-id chief \\
-        --data-dir /shared/data --project-name track_tuning
-    uv run src/imt_ml/distributed_launcher.py tuner-parallel \\
-        --tuner-directory /mnt/shared/kt_runs --tuner-id tuner0 \\
-        --data-dir /shared/data --project-name track_tuning
+        --tuner-directory /mnt/shared/kt_runs --tuner-id chief --data-dir /shared/data
 
 Keras 3 with TensorFlow 2.21 cannot run model.fit under MultiWorkerMirroredStrategy
 (a PerReplica value reaches the trainer's symbolic build), so sync-tune trains
@@ -30,13 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import select
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,18 +57,15 @@ from imt_ml.utils import (
     option_field,
     split_host_port,
     tf,
+    write_json,
 )
 
-# ---------------------------------------------------------------------------
-# Options and the search space.
-# ---------------------------------------------------------------------------
 
-
+# --- Options and the search space. ---
 @dataclass
 class SearchOptions:
-    """What both modes share; every field is also a command-line option. No generic
-    environment variables (a leftover BATCH_SIZE in a shell must not change a run): the
-    Taskfile maps its variables to these flags."""
+    """What both modes share, each field a command-line option; no generic environment
+    variables (a stray BATCH_SIZE must not change a run): the Taskfile maps its own to flags."""
 
     # fmt: off
     data_dir: str = option_field(help="Export directory or export root.")
@@ -91,41 +85,27 @@ class SearchOptions:
     # fmt: on
 
 
-def hyperparameters_from_hp(hp: Any, batch_size: int) -> dict[str, Any]:
-    """Declare (on first use) and read the search space `tune` searches too
-    (tfrecord_reader.SEARCH_SPACE), in Keras Tuner's terms. The batch size is fixed at
-    --batch-size: in sync-tune it is each worker's share of a synchronous step."""
-    from imt_ml.tfrecord_reader import SEARCH_SPACE
+def trial_recipe(hp: Any, opts: SearchOptions) -> tuple[Any, Any]:
+    """(model configuration, `tune`'s `search_recipe`) of a trial, from `tune`'s SEARCH_SPACE
+    declared in Keras Tuner's terms; the batch size is --batch-size (per worker in sync-tune)."""
+    from imt_ml.tfrecord_reader import SEARCH_SPACE, model_config_from_trial, search_recipe
 
     values = {}
     for name, (kind, *args) in SEARCH_SPACE.items():
         if name == "batch_size":
-            values[name] = hp.Fixed(name, batch_size)
+            values[name] = hp.Fixed(name, opts.batch_size)
         elif kind == "choice":
             values[name] = hp.Choice(name, list(args[0]))
         else:
-            values[name] = hp.Float(name, args[0], args[1],
-                                    sampling="log" if kind == "loguniform" else "linear")  # fmt: skip
-    return values
-
-
-def trial_recipe(hp: Any, opts: SearchOptions) -> tuple[Any, Any]:
-    """(model configuration, training options) of a trial: the options are `tune`'s
-    `search_recipe`, so trials and the retrained winner train the same way."""
-    from imt_ml.tfrecord_reader import model_config_from_trial, search_recipe
-
-    values = hyperparameters_from_hp(hp, opts.batch_size)
+            sampling = "log" if kind == "loguniform" else "linear"
+            values[name] = hp.Float(name, args[0], args[1], sampling=sampling)
     # Batch statistics would differ between workers; sync-tune gets identical weights
     # on every worker only without them (tuner-parallel keeps the same architecture).
     cfg = dataclasses.replace(model_config_from_trial(values, opts.seed), batch_norm=False)
     return cfg, search_recipe(values, opts.max_epochs, opts.seed)
 
 
-# ---------------------------------------------------------------------------
-# Synchronous multi-worker training: TF_CONFIG, the strategy, a custom step.
-# ---------------------------------------------------------------------------
-
-
+# --- Synchronous multi-worker training: TF_CONFIG, the strategy, a custom step. ---
 def parse_workers(workers: str, index: int) -> list[str]:
     """The host:port list, checked, with `index` inside it."""
     hosts = [w.strip() for w in workers.split(",") if w.strip()]
@@ -143,17 +123,14 @@ def parse_workers(workers: str, index: int) -> list[str]:
     return hosts
 
 
-def tf_config(hosts: list[str], index: int) -> str:
-    return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
-
-
 READY_FD_ENV = "IMT_ML_SYNC_READY_FD"
 
 
 def create_strategy(hosts: list[str], index: int) -> Any:
     """MultiWorkerMirroredStrategy with every worker joined; tells the supervising
     process (see `supervise_until_joined`) as soon as it is."""
-    os.environ["TF_CONFIG"] = tf_config(hosts, index)
+    task = {"type": "worker", "index": index}
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts}, "task": task})
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.RING
@@ -169,13 +146,9 @@ def create_strategy(hosts: list[str], index: int) -> Any:
 
 
 def supervise_until_joined(hosts: list[str], index: int, timeout_s: float) -> int:
-    """Run this sync-tune command in a child process and wait for it to join the other
-    workers. TensorFlow waits for missing workers for an hour, in C++ code that ignores
-    signals; so the wait is bounded from outside: after `timeout_s` without every
-    worker joined, one clear line, the child is killed, exit code 1."""
-    import select
-    import subprocess
-
+    """Run this command in a child process and wait for it to join the other workers: TensorFlow
+    waits for them for an hour, in C++ code that ignores signals. After `timeout_s`: one
+    clear line, the child killed, exit code 1."""
     read_fd, write_fd = os.pipe()
     env = {**os.environ, READY_FD_ENV: str(write_fd)}
     args = sys.argv[1:] if "sync-tune" in sys.argv[1:] else ["sync-tune", *sys.argv[1:]]
@@ -202,56 +175,39 @@ def supervise_until_joined(hosts: list[str], index: int, timeout_s: float) -> in
     return child.wait()
 
 
-def equal_shard(n: int, workers: int, index: int, seed: int) -> np.ndarray:
-    """This worker's share of `n` training positions: all shares the same size, so
-    every worker runs the same number of synchronous steps."""
-    order = np.random.default_rng(seed).permutation(n)
-    per_worker = n // workers
-    return np.sort(order[index * per_worker : (index + 1) * per_worker])
-
-
 class SyncTrainer:
-    """Trains a model built under the strategy with an explicit distributed step and
-    `train`'s recipe (a TrainOptions): recency weights and identity hiding in the data
-    built here; the cosine schedule with the plateau cut and early stopping on the
-    all-reduced val_loss in `fit`."""
+    """Trains with an explicit distributed step and `train`'s recipe: recency weights and
+    identity hiding in the data built here; schedule and early stopping in `fit`."""
 
     def __init__(self, strategy: Any, data: Any, index: int, workers: int, recipe: Any):
-        from imt_ml.tfrecord_reader import (
-            make_dataset,
-            model_features,
-            recency_weights,
-            with_hidden_identities,
-        )
+        from imt_ml import tfrecord_reader as tr
 
         batch_size, seed = recipe.batch_size, recipe.seed
-        self.strategy = strategy
-        self.workers = workers
-        self.global_batch = batch_size * workers
-        positions = equal_shard(len(data.train_idx), workers, index, seed)
+        self.strategy, self.global_batch = strategy, batch_size * workers
+        # Equal shares of the training records: every worker runs as many synchronous steps.
+        share = len(data.train_idx) // workers
+        order = np.random.default_rng(seed).permutation(len(data.train_idx))
+        positions = np.sort(order[index * share : (index + 1) * share])
         shard, labels = data.train_idx[positions], data.train_labels[positions]
         timestamps = data.columns["scheduled_timestamp"][data.train_idx]
-        sample_weights = recency_weights(timestamps, recipe.recency_half_life)[positions]
-        sample_weights = sample_weights.astype(np.float32)
+        weights = tr.recency_weights(timestamps, recipe.recency_half_life)[positions]
         self.steps = len(shard) // batch_size
         if self.steps == 0:
             raise UserError(
                 f"{len(shard)} training records per worker are fewer than --batch-size {batch_size}"
             )
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        features = model_features(data.columns, shard)
-        ds = tf.data.Dataset.from_tensor_slices(({k: tf.constant(v) for k, v in features.items()},
-                                                 tf.constant(labels), tf.constant(sample_weights)))  # fmt: skip
+        features = {k: tf.constant(v) for k, v in tr.model_features(data.columns, shard).items()}
+        labelled = (features, tf.constant(labels), tf.constant(weights.astype(np.float32)))
+        ds = tf.data.Dataset.from_tensor_slices(labelled)
         batches = ds.shuffle(len(labels), seed=seed).batch(batch_size, drop_remainder=True)
         if data.augmented:
-            batches = with_hidden_identities(batches, seed)
+            batches = tr.with_hidden_identities(batches, seed)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         self.train_ds = batches.repeat().with_options(options)
-        known = data.val_known
-        val_part = data.val_idx[known][index::workers]
-        self.val_ds = make_dataset(
-            model_features(data.columns, val_part), data.val_labels[known][index::workers], 1024
-        )
+        val_part = data.val_idx[data.val_known][index::workers]
+        val_labels = data.val_labels[data.val_known][index::workers]
+        self.val_ds = tr.make_dataset(tr.model_features(data.columns, val_part), val_labels, 1024)
 
     def fit(self, model: Any, recipe: Any, epochs: int, initial_epoch: int = 0,
             callbacks: list | None = None) -> dict[str, list[float]]:  # fmt: skip
@@ -263,9 +219,7 @@ class SyncTrainer:
             optimizer = keras.optimizers.Adam(learning_rate=recipe.learning_rate)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
         train_step = self._train_step(model, optimizer, loss_fn)
-        history: dict[str, list[float]] = {
-            k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-        }
+        history: dict[str, list[float]] = {}
         iterator = iter(self.strategy.experimental_distribute_dataset(self.train_ds))
         callbacks = callbacks or []
         for cb in callbacks:
@@ -275,9 +229,8 @@ class SyncTrainer:
         for epoch in range(initial_epoch, epochs):
             if not recipe.no_scheduler:  # `train`'s CosineWithPlateau, by hand
                 tmax = recipe.scheduler_tmax or recipe.epochs
-                optimizer.learning_rate.assign(
-                    cosine_rate(recipe.learning_rate, epoch, tmax) * scale
-                )
+                rate = cosine_rate(recipe.learning_rate, epoch, tmax) * scale
+                optimizer.learning_rate.assign(rate)
             total_loss = total_hits = 0.0
             for _ in range(self.steps):
                 loss, hits = train_step(iterator)
@@ -287,7 +240,7 @@ class SyncTrainer:
             logs = {"loss": total_loss / self.steps, "accuracy": total_hits / (self.steps * self.global_batch),
                     "val_loss": val_loss, "val_accuracy": val_accuracy}  # fmt: skip
             for key, value in logs.items():
-                history[key].append(float(value))
+                history.setdefault(key, []).append(float(value))
             log(f"  epoch {epoch + 1}/{epochs}: loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.4f}, "
                 f"val_accuracy {val_accuracy:.4f}")  # fmt: skip
             for cb in callbacks:
@@ -337,8 +290,7 @@ class SyncTrainer:
         return train_step
 
     def _evaluate(self, model: Any, loss_fn: Any) -> tuple[float, float]:
-        """(accuracy, loss) over every worker's share of the validation records: each
-        worker sums its own, and all of them then hold the same figures."""
+        """(accuracy, loss) over every worker's share of the validation records, all-reduced."""
         hits = total = loss_sum = 0.0
         for features, labels in self.val_ds:
             probabilities = model(features, training=False)
@@ -347,16 +299,12 @@ class SyncTrainer:
             loss_sum += float(tf.reduce_sum(loss_fn(labels, probabilities)))
             total += float(tf.shape(labels)[0])
         local = tf.constant([hits, loss_sum, total], tf.float64)
-        summed = self.strategy.reduce(
-            "SUM", self.strategy.run(lambda: tf.identity(local)), axis=None
-        )
-        summed = summed.numpy()
-        return summed[0] / max(summed[2], 1.0), summed[1] / max(summed[2], 1.0)
+        summed = self.strategy.reduce("SUM", self.strategy.run(lambda: tf.identity(local)), None)
+        hits, loss_sum, total = summed.numpy()
+        return hits / max(total, 1.0), loss_sum / max(total, 1.0)
 
 
 def weights_digest(model: Any) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for weight in model.get_weights():
         digest.update(np.ascontiguousarray(weight).tobytes())
@@ -374,16 +322,11 @@ def save_best_epoch(callback: Any, model: Any, logs: dict[str, float]) -> None:
         model.save_weights(callback.filepath)
 
 
-# ---------------------------------------------------------------------------
-# Keras Tuner pieces.
-# ---------------------------------------------------------------------------
-
-
+# --- Keras Tuner pieces. ---
 def make_hypermodel(data: Any, opts: SearchOptions, strategy: Any = None,
                     sync: tuple[int, int] | None = None) -> Any:  # fmt: skip
-    """The search's hypermodel: each trial's model is built and trained with its
-    `trial_recipe`, on the data with that recipe's history tables (built once per
-    half-life). `sync` = (index, workers) trains every trial on all workers."""
+    """Each trial's model built and trained with its `trial_recipe`, on data with that recipe's
+    history tables (once per half-life); `sync` = (index, workers): on all workers."""
     from imt_ml.hyperband import TrackHyperModel
     from imt_ml.tfrecord_reader import data_for_recipe
 
@@ -412,51 +355,38 @@ def make_tuner(hypermodel: Any, opts: SearchOptions, directory: str, overwrite: 
     )  # fmt: skip
 
 
-def best_trial_summary(oracle: Any, n: int = 10) -> list[dict[str, Any]]:
-    rows = []
-    for trial in oracle.get_best_trials(n):
-        values = {
-            k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")
-        }
-        rows.append({"trial_id": trial.trial_id, "score": trial.score, "hyperparameters": values})
-    return rows
-
-
 def train_and_save_best(
-    data: Any, hp_values: dict[str, Any], opts: SearchOptions, mode: str, mode_lines: list[str]
+    data: Any, oracle: Any, opts: SearchOptions, mode: str, title: str, lines: list[str]
 ) -> Path:
-    """Retrain the best hyperparameters like `train` and write its usual outputs under
-    `output/{mode}_<time>/`."""
+    """Retrain the oracle's best trial like `train`, writing its outputs under
+    `output/{mode}_<time>/`; the report gets a section `title`: `lines` and the top trials."""
     from imt_ml.hyperband import hyperparameters
     from imt_ml.tfrecord_reader import data_for_recipe, retrain_best
+    from imt_ml.utils import markdown_table
 
-    cfg, recipe = trial_recipe(hyperparameters(hp_values), opts)
+    trials = oracle.get_best_trials(10)
+    if not trials:
+        raise UserError("the search finished without a completed trial")
+    chosen = [  # without Keras Tuner's own tuner/* values
+        {k: v for k, v in t.hyperparameters.values.items() if not k.startswith("tuner/")}
+        for t in trials
+    ]
+    cfg, recipe = trial_recipe(hyperparameters(chosen[0]), opts)
     # The trials' recipe; only the epoch cap may differ.
     train_opts = dataclasses.replace(recipe, epochs=opts.final_epochs or opts.max_epochs,
                                      model_path=opts.model_path, test_days=opts.test_days)  # fmt: skip
-    result = retrain_best(data_for_recipe(data, train_opts), train_opts, cfg, mode, hp_values,
-                          dataclasses.asdict(opts), mode_lines)  # fmt: skip
+    rows = [[i + 1, t.trial_id, f"{t.score:.4f}" if t.score is not None else "n/a",
+             ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())]
+            for i, (t, values) in enumerate(zip(trials, chosen, strict=True))]  # fmt: skip
+    section = [f"## {title}", "", *lines, "", "Top trials:", "",
+               markdown_table(["Rank", "Trial", "Best val accuracy", "Hyperparameters"], rows), ""]  # fmt: skip
+    result = retrain_best(data_for_recipe(data, train_opts), train_opts, cfg, mode, chosen[0],
+                          dataclasses.asdict(opts), section)  # fmt: skip
     return result.run_dir
 
 
-def search_section(title: str, lines: list[str], best: list[dict[str, Any]]) -> list[str]:
-    from imt_ml.utils import markdown_table
-
-    rows = [[i + 1, t["trial_id"], f"{t['score']:.4f}" if t["score"] is not None else "n/a",
-             ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["hyperparameters"].items())]
-            for i, t in enumerate(best)]  # fmt: skip
-    return [f"## {title}", "", *lines, "", "Top trials:", "",
-            markdown_table(["Rank", "Trial", "Best val accuracy", "Hyperparameters"], rows), ""]  # fmt: skip
-
-
-# ---------------------------------------------------------------------------
-# The two modes.
-# ---------------------------------------------------------------------------
-
-
-def run_sync_tune(
-    opts: SearchOptions, workers: str, index: int, tuner_directory: str = "kt_runs"
-) -> Path | None:
+# --- The two modes. ---
+def run_sync_tune(opts: SearchOptions, workers: str, index: int, tuner_dir: str) -> Path | None:
     """Hyperband in lock step on every worker; each trial trains on all of them."""
     hosts = parse_workers(workers, index)
     from imt_ml.tfrecord_reader import find_export_dir, prepare_data
@@ -474,62 +404,52 @@ def run_sync_tune(
     # Every worker runs the same seeded oracle on the same reduced metrics, so all
     # of them walk through the same trials; only the chief keeps its tuner state.
     scratch = None if chief else tempfile.TemporaryDirectory(prefix="imt-sync-worker-")
-    directory = scratch.name if scratch else str(Path(tuner_directory).resolve())
+    directory = scratch.name if scratch else str(Path(tuner_dir).resolve())
     tuner = make_tuner(hypermodel, opts, directory, overwrite=True)
     tuner.search(verbose=0)
     search_seconds = time.perf_counter() - started
-    best = best_trial_summary(tuner.oracle)
-    if not chief:
-        log(f"Worker {index}: search finished after {len(getattr(tuner, 'ran', []))} trials; "
-            "the chief writes the outputs")  # fmt: skip
-        if scratch:
-            scratch.cleanup()
+    ran = len(getattr(tuner, "ran", []))
+    if scratch:
+        log(f"Worker {index}: search finished after {ran} trials; the chief writes the outputs")
+        scratch.cleanup()
         return None
-
     lines = [
         f"- Keras Tuner Hyperband, max {opts.max_epochs} epochs, factor {opts.factor}, "
         f"{opts.hyperband_iterations} iteration(s), {opts.executions_per_trial} execution(s) per trial, seed {opts.seed}",
         f"- Every trial trained synchronously on {len(hosts)} workers ({', '.join(hosts)}) with "
         "MultiWorkerMirroredStrategy; each worker had an equal shard of the training records",
         f"- Global batch: {opts.batch_size} per worker x {len(hosts)} = {opts.batch_size * len(hosts)}",
-        f"- Trials run: {len(getattr(tuner, 'ran', []))}; search wall time: {search_seconds:.1f} s",
+        f"- Trials run: {ran}; search wall time: {search_seconds:.1f} s",
         f"- Keras Tuner state: `{directory}/{opts.project_name}`",
     ]
-    return train_and_save_best(data, best[0]["hyperparameters"], opts, "sync-tune",
-                               search_section("Synchronous Multi-Worker Search", lines, best))  # fmt: skip
+    return train_and_save_best(data, tuner.oracle, opts, "sync-tune",
+                               "Synchronous Multi-Worker Search", lines)  # fmt: skip
 
 
-# ---------------------------------------------------------------------------
-# Parallel trials: the chief's oracle, found through the shared tuner directory.
-# ---------------------------------------------------------------------------
-
+# --- Parallel trials: the chief's oracle, found through the shared tuner directory. ---
 #: Beside the search's state: where the chief's oracle listens, with a heartbeat.
 ORACLE_FILE = "oracle.json"
 HEARTBEAT_S = 1.0
 
 
-def oracle_host_port(address: str, flag: str = "--oracle-address") -> tuple[str, int]:
-    """(host, port) of `host:port` (port 0: any free port), or one clear error."""
+def given_oracle_address(address: str | None) -> tuple[str, int] | None:
+    """(host, port) of --oracle-address, else of KERASTUNER_ORACLE_IP and
+    KERASTUNER_ORACLE_PORT, else None (port 0: any free port); one clear error if bad."""
+    flag = "--oracle-address"
+    if not address:
+        ip, port = os.environ.get("KERASTUNER_ORACLE_IP"), os.environ.get("KERASTUNER_ORACLE_PORT")
+        if not (ip and port):
+            return None
+        address, flag = f"{ip}:{port}", "KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT"
     parsed = split_host_port(address)
     if parsed is None:
         raise UserError(f"{flag} {address!r} is not host:port")
     return parsed
 
 
-def given_oracle_address(address: str | None) -> tuple[str, int] | None:
-    """--oracle-address, else KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT, else None."""
-    if address:
-        return oracle_host_port(address)
-    ip, port = os.environ.get("KERASTUNER_ORACLE_IP"), os.environ.get("KERASTUNER_ORACLE_PORT")
-    if ip and port:
-        return oracle_host_port(f"{ip}:{port}", "KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT")
-    return None
-
-
 def this_machines_address() -> str:
-    """The address other machines most likely reach this one at: the first IPv4 address
-    of its host name that is not loopback and belongs to this machine (a socket can
-    bind to it), else the host name itself, for the others to resolve."""
+    """Where other machines most likely reach this one: its host name's first non-loopback IPv4
+    address that a socket can bind to, else the host name itself, for them to resolve."""
     name = socket.gethostname()
     with contextlib.suppress(OSError):
         for *_, sockaddr in socket.getaddrinfo(name, None, socket.AF_INET):
@@ -542,40 +462,19 @@ def this_machines_address() -> str:
     return name
 
 
-def free_port_on(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 class OracleAddressFile:
-    """`{tuner_directory}/{project}/oracle.json`: where the chief's oracle listens.
-
-    The chief rewrites it every HEARTBEAT_S seconds with a growing `beat` (atomic
-    renames) and marks it finished when the search ends. An instance trusts an
-    address only after seeing its beat grow, so the file of a finished or crashed
-    earlier search is never used, whatever the clocks of the machines say."""
+    """`{tuner_directory}/{project}/oracle.json`: where the chief's oracle listens. The chief
+    rewrites it every HEARTBEAT_S seconds with a growing `beat` (atomic renames) and marks it
+    finished at the end. An instance trusts an address only after seeing its beat grow, so an
+    earlier search's file is never used, whatever the clocks of the machines say."""
 
     def __init__(self, tuner_directory: str, project_name: str) -> None:
         self.path = Path(tuner_directory) / project_name / ORACLE_FILE
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def read(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    # -- the chief -----------------------------------------------------------
-
     def publish(self, host: str, port: int, bind: str) -> None:
-        """Write the address and keep its heartbeat going until finish()."""
-        import uuid
-
-        from imt_ml.utils import write_json
-
+        """The chief: write the address and keep its heartbeat going until finish()."""
         record: dict[str, Any] = {
             "host": host, "port": port, "bind": bind, "chief_host": socket.gethostname(),
             "pid": os.getpid(), "search_id": uuid.uuid4().hex, "beat": 0, "finished": False,
@@ -594,23 +493,22 @@ class OracleAddressFile:
         self._thread.start()
 
     def finish(self) -> None:
-        from imt_ml.utils import write_json
-
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             with contextlib.suppress(OSError):
                 write_json(self.path, {**self._record, "finished": True})
 
-    # -- the other instances ----------------------------------------------------
-
     def wait_for_live_address(self, timeout_s: float) -> tuple[str, int]:
-        """The address of a chief whose heartbeat is seen to advance, waiting up to timeout_s."""
+        """The other instances: the address of a chief whose heartbeat is seen to advance."""
         deadline = time.monotonic() + timeout_s
         first_seen: dict[str, int] = {}  # search id -> first beat seen
         while time.monotonic() < deadline:
-            data = self.read()
-            if data and not data.get("finished") and "search_id" in data:
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = None
+            if isinstance(data, dict) and not data.get("finished") and "search_id" in data:
                 search, beat = str(data["search_id"]), int(data.get("beat", 0))
                 if search in first_seen and beat > first_seen[search]:
                     return connect_host(data), int(data["port"])
@@ -623,8 +521,7 @@ class OracleAddressFile:
 
 
 def connect_host(record: dict[str, Any]) -> str:
-    """Where to reach a published oracle from here: over loopback when it listens on
-    every interface of this very machine, else at its published host."""
+    """Over loopback when the oracle listens on every interface of this machine, else its host."""
     if record.get("bind") == "0.0.0.0" and record.get("chief_host") == socket.gethostname():
         return "127.0.0.1"
     return str(record["host"])
@@ -644,18 +541,16 @@ def wait_for_oracle(host: str, port: int, timeout_s: float) -> None:
 
 
 def start_oracle_service(oracle: Any, address: tuple[str, int] | None) -> tuple[str, str, int]:
-    """Serve the oracle on a thread; returns (host to publish, host bound, port).
-
-    Given an address, the service binds to it exactly (port 0: a free one). Otherwise
-    it binds to every interface on a free port and publishes this_machines_address()."""
+    """Serve the oracle on a thread: bound to `address` exactly (port 0: a free one), else to
+    every interface on a free port. Returns (host to publish, host bound, port)."""
     from keras_tuner.src.distribute import oracle_chief
 
-    if address:
-        bind_host, port = address
-        publish_host = bind_host
-    else:
-        bind_host, port, publish_host = "0.0.0.0", 0, this_machines_address()
-    port = port or free_port_on(bind_host)
+    bind_host, port = address or ("0.0.0.0", 0)
+    publish_host = bind_host if address else this_machines_address()
+    if not port:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((bind_host, 0))
+            port = sock.getsockname()[1]
     # start_server reads these two variables; the service is up before they change.
     os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"] = bind_host, str(port)
     threading.Thread(target=oracle_chief.start_server, args=(oracle,), daemon=True,
@@ -666,10 +561,8 @@ def start_oracle_service(oracle: Any, address: tuple[str, int] | None) -> tuple[
 
 def run_tuner_parallel(opts: SearchOptions, tuner_directory: str, tuner_id: str, oracle_address: str | None,
                        train_best: bool | None, wait_s: float) -> Path | None:  # fmt: skip
-    """Trials spread over instances by the chief's oracle; the chief trains trials too.
-
-    The chief serves the oracle and publishes its address in the shared tuner
-    directory; the others find it there, unless an address is given."""
+    """Trials spread over instances by the chief's oracle, whose address the others find in
+    the shared tuner directory unless one is given; the chief trains trials too."""
     chief = tuner_id == "chief"
     if not chief and "chief" in tuner_id:
         raise UserError("--tuner-id must be 'chief' or a name without 'chief' in it (e.g. tuner0)")
@@ -716,7 +609,6 @@ def _search_and_train_best(opts: SearchOptions, data: Any, hypermodel: Any, tune
                            tuner_id: str, server_tuner: Any, train_best: bool | None,
                            oracle_at: str, started: float) -> Path | None:  # fmt: skip
     """This instance's trials, then (on the chief, or with --train-best) the best model."""
-    chief = server_tuner is not None
     runner = make_tuner(hypermodel, opts, tuner_directory, overwrite=False)
     with contextlib.redirect_stdout(sys.stderr):  # the hypermodel brings each trial's data
         runner.search(verbose=0)
@@ -726,19 +618,14 @@ def _search_and_train_best(opts: SearchOptions, data: Any, hypermodel: Any, tune
     record.write_text(json.dumps({"tuner_id": tuner_id, "trials": ran}))
     log(f"[{tuner_id}] ran {len(ran)} trial(s): {', '.join(ran) or 'none'}")
 
-    if chief:
-        assert server_tuner is not None
+    oracle = runner.oracle
+    if server_tuner is not None:  # the chief: the other instances' last trials
         oracle = server_tuner.oracle
         deadline = time.monotonic() + 3600
-        while oracle.ongoing_trials and time.monotonic() < deadline:  # other instances' last trials
+        while oracle.ongoing_trials and time.monotonic() < deadline:
             time.sleep(0.5)
-        best = best_trial_summary(oracle)
-    else:
-        best = best_trial_summary(runner.oracle) if train_best else []
-    if not (train_best if train_best is not None else chief):
+    if not (train_best if train_best is not None else server_tuner is not None):
         return None
-    if not best:
-        raise UserError("the search finished without a completed trial")
     search_seconds = time.perf_counter() - started
     lines = [
         f"- Keras Tuner Hyperband, max {opts.max_epochs} epochs, factor {opts.factor}, "
@@ -746,23 +633,10 @@ def _search_and_train_best(opts: SearchOptions, data: Any, hypermodel: Any, tune
         f"- This instance ({tuner_id}) ran {len(ran)} trial(s); search wall time here: {search_seconds:.1f} s",
         f"- Shared tuner directory: `{Path(tuner_directory) / opts.project_name}`",
     ]
-    return train_and_save_best(data, best[0]["hyperparameters"], opts, "tuner-parallel",
-                               search_section("Parallel Tuner Search", lines, best))  # fmt: skip
+    return train_and_save_best(data, oracle, opts, "tuner-parallel", "Parallel Tuner Search", lines)
 
 
-# ---------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------
-
-
-#: The options both modes share, from SearchOptions.
-search_options = dataclass_options(SearchOptions)
-
-
-def _options(kwargs: dict[str, Any]) -> SearchOptions:
-    return from_options(SearchOptions, kwargs)
-
-
+# --- Command line. ---
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def cli() -> None:
     """Distributed hyperparameter search for imt-ml track models."""
@@ -781,7 +655,7 @@ def cli() -> None:
               help="Where the chief keeps the Keras Tuner state (the other workers keep none).")  # fmt: skip
 @click.option("--peer-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Seconds to wait for every worker to join.")  # fmt: skip
-@search_options
+@dataclass_options(SearchOptions)
 def sync_tune(
     workers: str, index: int, tuner_directory: str, peer_timeout: float, **kwargs: Any
 ) -> None:
@@ -792,7 +666,7 @@ def sync_tune(
 
         find_export_dir(kwargs["data_dir"])
         sys.exit(supervise_until_joined(hosts, index, peer_timeout))
-    run_dir = run_sync_tune(_options(kwargs), workers, index, tuner_directory)
+    run_dir = run_sync_tune(from_options(SearchOptions, kwargs), workers, index, tuner_directory)
     if run_dir:
         click.echo(str(run_dir))
 
@@ -818,12 +692,13 @@ def sync_tune(
               help="Retrain and save the best model here [default: only on the chief].")  # fmt: skip
 @click.option("--oracle-wait", type=click.FloatRange(min=1), default=120, show_default=True,
               help="Seconds an instance waits for the chief to publish its address and answer.")  # fmt: skip
-@search_options
+@dataclass_options(SearchOptions)
 def tuner_parallel(tuner_directory: str, tuner_id: str, oracle_address: str | None, train_best: bool | None,
                    oracle_wait: float, **kwargs: Any) -> None:  # fmt: skip
     """Trials spread over instances by the chief's Keras Tuner oracle."""
+    opts = from_options(SearchOptions, kwargs)
     run_dir = run_tuner_parallel(
-        _options(kwargs), tuner_directory, tuner_id, oracle_address, train_best, oracle_wait
+        opts, tuner_directory, tuner_id, oracle_address, train_best, oracle_wait
     )
     if run_dir:
         click.echo(str(run_dir))

@@ -3,13 +3,12 @@ against the registry's current model (the champion), promote, and roll back.
 
     uv run src/imt_ml/keep_model_current.py track_data_export backtest --start 2026-09-01
     uv run src/imt_ml/keep_model_current.py track_data_export retrain --registry models/
-    uv run src/imt_ml/keep_model_current.py - promote --registry models/ --model output/train_.../track_prediction_model_best.keras
+    uv run src/imt_ml/keep_model_current.py - promote --registry models/ --model MODEL.keras
     uv run src/imt_ml/keep_model_current.py - rollback --registry models/
 
-Every model here is made by `tfrecord_reader.fit_track_model`, the one recipe `train`
-uses, with the same options (every `train` flag applies). A registry is a directory of
-numbered versions and a `current` pointer (see `utils.ModelRegistry`); a running
-`serve-predictions --model REGISTRY` swaps to a new current version within seconds.
+Every model here is made by `tfrecord_reader.fit_track_model`, `train`'s one recipe (every
+`train` flag applies). A registry holds numbered versions and a `current` pointer
+(`utils.ModelRegistry`); `serve-predictions --model REGISTRY` follows it within seconds.
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ import json
 import math
 import shutil
 import sys
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 import numpy as np
@@ -31,6 +30,7 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/keep_model_current.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imt_ml import tfrecord_reader as tr
 from imt_ml.evaluation import (
     BASELINE_NAMES,
     SECONDS_PER_DAY,
@@ -44,28 +44,6 @@ from imt_ml.evaluation import (
     strongest_baseline,
     track_sort_key,
     window_figures,
-)
-from imt_ml.tfrecord_reader import (
-    CLOSED_TRACK_EXPECTED,
-    TRAINING_EPILOG,
-    Export,
-    FittedModel,
-    ModelFiles,
-    PreparedData,
-    TrainOptions,
-    Vocabulary,
-    evaluate_model,
-    fit_on_every_record,
-    fit_track_model,
-    load_export,
-    load_saved_model,
-    model_option,
-    model_summary,
-    prepare_training_data,
-    take_records,
-    training_options,
-    vocab_file_for,
-    with_calibration,
 )
 from imt_ml.utils import (
     BACKTEST_PLOT_FILE,
@@ -86,15 +64,13 @@ from imt_ml.utils import (
     overview_section,
     pct,
     progress,
+    section,
     write_json,
     write_report,
 )
 
-# ---------------------------------------------------------------------------
-# Backtest: rolling origins.
-# ---------------------------------------------------------------------------
 
-
+# --- Backtest: rolling origins. ---
 @dataclass
 class BacktestOptions:
     """Where the origins are and how each window's model is made."""
@@ -111,8 +87,6 @@ class BacktestOptions:
 def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[float]:
     """Unix times of the origins: Boston midnight of `start`, then every `every` days
     while records remain after the origin."""
-    from zoneinfo import ZoneInfo
-
     try:
         first = dt.datetime.combine(dt.date.fromisoformat(start), dt.time(),
                                     tzinfo=ZoneInfo(TRACKER_TIMEZONE)).timestamp()  # fmt: skip
@@ -129,27 +103,25 @@ def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[f
     return origins
 
 
-def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) -> Path:
-    """`backtest`: at each origin, train on everything before it and score the next
-    `horizon` days against every lookup table of the same records (and the best
-    possible on sample data); writes a report, a plot and backtest_results.json."""
-    export = load_export(data_dir)
-    ts = export.columns["scheduled_timestamp"]
-    origins = backtest_origins(ts, bt.start, bt.every)
+def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOptions) -> Path:
+    """`backtest`: at each origin, train on everything before it and score the next `horizon`
+    days against every lookup table of the same records (and the best possible on sample
+    data); writes a report, a plot and backtest_results.json."""
+    export = tr.load_export(data_dir)
+    origins = backtest_origins(export.columns["scheduled_timestamp"], bt.start, bt.every)
     run = Run.start("backtest")
     windows: list[dict[str, Any]] = []
-    pooled: dict[str, list[np.ndarray]] = defaultdict(list)
-    warm: tuple[Any, Vocabulary] | None = None
+    pooled: list[list[np.ndarray]] = []  # [correct, top probability] per window
+    warm: tuple[Any, tr.Vocabulary] | None = None
     previous_dir: Path | None = None
     bar = progress(origins, desc="backtest origins", unit="origin")
     for origin in bar:
         scored = backtest_origin(run, export, opts, bt, origin, warm)
         if scored is None:
             continue
-        figures, fitted, model, correct, confidence = scored
+        figures, fitted, model, *outcome = scored
         windows.append(figures)
-        pooled["probabilities_top"].append(confidence)
-        pooled["correct"].append(correct)
+        pooled.append(outcome)
         bar.set_postfix(top1=f"{figures['model_top1']:.3f}", secs=f"{fitted.seconds:.0f}")
         warm = (model, fitted.vocab) if bt.warm_start else None
         if previous_dir is not None and not bt.keep_models:
@@ -171,9 +143,9 @@ def run_backtest(data_dir: Path | str, opts: TrainOptions, bt: BacktestOptions) 
 
 
 def backtest_origin(
-    run: Run, export: Export, opts: TrainOptions, bt: BacktestOptions, origin: float,
-    warm: tuple[Any, Vocabulary] | None,
-) -> tuple[dict[str, Any], FittedModel, Any, np.ndarray, np.ndarray] | None:  # fmt: skip
+    run: Run, export: tr.Export, opts: tr.TrainOptions, bt: BacktestOptions, origin: float,
+    warm: tuple[Any, tr.Vocabulary] | None,
+) -> tuple[dict[str, Any], tr.FittedModel, Any, np.ndarray, np.ndarray] | None:  # fmt: skip
     """One origin: the model a deployment would have had (the recipe on the records before
     the origin only, validated on the newest `horizon` days: the horizon it is then used
     for), scored on the `horizon` days after it. None when either side has no records."""
@@ -184,15 +156,16 @@ def backtest_origin(
     window = np.flatnonzero((ts >= origin) & (ts < end))
     if len(window) == 0 or len(before) < 10:
         return None
-    past = Export(export.export_dir, export.metadata, take_records(columns, before))
+    past = tr.Export(export.export_dir, export.metadata, tr.take_records(columns, before))
     origin_opts = dataclasses.replace(opts, test_days=0, validation_days=bt.horizon)
     origin_dir = run.path(f"origin_{dt.datetime.fromtimestamp(origin, dt.UTC):%Y-%m-%d}")
     origin_dir.mkdir()
-    fitted = fit_track_model(prepare_training_data(past, origin_opts), origin_opts,
-                             ModelFiles.under(origin_dir, opts.model_path), warm=warm)  # fmt: skip
+    files = tr.ModelFiles.under(origin_dir, opts.model_path)
+    data = tr.prepare_training_data(past, origin_opts)
+    fitted = tr.fit_track_model(data, origin_opts, files, warm=warm)
     model = fitted.load()
     tables = baseline_tables(columns, before, opts.recency_half_life)
-    ev = evaluate_model(model, columns, window, tables, load_sample_truth(export.export_dir))
+    ev = tr.evaluate_model(model, columns, window, tables, load_sample_truth(export.export_dir))
     truth_tracks = columns["track_number"][window]
     correct = ev.metrics["predicted_tracks"] == truth_tracks
     strongest = strongest_baseline(ev.baselines)
@@ -210,29 +183,24 @@ def backtest_origin(
     return figures, fitted, model, correct, ev.probabilities.max(axis=1)
 
 
-def backtest_total(
-    windows: list[dict[str, Any]], pooled: dict[str, list[np.ndarray]]
-) -> dict[str, Any]:
+def backtest_total(windows: list[dict[str, Any]], pooled: list[list[np.ndarray]]) -> dict[str, Any]:
     """The figures of the whole period: what a deployment with this cadence would have had."""
     n = np.array([w["records"] for w in windows], dtype=float)
-    confidence = np.concatenate(pooled["probabilities_top"])
-    correct = np.concatenate(pooled["correct"])
+    correct, confidence = (np.concatenate(arrays) for arrays in zip(*pooled, strict=True))
     total: dict[str, Any] = {
         "records": int(n.sum()), "windows": len(windows),
         "model_top1": float(correct.mean()),
         "model_ece": expected_calibration_error(confidence, correct),
         "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
     }  # fmt: skip
-    for name in BASELINE_NAMES:
-        if name in windows[0]:
-            total[name] = float(np.dot(n, [w[name] for w in windows]) / n.sum())
-    tables = [name for name in BASELINE_NAMES if name in total]
+    tables = [name for name in BASELINE_NAMES if name in windows[0]]
+    for name in tables:
+        total[name] = float(np.dot(n, [w[name] for w in windows]) / n.sum())
     total["strongest_table"] = max(tables, key=lambda t: total[t]) if tables else None
     if all(w["best_possible"] is not None for w in windows):
         total["best_possible"] = float(np.dot(n, [w["best_possible"] for w in windows]) / n.sum())
-    stations = sorted({s for w in windows for s in w["stations"]})
     total["stations"] = {}
-    for station in stations:
+    for station in sorted({s for w in windows for s in w["stations"]}):
         rows = [(w["stations"][station], w["records"]) for w in windows if station in w["stations"]]
         total["stations"][station] = float(sum(a * r for a, r in rows) / sum(r for _, r in rows))
     return total
@@ -260,14 +228,12 @@ def closed_windows_lines(windows: list[dict[str, Any]]) -> list[str]:
         + "; ".join(f"{s} {', '.join(t)}" for s, t in w["closed_tracks"].items())
         for w in windows if w.get("closed_tracks")
     ]  # fmt: skip
-    if not lines:
-        return []
     return ["Platforms the origin's model read as closed (no departure where at least "
-            f"{CLOSED_TRACK_EXPECTED:.0f} were expected; no probability from their closing day):",
-            "", *lines, ""]  # fmt: skip
+            f"{tr.CLOSED_TRACK_EXPECTED:.0f} were expected; no probability from their "
+            "closing day):", "", *lines, ""] if lines else []  # fmt: skip
 
 
-def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: list[dict[str, Any]],
+def backtest_sections(run: Run, export: tr.Export, bt: BacktestOptions, windows: list[dict],
                       total: dict[str, Any], plot: Path) -> list[list[str]]:  # fmt: skip
     tables = [t for t in BASELINE_NAMES if t in total]
     header = ["Origin", "Records", "Model", "ECE", "@80%", "Margin", *tables, "Best possible",
@@ -285,16 +251,13 @@ def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: li
     rows.append(row("**total**", total))
     beaten = sum(w["model_top1"] > max(w[t] for t in tables) for w in windows)
     stations = [[s, pct(v)] for s, v in total["stations"].items()]
+    how = "warm-started from the previous origin" if bt.warm_start else "each trained from scratch"
+    origins = f"- Origins: from {bt.start} every {bt.every:g} days; each scored on the next "
+    origins += f"{bt.horizon:g} days; {how}"
     return [
-        overview_section(
-            run,
-            export.export_dir,
-            f"- Origins: from {bt.start} every {bt.every:g} days; each scored on the next "
-            f"{bt.horizon:g} days; {'warm-started from the previous origin' if bt.warm_start else 'each trained from scratch'}",
-        ),  # fmt: skip
-        [
-            "## Windows",
-            "",
+        overview_section(run, export.export_dir, origins),
+        section(
+            "Windows",
             "Each origin's model was trained with `train`'s recipe on the records before the origin "
             f"only (its newest {bt.horizon:g} days validating: the horizon it is then scored on), and "
             "every lookup table was built from the same records. The totals are what a "
@@ -309,26 +272,19 @@ def backtest_sections(run: Run, export: Export, bt: BacktestOptions, windows: li
             "",
             *closed_windows_lines(windows),
             f"![Top-1 over time]({plot.name})",
-            "",
-        ],
-        [
-            "## Per station (whole period)",
-            "",
-            markdown_table(["Station", "Model top-1"], stations),
-            "",
-        ],
-        [
-            "## Files",
-            "",
+        ),
+        section("Per station (whole period)", markdown_table(["Station", "Model top-1"], stations)),
+        section(
+            "Files",
             "- `backtest_results.json`: every window's figures and the totals",
             "- `backtest.png`: top-1 per window",
             "- `origin_<date>/`: the last origin's model"
             + (" (every origin's: --keep-models)" if bt.keep_models else ""),
-            "",
-        ],
+        ),
     ]
 
 
+# --- Retrain: champion and challenger; promote and roll back. ---
 @dataclass
 class RetrainOptions:
     """The champion/challenger rule and the registry."""
@@ -370,14 +326,13 @@ def decide_promotion(champion: dict[str, Any] | None, challenger: dict[str, Any]
                   f"{challenger['model_ece']:.3f} (cap {ece_cap:.3f}) pass")  # fmt: skip
 
 
-def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) -> tuple[Path, bool]:
+def run_retrain(data_dir: Path | str, opts: tr.TrainOptions, rt: RetrainOptions) -> Path:
     """`retrain`: the recipe's validated fit on all but the newest --holdout-days (the
-    challenger), scored with the registry's current model (the champion) on those days;
-    when the rule promotes it, the recipe's refit on every record, installed. Returns
-    (run directory, promoted)."""
+    challenger) scored with the registry's current model (the champion) on those days; if
+    the rule promotes it, the recipe's refit on every record, installed."""
     registry = ModelRegistry(rt.registry)
-    export = load_export(data_dir)
-    data = prepare_training_data(export, opts, test_days=rt.holdout_days)
+    export = tr.load_export(data_dir)
+    data = tr.prepare_training_data(export, opts, test_days=rt.holdout_days)
     run = Run.start("retrain")
     champion = Champion.of(registry, export, data)
     if champion is not None and len(champion.holdout) == 0:
@@ -386,52 +341,49 @@ def run_retrain(data_dir: Path | str, opts: TrainOptions, rt: RetrainOptions) ->
                "challenger on")  # fmt: skip
         log("Keep: " + why)
         write_report(run, "Retrain Report", [overview_section(run, export.export_dir,
-                     f"- Registry: {rt.registry}"), ["## Decision", "", f"- Keep the champion: {why}.", ""]],
+                     f"- Registry: {rt.registry}"), section("Decision", f"- Keep the champion: {why}.")],
                      f"kept the champion: {why}", name=RETRAIN_REPORT_FILE)  # fmt: skip
-        return run.run_dir, False
+        return run.run_dir
     holdout = champion.holdout if champion is not None else data.test_idx
+    figures = champion.figures if champion else None
     verdict: dict[str, Any] = {}
 
-    def judge(fitted: FittedModel) -> bool:
+    def judge(fitted: tr.FittedModel) -> bool:
         """Score the validated challenger as it would have answered from the first holdout
         day (its weights reading history tables of every record before it) and decide."""
-        before = Export(export.export_dir, export.metadata,
-                        take_records(export.columns, np.concatenate([data.train_idx, data.val_idx])))  # fmt: skip
-        deployed, _, _ = fit_on_every_record(before, opts, fitted.config, 0,
-                                             warm=(fitted.validated, data.vocab_info))  # fmt: skip
-        deployed = with_calibration(deployed, fitted.calibration.confidence_map,
-                                    fitted.calibration.new_trip_map)  # fmt: skip
-        verdict["evaluation"] = evaluate_model(deployed, export.columns, holdout, data_tables(data),
-                                               load_sample_truth(export.export_dir))  # fmt: skip
+        seen = tr.take_records(export.columns, np.concatenate([data.train_idx, data.val_idx]))
+        before = tr.Export(export.export_dir, export.metadata, seen)
+        start = (fitted.validated, data.vocab_info)
+        deployed, _, _ = tr.fit_on_every_record(before, opts, fitted.config, 0, warm=start)
+        cal = fitted.calibration
+        deployed = tr.with_calibration(deployed, cal.confidence_map, cal.new_trip_map)
+        tables, truth = data_tables(data), load_sample_truth(export.export_dir)
+        verdict["evaluation"] = tr.evaluate_model(deployed, export.columns, holdout, tables, truth)
         verdict["challenger"] = window_figures(verdict["evaluation"], export.columns, holdout)
-        verdict["promote"], verdict["why"] = decide_promotion(
-            champion.figures if champion else None, verdict["challenger"], rt
-        )
+        verdict["promote"], verdict["why"] = decide_promotion(figures, verdict["challenger"], rt)
         log(("Promote: " if verdict["promote"] else "Keep: ") + verdict["why"])
         return verdict["promote"] and not rt.dry_run
 
-    files = ModelFiles.under(run.run_dir, opts.model_path)
+    files = tr.ModelFiles.under(run.run_dir, opts.model_path)
     warm = champion.warm if champion is not None and rt.warm_start else None
-    fitted = fit_track_model(data, opts, files, warm=warm, before_refit=judge)
+    fitted = tr.fit_track_model(data, opts, files, warm=warm, before_refit=judge)
     installed = None
     if verdict["promote"] and not rt.dry_run:  # refit on every record unless --no-refit
-        summary = {**model_summary(data, None, verdict["evaluation"], fitted),
-                   "champion": champion.figures if champion else None, "decision": verdict["why"]}  # fmt: skip
+        summary = {**tr.model_summary(data, None, verdict["evaluation"], fitted),
+                   "champion": figures, "decision": verdict["why"]}  # fmt: skip
         installed = registry.install(files.best, files.vocab, summary)
         pruned = registry.prune(rt.keep)
         log(f"Installed version {installed} in {registry.root} (now current)"
             + (f"; removed versions {', '.join(map(str, pruned))}" if pruned else ""))  # fmt: skip
     promote, why = verdict["promote"], verdict["why"]
-    report = retrain_sections(run, export, rt, champion.version if champion else None,
-                              champion.figures if champion else None, verdict["challenger"],
-                              promote, why, installed)  # fmt: skip
+    report = retrain_sections(run, export, rt, champion, verdict, installed)
     write_report(run, "Retrain Report", report,
                  ("promoted" if promote and installed else "dry run: would promote" if promote
                   else "kept the champion") + f": {why}", name=RETRAIN_REPORT_FILE)  # fmt: skip
-    return run.run_dir, bool(promote and installed)
+    return run.run_dir
 
 
-def data_tables(data: PreparedData) -> dict[str, Any]:
+def data_tables(data: tr.PreparedData) -> dict[str, Any]:
     """The lookup tables of the records before the test window (training and validation)."""
     return baseline_tables(data.columns, np.concatenate([data.train_idx, data.val_idx]),
                            data.vocab_info.recency_half_life)  # fmt: skip
@@ -445,10 +397,12 @@ class Champion:
     seen_until: float
     holdout: np.ndarray
     figures: dict[str, Any]
-    warm: tuple[Any, Vocabulary] | None
+    warm: tuple[Any, tr.Vocabulary] | None
 
     @classmethod
-    def of(cls, registry: ModelRegistry, export: Export, data: PreparedData) -> Champion | None:
+    def of(
+        cls, registry: ModelRegistry, export: tr.Export, data: tr.PreparedData
+    ) -> Champion | None:
         """None with an empty registry. A champion trained yesterday has seen most of the
         holdout days: only the records after its newest one are fair to both."""
         version = registry.current_version()
@@ -460,84 +414,52 @@ class Champion:
         holdout = data.test_idx[ts[data.test_idx] > seen_until]
         if len(holdout) == 0:
             return cls(version, seen_until, holdout, {}, None)
-        model = load_saved_model(registry.model_file(version))
+        model = tr.load_saved_model(registry.model_file(version))
         vocab_path = registry.version_dir(version) / REGISTRY_VOCAB_FILE
-        vocab = (Vocabulary.from_json(json.loads(vocab_path.read_text()))
+        vocab = (tr.Vocabulary.from_json(json.loads(vocab_path.read_text()))
                  if vocab_path.is_file() else None)  # fmt: skip
-        ev = evaluate_model(model, export.columns, holdout, data_tables(data),
-                            load_sample_truth(export.export_dir))  # fmt: skip
+        tables, truth = data_tables(data), load_sample_truth(export.export_dir)
+        ev = tr.evaluate_model(model, export.columns, holdout, tables, truth)
         return cls(version, seen_until, holdout, window_figures(ev, export.columns, holdout),
                    (model, vocab) if vocab is not None else None)  # fmt: skip
 
 
-def retrain_sections(run: Run, export: Export, rt: RetrainOptions, version: int | None,
-                     champion: dict[str, Any] | None, challenger: dict[str, Any], promote: bool,
-                     why: str, installed: int | None) -> list[list[str]]:  # fmt: skip
+def retrain_sections(run: Run, export: tr.Export, rt: RetrainOptions,
+                     champion: Champion | None, verdict: dict[str, Any],
+                     installed: int | None) -> list[list[str]]:  # fmt: skip
+    challenger, promote, why = verdict["challenger"], verdict["promote"], verdict["why"]
     tables = [t for t in BASELINE_NAMES if t in challenger]
+
+    def row(label: str, w: dict[str, Any]) -> list[str]:
+        best = pct(w["best_possible"]) if w["best_possible"] is not None else "n/a"
+        ece = f"{w['model_ece']:.3f}"
+        return [label, pct(w["model_top1"]), ece, pct(w["model_coverage_80"]), best]
+
+    rows = [row(f"champion (version {champion.version})", champion.figures)] if champion else []
+    rows.append(row("challenger", challenger))
     header = ["Model", "Top-1", "ECE", "@80% precision", "Best possible"]
-    rows = [["challenger", pct(challenger["model_top1"]), f"{challenger['model_ece']:.3f}",
-             pct(challenger["model_coverage_80"]), pct(challenger["best_possible"])
-             if challenger["best_possible"] is not None else "n/a"]]  # fmt: skip
-    if champion is not None:
-        rows.insert(0, [f"champion (version {version})", pct(champion["model_top1"]),
-                        f"{champion['model_ece']:.3f}", pct(champion["model_coverage_80"]),
-                        pct(champion["best_possible"]) if champion["best_possible"] is not None
-                        else "n/a"])  # fmt: skip
     decision = ("installed as version " + str(installed) if installed else
                 "not installed (--dry-run)" if promote else "not installed")  # fmt: skip
     return [
         overview_section(run, export.export_dir, f"- Registry: {rt.registry}"),
-        [
-            "## Decision",
-            "",
+        section(
+            "Decision",
             f"- {'Promote' if promote else 'Keep the champion'}: {why}.",
             f"- The challenger was {decision}.",
-            "",
-        ],
-        [
-            "## Both models on the newest days",
-            "",
+        ),
+        section(
+            "Both models on the newest days",
             f"The newest {rt.holdout_days:g} days ({challenger['records']:,} records), which the "
             "challenger never saw; lookup tables from the records before them.",
             "",
             markdown_table(header, rows),
             "",
             markdown_table(["Lookup table", "Top-1"], [[t, pct(challenger[t])] for t in tables]),
-            "",
-        ],
+        ),
     ]
 
 
-def run_rollback(registry_dir: Path) -> int:
-    """Make the version before the current one current again; returns it."""
-    registry = ModelRegistry(registry_dir)
-    current = registry.current_version()
-    earlier = [v for v in registry.versions() if current is None or v < current]
-    if not earlier:
-        raise UserError(f"{registry_dir} has no version before {current} to roll back to")
-    registry.make_current(earlier[-1])
-    log(f"{registry_dir}: version {earlier[-1]} is current again (was {current})")
-    return earlier[-1]
-
-
-def run_promote(registry: Path, model_file: Path) -> int:
-    """Check that the model loads, then install it as the registry's current version."""
-    load_saved_model(model_file)  # a broken file never becomes current
-    vocab = vocab_file_for(model_file)
-    summary = vocab.with_name(vocab.name.replace("_vocab.json", "_summary.json"))
-    metadata: dict[str, Any] = json.loads(summary.read_text()) if summary.is_file() else {}
-    if not metadata and vocab.is_file():
-        metadata = {"periods": json.loads(vocab.read_text()).get("split", {})}
-    version = ModelRegistry(registry).install(model_file, vocab, metadata)
-    log(f"Installed {model_file} as version {version} of {registry} (now current)")
-    return version
-
-
-# ---------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------
-
-
+# --- Command line. ---
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.pass_context
@@ -547,37 +469,28 @@ def cli(ctx: click.Context, data_dir: Path) -> None:
     ctx.obj = {"data_dir": data_dir}
 
 
-@cli.command(epilog=TRAINING_EPILOG)
+@cli.command(epilog=tr.TRAINING_EPILOG)
 @dataclass_options(BacktestOptions)
-@training_options
+@tr.training_options
 @click.pass_context
 def backtest(ctx: click.Context, **options: Any) -> None:
     """Rolling-origin evaluation: at each origin train on everything before it, score the
     next --horizon days; writes output/backtest_<time>/ with backtest_results.json."""
     bt = from_options(BacktestOptions, options)
-    train_options = {
-        k: v
-        for k, v in options.items()
-        if k not in {f.name for f in dataclasses.fields(BacktestOptions)}
-    }
-    click.echo(str(run_backtest(ctx.obj["data_dir"], TrainOptions(**train_options), bt)))
+    train = tr.TrainOptions(**{k: v for k, v in options.items() if k not in vars(bt)})
+    click.echo(str(run_backtest(ctx.obj["data_dir"], train, bt)))
 
 
-@cli.command(epilog=TRAINING_EPILOG)
+@cli.command(epilog=tr.TRAINING_EPILOG)
 @dataclass_options(RetrainOptions)
-@training_options
+@tr.training_options
 @click.pass_context
 def retrain(ctx: click.Context, **options: Any) -> None:
     """Champion and challenger: train on all but the newest --holdout-days, score both there,
     promote the challenger into --registry only if it is as good; exit 0 either way."""
     rt = from_options(RetrainOptions, options)
-    train_options = {
-        k: v
-        for k, v in options.items()
-        if k not in {f.name for f in dataclasses.fields(RetrainOptions)}
-    }
-    run_dir, _ = run_retrain(ctx.obj["data_dir"], TrainOptions(**train_options), rt)
-    click.echo(str(run_dir))
+    train = tr.TrainOptions(**{k: v for k, v in options.items() if k not in vars(rt)})
+    click.echo(str(run_retrain(ctx.obj["data_dir"], train, rt)))
 
 
 @cli.command()
@@ -585,18 +498,33 @@ def retrain(ctx: click.Context, **options: Any) -> None:
               help="The model registry.")  # fmt: skip
 def rollback(registry: Path) -> None:
     """Make the registry's previous version current again (DATA_DIR is not read)."""
-    version = run_rollback(registry)
-    click.echo(str(ModelRegistry(registry).version_dir(version)))
+    models = ModelRegistry(registry)
+    current = models.current_version()
+    earlier = [v for v in models.versions() if current is None or v < current]
+    if not earlier:
+        raise UserError(f"{registry} has no version before {current} to roll back to")
+    models.make_current(earlier[-1])
+    log(f"{registry}: version {earlier[-1]} is current again (was {current})")
+    click.echo(str(models.version_dir(earlier[-1])))
 
 
 @cli.command()
 @click.option("--registry", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The model registry directory (created if missing).")  # fmt: skip
-@model_option("The saved .keras model to install (its _vocab.json and _summary.json go with it).")
+@tr.model_option(
+    "The saved .keras model to install (its _vocab.json and _summary.json go with it)."
+)
 def promote(registry: Path, model_file: Path) -> None:
     """Install a model as the registry's next version and make it current; a running
     `serve-predictions --model REGISTRY` swaps to it within seconds (DATA_DIR is not read)."""
-    version = run_promote(registry, model_file)
+    tr.load_saved_model(model_file)  # a broken file never becomes current
+    vocab = tr.vocab_file_for(model_file)
+    summary = vocab.with_name(vocab.name.replace("_vocab.json", "_summary.json"))
+    metadata: dict[str, Any] = json.loads(summary.read_text()) if summary.is_file() else {}
+    if not metadata and vocab.is_file():
+        metadata = {"periods": json.loads(vocab.read_text()).get("split", {})}
+    version = ModelRegistry(registry).install(model_file, vocab, metadata)
+    log(f"Installed {model_file} as version {version} of {registry} (now current)")
     click.echo(str(ModelRegistry(registry).version_dir(version)))
 
 

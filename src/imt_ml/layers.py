@@ -1,17 +1,9 @@
 """The custom Keras layers of imt-ml's models, and the training callbacks.
 
-Every class here is registered with Keras under the package name "imt_ml" when this
-module is imported, which the package does as soon as Keras is imported (see
-`imt_ml/__init__.py`). So a consumer needs only:
-
-    import imt_ml
-    import keras
-
-    model = keras.saving.load_model("track_prediction_model_best.keras")
-
-Preprocessing lives in the model: the input layers turn raw strings and the scheduled
-instant into the model's features, the history layers read the lookup tables the model
-carries as fixed weights, and the output layer labels each class with its track.
+Each layer registers as "imt_ml>ClassName" when this module is imported, as the package does
+with Keras (`imt_ml/__init__.py`): after `import imt_ml`, `keras.saving.load_model` needs
+nothing else. Preprocessing lives in the model: raw strings and the scheduled instant become
+features, the lookup tables are fixed weights, and the output labels each class's track.
 """
 
 from __future__ import annotations
@@ -35,11 +27,7 @@ from imt_ml.utils import HISTORY_FOLDS, boston_offsets
 register = keras.saving.register_keras_serializable(package="imt_ml")
 
 
-# ---------------------------------------------------------------------------
-# Inputs: raw values to features.
-# ---------------------------------------------------------------------------
-
-
+# --- Inputs: raw values to features. ---
 @register
 class TrainNumber(keras.layers.Layer):
     """Trip id -> train number, the text after the last '-'."""
@@ -71,10 +59,9 @@ class JoinStrings(keras.layers.Layer):
 
 @register
 class BostonClock(keras.layers.Layer):
-    """Unix seconds -> [hour, minute, day of week (0 = Monday), day number] on Boston's
-    wall clock, from the changes of America/New_York's offset kept in the layer
-    (`utils.boston_offsets`), so a saved model needs no tz database. Computed in
-    float64: a float32 timestamp is only good to about two minutes."""
+    """Unix seconds -> [hour, minute, day of week (0 = Monday), day number] on Boston's wall
+    clock, from America/New_York's offset changes kept in the layer (`utils.boston_offsets`):
+    no tz database needed. In float64: a float32 timestamp is only good to two minutes."""
 
     def __init__(self, instants: Sequence[float] | None = None,
                  offsets: Sequence[int] | None = None, **kwargs):  # fmt: skip
@@ -110,8 +97,7 @@ class CyclicalEncoding(keras.layers.Layer):
 
     def __init__(self, period: float, column: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.period = float(period)
-        self.column = column
+        self.period, self.column = float(period), column
 
     def call(self, x):
         if self.column is not None:
@@ -127,14 +113,13 @@ class CyclicalEncoding(keras.layers.Layer):
         return {**super().get_config(), "period": self.period, "column": self.column}
 
 
-# ---------------------------------------------------------------------------
-# History: the lookup tables' counts as features and as evidence.
-# ---------------------------------------------------------------------------
-
-
-def other_days(counts: Any, fold_counts: Any, clock: Any) -> Any:
-    """A key's track counts without those of the record's own group of days (Boston day
-    number, BostonClock's column 3, modulo HISTORY_FOLDS), scaled back up to the whole."""
+# --- History: the lookup tables' counts as features and as evidence. ---
+def other_days(inputs: Any, training: Any) -> Any:
+    """[counts, fold counts, clock] -> the counts; in training less the record's own group of
+    days' (Boston day number, clock column 3, modulo HISTORY_FOLDS), scaled up to the whole."""
+    counts, fold_counts, clock = inputs
+    if not training:
+        return counts
     fold = keras.ops.cast(keras.ops.mod(clock[:, 3], float(HISTORY_FOLDS)), "int32")
     blocks = keras.ops.reshape(fold_counts, (-1, HISTORY_FOLDS, counts.shape[-1]))
     own = keras.ops.sum(blocks * keras.ops.one_hot(fold, HISTORY_FOLDS)[:, :, None], axis=1)
@@ -143,15 +128,12 @@ def other_days(counts: Any, fold_counts: Any, clock: Any) -> Any:
 
 @register
 class OtherDays(keras.layers.Layer):
-    """A key's track counts as a record may read them. Inputs: the counts over every
-    training record, the same per group of days (HISTORY_FOLDS blocks side by side)
-    and the record's Boston clock (BostonClock; its day number). In training a record
-    reads the counts of the other groups of days (Boston day number modulo
-    HISTORY_FOLDS), scaled up to the whole, so its own track is never evidence for
-    itself; otherwise it reads them all."""
+    """[counts over every training record, the same per group of days (HISTORY_FOLDS blocks),
+    Boston clock] -> the counts a record may read: in training only `other_days`, so its own
+    track is never evidence for itself; otherwise all of them."""
 
     def call(self, inputs, training=None):
-        return other_days(*inputs) if training else inputs[0]
+        return other_days(inputs, training)
 
     def compute_output_spec(self, inputs):
         return keras.KerasTensor(inputs[0].shape, dtype="float32")
@@ -159,22 +141,13 @@ class OtherDays(keras.layers.Layer):
 
 @register
 class NewTrips(keras.layers.Layer):
-    """Training only: a share of records read their trip as a new schedule season's
-    would. Inputs and outputs: [station + trip counts, station + train counts, and
-    finer tables of the train (its counts per weekday), scaled with the train's].
-
-    `hide`: the trip is new; its counts read 0 and the train's counts keep only its
-    other trips (its other seasons), which is all a new season's first records have
-    (unless `whole_train`).
-    Trips stay known otherwise, and nothing changes outside training.
-
-    `whole_train`: in training the train's counts stay whole, its trip included, so
-    the model learns to answer a new trip as its train's history says, and only the
-    confidence map for new trips (fitted through `always`) learns how often a new
-    season proves that history wrong.
-
-    `always` (a copy for calibration, `as_new_trips`): every record, in and out of
-    training, reads its trip as new, the train keeping only its other trips."""
+    """[station + trip counts, station + train counts, the train's finer (per weekday) tables]
+    -> the same, where in training a share `hide` of records read their trip as a new
+    season's would: its counts 0, the train's keeping only its other trips (the finer tables
+    scaled alike), all a new season's first records have. `whole_train`: the train's counts
+    stay whole (the new-trip confidence map, fitted through `always`, learns how often a new
+    season proves them wrong). `always` (a copy for calibration, `as_new_trips`): every
+    record, in and out of training, reads its trip as new."""
 
     def __init__(self, hide: float = 0.15, seed: int | None = None, always: bool = False,
                  whole_train: bool = False, **kwargs):  # fmt: skip
@@ -220,8 +193,7 @@ class DayRow(keras.layers.Layer):
 
     def call(self, inputs):
         row, clock = inputs
-        day = keras.ops.cast(clock[:, 2], "int64")
-        return keras.ops.cast(row, "int64") * 7 + day
+        return keras.ops.cast(row, "int64") * 7 + keras.ops.cast(clock[:, 2], "int64")
 
     def compute_output_spec(self, inputs):
         return keras.KerasTensor(inputs[0].shape, dtype="int64")
@@ -229,15 +201,13 @@ class DayRow(keras.layers.Layer):
 
 @register
 class TrackHistory(keras.layers.Layer):
-    """Lookup-table evidence as features: from a key's track counts, each track's
-    share and log(1 + count). (Models saved before OtherDays existed pass [counts,
-    fold counts, clock] and get OtherDays' treatment here.)"""
+    """Lookup-table evidence as features: from a key's track counts, each track's share and
+    log(1 + count)."""
 
     def call(self, inputs, training=None):
-        if isinstance(inputs, list | tuple):
-            counts = other_days(*inputs) if training else inputs[0]
-        else:
-            counts = inputs
+        counts = inputs
+        if isinstance(inputs, list | tuple):  # saved before OtherDays existed
+            counts = other_days(inputs, training)
         total = keras.ops.sum(counts, axis=-1, keepdims=True)
         shares = counts / keras.ops.maximum(total, 1e-6)
         return keras.ops.concatenate([shares, keras.ops.log1p(total)], axis=-1)
@@ -249,19 +219,13 @@ class TrackHistory(keras.layers.Layer):
 
 @register
 class EvidenceLogits(keras.layers.Layer):
-    """sum over tables of a_t * log(share + 0.01), one learned weight a_t per table
-    (starting at 1): the lookup tables' answer as a starting point for the logits.
-
-    The tables come most specific first (station + trip id, then station + train
-    number). Every later table has two weights: one for records the first table
-    knows and one for records it does not (a new schedule's trip ids), so the model
-    can lean on the train number exactly when the trip is new.
-
-    `finer`: the last `finer` tables refine the table before them (the train's counts
-    per weekday) and enter as what they add to it: log of their shares, shrunk toward
-    the coarser table's by `prior` records, less log of the coarser shares. A train
-    that keeps one track every day adds nothing, so after a move the stale evidence of
-    its weekdays does not count twice against the new trip's."""
+    """sum over tables of a_t * log(share + 0.01), one learned weight a_t per table (from 1):
+    the tables' answer as a starting point for the logits. Tables come most specific first
+    (station + trip id, then station + train number); each later one has a weight for records
+    the first knows and one for those it does not (a new schedule's trip ids). The last
+    `finer` tables (the train per weekday) enter as what they add to the one before: log of
+    their shares shrunk toward its shares by `prior` records, less log of its shares; so
+    after a move a train's stale weekday evidence does not count twice."""
 
     def __init__(self, finer: int = 0, prior: float = 3.0, **kwargs):
         super().__init__(**kwargs)
@@ -280,11 +244,10 @@ class EvidenceLogits(keras.layers.Layer):
         known = keras.ops.cast(inputs[0][:, -1:] > 0.0, "float32")
         logits = 0.0
         for i, history in enumerate(inputs):
-            scale = (
-                self.scales[0]
-                if i == 0
-                else (known * self.scales[2 * i - 1] + (1.0 - known) * self.scales[2 * i])
-            )
+            if i == 0:
+                scale = self.scales[0]
+            else:
+                scale = known * self.scales[2 * i - 1] + (1.0 - known) * self.scales[2 * i]
             if i >= len(inputs) - self.finer:
                 coarse = inputs[i - 1][:, :-1]
                 count = keras.ops.expm1(history[:, -1:])
@@ -296,45 +259,32 @@ class EvidenceLogits(keras.layers.Layer):
         return logits
 
     def compute_output_spec(self, inputs):
-        history = inputs[0]
-        return keras.KerasTensor((history.shape[0], history.shape[1] - 1), dtype="float32")
+        return keras.KerasTensor((inputs[0].shape[0], inputs[0].shape[1] - 1), dtype="float32")
 
 
-# ---------------------------------------------------------------------------
-# Output: masks, and labelled, calibrated probabilities.
-# ---------------------------------------------------------------------------
-
-
+# --- Output: masks, and labelled, calibrated probabilities. ---
 @register
 class TrackProbabilities(keras.layers.Layer):
-    """The output: class probabilities, with the track label of each class and the
-    tracks each station used in training kept in the saved model
-    (`model.get_layer("track_probabilities").labels` / `.station_tracks`).
-
-    `confidence_map` (fitted on validation records, see `calibrate_model`) maps the
-    top probability to the accuracy records with that confidence had, piecewise
-    linearly between its knots; the other tracks share the rest in their own
-    proportions, and the top track stays on top. None leaves them unchanged."""
+    """The output: class probabilities, keeping each class's track label and the tracks each
+    station used in training (`.labels` / `.station_tracks`). Inputs [probabilities, known]:
+    the top probability of known trips goes through `confidence_map` (see `calibrate_model`),
+    of new ones through `new_trip_map`, to the accuracy records with that confidence had
+    (piecewise linear); the other tracks share the rest in their own proportions, the top
+    staying on top. Without a map (or `known`), the model's own probabilities."""
 
     def __init__(self, labels: list[str], station_tracks: dict[str, list[str]] | None = None,
                  confidence_map: dict[str, list[float]] | None = None,
                  new_trip_map: dict[str, list[float]] | None = None, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
-        self.labels = list(labels)
-        self.station_tracks = dict(station_tracks or {})
+        self.labels, self.station_tracks = list(labels), dict(station_tracks or {})
         self.confidence_map = ConfidenceMap(**confidence_map) if confidence_map else None
         self.new_trip_map = ConfidenceMap(**new_trip_map) if new_trip_map else None
 
     def call(self, inputs):
-        # [probabilities, known]: `known` (1 where the model knows the record's trip)
-        # chooses the map: `confidence_map` for known trips, `new_trip_map` (fitted on
-        # a past change of schedule, see calibrate_model) for the others;
-        # without one, the model's own probabilities.
-        probabilities, known = (inputs if isinstance(inputs, list | tuple)
-                                else (inputs, None))  # fmt: skip
+        if not isinstance(inputs, list | tuple):
+            return self._mapped(inputs, self.confidence_map)
+        probabilities, known = inputs
         known_mapped = self._mapped(probabilities, self.confidence_map)
-        if known is None:
-            return known_mapped
         new_mapped = self._mapped(probabilities, self.new_trip_map)
         return known * known_mapped + (1.0 - known) * new_mapped
 
@@ -380,14 +330,12 @@ class TrackProbabilities(keras.layers.Layer):
 
 @register
 class ClosedTracks(keras.layers.Layer):
-    """[the station's closing day per track (OPEN_TRACK_DAY: open), Boston clock] ->
-    a logit penalty of -1e4 on the tracks closed on the record's Boston day (its day
-    number, BostonClock's column 3, at or after the closing day), else 0."""
+    """[the station's closing day per track (OPEN_TRACK_DAY: open), Boston clock] -> a logit
+    penalty of -1e4 on tracks closed on the record's Boston day (clock column 3), else 0."""
 
     def call(self, inputs):
         since, clock = inputs
-        closed = keras.ops.cast(clock[:, 3:4] >= since, "float32")
-        return closed * -1e4
+        return keras.ops.cast(clock[:, 3:4] >= since, "float32") * -1e4
 
     def compute_output_spec(self, inputs):
         return keras.KerasTensor(inputs[0].shape, dtype="float32")
@@ -395,8 +343,7 @@ class ClosedTracks(keras.layers.Layer):
 
 @register
 class KnownKey(keras.layers.Layer):
-    """1.0 where a history table knows the record's key (its count column, log(1 +
-    count), is above 0), else 0.0; shape (batch, 1)."""
+    """(batch, 1): 1.0 where a history table knows the record's key (log(1 + count) > 0)."""
 
     def call(self, history):
         return keras.ops.cast(history[:, -1:] > 0.0, "float32")
@@ -405,11 +352,7 @@ class KnownKey(keras.layers.Layer):
         return keras.KerasTensor((history.shape[0], 1), dtype="float32")
 
 
-# ---------------------------------------------------------------------------
-# Training callbacks.
-# ---------------------------------------------------------------------------
-
-
+# --- Training callbacks. ---
 def cosine_rate(base_lr: float, epoch: int, tmax: int) -> float:
     """The cosine schedule's rate at `epoch` (from 0): base_lr down to 1% of it at tmax."""
     progress_ = min(epoch, tmax) / max(tmax, 1)
@@ -417,9 +360,8 @@ def cosine_rate(base_lr: float, epoch: int, tmax: int) -> float:
 
 
 class CosineWithPlateau(keras.callbacks.Callback):
-    """Cosine annealing from the initial rate to 1% of it over `tmax` epochs, times a
-    factor that drops by `factor` after `patience` epochs without a better val_loss
-    (the training loss when there are no validation records)."""
+    """`cosine_rate` times a scale cut by `factor` after `patience` epochs without a better
+    val_loss (the training loss when there are no validation records)."""
 
     def __init__(self, base_lr: float, tmax: int, patience: int, factor: float) -> None:
         super().__init__()
@@ -439,13 +381,12 @@ class CosineWithPlateau(keras.callbacks.Callback):
         else:
             self.wait += 1
             if self.wait >= self.patience:
-                self.scale *= self.factor
-                self.wait = 0
+                self.scale, self.wait = self.scale * self.factor, 0
 
 
 class ReportEachEpoch(keras.callbacks.Callback):
-    """Reports a Ray Tune trial's epoch, with a checkpoint (the model with its optimizer
-    state, and the recipe), so a resumed search continues the trial where it stopped."""
+    """Reports a Ray Tune trial's epoch with a checkpoint (model, optimizer state and recipe),
+    so a resumed search continues the trial where it stopped."""
 
     def __init__(self, recipe: Any = None) -> None:
         import ray
