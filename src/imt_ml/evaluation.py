@@ -1,9 +1,7 @@
-"""Judging track predictions, with numpy only: metrics, the lookup tables a skeptic would
-try, confidence maps, paired margins with their intervals, and the report sections that
-print them. Nothing here imports TensorFlow, so the figures of a saved model, a backtest
-or a benchmark can be recomputed from its arrays alone.
+"""Judging track predictions with numpy only (no TensorFlow, so the figures of a saved model,
+a backtest or a benchmark can be recomputed from its arrays): metrics, the lookup tables a
+skeptic would try, confidence maps, paired margins with their intervals, report sections.
 
-    from imt_ml.evaluation import baseline_tables, baseline_predictions, paired_margin
     tables = baseline_tables(columns, train_idx)
     table = baseline_predictions(tables, columns, test_idx)["station_train_weighted"]
     margin, half_width = paired_margin(model_hits, table == columns["track_number"][test_idx])
@@ -12,6 +10,7 @@ or a benchmark can be recomputed from its arrays alone.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 
 from imt_ml.utils import (
     SAMPLE_TRUTH_FILE,
+    SECONDS_PER_DAY,
     Run,
     UserError,
     boston_offsets,
@@ -29,33 +29,26 @@ from imt_ml.utils import (
     files_section,
     markdown_table,
     pct,
+    section,
 )
 
 #: A schedule season lasts about 90 days; 60 lets the current one outweigh the last.
 RECENCY_HALF_LIFE_DAYS = 60.0
-
-
-SECONDS_PER_DAY = 86_400
-
-
 COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+#: Precisions at which reports give the share of records a predictor can answer.
+PRECISION_TARGETS = (0.8, 0.9)
 
 
 def boston_days(timestamps: np.ndarray) -> np.ndarray:
     """Day number (days since 1970-01-01) of each instant on Boston's calendar."""
     instants, offsets = boston_offsets()
-    local = (
-        timestamps
-        + np.asarray(offsets, dtype=np.float64)[
-            np.searchsorted(np.asarray(instants), timestamps, side="right")
-        ]
-    )
+    at = np.searchsorted(np.asarray(instants), timestamps, side="right")
+    local = timestamps + np.asarray(offsets, dtype=np.float64)[at]
     return np.floor(local / SECONDS_PER_DAY).astype(np.int64)
 
 
 def boston_weekdays(days: np.ndarray) -> np.ndarray:
-    """Weekday (0 = Monday) of Boston day numbers (`boston_days`); 1970-01-01 was a
-    Thursday. BostonClock computes the same in the model."""
+    """Weekday (0 = Monday) of Boston day numbers (a Thursday was day 0), as BostonClock."""
     return (days + 3) % 7
 
 
@@ -89,16 +82,16 @@ def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray
     so the loss and the learning rate keep their meaning (all 1 for a half-life of 0)."""
     if half_life_days <= 0:
         return np.ones(len(timestamps))
-    age_days = (timestamps.max() - timestamps.astype(np.float64)) / 86_400
+    age_days = (timestamps.max() - timestamps.astype(np.float64)) / SECONDS_PER_DAY
     weights = 0.5 ** (age_days / half_life_days)
     return weights / weights.mean()
 
 
-#: A station's track reads as closed (track works; see `closed_tracks`) when the departures
-#: the station had after the track's last one would have given it at least this many, at
-#: its share of the station's departures of the same kind of day (weekday, Saturday,
-#: Sunday) in the CLOSED_TRACK_LOOKBACK_DAYS up to that last one. At 20, a track that is
-#: merely quiet shows no departure with a chance of about e^-20.
+#: A station's track reads as closed (track works; see `closed_tracks`) when the departures the
+#: station had after the track's last one would have given it at least this many, at its share
+#: of the station's departures of the same kind of day (weekday, Saturday, Sunday) in the
+#: CLOSED_TRACK_LOOKBACK_DAYS up to that last one. At 20, a merely quiet track shows no departure
+#: with a chance of about e^-20.
 CLOSED_TRACK_EXPECTED = 20.0
 
 #: The lookup tables a skeptic would try, in the order reports list them: each counted
@@ -109,8 +102,6 @@ TABLE_KEYS = {
     "station_trip": "the station + trip id, else station + train number",
     "station_train_day": "the station + train number + weekday, else station + train number",
 }
-
-
 BASELINE_NAMES = {
     **{name: f"most frequent track for {key}" for name, key in TABLE_KEYS.items()},
     **{f"{name}_weighted": f"most frequent track for {key}, recency-weighted"
@@ -124,8 +115,7 @@ def table_keys(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.
     trips = columns["trip_id"][idx].astype(str)
     joined = np.char.add(stations, "|")
     by_train = np.char.add(joined, train_numbers(trips).astype(str))
-    ts = columns["scheduled_timestamp"][idx].astype(np.float64)
-    weekdays = boston_weekdays(boston_days(ts))
+    weekdays = boston_weekdays(boston_days(columns["scheduled_timestamp"][idx].astype(np.float64)))
     return {
         "station_route": np.char.add(joined, columns["route_id"][idx].astype(str)),
         "station_train": by_train,
@@ -181,34 +171,30 @@ def baseline_tables(
 def baseline_answers(
     tables: dict[str, Any], columns: dict[str, np.ndarray], idx: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each lookup table's (predicted track, confidence) per record. The confidence is
-    the track's share of the training records under the key used. A key the table
-    lacks falls back to the station (station + trip id first falls back to station +
-    train number of the same weighting), then to the overall most frequent track."""
+    """Each lookup table's (predicted track, confidence: the track's share of the training
+    records under the key used) per record. A key the table lacks falls back to the station
+    (station + trip id and + weekday first to station + train number of the same weighting),
+    then to the overall most frequent track."""
     keys = table_keys(columns, idx)
-    stations = keys["station"]
 
     def entry(value: Any) -> tuple[str, float]:  # tables written before shares: bare tracks
         return (value[0], float(value[1])) if isinstance(value, list) else (value, math.nan)
 
     overall = entry(tables["overall"])
     by_station = {s: entry(v) for s, v in tables["station"].items()}
+    station_answers = [by_station.get(s, overall) for s in keys["station"]]
 
-    def lookup(name: str, fallback: list | None = None) -> list:
+    def lookup(name: str, fallback: list) -> list:
         table = tables[name]
-        base = name.removesuffix("_weighted")
-        return [
-            entry(table[k]) if k in table else (back or by_station.get(s, overall))
-            for k, back, s in zip(keys[base], fallback or [None] * len(stations), stations,
-                                  strict=True)
-        ]  # fmt: skip
+        keyed = zip(keys[name.removesuffix("_weighted")], fallback, strict=True)
+        return [entry(table[k]) if k in table else back for k, back in keyed]
 
     answers = {}
     for suffix in ("", "_weighted"):
         if f"station_route{suffix}" not in tables:  # tables saved before the weighted ones
             continue
-        by_train = lookup(f"station_train{suffix}")
-        answers[f"station_route{suffix}"] = lookup(f"station_route{suffix}")
+        by_train = lookup(f"station_train{suffix}", station_answers)
+        answers[f"station_route{suffix}"] = lookup(f"station_route{suffix}", station_answers)
         answers[f"station_train{suffix}"] = by_train
         for name in ("station_trip", "station_train_day"):
             if f"{name}{suffix}" in tables:  # (tables saved before it lack the weekday one)
@@ -227,10 +213,9 @@ def baseline_predictions(
 
 
 def paired_margin(model_hits: np.ndarray, table_hits: np.ndarray) -> tuple[float, float]:
-    """(the model's top-1 minus a table's, the 95% half-width of that difference): both
-    answer the same records, so the interval is that of the per-record difference (a
-    paired normal interval), far narrower than two separate accuracies' would be. A
-    margin whose interval holds 0 is a tie on these records."""
+    """(the model's top-1 minus a table's, the 95% half-width of that difference): both answer
+    the same records, so it is the paired normal interval of the per-record difference, far
+    narrower than two separate accuracies' would be. One that holds 0 is a tie."""
     if len(model_hits) < 2:
         return float("nan"), float("nan")
     diff = model_hits.astype(np.float64) - table_hits.astype(np.float64)
@@ -248,13 +233,8 @@ def expected_calibration_error(
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
     if len(confidence) == 0:
         return float("nan")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    per_bin = reliability_bins(confidence, correct, bins)
+    total = sum(b["records"] * abs(b["accuracy"] - b["confidence"]) for b in per_bin)
     return float(total / len(confidence))
 
 
@@ -276,14 +256,12 @@ class ConfidenceMap(NamedTuple):
 
 
 def fit_confidence_map(confidence: np.ndarray, correct: np.ndarray) -> ConfidenceMap:
-    """Isotonic regression of correctness on the top probability (pool adjacent
-    violators): each block of records becomes one knot at its mean confidence, with its
-    accuracy, shrunk by half a record towards 1/2 so no knot promises certainty.
-
-    Temperature scaling (Guo et al. 2017) bends every confidence the same way; on
-    drifting track history the model is under-confident in the middle and
-    over-confident near 1, which one temperature cannot mend (it made held-out ECE
-    worse than no calibration in the drift benchmark), and a monotone map can."""
+    """Isotonic regression of correctness on the top probability (pool adjacent violators):
+    each block of records becomes one knot at its mean confidence, with its accuracy shrunk
+    by half a record towards 1/2 so no knot promises certainty. Not temperature scaling (Guo
+    et al. 2017): on drifting track history the model is under-confident in the middle and
+    over-confident near 1, which one temperature cannot mend (it made held-out ECE worse than
+    no calibration in the drift benchmark), and a monotone map can."""
     order = np.argsort(confidence, kind="stable")
     blocks: list[list[float]] = []  # [sum of confidence, correct, records]
     for c, k in zip(confidence[order], correct[order].astype(float), strict=True):
@@ -299,7 +277,9 @@ def fit_confidence_map(confidence: np.ndarray, correct: np.ndarray) -> Confidenc
 
 @dataclass
 class Calibration:
-    """A confidence map fitted on validation records, and what it changed there."""
+    """A confidence map fitted on validation records, and what it changed there. Trips the
+    model does not know get `new_trip_map`, fitted on the records `new_trip_source` names
+    (for reports); `new_trip_ece` is those records' ECE (before, after) that map."""
 
     confidence_map: ConfidenceMap | None
     ece_before: float
@@ -308,11 +288,8 @@ class Calibration:
     reliability_before: list[dict[str, float]]
     reliability_after: list[dict[str, float]]
     new_trip_map: ConfidenceMap | None = None
-    """The map for trips the model does not know (see `new_trip_source`)."""
     new_trip_ece: tuple[float, float] | None = None
-    """ECE of those records read as new trips, (before, after) their map."""
     new_trip_source: str = ""
-    """Which records the map for new trips was fitted on, for reports."""
 
     def describe(self) -> str:
         text = describe_map(self.confidence_map)
@@ -364,47 +341,43 @@ def coverage_at_precision(confidence: np.ndarray, correct: np.ndarray, precision
     return float((ok[-1] + 1) / len(order)) if len(ok) else 0.0
 
 
+def mean_or_nan(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def evaluate_predictions(
     probs: np.ndarray, true_tracks: np.ndarray, labels: list[str], stations: np.ndarray
 ) -> dict[str, Any]:
-    """Top-1/top-3, per station, accuracy at coverage, ECE and confusion counts.
-
-    Records whose true track is not among `labels` count as wrong."""
+    """Top-1/top-3, per station, accuracy at coverage, ECE and confusion counts. Records whose
+    true track is not among `labels` count as wrong."""
     y = label_indices(true_tracks, labels)
     n = len(y)
     order = np.argsort(-probs, axis=1)
     top1 = order[:, 0]
     correct = top1 == y
-    top3 = (order[:, :3] == y[:, None]).any(axis=1)
     confidence = probs[np.arange(n), top1] if n else np.zeros(0)
     per_station = {}
     for station in sorted(set(stations)):
         sel = stations == station
         per_station[station] = {"records": int(sel.sum()), "accuracy": float(correct[sel].mean())}
-    coverage = []
-    for threshold in COVERAGE_THRESHOLDS:
-        sel = confidence >= threshold
-        coverage.append({
-            "threshold": threshold,
-            "coverage": float(sel.mean()) if n else float("nan"),
-            "accuracy": float(correct[sel].mean()) if sel.any() else float("nan"),
-        })  # fmt: skip
+    coverage = [
+        {"threshold": t, "coverage": mean_or_nan(sel), "accuracy": mean_or_nan(correct[sel])}
+        for t, sel in ((t, confidence >= t) for t in COVERAGE_THRESHOLDS)
+    ]
     known = y >= 0
     confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
     np.add.at(confusion, (y[known], top1[known]), 1)
     return {
         "records": int(n),
         "unknown_track_records": int((~known).sum()),
-        "top1_accuracy": float(correct.mean()) if n else float("nan"),
-        "top3_accuracy": float(top3.mean()) if n else float("nan"),
-        "mean_confidence": float(confidence.mean()) if n else float("nan"),
+        "top1_accuracy": mean_or_nan(correct),
+        "top3_accuracy": mean_or_nan((order[:, :3] == y[:, None]).any(axis=1)),
+        "mean_confidence": mean_or_nan(confidence),
         "expected_calibration_error": expected_calibration_error(confidence, correct),
         "per_station": per_station,
         "coverage": coverage,
         "confusion": confusion,
-        "predicted_tracks": np.array(labels, dtype=object)[top1]
-        if n
-        else np.array([], dtype=object),
+        "predicted_tracks": np.array(labels, dtype=object)[top1],
     }
 
 
@@ -413,12 +386,8 @@ def load_sample_truth(export_dir: Path) -> dict[tuple[str, str, float], float] |
     for path in (export_dir / SAMPLE_TRUTH_FILE, export_dir.parent / SAMPLE_TRUTH_FILE):
         if path.is_file():
             data = np.load(path)
-            keys = zip(
-                data["station_id"],
-                data["trip_id"],
-                data["scheduled_timestamp"].tolist(),
-                strict=True,
-            )
+            stamps = data["scheduled_timestamp"].tolist()
+            keys = zip(data["station_id"], data["trip_id"], stamps, strict=True)
             return dict(zip(keys, data["best_probability"].tolist(), strict=True))
     return None
 
@@ -429,18 +398,12 @@ def best_possible_accuracy(
     """Mean generating probability of the likeliest track over the records (sample data)."""
     if truth is None:
         return None
-    keys = zip(
-        columns["station_id"][idx], columns["trip_id"][idx],
-        columns["scheduled_timestamp"][idx].astype(np.float32).tolist(), strict=True,
-    )  # fmt: skip
+    stamps = columns["scheduled_timestamp"][idx].astype(np.float32).tolist()
+    keys = zip(columns["station_id"][idx], columns["trip_id"][idx], stamps, strict=True)
     found = [truth[k] for k in keys if k in truth]
     if not found:
         return None
     return {"accuracy": float(np.mean(found)), "matched": len(found), "records": int(len(idx))}
-
-
-#: Precisions at which reports give the share of records a predictor can answer.
-PRECISION_TARGETS = (0.8, 0.9)
 
 
 @dataclass
@@ -493,9 +456,8 @@ def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
         )
         for bins, label, style in ((c.reliability_before, f"model (ECE {c.ece_before:.3f})", "o-"),
                                    (c.reliability_after, f"calibrated (ECE {c.ece_after:.3f})", "s-")):  # fmt: skip
-            ax.plot(
-                [b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=label
-            )
+            x, y = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+            ax.plot(x, y, style, label=label)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability), mean per bin",
                ylabel="accuracy in the bin", title=f"Reliability on {c.records:,} validation records")  # fmt: skip
         ax.legend(loc="upper left")
@@ -543,10 +505,7 @@ def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validatio
 def accuracy_rows(ev: Evaluation) -> list[list[str]]:
     """The model, every lookup table and (on sample data) the best possible."""
     m = ev.metrics
-    rows = [
-        ["Model (top-1)", pct(m["top1_accuracy"])],
-        ["Model (top-3)", pct(m["top3_accuracy"])],
-    ]
+    rows = [["Model (top-1)", pct(m["top1_accuracy"])], ["Model (top-3)", pct(m["top3_accuracy"])]]
     rows += [[f"Baseline: {BASELINE_NAMES[key]}", pct(acc)] for key, acc in ev.baselines.items()]
     if ev.best_possible:
         bp = ev.best_possible
@@ -574,28 +533,26 @@ def margin_lines(ev: Evaluation) -> list[str]:
 def calibration_lines(calibration: Calibration | None) -> list[str]:
     if calibration is None:
         return []
+    c, new_trips = calibration, []
+    if c.new_trip_ece is not None:
+        new_trips = [
+            "",
+            "Records whose trip the model does not know (a new schedule season's) get a map of "
+            f"their own, fitted on {c.new_trip_source}: ECE {c.new_trip_ece[0]:.4f} before, "
+            f"{c.new_trip_ece[1]:.4f} after (in-sample).",
+        ]
     return [
         "### Calibration",
         "",
         "The saved model's output layer maps its top probability to the accuracy that validation "
         "records with that confidence had (isotonic regression on the records whose trip the model "
-        f"knew; {calibration.describe()}); the other tracks share the rest in proportion and the "
+        f"knew; {c.describe()}); the other tracks share the rest in proportion and the "
         "answer never changes. So `predict`, `load_predictor`, `serve` and the `.keras` file itself "
         "all answer with calibrated probabilities.",
-        f"Expected calibration error on those records: {calibration.ece_before:.4f} before, "
-        f"{calibration.ece_after:.4f} after (the map was fitted on these records' known trips, "
+        f"Expected calibration error on those records: {c.ece_before:.4f} before, "
+        f"{c.ece_after:.4f} after (the map was fitted on these records' known trips, "
         "so the figure after is in-sample).",
-        *(
-            []
-            if calibration.new_trip_ece is None
-            else [
-                "",
-                "Records whose trip the model does not know (a new schedule season's) get a map of "
-                f"their own, fitted on {calibration.new_trip_source}: ECE "
-                f"{calibration.new_trip_ece[0]:.4f} before, {calibration.new_trip_ece[1]:.4f} after "
-                "(in-sample).",
-            ]
-        ),
+        *new_trips,
         "",
         "![Reliability diagram](reliability_diagram.png)",
         "",
@@ -607,6 +564,7 @@ def answerable_lines(ev: Evaluation) -> list[str]:
     if not ev.answerable:
         return []
     names = {"model": "Model", **{k: f"Lookup: {v}" for k, v in BASELINE_NAMES.items()}}
+    header = ["Predictor", *[f"at {100 * p:.0f}% precision" for p in PRECISION_TARGETS]]
     rows = [[names[name], *[pct(cov[p]) for p in PRECISION_TARGETS]]
             for name, cov in ev.answerable.items()]  # fmt: skip
     lines = [
@@ -616,9 +574,7 @@ def answerable_lines(ev: Evaluation) -> list[str]:
         "table by the share of its key's training records with that track): the largest share "
         "of records answerable with that accuracy on the answered ones.",
         "",
-        markdown_table(
-            ["Predictor", *[f"at {100 * p:.0f}% precision" for p in PRECISION_TARGETS]], rows
-        ),
+        markdown_table(header, rows),
         "",
     ]
     strongest = strongest_baseline(ev.baselines)
@@ -647,10 +603,9 @@ def evaluation_figures(ev: Evaluation | None) -> dict[str, Any] | None:
 
 
 def member_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> list[float]:
-    """Weights (summing to one) for the members' probabilities that minimise the log-loss
-    of their weighted mean on labelled records (exponentiated gradient on the simplex;
-    equal weights when no record has a known track). A member that is weaker on these
-    records gets less say instead of dragging the vote down."""
+    """Weights (summing to one) for the members' probabilities that minimise the log-loss of
+    their weighted mean on labelled records (exponentiated gradient on the simplex; equal
+    weights when no record has a known track): a member weaker on these records gets less say."""
     rows = np.flatnonzero(labels >= 0)
     weights = np.full(len(probabilities), 1.0 / len(probabilities))
     if len(rows) == 0 or len(probabilities) == 1:
@@ -676,25 +631,18 @@ def majority_vote(member_probs: list[np.ndarray]) -> np.ndarray:
 def member_agreement(member_probs: list[np.ndarray]) -> dict[str, float]:
     picks = np.stack([p.argmax(axis=1) for p in member_probs])
     all_agree = float((picks == picks[0]).all(axis=0).mean())
-    pairs = [
-        float((picks[i] == picks[j]).mean())
-        for i in range(len(picks))
-        for j in range(i + 1, len(picks))
-    ]
+    pairs = [float((a == b).mean()) for a, b in itertools.combinations(picks, 2)]
     return {"all_agree": all_agree, "mean_pairwise": float(np.mean(pairs)) if pairs else 1.0}
 
 
 def student_t_quantile(p: float, df: int) -> float:
     """Quantile of Student's t distribution (bisection on a numerically integrated CDF)."""
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    power = (df + 1) / 2
 
-    def cdf(t: float) -> float:  # P(T <= t) for t >= 0, Simpson's rule from 0 to t
-        steps = 2000
-        h = t / steps
-        density = [
-            math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df))
-            for i in range(steps + 1)
-        ]
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0, Simpson's rule on 2000 steps from 0 to t
+        h = t / 2000
+        density = [math.exp(log_norm - power * math.log1p((i * h) ** 2 / df)) for i in range(2001)]
         area = density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2])
         return 0.5 + area * h / 3
 
@@ -727,7 +675,7 @@ def window_figures(
     m = ev.metrics
     correct = m["predicted_tracks"] == columns["track_number"][idx]
     confidence = ev.probabilities.max(axis=1) if len(idx) else np.zeros(0)
-    figures: dict[str, Any] = {
+    return {
         "records": int(len(idx)), "model_top1": float(m["top1_accuracy"]),
         "model_ece": float(m["expected_calibration_error"]),
         "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
@@ -735,14 +683,9 @@ def window_figures(
         "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
         "stations": {s: v["accuracy"] for s, v in m["per_station"].items()},
     }  # fmt: skip
-    return figures
 
 
-# ---------------------------------------------------------------------------
-# Report sections of the training modes.
-# ---------------------------------------------------------------------------
-
-
+# --- Report sections of the training modes. ---
 def closed_track_lines(vocab: Any) -> list[str]:
     """One report line per station with tracks the model reads as closed."""
     return [
@@ -760,40 +703,37 @@ def boston_date(day: int) -> str:
 
 def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Path) -> list[str]:
     """Which model the validation figures describe, and which one was saved."""
+    best, final = best_path.name, final_path.name
     if refit is None:
-        return [
-            "## Saved Models",
-            "",
-            f"- The figures above describe `{best_path.name}` itself: it was trained on the training "
-            f"records only (`--no-refit`), and `{final_path.name}` holds the final weights of the same run.",
-            "",
-        ]
-    return [
-        "## Saved Models",
-        "",
-        "- The validation figures above describe a model trained on the training records only, "
-        f"checkpointed at its best validation accuracy (epoch {refit['best_epochs']}).",
-        f"- The saved models were then refit on all {refit['records']:,} records, the newest included, "
-        f"with vocabularies from all of them: `{best_path.name}` continued from that checkpoint and "
-        f"`{final_path.name}` from the run's final weights (epoch {refit['final_epochs']}), "
-        + (
+        return section(
+            "Saved Models",
+            f"- The figures above describe `{best}` itself: it was trained on the training "
+            f"records only (`--no-refit`), and `{final}` holds the final weights of the same run.",
+        )
+    if refit["epochs"]:
+        epochs = (
             f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s) from a learning rate of "
             f"{refit['learning_rate']:g} (`--refit-lr-factor`), "
-            if refit["epochs"]
-            else "with no epoch (`--refit-epochs 0`: the validated weights reading tables of every "
-            "record), "
         )
-        + (
-            "one refit serving both as they were the same weights, "
-            if refit["best_epochs"] == refit["final_epochs"]
-            else ""
+    else:
+        epochs = (
+            "with no epoch (`--refit-epochs 0`: the validated weights reading tables of "
+            "every record), "
         )
-        + f"with the confidence map fitted above ({refit['calibration']}).",
+    if refit["best_epochs"] == refit["final_epochs"]:
+        epochs += "one refit serving both as they were the same weights, "
+    return section(
+        "Saved Models",
+        "- The validation figures above describe a model trained on the training records only, "
+        f"checkpointed at its best validation accuracy (epoch {refit['best_epochs']}).",
+        f"- The saved models were then refit on all {refit['records']:,} records, the newest "
+        f"included, with vocabularies from all of them: `{best}` continued from that checkpoint "
+        f"and `{final}` from the run's final weights (epoch {refit['final_epochs']}), {epochs}"
+        f"with the confidence map fitted above ({refit['calibration']}).",
         "- The refit models have no held-out records left; the figures above estimate them. "
         "`--no-refit` saves the validated models instead.",
         *closed_track_lines(refit["vocab_info"]),
-        "",
-    ]
+    )
 
 
 def evaluation_sections(tuning: Evaluation, test: Evaluation | None, data: Any) -> list[str]:
@@ -814,17 +754,15 @@ def evaluation_sections(tuning: Evaluation, test: Evaluation | None, data: Any) 
 def performance_section(history: dict[str, list[float]], best_path: Path) -> list[str]:
     epochs_run = len(history.get("loss", []))
     best_epoch = int(np.argmax(history["val_accuracy"])) + 1
-    return [
-        "## Final Performance Metrics (tuning figures: the validation records)",
-        "",
+    return section(
+        "Final Performance Metrics (tuning figures: the validation records)",
         f"- Validation Loss: {history['val_loss'][-1]:.4f} (last epoch)",
         f"- Validation Accuracy: {history['val_accuracy'][-1]:.4f} (last epoch)",
         f"- Best Validation Accuracy: {max(history['val_accuracy']):.4f} "
         f"(epoch {best_epoch} of {epochs_run}; saved as `{best_path.name}`)",
-        "- Keras' validation figures leave out validation records whose track never occurred in training; "
-        "the evaluation below counts them as wrong.",
-        "",
-    ]
+        "- Keras' validation figures leave out validation records whose track never occurred in "
+        "training; the evaluation below counts them as wrong.",
+    )
 
 
 def epoch_lines(history: dict[str, list[float]], opts: Any, seconds: float) -> list[str]:
@@ -848,13 +786,8 @@ def schedule_section(opts: Any, mode: str) -> list[str]:
         f"epochs, times {opts.reduce_lr_factor:g} after {opts.reduce_lr_patience} epochs without a "
         "better val_loss"
     )  # fmt: skip
-    return [
-        "## Train Mode Details" if mode == "train" else "## Final Training Details",
-        "",
-        f"- Early stopping: {stopping}",
-        f"- Learning rate: {rate}",
-        "",
-    ]
+    title = "Train Mode Details" if mode == "train" else "Final Training Details"
+    return section(title, f"- Early stopping: {stopping}", f"- Learning rate: {rate}")
 
 
 def figures_section(run: Run, history: dict[str, list[float]], evaluation: Evaluation) -> list[str]:
@@ -863,8 +796,8 @@ def figures_section(run: Run, history: dict[str, list[float]], evaluation: Evalu
     confusion = plot_confusion_matrix(
         evaluation.metrics["confusion"], evaluation.labels, run.path("confusion_matrix.png")
     )
-    return ["## Learning Curves", "", f"![Learning curves]({curves.name})", "",
-            "## Confusion Matrix", "", f"![Confusion matrix]({confusion.name})", ""]  # fmt: skip
+    curves_lines = section("Learning Curves", f"![Learning curves]({curves.name})")
+    return curves_lines + section("Confusion Matrix", f"![Confusion matrix]({confusion.name})")
 
 
 def train_files_section(files: Any, serving: Path) -> list[str]:
@@ -907,17 +840,15 @@ def ensemble_refit_section(refits: list[dict[str, Any]], calibration: Calibratio
     if not refits:
         return []
     epochs = ", ".join(f"{r['best_epochs']}/{r['final_epochs']}" for r in refits)
-    return [
-        "## Saved Models",
-        "",
+    return section(
+        "Saved Models",
         "- The validation figures above describe the members trained on the training records "
         "only, and their average.",
-        f"- Every member was then refit on all {refits[0]['records']:,} records, the newest included, "
-        f"for the epoch counts its validated run chose ({epochs} for best/final), with its own "
-        "confidence map; the combined model averages the refit members' best checkpoints with the "
-        f"weights above and applies the combined map ({calibration.describe()}).",
-        "",
-    ]
+        f"- Every member was then refit on all {refits[0]['records']:,} records, the newest "
+        f"included, for the epoch counts its validated run chose ({epochs} for best/final), with "
+        "its own confidence map; the combined model averages the refit members' best checkpoints "
+        f"with the weights above and applies the combined map ({calibration.describe()}).",
+    )
 
 
 def ensemble_files_section(mp: str, combined_path: Path, serving: Path) -> list[str]:
@@ -933,8 +864,8 @@ def ensemble_files_section(mp: str, combined_path: Path, serving: Path) -> list[
 
 
 def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> list[np.ndarray]:
-    """Validation indices of each fold. Contiguous periods of time by default (records
-    with the same scheduled time stay together); a seeded shuffle with `shuffle`."""
+    """Validation indices of each fold: contiguous periods of time (records with the same
+    scheduled time stay together), or with `shuffle` a seeded shuffle."""
     n = len(timestamps)
     if k < 2:
         raise UserError("--k-folds must be at least 2")
@@ -944,11 +875,10 @@ def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> li
         order = np.random.default_rng(seed).permutation(n)
         return [np.sort(part) for part in np.array_split(order, k)]
     order = np.argsort(timestamps, kind="stable")
+    ordered = timestamps[order]
     bounds = [round(i * n / k) for i in range(k + 1)]
     for j in range(1, k):  # never cut between two records of the same time
-        while (
-            0 < bounds[j] < n and timestamps[order[bounds[j]]] == timestamps[order[bounds[j] - 1]]
-        ):
+        while 0 < bounds[j] < n and ordered[bounds[j]] == ordered[bounds[j] - 1]:
             bounds[j] += 1
         bounds[j] = max(bounds[j], bounds[j - 1])
     folds = [np.sort(order[bounds[j] : bounds[j + 1]]) for j in range(k)]
@@ -963,16 +893,13 @@ def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> li
 
 
 def validation_period(timestamps: np.ndarray) -> str:
-    first, last = (
-        dt.datetime.fromtimestamp(float(t), dt.UTC) for t in (timestamps.min(), timestamps.max())
-    )
-    return f"{first:%Y-%m-%d} to {last:%Y-%m-%d}"
+    return " to ".join(iso_utc(t)[:10] for t in (timestamps.min(), timestamps.max()))
 
 
 def cv_performance_section(summary: dict[str, Any]) -> list[str]:
-    lines = ["## Final Performance Metrics", ""]
+    test = []
     if "test_accuracy" in summary:
-        lines += [
+        test = [
             f"Held-out test window ({' to '.join(summary['test_period'])}), in no fold, which no "
             "training choice saw: each fold's model scored there, beside the strongest lookup "
             "table of the same fold's training records.",
@@ -982,7 +909,9 @@ def cv_performance_section(summary: dict[str, Any]) -> list[str]:
             f"- Model minus lookup table: {interval(summary['test_difference'])}",
             "",
         ]
-    return lines + [
+    return section(
+        "Final Performance Metrics",
+        *test,
         "Tuning figures: each fold's validation records (they chose its early stopping and "
         "calibration):",
         "",
@@ -999,38 +928,33 @@ def cv_performance_section(summary: dict[str, Any]) -> list[str]:
         "interval describes how much the figure moves between periods of this export; it "
         "does not account for that correlation, for other exports or for the periods after "
         "the newest record.",
-        "",
-    ]
+    )
 
 
 def cv_folds_section(rows: list[list[Any]]) -> list[str]:
     header = ["Fold", "Validation period", "Records", "Accuracy", "Loss", "Baseline",
               "Model - baseline", "Strongest lookup table"]  # fmt: skip
-    return [
-        "## Cross-Validation Folds",
-        "",
+    return section(
+        "Cross-Validation Folds",
         markdown_table(header, rows),
         "",
-        "Accuracy counts validation records whose track the fold's training data never saw as wrong; "
-        "the loss (the calibrated model's log loss) gives them a probability of 1e-7.",
-        "",
-    ]
+        "Accuracy counts validation records whose track the fold's training data never saw as "
+        "wrong; the loss (the calibrated model's log loss) gives them a probability of 1e-7.",
+    )
 
 
 def cv_deployable_section(mp: str, fitted: Any) -> list[str]:
     refit = fitted.refit
     how = (f"then refit on all {refit['records']:,} records for {refit['epochs']} epochs"
            if refit else "not refit (`--no-refit`)")  # fmt: skip
-    return [
-        "## Deployable Model",
-        "",
+    return section(
+        "Deployable Model",
         f"- `{mp}_best.keras` and `{mp}_final.keras` come from `train`'s recipe on the same export "
         f"with the options above: validated on the newest records ({fitted.epochs} epochs), "
         f"calibrated there ({fitted.calibration.describe()}), {how}. `train` with the same "
         "options saves the same model.",
         "- Its accuracy is not measured here: the fold figures above estimate it.",
-        "",
-    ]
+    )
 
 
 def cv_files_section(mp: str) -> list[str]:

@@ -1,20 +1,16 @@
 """Train, evaluate and serve track-prediction models from an imt-ml TFRecord export.
 
     uv run src/imt_ml/tfrecord_reader.py track_data_export train --epochs 30
-    uv run src/imt_ml/tfrecord_reader.py track_data_export evaluate --model output/train_.../track_prediction_model_best.keras
+    uv run src/imt_ml/tfrecord_reader.py track_data_export evaluate --model MODEL.keras
     echo '{"station_id": "place-sstat", ...}' | \\
-        uv run src/imt_ml/tfrecord_reader.py - predict --model output/train_.../track_prediction_model_best.keras
+        uv run src/imt_ml/tfrecord_reader.py - predict --model MODEL.keras
 
-DATA_DIR is one export directory, or an export root, in which case the newest
-complete export inside it is used. From a notebook:
+DATA_DIR is one export directory, or an export root (its newest complete export is
+used). From a notebook:
 
     from imt_ml.tfrecord_reader import load_tfrecord_dataset, create_simple_model
     train_ds, val_ds, vocab_info = load_tfrecord_dataset("track_data_export")
     model = create_simple_model(vocab_info)
-
-The module reads top to bottom: locating exports, parsing, splitting and
-vocabularies, datasets, model layers and builders, evaluation, reports, the
-training loop, the modes, and the command line.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -122,6 +119,7 @@ from imt_ml.utils import (
     parse_instant,
     pct,
     progress,
+    section,
     tf,
     tf_parse_spec,
     timing_section,
@@ -131,14 +129,13 @@ from imt_ml.utils import (
 
 #: The custom layers and callbacks (imt_ml/layers.py), imported with Keras on first use.
 track_layers: Any = LazyModule("imt_ml.layers")
+#: Records as columns: field name -> one value per record.
+Columns = dict[str, np.ndarray]
 
-# ---------------------------------------------------------------------------
-# Model inputs: the raw values a saved model takes, and their dtypes.
-# ---------------------------------------------------------------------------
+# -- Model inputs: the raw values a saved model takes, and their dtypes -------
 
-#: Input name -> dtype. Strings are raw ids. The clock comes only from the scheduled
-#: instant (Unix seconds, float64 so it is exact to the second): the model converts it
-#: to Boston time itself, so no caller's offset or clock fields can change an answer.
+#: Input name -> dtype. Strings are raw ids; the clock is only the scheduled instant (Unix
+#: seconds, float64: exact), which the model converts to Boston time itself.
 MODEL_INPUTS: dict[str, str] = {
     "station_id": "string",
     "route_id": "string",
@@ -156,43 +153,19 @@ def serving_input_specs() -> dict[str, Any]:
 
 DEFAULT_MODEL_PATH = "track_prediction_model"
 VALIDATION_FRACTION = 0.2
-#: The time split validates on at most this many of the newest days: a deployed model is
-#: refit on every record and asked about the weeks that follow, so its epochs and its
-#: calibration are chosen on the same horizon (a longer window reaches back across a
-#: change of schedule and chooses for trains without history).
+#: The time split validates on at most this many newest days: a refit model's horizon.
 VALIDATION_DAYS = 28
-#: The newest days every mode holds out of checkpointing, early stopping, calibration,
-#: ensemble weights and trial selection: the report's headline figures come from them.
+#: The newest days every mode holds out of every choice made in training (headline figures).
 TEST_DAYS = 7.0
-#: Epochs of the refit on every record (--refit-epochs). It continues from the validated
-#: weights, which already read the history tables well: what the newest records add is
-#: mostly in the tables (rebuilt from every record) and in the embeddings of ids first
-#: seen there, and two epochs teach those. A cold refit for the validated run's epoch
-#: count took a third of `train`'s time for the same held-out accuracy.
+#: Epochs of the refit on every record (--refit-epochs), from the validated weights.
 REFIT_EPOCHS = 2
-#: The refit's starting learning rate as a share of --learning-rate (--refit-lr-factor).
-#: 1: in bench-drift (seed 1) a tenth kept more of the validated model (top-1 up in 6 of 9
-#: cells, by up to 0.5 points; down by up to 0.1 in the others) but, like --refit-epochs 0,
-#: left the trips first seen in the newest records over-confident (ECE 0.031-0.039 in the
-#: three cells with 14 days of a new season in training, against 0.017-0.025, and 30-45%
-#: less coverage at 80% precision there).
+#: The refit's starting rate as a share of --learning-rate (smaller: new trips over-confident).
 REFIT_LR_FACTOR = 1.0
 CLOSED_TRACK_LOOKBACK_DAYS = 28
 #: BostonClock day number standing for "open" in the model's table of closing days.
 OPEN_TRACK_DAY = 1e7
 
-# ---------------------------------------------------------------------------
-# Locating an export.
-# ---------------------------------------------------------------------------
-
-
-def _is_complete_export(path: Path) -> bool:
-    return (
-        path.is_dir()
-        and not path.name.startswith(".")
-        and (path / METADATA_FILE).is_file()
-        and any(path.glob(SHARD_GLOB))
-    )
+# -- Locating an export -------------------------------------------------------
 
 
 def find_export_dir(data_dir: Path | str) -> Path:
@@ -210,7 +183,14 @@ def find_export_dir(data_dir: Path | str) -> Path:
         raise UserError(f"{path} has {METADATA_FILE} but no track_data_*.tfrecord files")
     if shards:
         return path
-    exports = sorted((p for p in path.iterdir() if _is_complete_export(p)), key=lambda p: p.name)
+    exports = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and (p / METADATA_FILE).is_file()
+        and any(p.glob(SHARD_GLOB))
+    )
     if not exports:
         raise UserError(
             f"no export in {path}: expected track_data_*.tfrecord files and {METADATA_FILE} "
@@ -219,9 +199,7 @@ def find_export_dir(data_dir: Path | str) -> Path:
     return exports[-1]
 
 
-# ---------------------------------------------------------------------------
-# Parsing: TFRecord shards -> numpy columns, batch before parse.
-# ---------------------------------------------------------------------------
+# -- Parsing: TFRecord shards -> numpy columns, batch before parse ------------
 
 
 def make_raw_dataset(files: list[str], batch_size: int = 8192) -> Any:
@@ -235,7 +213,7 @@ def make_raw_dataset(files: list[str], batch_size: int = 8192) -> Any:
     )
 
 
-def read_export_columns(export_dir: Path) -> dict[str, np.ndarray]:
+def read_export_columns(export_dir: Path) -> Columns:
     """Every record of an export as numpy columns (strings as Python str)."""
     files = sorted(str(p) for p in export_dir.glob(SHARD_GLOB))
     try:
@@ -267,43 +245,32 @@ def read_export_columns(export_dir: Path) -> dict[str, np.ndarray]:
 
 
 def exact_timestamps(approx: np.ndarray, minute: np.ndarray) -> np.ndarray:
-    """Scheduled instants, exact, from the TFRecord's float32 seconds (within about 64 s
-    of the truth at today's dates) and the record's minute of the hour: the instant is
-    the whole minute `minute` of the nearest hour. Boston's offsets from UTC are whole
-    hours, so the minute is the same whichever clock the writer used."""
+    """Exact scheduled instants from the float32 seconds (within about 64 s) and the
+    minute of the hour: that minute of the nearest hour (Boston's UTC offsets are whole hours)."""
     t = approx.astype(np.float64) - minute.astype(np.float64) * 60
     return np.round(t / 3600) * 3600 + minute.astype(np.float64) * 60
 
 
-# ---------------------------------------------------------------------------
-# Splitting by time, and the vocabularies of the training half.
-# ---------------------------------------------------------------------------
+# -- Splitting by time, and the vocabularies of the training half -------------
 
 
 def split_records(
     timestamps: np.ndarray, split: str, seed: int, val_fraction: float = VALIDATION_FRACTION,
     test_days: float = 0, validation_days: float = VALIDATION_DAYS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
-    """(train indices, validation indices, test indices, description).
-
-    The test window is the newest `test_days` days: nothing is tuned on it (no
-    checkpoint, early stopping, calibration, weights or trial choice), so the headline
-    figures come from there. Of the rest, "time": the earliest records train and the
-    latest validate (20%, at most `validation_days` days), cut between two distinct
-    timestamps so every validation record is strictly later than every training record;
-    "random": a seeded shuffle (the same train can then appear, days apart, on both
-    sides)."""
-    n = len(timestamps)
-    test = np.zeros(0, dtype=np.int64)
-    rest = np.arange(n)
+    """(train, validation, test indices, description): the newest `test_days` are the test
+    window; of the rest, "time": the latest 20% (at most `validation_days`, all strictly
+    later than training) validate; "random": a seeded shuffle."""
+    test, rest = np.zeros(0, dtype=np.int64), np.arange(len(timestamps))
     if test_days > 0:
         test_cut = timestamps.max() - test_days * SECONDS_PER_DAY
-        test = np.flatnonzero(timestamps > test_cut)
-        rest = np.flatnonzero(timestamps <= test_cut)
+        test, rest = np.flatnonzero(timestamps > test_cut), np.flatnonzero(timestamps <= test_cut)
         if len(rest) < 10:
             days = (timestamps.max() - timestamps.min()) / SECONDS_PER_DAY
-            raise UserError(f"the export covers {days:.1f} days: holding out the newest {test_days:g} "
-                            "(--test-days) leaves too little to train on; lower it, or 0 for none")  # fmt: skip
+            raise UserError(
+                f"the export covers {days:.1f} days: holding out the newest {test_days:g} "
+                "(--test-days) leaves too little to train on; lower it, or 0 for none"
+            )
         test = test[np.argsort(timestamps[test], kind="stable")]
     ts = timestamps[rest]
     if split == "random":
@@ -316,8 +283,7 @@ def split_records(
         cut_time = ts[order[int(len(ts) * (1 - val_fraction))]] if len(ts) > 1 else ts[0]
         # No more than the horizon the model is used for: the weeks after its newest record.
         cut_time = max(cut_time, ts.max() - validation_days * SECONDS_PER_DAY)
-        train = rest[ts < cut_time]
-        val = rest[ts >= cut_time]
+        train, val = rest[ts < cut_time], rest[ts >= cut_time]
         if len(train) == 0 or len(val) == 0:
             raise UserError("cannot split by time: every record has the same scheduled time")
         train = train[np.argsort(timestamps[train], kind="stable")]
@@ -334,11 +300,9 @@ def split_records(
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """What a model knows of its training records: vocabularies (numeric track order),
-    each station's tracks, the timestamp's normalisation, the record counts and split,
-    and the history tables the model reads (see `history_tables`; kept in the model's
-    weights, not in the JSON). `to_json`/`from_json` round-trip the rest; `vocab[key]`
-    reads a field by name, as the dict it replaces did."""
+    """What a model knows of its training records: vocabularies, each station's tracks,
+    normalisation, counts, split and the history tables (in the model's weights, not the
+    JSON). `to_json`/`from_json` round-trip the rest; `vocab[key]` reads a field by name."""
 
     tracks: list[str]
     stations: list[str]
@@ -358,17 +322,12 @@ class Vocabulary:
     recency_half_life: float = RECENCY_HALF_LIFE_DAYS
     #: 2: the clock comes from the scheduled instant in Boston time (no hour inputs).
     format_version: int = 2
-    #: station -> track -> the first Boston day (day number) of the track's closure: the
-    #: tracks the training records say are out of use (see `closed_tracks`).
+    #: station -> track -> the Boston day number its closure starts (see `closed_tracks`).
     closed_tracks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.tracks)
-
-    @property
-    def inputs(self) -> dict[str, str]:
-        return dict(MODEL_INPUTS)
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -382,7 +341,7 @@ class Vocabulary:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         del fields["history"]
         return {**fields, "directions": list(self.directions), "num_classes": self.num_classes,
-                "inputs": self.inputs}  # fmt: skip
+                "inputs": dict(MODEL_INPUTS)}  # fmt: skip
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Vocabulary:
@@ -393,7 +352,7 @@ class Vocabulary:
         return cls(**values)
 
 
-def track_labels(columns: dict[str, np.ndarray], train_idx: np.ndarray) -> list[str]:
+def track_labels(columns: Columns, train_idx: np.ndarray) -> list[str]:
     """The model's classes: the numeric tracks of the training records, in numeric order."""
     tracks = columns["track_number"][train_idx]
     labels = sorted({t for t in tracks if t.isdigit()}, key=track_sort_key)
@@ -406,7 +365,7 @@ def track_labels(columns: dict[str, np.ndarray], train_idx: np.ndarray) -> list[
 
 
 def build_vocabulary(
-    columns: dict[str, np.ndarray],
+    columns: Columns,
     train_idx: np.ndarray,
     labels: list[str],
     record_counts: dict[str, int],
@@ -443,20 +402,12 @@ def build_vocabulary(
     return dataclasses.replace(vocab, history=history_tables(vocab, columns, train_idx))
 
 
-def closed_tracks(
-    columns: dict[str, np.ndarray], idx: np.ndarray,
-    expected_min: float = CLOSED_TRACK_EXPECTED,
-    lookback_days: int = CLOSED_TRACK_LOOKBACK_DAYS,
-) -> dict[str, dict[str, int]]:  # fmt: skip
-    """Platforms out of use among the records `idx`: station -> track -> the Boston day
-    number after the track's last departure, for each track the station's later
-    departures would have used at least `expected_min` times at its share of the
-    station's departures of the same kind of day (weekday, Saturday, Sunday) over the
-    `lookback_days` up to its last one. Track works close platforms for weeks; a train
-    moved off a track for good empties it the same way. The model gives such a track no
-    probability from that day on, until it is used again in the records of a retrain."""
-    stations = columns["station_id"][idx]
-    tracks = columns["track_number"][idx]
+def closed_tracks(columns: Columns, idx: np.ndarray) -> dict[str, dict[str, int]]:
+    """Platforms out of use (track works) among the records `idx`: station -> track -> the
+    Boston day after its last departure, where the station's later departures would have
+    used it at least CLOSED_TRACK_EXPECTED times at its share (per kind of day) over the
+    CLOSED_TRACK_LOOKBACK_DAYS before. The model gives it no probability from that day on."""
+    stations, tracks = columns["station_id"][idx], columns["track_number"][idx]
     days = boston_days(columns["scheduled_timestamp"][idx].astype(np.float64))
     weekdays = boston_weekdays(days)
     kinds = np.where(weekdays < 5, 0, weekdays - 4)  # weekday, Saturday, Sunday
@@ -470,27 +421,22 @@ def closed_tracks(
             after = d > last
             if not after.any():
                 continue
-            before = (d <= last) & (d > last - lookback_days)
+            before = (d <= last) & (d > last - CLOSED_TRACK_LOOKBACK_DAYS)
             expected = 0.0
             for k in range(3):
                 same = before & (kind == k)
                 if same.any():
                     expected += (used & same).sum() / same.sum() * (after & (kind == k)).sum()
-            if expected >= expected_min:
+            if expected >= CLOSED_TRACK_EXPECTED:
                 closed.setdefault(station, {})[track] = last + 1
     return closed
 
 
-def history_tables(
-    vocab: Vocabulary, columns: dict[str, np.ndarray], train_idx: np.ndarray
-) -> dict[str, np.ndarray]:
-    """What each lookup table knows, for the model to read: per station + trip id, per
-    station + train number and per station + train number + weekday, the
-    recency-weighted count of each track in the training records (row 0: an unknown
-    key), over every record (`name`) and per group of days
-    (`name_folds`: HISTORY_FOLDS blocks of tracks side by side, day number modulo
-    HISTORY_FOLDS). In training a record reads the counts of the other groups, so its
-    own track never counts as evidence for itself (see the TrackHistory layer)."""
+def history_tables(vocab: Vocabulary, columns: Columns, train_idx: np.ndarray) -> Columns:
+    """Per station + trip id, station + train number and station + train number + weekday
+    (row 0: unknown), the recency-weighted count of each track: over every record (`name`)
+    and per group of days (`name_folds`, day number modulo HISTORY_FOLDS), so that in
+    training a record's own track never counts as evidence for itself (TrackHistory)."""
     labels = vocab.tracks
     tracks = label_indices(columns["track_number"][train_idx], labels)
     stations = columns["station_id"][train_idx]
@@ -509,8 +455,7 @@ def history_tables(
     keyed = {
         "station_trip": (rows_of("station_trip", trips), len(vocab.station_trips) + 1),
         "station_train": (train_rows, len(vocab.station_trains) + 1),
-        # Station + train number + Boston weekday: row = the station + train row * 7 +
-        # weekday (rows 0-6: an unknown train).
+        # row = the station + train row * 7 + Boston weekday (rows 0-6: an unknown train)
         "station_train_day": (
             train_rows * 7 + boston_weekdays(days),
             7 * (len(vocab.station_trains) + 1),
@@ -526,37 +471,28 @@ def history_tables(
     return tables
 
 
-# ---------------------------------------------------------------------------
-# Datasets: raw-value features, track indices as labels.
-# ---------------------------------------------------------------------------
+# -- Datasets: raw-value features, track indices as labels --------------------
 
 
-def model_features(
-    columns: dict[str, np.ndarray], idx: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
-    """The model's raw inputs for the selected records."""
-    take = (lambda a: a) if idx is None else (lambda a: a[idx])
+def model_features(columns: Columns, idx: np.ndarray | None = None) -> Columns:
+    """The model's raw inputs for the selected records (all without `idx`)."""
     feats = {}
     for name, dtype in MODEL_INPUTS.items():
-        values = take(columns[name])
+        values = columns[name] if idx is None else columns[name][idx]
         feats[name] = values.astype(object if dtype == "string" else dtype)
     return feats
 
 
-#: Share of training records whose train is hidden in each batch (trip id and train
-#: number), so the unknown buckets learn what a train never seen looks like.
+#: Share of training records whose train is hidden in each batch (for the unknown buckets).
 HIDE_TRAIN_SHARE = 0.03
-#: Below this many training records the batches hide trains (the seed's "augmentation
-#: for small datasets"); above it bench-ablation measured a tie (docs/model.md#ablation).
+#: Below this many training records the batches hide trains (above: a tie, see the ablation).
 AUGMENT_BELOW = 10_000
 
 
 def hide_identities(features: dict[str, Any], labels: Any, *weights: Any, key: Any = 0) -> tuple:
-    """Training augmentation on a batch: a share of records lose their trip id and with
-    it their train number, so the model learns what to answer for a train it never saw.
-    Only identities are touched; the clock and the record's group of days stay as they
-    were (no own track as evidence). `key` seeds the draw (stateless, so deterministic
-    ops allow it; `with_hidden_identities` gives each batch its own)."""
+    """Training augmentation on a batch: a share of records lose their trip id (and so
+    their train number), to learn what to answer for a train never seen. `key` seeds the
+    stateless draw (deterministic ops allow it)."""
     batch = tf.shape(labels)[0]
     draw = tf.random.stateless_uniform([batch], seed=tf.stack([tf.cast(key, tf.int64), 0]))
     out = dict(features)
@@ -565,8 +501,7 @@ def hide_identities(features: dict[str, Any], labels: Any, *weights: Any, key: A
 
 
 def with_hidden_identities(batches: Any, seed: int) -> Any:
-    """`hide_identities` on every batch, each with its own key from a seeded random
-    stream drawn anew every epoch."""
+    """`hide_identities` on every batch, keyed by a seeded stream drawn anew every epoch."""
     keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     return tf.data.Dataset.zip((batches, keys)).map(
         lambda batch, key: hide_identities(*batch, key=key), num_parallel_calls=tf.data.AUTOTUNE
@@ -574,7 +509,7 @@ def with_hidden_identities(batches: Any, seed: int) -> Any:
 
 
 def make_dataset(
-    features: dict[str, np.ndarray],
+    features: Columns,
     labels: np.ndarray,
     batch_size: int,
     shuffle: bool = False,
@@ -587,8 +522,7 @@ def make_dataset(
     parts: tuple = (tensors, tf.constant(labels))
     if sample_weights is not None:
         parts += (tf.constant(sample_weights, dtype=tf.float32),)
-    # Shuffle and batch record indices, then gather each batch's columns at once: a
-    # shuffle buffer of whole records (a dict of strings each) took half of every epoch.
+    # Shuffle and batch record indices, then gather each batch's columns at once (fast).
     ds = tf.data.Dataset.range(len(labels))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
@@ -607,7 +541,7 @@ class PreparedData:
 
     export_dir: Path
     metadata: dict[str, Any]
-    columns: dict[str, np.ndarray]
+    columns: Columns
     train_idx: np.ndarray
     val_idx: np.ndarray
     split_info: dict[str, Any]
@@ -632,7 +566,7 @@ class Export(NamedTuple):
 
     export_dir: Path
     metadata: dict[str, Any]
-    columns: dict[str, np.ndarray]
+    columns: Columns
 
 
 def load_export(data_dir: Path | str) -> Export:
@@ -651,7 +585,7 @@ def load_export(data_dir: Path | str) -> Export:
 def prepare_split(
     export_dir: Path,
     metadata: dict[str, Any],
-    columns: dict[str, np.ndarray],
+    columns: Columns,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     split_info: dict[str, Any],
@@ -661,8 +595,7 @@ def prepare_split(
     test_idx: np.ndarray | None = None,
     recency_half_life: float = RECENCY_HALF_LIFE_DAYS,
 ) -> PreparedData:
-    """Vocabularies (and the history tables, weighted by `recency_half_life`) from
-    `train_idx`, and the training and validation datasets."""
+    """Vocabularies and history tables from `train_idx`, and the two datasets."""
     labels = track_labels(columns, train_idx)
     train_labels = label_indices(columns["track_number"][train_idx], labels)
     keep = train_labels >= 0  # the exporter only writes numeric tracks; belt and braces
@@ -699,18 +632,12 @@ def prepare_data(
     validation_split: float = VALIDATION_FRACTION,
     augment: bool | None = None,
     test_days: float = 0,
-    recency_half_life: float = RECENCY_HALF_LIFE_DAYS,
 ) -> PreparedData:
-    """Read an export, hold out the newest `test_days`, split the rest, build the
-    vocabularies and the two datasets."""
-    export_dir, metadata, columns = load_export(data_dir)
-    train_idx, val_idx, test_idx, split_info = split_records(
-        columns["scheduled_timestamp"], split, seed, validation_split, test_days
-    )
-    return prepare_split(
-        export_dir, metadata, columns, train_idx, val_idx, split_info, batch_size, seed, augment,
-        test_idx=test_idx, recency_half_life=recency_half_life,
-    )  # fmt: skip
+    """Read an export, hold out the newest `test_days`, split the rest and prepare it."""
+    export = load_export(data_dir)
+    ts = export.columns["scheduled_timestamp"]
+    train, val, test, info = split_records(ts, split, seed, validation_split, test_days)
+    return prepare_split(*export, train, val, info, batch_size, seed, augment, test)
 
 
 def load_tfrecord_dataset(
@@ -721,65 +648,39 @@ def load_tfrecord_dataset(
     seed: int = 42,
     test_days: float = 7,
 ) -> tuple[Any, Any, Vocabulary]:
-    """(train_ds, val_ds, vocab_info) for an export directory or export root.
-
-    Both datasets yield (dict of raw feature batches, track class index). The newest
-    `test_days` are held out of both, as the training modes hold them out; of the
-    rest, the split is by time unless `split="random"`; validation records whose track
-    never occurs in training are left out of val_ds (the reports count them).
-    """
+    """(train_ds, val_ds, vocab_info) for an export directory or root: batches of (raw
+    feature dict, track index), the newest `test_days` held out of both, split by time
+    unless `split="random"`; val_ds leaves out tracks never seen in training."""
     data = prepare_data(data_dir, batch_size, split, seed, validation_split, test_days=test_days)
     return data.train_ds, data.val_ds, data.vocab_info
 
 
-# ---------------------------------------------------------------------------
-# Model layers. Preprocessing lives in the model, so a saved model takes raw
-# values and carries its vocabularies. Custom layers register under "imt_ml"
-# as soon as Keras is imported in a process that imported the package
-# (`import imt_ml`, see __init__.py); then keras.saving.load_model works.
-# ---------------------------------------------------------------------------
+# -- Model layers: preprocessing lives in the model, so a saved model takes raw values --
+# (custom layers register under "imt_ml" once Keras is imported; see __init__.py).
 
 
 @dataclass
 class ModelConfig:
     """Architecture and regularisation of one model."""
 
-    hidden_units: tuple[int, ...] = (256, 128)
-    """Widths of the dense layers."""
-    dropout: float = 0.3
-    """Dropout after each dense layer."""
-    l1: float = 1e-6
-    """L1 penalty on dense kernels."""
-    l2: float = 1e-4
-    """L2 penalty on dense kernels."""
-    batch_norm: bool = True
-    """Batch normalisation after each dense layer."""
+    hidden_units: tuple[int, ...] = (256, 128)  # widths of the dense layers
+    dropout: float = 0.3  # after each dense layer
+    l1: float = 1e-6  # penalty on dense kernels
+    l2: float = 1e-4  # penalty on dense kernels
+    batch_norm: bool = True  # after each dense layer
     station_embedding: int = 4
     route_embedding: int = 6
     headsign_embedding: int = 6
     train_embedding: int = 16
-    hide_trip: float = 0.15
-    """Share of training records that read their trip as new (see NewTrips)."""
+    hide_trip: float = 0.15  # share of training records that read their trip as new (NewTrips)
+    #: In training, a new trip's train keeps its whole counts (NewTrips; see bench-drift).
     new_trip_whole_train: bool = True
-    """In training, a new trip's train keeps its whole counts (see NewTrips). With only
-    its other trips the model learned to doubt the train's history and answered below
-    the lookup table in a new season's first weeks (bench-drift seed 2, 30% of homes
-    moving: 44.99% against the table's 47.66%; whole: 47.85%, and ECE 0.033 instead of
-    0.089 once the new-trip map calibrates it)."""
-    weekday_history: bool = True
-    """Read the station + train number + weekday table too (a train whose track depends
-    on the weekday; see history_tables)."""
-    trip_history: bool = True
-    """Read the station + trip id table (features and evidence)."""
-    train_history: bool = True
-    """Read the station + train number table (features and evidence; its weekday
-    refinement goes with it)."""
-    evidence: bool = True
-    """Add the tables' log-shares to the logits (EvidenceLogits)."""
-    other_days: bool = True
-    """In training, a record reads the tables without its own group of days (OtherDays)."""
-    closed_tracks: bool = True
-    """Give a platform the records say is closed no probability (ClosedTracks)."""
+    weekday_history: bool = True  # read the station + train number + weekday table too
+    trip_history: bool = True  # read the station + trip id table (features and evidence)
+    train_history: bool = True  # the station + train number table (and its weekday one)
+    evidence: bool = True  # add the tables' log-shares to the logits (EvidenceLogits)
+    other_days: bool = True  # in training, read the tables without the own group of days
+    closed_tracks: bool = True  # give a platform the records say is closed no probability
     seed: int = 42
 
 
@@ -790,8 +691,7 @@ def build_raw_inputs() -> dict[str, Any]:
 
 
 def _fixed_table(index: Any, table: np.ndarray, name: str, fixed: dict[Any, np.ndarray]) -> Any:
-    """Rows of a constant table by index (a non-trainable embedding whose weights are set
-    once the model exists: `fixed` collects layer -> table)."""
+    """Rows of a constant table by index (a frozen embedding; `fixed` collects layer -> table)."""
     layer = keras.layers.Embedding(*table.shape, trainable=False, name=name)
     fixed[layer] = table
     return layer(index)
@@ -815,8 +715,7 @@ def identity_features(
     inputs: dict[str, Any], vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict, clock: Any
 ) -> tuple[list[Any], list[Any]]:
     """(features, the history features the model reads, the trip table's) of the train:
-    its number's embedding, and what the lookup tables of station + trip id, station +
-    train number and station + train number + weekday know of it."""
+    its number's embedding and what the lookup tables know of it."""
     if not vocab_info.history:
         raise ValueError("the vocabulary has no history tables: build it from the records "
                          "(prepare_split or load_tfrecord_dataset)")  # fmt: skip
@@ -827,9 +726,8 @@ def identity_features(
     }  # fmt: skip
     train = _embed(_lookup(number, vocab_info.train_numbers, "train"),
                    vocab_info.train_numbers, cfg.train_embedding, "train")  # fmt: skip
-    names = ["station_trip", "station_train"]
-    if "station_train_day" in vocab_info.history and cfg.weekday_history:
-        names.append("station_train_day")
+    weekday = ["station_train_day"] if cfg.weekday_history else []
+    names = ["station_trip", "station_train", *weekday]
     rows = {name: _lookup(keys[name], vocab_info[f"{name}s"], name) for name in keys}
     if "station_train_day" in names:  # the train's row and the Boston weekday
         rows["station_train_day"] = track_layers.DayRow(name="station_train_day_row")(
@@ -842,8 +740,9 @@ def identity_features(
                   for suffix in ("", "_folds")]  # fmt: skip
         readable.append(track_layers.OtherDays(name=f"{name}_other_days")([*counts, clock])
                         if cfg.other_days else counts[0])  # fmt: skip
-    readable = track_layers.NewTrips(cfg.hide_trip, seed=cfg.seed, name="new_trips",
-                                     whole_train=cfg.new_trip_whole_train)(readable)
+    readable = track_layers.NewTrips(
+        cfg.hide_trip, seed=cfg.seed, name="new_trips", whole_train=cfg.new_trip_whole_train
+    )(readable)
     histories = [track_layers.TrackHistory(name=f"{name}_history")(counts)
                  for name, counts in zip(names, readable, strict=True)]  # fmt: skip
     read = [h for name, h in zip(names, histories, strict=True)
@@ -882,8 +781,7 @@ def track_outputs(logits: Any, station_index: Any, clock: Any, trip_history: Any
                   vocab_info: Vocabulary, cfg: ModelConfig, fixed: dict) -> Any:  # fmt: skip
     """Logits -> labelled, calibrated probabilities over the tracks open at the station."""
     layers = keras.layers
-    # Tracks never seen at a station get a -1e4 logit there (row 0, unknown station,
-    # allows every track).
+    # Tracks never seen at a station get a -1e4 logit there (row 0: unknown, all allowed).
     allowed = _fixed_table(station_index, station_track_mask(vocab_info),
                            "station_track_mask", fixed)  # fmt: skip
     penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
@@ -906,17 +804,10 @@ def track_outputs(logits: Any, station_index: Any, clock: Any, trip_history: Any
 def create_simple_model(
     vocab_info: Vocabulary, config: ModelConfig | None = None, name: str = "track_predictor"
 ) -> Any:
-    """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out.
-
-    Station, route, direction, headsign and train number go through lookups (index 0 =
-    unknown) into embeddings; station + train number (also per weekday) and station + trip id read what
-    the training records say about them (each track's share and the count, see
-    TrackHistory); hour, minute and day of week become sin/cos pairs; the scheduled
-    timestamp is standardised. Dense layers with L1/L2, batch normalisation and
-    dropout give logits, to which the lookup tables' log-shares are added with a
-    learned weight each, and the softmax only spreads probability over the tracks seen
-    at the record's station in training (all tracks for an unknown station).
-    """
+    """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out. Ids go
+    through lookups (0 = unknown) into embeddings and the history tables; the Boston clock
+    becomes sin/cos pairs; dense logits plus the tables' log-shares, softmaxed over the
+    tracks the station used in training (all tracks for an unknown station)."""
     cfg = config or ModelConfig()
     layers = keras.layers
     inputs = build_raw_inputs()
@@ -942,8 +833,7 @@ def create_simple_model(
     logits = dense_logits(x, vocab_info.num_classes, cfg)
     if histories and cfg.evidence:
         # the weekday table refines the train-number one
-        finer = int(len(histories) > 1 and cfg.weekday_history and cfg.train_history
-                    and "station_train_day" in vocab_info.history)  # fmt: skip
+        finer = int(len(histories) > 1 and cfg.weekday_history and cfg.train_history)
         evidence = track_layers.EvidenceLogits(finer=finer, name="evidence_logits")(histories)
         logits = layers.Add(name="logits_with_evidence")([logits, evidence])
     outputs = track_outputs(logits, station_index, clock, trip_history, vocab_info, cfg, fixed)
@@ -984,14 +874,10 @@ def model_labels(model: Any) -> list[str]:
     return list(model.get_layer("track_probabilities").labels)
 
 
-# ---------------------------------------------------------------------------
-# Evaluation: the model against baselines, calibration and coverage.
-# ---------------------------------------------------------------------------
+# -- Evaluation: the model against baselines, calibration and coverage --------
 
 
-def predict_probabilities(
-    model: Any, features: dict[str, np.ndarray], batch_size: int = 4096
-) -> np.ndarray:
+def predict_probabilities(model: Any, features: Columns, batch_size: int = 4096) -> np.ndarray:
     n = len(next(iter(features.values())))
     if n == 0:
         return np.zeros((0, len(model_labels(model))), dtype=np.float32)
@@ -1012,9 +898,8 @@ def with_calibration(model: Any, confidence_map: ConfidenceMap | None,
 
 
 def as_new_trips(model: Any) -> Any | None:
-    """A copy of the model (same weights) in which every record reads its trip as a new
-    schedule season's would (NewTrips' `always`): no evidence of the trip, the train's
-    evidence from its other trips only. None for a model without a NewTrips layer."""
+    """A copy of the model (same weights) in which every record reads its trip as new
+    (NewTrips' `always`). None for a model without a NewTrips layer."""
     names = {layer.name for layer in model.layers if isinstance(layer, track_layers.NewTrips)}
     if not names:
         return None
@@ -1033,9 +918,8 @@ def raw_probabilities(output_layer: Any) -> Any:
     return inputs[0] if isinstance(inputs, list | tuple) else inputs
 
 
-def known_trips(model: Any, columns: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
-    """Which records' station + trip id the model's vocabulary holds (all, for a model
-    without that lookup)."""
+def known_trips(model: Any, columns: Columns, idx: np.ndarray) -> np.ndarray:
+    """Which records' station + trip id the model knows (all, for a model without that lookup)."""
     try:
         vocabulary = set(model.get_layer("station_trip_lookup").get_vocabulary())
     except ValueError:
@@ -1052,12 +936,11 @@ def uncalibrated(model: Any) -> Any:
 
 
 def fit_new_trip_map(
-    model: Any, columns: dict[str, np.ndarray], labels: list[str],
+    model: Any, columns: Columns, labels: list[str],
     sources: list[tuple[Any, np.ndarray]], past_changes: bool,
 ) -> tuple[ConfidenceMap | None, tuple[float, float] | None, str]:  # fmt: skip
-    """(the map for records whose trip the model does not know, its ECE before and after,
-    which records it was fitted on): per source, (a past change's proxy, its records) or
-    (None, records the model itself reads as new trips)."""
+    """(the map for unknown trips, its ECE before and after, what it was fitted on): per
+    source, (a past change's proxy or None for the model reading them as new, records)."""
     new_conf, new_correct, starts = [], [], []
     for proxy, new_idx in sources:
         if len(new_idx) == 0:
@@ -1096,19 +979,15 @@ def fit_new_trip_map(
 
 
 def calibrate_model(
-    model: Any, columns: dict[str, np.ndarray], idx: np.ndarray, labels: list[str],
+    model: Any, columns: Columns, idx: np.ndarray, labels: list[str],
     new_schedule: Sequence[tuple[Any, np.ndarray]] = (),
 ) -> tuple[Any, Calibration]:  # fmt: skip
-    """Fit a confidence map on the records `idx` and return the model with it applied
-    (in place of any it had). The map for trips the model does not know is fitted on
-    `new_schedule` where given: per past change of schedule, a copy of the model that
-    knows only the records before it and the records of its first weeks (see
-    `new_schedule_proxy`); else on the records `idx` read as new trips."""
+    """Fit a confidence map on the records `idx` and return the model with it applied. The
+    map for unknown trips is fitted on `new_schedule` where given (per past change of
+    schedule, see `new_schedule_proxy`), else on the records `idx` read as new trips."""
     probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
     y = label_indices(columns["track_number"][idx], labels)
-    # Fit on the records of trips the model knows: the weeks after a cut-off ask mostly
-    # about those; a new schedule's first days (unknown trip ids) would soften every
-    # answer for the sake of a few days. Too few known trips: all records.
+    # Fit on the trips the model knows (what the weeks after a cut-off ask about).
     known = known_trips(model, columns, idx)
     if known.sum() < 100:
         known[:] = True
@@ -1116,9 +995,7 @@ def calibrate_model(
     confidence, correct = probs[np.arange(len(top)), top], top == y
     fit = known & (y >= 0)
     cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
-    # Records read as new trips (a new schedule season's first days) get their own map.
-    # (a past change's proxy, its records), or (None: the model itself, its records read
-    # as new trips)
+    # New trips get their own map: per (a past change's proxy or None, its records).
     sources: list[tuple[Any, np.ndarray]] = list(new_schedule)
     if not sources and (y >= 0).sum() >= 50:
         sources = [(None, idx)]
@@ -1140,7 +1017,7 @@ def calibrate_model(
 
 def evaluate_model(
     model: Any,
-    columns: dict[str, np.ndarray],
+    columns: Columns,
     idx: np.ndarray,
     tables: dict[str, Any] | None,
     truth: dict | None,
@@ -1152,96 +1029,93 @@ def evaluate_model(
     metrics = evaluate_predictions(probs, true_tracks, labels, columns["station_id"][idx])
     correct = metrics["predicted_tracks"] == true_tracks
     confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
-    answerable = {
-        "model": {p: coverage_at_precision(confidence, correct, p) for p in PRECISION_TARGETS}
-    }
-    baselines = {}
-    if tables:
-        for name, (predicted, share) in baseline_answers(tables, columns, idx).items():
-            hits = predicted == true_tracks
-            baselines[name] = float(hits.mean())
-            if not np.isnan(share).any():
-                answerable[name] = {
-                    p: coverage_at_precision(share, hits, p) for p in PRECISION_TARGETS
-                }
+
+    def coverage(conf: np.ndarray, hits: np.ndarray) -> dict[float, float]:
+        return {p: coverage_at_precision(conf, hits, p) for p in PRECISION_TARGETS}
+
+    answerable, baselines = {"model": coverage(confidence, correct)}, {}
+    answers = baseline_answers(tables, columns, idx) if tables else {}
+    for name, (predicted, share) in answers.items():
+        hits = predicted == true_tracks
+        baselines[name] = float(hits.mean())
+        if not np.isnan(share).any():
+            answerable[name] = coverage(share, hits)
     best = best_possible_accuracy(truth, columns, idx)
     return Evaluation(metrics, baselines, best, labels, probs, answerable, calibration)
 
 
-# ---------------------------------------------------------------------------
-# Reports: markdown with embedded PNG figures.
-# ---------------------------------------------------------------------------
+# -- Reports: markdown with embedded PNG figures ------------------------------
 
 
-def dataset_section(data: PreparedData) -> str:
-    counts = data.vocab_info.record_counts
-    split = data.split_info
+def dataset_section(data: PreparedData) -> list[str]:
+    counts, split, vocab = data.vocab_info.record_counts, data.split_info, data.vocab_info
     lines = [
-        "## Dataset Information",
-        "",
         f"- Export: `{data.export_dir}`",
-        f"- Records: {counts['total']:,} (training {counts['train']:,}, validation {counts['validation']:,})",
+        f"- Records: {counts['total']:,} (training {counts['train']:,}, "
+        f"validation {counts['validation']:,})",
     ]
     if split["method"] == "time":
+        train, val = split["train_period"], split["validation_period"]
         lines += [
-            f"- Split: by time, the latest {100 * VALIDATION_FRACTION:.0f}% of the records but at most "
-            f"the last {VALIDATION_DAYS} days validate (the horizon a refit model is used for); "
-            "every validation record is later than every training record",
-            f"- Training period: {split['train_period'][0]} to {split['train_period'][1]}",
-            f"- Validation period: {split['validation_period'][0]} to {split['validation_period'][1]}",
+            f"- Split: by time, the latest {100 * VALIDATION_FRACTION:.0f}% of the records but at "
+            f"most the last {VALIDATION_DAYS} days validate (the horizon a refit model is used "
+            "for); every validation record is later than every training record",
+            f"- Training period: {train[0]} to {train[1]}",
+            f"- Validation period: {val[0]} to {val[1]}",
         ]
     else:
         lines.append(
             f"- Split: random (seed {split['seed']}); the same train appears on both sides"
         )
     if counts["validation_unknown_track"]:
-        lines.append(
-            f"- Validation records with a track unseen in training: {counts['validation_unknown_track']:,}"
-        )
+        unknown = counts["validation_unknown_track"]
+        lines.append(f"- Validation records with a track unseen in training: {unknown:,}")
     skipped = data.metadata.get("skipped_total")
     if skipped is not None:
         lines.append(f"- Records the exporter skipped: {skipped:,}")
-    lines += closed_track_lines(data.vocab_info)
-    sizes = [[k, v] for k, v in data.vocab_info.sizes().items()]
-    lines += ["", "Vocabulary sizes (from the training records; one more index for unknown values):",
-              "", markdown_table(["Vocabulary", "Size"], sizes), "",
-              f"Tracks (class order): {', '.join(data.vocab_info.tracks)}", ""]  # fmt: skip
-    return "\n".join(lines)
+    sizes = [[k, v] for k, v in vocab.sizes().items()]
+    return section(
+        "Dataset Information",
+        *lines,
+        *closed_track_lines(vocab),
+        "",
+        "Vocabulary sizes (from the training records; one more index for unknown values):",
+        "",
+        markdown_table(["Vocabulary", "Size"], sizes),
+        "",
+        f"Tracks (class order): {', '.join(vocab.tracks)}",
+    )
 
 
-def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bool) -> str:
+def model_section(model: Any, cfg: ModelConfig, class_weight: str, augmented: bool) -> list[str]:
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    total = int(model.count_params())
     new_trip = ("no evidence of the trip, the train's kept whole" if cfg.new_trip_whole_train
                 else "the train's other trips only")  # fmt: skip
-    lines = [
-        "## Model Details",
-        "",
-        f"- Parameters: {total:,} ({trainable:,} trainable)",
-        f"- Dense layers: {' -> '.join(str(u) for u in cfg.hidden_units)} -> {model.output.shape[-1]} (softmax)",
+    weekday = " and the station + train number + weekday" if cfg.weekday_history else ""
+    units = " -> ".join(str(u) for u in cfg.hidden_units)
+    return section(
+        "Model Details",
+        f"- Parameters: {int(model.count_params()):,} ({trainable:,} trainable)",
+        f"- Dense layers: {units} -> {model.output.shape[-1]} (softmax)",
         f"- Embeddings: station {cfg.station_embedding}, route {cfg.route_embedding}, headsign "
         f"{cfg.headsign_embedding}, train number {cfg.train_embedding}, direction 2",
-        "- Lookup-table evidence: each track's share and the record count for the station + trip id, "
-        "the station + train number"
-        + (" and the station + train number + weekday" if cfg.weekday_history else "")
-        + ", with their log-shares added to the logits (a learned weight each)",
-        "- Time features: Boston hour, minute and day of week of the scheduled instant as sin/cos pairs; "
-        "scheduled timestamp standardised",
-        f"- Regularisation: L1 {cfg.l1:g}, L2 {cfg.l2:g} on dense kernels; dropout {cfg.dropout:g}; "
-        f"batch normalisation {'on' if cfg.batch_norm else 'off'}",
-        "- Output restricted to the tracks each station used in training (all tracks for an unknown station)",
+        "- Lookup-table evidence: each track's share and the record count for the station + "
+        f"trip id, the station + train number{weekday}, with their log-shares added to the "
+        "logits (a learned weight each)",
+        "- Time features: Boston hour, minute and day of week of the scheduled instant as "
+        "sin/cos pairs; scheduled timestamp standardised",
+        f"- Regularisation: L1 {cfg.l1:g}, L2 {cfg.l2:g} on dense kernels; dropout "
+        f"{cfg.dropout:g}; batch normalisation {'on' if cfg.batch_norm else 'off'}",
+        "- Output restricted to the tracks each station used in training (all tracks for an "
+        "unknown station)",
         f"- Class weights: {class_weight}",
-        f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRAIN_SHARE:.0%} of "
-        f"records hidden with their train number); in the model, {cfg.hide_trip:.0%} read their "
-        f"trip as new ({new_trip})",
-        "",
-    ]
-    return "\n".join(lines)
+        f"- Data augmentation: {'on' if augmented else 'off'} (per batch, {HIDE_TRAIN_SHARE:.0%} "
+        f"of records hidden with their train number); in the model, {cfg.hide_trip:.0%} read "
+        f"their trip as new ({new_trip})",
+    )
 
 
-# ---------------------------------------------------------------------------
-# Training loop: options, callbacks, fit.
-# ---------------------------------------------------------------------------
+# -- Training loop: options, callbacks, fit -----------------------------------
 
 
 @dataclass
@@ -1249,11 +1123,7 @@ class TrainOptions:
     """Options shared by the training modes; every field is also a command-line option."""
 
     # fmt: off
-    # Large batches: a step costs about the same at 256 and 1,024 records on 2 cores
-    # (string lookups and the history tables dominate), so an epoch takes a quarter of
-    # the time (3 s for 185,000 records). The lookup tables' evidence lets the model
-    # reach its validation accuracy in 2-3 epochs; the loss keeps creeping down for 25
-    # more at a constant rate, so the cosine schedule compresses that into 10 epochs.
+    # Large batches cost about as much per step as small ones; 10 epochs reach the plateau.
     epochs: int = option_field(10, "Maximum epochs.", click.IntRange(min=1))
     batch_size: int = option_field(1024, None, click.IntRange(min=1))
     learning_rate: float = option_field(2e-3, None, click.FloatRange(min=0, min_open=True))
@@ -1280,9 +1150,7 @@ class TrainOptions:
         VALIDATION_DAYS, "With --split time, validate on at most the newest DAYS before the test "
         "window (the horizon the model is used for; backtest uses its --horizon).",
         click.FloatRange(min=0, min_open=True), metavar="DAYS")
-    # No class weights: weighted classes shift the probabilities away from the
-    # frequencies they should match, which costs calibration (ECE 0.044 against
-    # 0.028 on held-out drift data, bench-drift at 50k records) and top-1 accuracy.
+    # No class weights by default: they shift probabilities off the frequencies (calibration).
     class_weight: str = option_field("none", "Per-class loss weights.",
                                      click.Choice(["balanced", "sqrt", "none"]))
     recency_half_life: float = option_field(
@@ -1367,20 +1235,20 @@ def training_callbacks(
 def weighted_training_data(data: PreparedData, opts: TrainOptions) -> tuple[Any, Any]:
     """(training dataset, class weights for Keras): with a recency half-life, class and
     recency weights go together into per-record sample weights."""
-    weights = class_weights(data.train_labels, data.vocab_info.num_classes, opts.class_weight)
+    labels = data.train_labels
+    weights = class_weights(labels, data.vocab_info.num_classes, opts.class_weight)
+    per_record = None
+    if opts.recency_half_life > 0:
+        ts = data.columns["scheduled_timestamp"][data.train_idx]
+        per_class = np.array(list(weights.values()))[labels] if weights else 1.0
+        per_record = per_class * recency_weights(ts, opts.recency_half_life)
+        weights = None
+    # Built here, after the recipe seeded every generator.
     features = model_features(data.columns, data.train_idx)
-    if opts.recency_half_life <= 0:  # built here, after the recipe seeded every generator
-        return make_dataset(features, data.train_labels, opts.batch_size, shuffle=True,
-                            seed=opts.seed, augment=data.augmented), weights  # fmt: skip
-    per_class = np.ones(data.vocab_info.num_classes)
-    for i, w in (weights or {}).items():
-        per_class[i] = w
-    ts = data.columns["scheduled_timestamp"][data.train_idx]
-    sample_weights = per_class[data.train_labels] * recency_weights(ts, opts.recency_half_life)
-    return make_dataset(
-        features, data.train_labels, opts.batch_size, shuffle=True, seed=opts.seed,
-        augment=data.augmented, sample_weights=sample_weights,
-    ), None  # fmt: skip
+    ds = make_dataset(
+        features, labels, opts.batch_size, True, opts.seed, data.augmented, per_record
+    )
+    return ds, weights
 
 
 def fit_model(
@@ -1395,10 +1263,7 @@ def fit_model(
 ) -> tuple[dict[str, list[float]], float]:
     """Compile and fit with the options' callbacks; returns (history, seconds). From an
     `initial_epoch` > 0 the model is a checkpoint that keeps its optimizer state."""
-    import os
-
-    # The options' callbacks first: the schedule writes the learning rate into the logs
-    # that later callbacks (a trial's report) read.
+    # The options' callbacks first: the schedule logs the rate later callbacks read.
     callbacks = training_callbacks(opts, best_path, log_dir) + list(extra_callbacks or [])
     if initial_epoch == 0:
         compile_model(model, opts.learning_rate)
@@ -1414,18 +1279,14 @@ def fit_model(
             callbacks=callbacks, verbose=2 if quiet else 1, initial_epoch=initial_epoch,
             shuffle=False,  # train_ds already reshuffles every epoch
         )  # fmt: skip
-    return {
-        k: [float(v) for v in vals] for k, vals in history.history.items()
-    }, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return {k: [float(v) for v in vals] for k, vals in history.history.items()}, seconds
 
 
 def vocab_file_for(model_file: Path) -> Path:
     """`{model_path}_vocab.json` beside a `{model_path}_best.keras` / `_final.keras` file."""
     stem = model_file.name.removesuffix(".keras")
-    for suffix in ("_best", "_final"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
+    stem = next((stem[: -len(s)] for s in ("_best", "_final") if stem.endswith(s)), stem)
     return model_file.with_name(f"{stem}_vocab.json")
 
 
@@ -1434,23 +1295,19 @@ def save_vocab(path: Path, vocab_info: Vocabulary, tables: dict[str, Any]) -> No
     write_json(path, {**vocab_info.to_json(), "baselines": tables})
 
 
-# ---------------------------------------------------------------------------
-# Modes.
-# ---------------------------------------------------------------------------
+# -- Modes --------------------------------------------------------------------
 
 
 def save_calibrated(
-    model: Any, data: PreparedData, best_path: Path, final_path: Path,
-    config: ModelConfig | None = None,
-) -> Calibration:  # fmt: skip
+    model: Any, data: PreparedData, best_path: Path, final_path: Path, config: ModelConfig
+) -> Calibration:
     """After a validated fit: calibrate the best checkpoint (the final weights if no epoch
-    beat the first) and the final weights on the validation records, and save both.
-    With the model's `config`, the map for new trips is fitted on the last changes of
-    schedule in the records (see `new_schedule_proxy`)."""
+    beat the first) and the final weights on the validation records, and save both; the
+    map for new trips is fitted on the last changes of schedule (`new_schedule_proxy`)."""
     if not best_path.exists():
         model.save(best_path)
     tracks = data.vocab_info.tracks
-    pasts = past_vocabularies(data) if config is not None else []
+    pasts = past_vocabularies(data)
     best = keras.models.load_model(best_path, compile=False)
     # The best checkpoint is often the last epoch: the same weights, calibrated once.
     same = all(np.array_equal(a, b) for a, b in zip(best.get_weights(), model.get_weights(),
@@ -1459,8 +1316,7 @@ def save_calibrated(
                                                               (model, [final_path])]  # fmt: skip
     calibrations = []
     for weights, paths in targets:
-        proxies = [new_schedule_proxy(weights, data, config, past) for past in pasts
-                   if config is not None]  # fmt: skip
+        proxies = [new_schedule_proxy(weights, data, config, past) for past in pasts]
         calibrated, info = calibrate_model(weights, data.columns, data.val_idx, tracks, proxies)
         for path in paths:
             calibrated.save(path)
@@ -1468,23 +1324,17 @@ def save_calibrated(
     return calibrations[0]  # the best checkpoint's
 
 
-#: A day on which at least this share of the records are of station + trip ids never
-#: seen before starts a new schedule (the MBTA gives every trip a new id each season).
+#: A day this share of whose station + trip ids are new starts a schedule (new ids each season).
 NEW_SCHEDULE_SHARE = 0.5
-#: Days of records a change of schedule needs before it (to know the trains) and after
-#: it (to score) to stand in for the next one.
+#: Days of records a change of schedule needs before and after it to stand in for the next.
 NEW_SCHEDULE_BEFORE_DAYS, NEW_SCHEDULE_AFTER_DAYS = 28, 7
 
 
-def schedule_changes(
-    columns: dict[str, np.ndarray], idx: np.ndarray, limit: int | None = None
-) -> list[float]:
-    """The first scheduled time (unix s) of each new schedule among the records `idx`,
-    oldest first (the newest `limit` only): the first of a run of days (gaps under a week:
-    a new schedule's Saturday and Sunday trips first run days after its weekday ones) on
-    each of which at least NEW_SCHEDULE_SHARE of the records are of station + trip ids
-    never seen before, with at least NEW_SCHEDULE_BEFORE_DAYS days of records before it
-    and NEW_SCHEDULE_AFTER_DAYS after."""
+def schedule_changes(columns: Columns, idx: np.ndarray, limit: int | None = None) -> list[float]:
+    """The first scheduled time (unix s) of each new schedule among the records `idx`, oldest
+    first (the newest `limit` only): the first of a run of days (gaps under a week) on each
+    of which at least NEW_SCHEDULE_SHARE of the station + trip ids are new, with
+    NEW_SCHEDULE_BEFORE_DAYS days of records before it and NEW_SCHEDULE_AFTER_DAYS after."""
     if len(idx) == 0:
         return []
     order = idx[np.argsort(columns["scheduled_timestamp"][idx], kind="stable")]
@@ -1504,30 +1354,19 @@ def schedule_changes(
     return found[-limit:] if limit else found
 
 
-def last_schedule_change(columns: dict[str, np.ndarray], idx: np.ndarray) -> float | None:
-    """The first scheduled time (unix s) of the newest new schedule among the records
-    `idx` (see schedule_changes). None without one."""
+def last_schedule_change(columns: Columns, idx: np.ndarray) -> float | None:
+    """The first scheduled time of the newest new schedule in `idx` (or None)."""
     changes = schedule_changes(columns, idx, 1)
     return changes[-1] if changes else None
 
 
-#: How many past changes of schedule the map for new trips is fitted on (the newest):
-#: one change's first weeks are a small sample of what a change does to the answers.
+#: How many past changes of schedule (the newest) the map for new trips is fitted on.
 NEW_SCHEDULE_CHANGES = 3
 
 
-@dataclass
-class PastVocabulary:
-    """What the model would have known the day before a past change of schedule."""
-
-    vocab: Vocabulary
-    after: np.ndarray  # the records of the first VALIDATION_DAYS days of that schedule
-
-
-def past_vocabularies(data: PreparedData) -> list[PastVocabulary]:
-    """For each of the last NEW_SCHEDULE_CHANGES changes of schedule in the training and
-    validation records: the vocabulary and history tables of the records before it, and
-    the records of its first VALIDATION_DAYS days."""
+def past_vocabularies(data: PreparedData) -> list[tuple[Vocabulary, np.ndarray]]:
+    """Per last NEW_SCHEDULE_CHANGES changes of schedule in the training and validation
+    records: (the vocabulary of the records before it, the records of its first weeks)."""
     pool = np.concatenate([data.train_idx, data.val_idx])
     ts = data.columns["scheduled_timestamp"][pool]
     pasts = []
@@ -1536,26 +1375,24 @@ def past_vocabularies(data: PreparedData) -> list[PastVocabulary]:
         after = pool[(ts >= change) & (ts < change + VALIDATION_DAYS * SECONDS_PER_DAY)]
         vocab = build_vocabulary(data.columns, before, data.vocab_info.tracks, {}, {},
                                  data.vocab_info.recency_half_life)  # fmt: skip
-        pasts.append(PastVocabulary(vocab, after))
+        pasts.append((vocab, after))
     return pasts
 
 
 def new_schedule_proxy(
-    model: Any, data: PreparedData, config: ModelConfig, past: PastVocabulary
+    model: Any, data: PreparedData, config: ModelConfig, past: tuple[Vocabulary, np.ndarray]
 ) -> tuple[Any, np.ndarray]:
-    """(a copy of `model`'s weights reading the history tables of the records before
-    a past change of schedule, the records after it): asked about that schedule's new
-    trips, it answers as the model will on the first day of the next one, with the
-    train numbers' evidence as stale as it will be (trains that moved home included)."""
-    proxy = create_simple_model(past.vocab, config, name=model.name)
-    transfer_weights(proxy, model, data.vocab_info, past.vocab)
-    return proxy, past.after
+    """(`model`'s weights reading the tables of the records before a past change, the records
+    after it): it answers new trips as the model will on the next change's first day."""
+    vocab, after = past
+    proxy = create_simple_model(vocab, config, name=model.name)
+    transfer_weights(proxy, model, data.vocab_info, vocab)
+    return proxy, after
 
 
 def chosen_epochs(history: dict[str, list[float]], opts: TrainOptions) -> tuple[int, int]:
-    """(epochs of the `_best` checkpoint, epochs of the `_final` weights) in a validated run:
-    best validation accuracy; and the last epoch, or the best val_loss one when early
-    stopping restored it."""
+    """(epochs of the `_best` checkpoint: best val_accuracy, of the `_final` weights: the
+    last epoch, or the best val_loss one when early stopping restored it)."""
     final = len(history["loss"])
     if "val_accuracy" not in history:  # no validation record had a known track
         return final, final
@@ -1566,8 +1403,7 @@ def chosen_epochs(history: dict[str, list[float]], opts: TrainOptions) -> tuple[
 
 
 def every_record_data(source: Export | PreparedData, opts: TrainOptions) -> PreparedData:
-    """Every record of the export `source` came from as training data (vocabularies,
-    history tables and recency from all of them), nothing to validate."""
+    """Every record of `source`'s export as training data (and vocabularies), no validation."""
     everything = np.arange(len(source.columns["track_number"]))
     return prepare_split(source.export_dir, source.metadata, source.columns, everything,
                          everything[:0], {"method": "all records"}, opts.batch_size, opts.seed,
@@ -1583,9 +1419,8 @@ def fit_on_every_record(
     warm: tuple[Any, Vocabulary] | None = None,
     data: PreparedData | None = None,
 ) -> tuple[Any, PreparedData, float]:
-    """(model, its data, seconds): the architecture trained on every record of the export
-    `source` came from (`data`: those records already prepared by `every_record_data`)
-    for a fixed number of epochs chosen elsewhere, on validation records."""
+    """(model, its data, seconds): the architecture trained on every record of `source`'s
+    export (`data`: already prepared by `every_record_data`) for a fixed number of epochs."""
     data = data or every_record_data(source, opts)
     keras.utils.set_random_seed(config.seed)
     model = create_simple_model(data.vocab_info, config, name=name)
@@ -1611,11 +1446,9 @@ def refit_on_every_record(
     files: ModelFiles,
     name: str = "track_predictor",
 ) -> dict[str, Any]:
-    """Refit on every record: the validated `files.best` and `files.final` each continue
-    for --refit-epochs epochs on all records (vocabularies of all of them; tokens first seen
-    there start from the unknown token's row), get the validated confidence maps and are saved over themselves,
-    with the vocabularies of every record over `files.vocab`. One refit serves both when
-    the validated run chose the same epoch for both."""
+    """The validated `files.best` and `files.final` each continue for --refit-epochs on every
+    record (and its vocabularies), keep their confidence maps and are saved over themselves,
+    the vocabularies over `files.vocab`. One refit serves both if they chose the same epoch."""
     best_epochs, final_epochs = chosen_epochs(history, opts)
     # validated weights -> where their refit is saved
     targets = ({files.best: [files.best, files.final]} if best_epochs == final_epochs
@@ -1644,11 +1477,10 @@ EMBEDDING_VOCABULARIES = {"station_embedding": "stations", "route_embedding": "r
 
 
 def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> int:
-    """Start `model` (built for `vocab`) from `source`'s learnt weights (built for
-    `source_vocab`): same-shaped weights are copied, embedding rows follow their token
-    into the new vocabulary (new tokens start from the unknown row), the output layer's columns
-    follow their track label. The history tables and the station-track mask are the new
-    records' own and are left alone. Returns how many weights were carried over."""
+    """Start `model` (built for `vocab`) from `source`'s learnt weights (for `source_vocab`):
+    same-shaped weights are copied, embedding rows and logit columns follow their token or
+    track (new tokens start from the unknown row); fixed tables are left alone. Returns how
+    many weights were carried over."""
     carried = 0
     source_layers = {layer.name: layer for layer in source.layers}
     for layer in model.layers:
@@ -1663,9 +1495,8 @@ def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: V
             if layer.name in EMBEDDING_VOCABULARIES and new.shape[1:] == previous.shape[1:]:
                 field_name = EMBEDDING_VOCABULARIES[layer.name]
                 rows = {token: r for r, token in enumerate(source_vocab[field_name], start=1)}
-                # A token first seen in the new records starts from the unknown row: what
-                # the model answered for it before it knew it. For train numbers that row
-                # is trained (see hide_identities); a random row is one it never read.
+                # A new token starts from the unknown row: what the model answered for it
+                # before (for train numbers a trained row, see hide_identities).
                 for r, token in enumerate(["", *vocab[field_name]]):
                     new[r] = previous[rows.get(token, 0)]
             elif layer.name == "logits" and new.shape[:-1] == previous.shape[:-1]:
@@ -1683,22 +1514,20 @@ def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: V
     return carried
 
 
-def take_records(columns: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+def take_records(columns: Columns, idx: np.ndarray) -> Columns:
     """The columns of the records `idx` only (in that order)."""
     return {name: values[idx] for name, values in columns.items()}
 
 
-#: Epochs of a warm-started fit: it starts near its optimum, and ten more epochs of a
-#: restarted cosine schedule took as long as a cold fit for the same validation accuracy.
+#: Epochs of a warm-started fit: it starts near its optimum.
 WARM_EPOCHS = 3
 
 
 def prepare_training_data(
     source: Path | str | Export, opts: TrainOptions, test_days: float | None = None
 ) -> PreparedData:
-    """The records of an export (a directory, or one already read) split as the recipe
-    splits them: the newest `test_days` (--test-days by default) held out, then by
-    --split, validating on at most --validation-days."""
+    """An export (a directory, or one already read) split as the recipe splits it: the
+    newest `test_days` (default --test-days) held out, then by --split, --validation-days."""
     export = source if isinstance(source, Export) else load_export(source)
     train, val, test, info = split_records(
         export.columns["scheduled_timestamp"], opts.split, opts.seed, VALIDATION_FRACTION,
@@ -1749,17 +1578,13 @@ def fit_track_model(
 ) -> FittedModel:
     """THE training recipe; every mode that makes a model calls it.
 
-    1. Fit on the training records; the validation records choose the best checkpoint
-       (`files.best`) and stop early (`files.final`: the final weights).
-    2. Calibrate both on the validation records, the map for new trips fitted on the
-       last changes of schedule in the records (`save_calibrated`).
-    3. Unless --no-refit (or `before_refit` says no): refit both on every record of
-       `data.columns`, with vocabularies and history tables of all of them, and save
-       them over the validated ones with the same confidence maps.
-    The vocabulary and lookup tables go to `files.vocab`. With `warm` (a model and its
-    vocabulary) the fit starts from that model's weights for at most WARM_EPOCHS epochs.
-    `before_refit` sees the validated model first (retrain's champion/challenger gate);
-    `name` names the Keras model (ensemble members need their own)."""
+    1. Fit on the training records; validation chooses the best checkpoint (`files.best`)
+       and stops early (`files.final`).
+    2. Calibrate both on the validation records (`save_calibrated`).
+    3. Unless --no-refit (or `before_refit`, retrain's gate, says no): refit both on every
+       record of `data.columns` and save them over the validated ones, same maps.
+    The vocabulary goes to `files.vocab`. With `warm` (a model and its vocabulary) the fit
+    starts from its weights for at most WARM_EPOCHS; `name` names the Keras model."""
     started = time.perf_counter()
     cfg = config or ModelConfig(seed=opts.seed)
     if warm is not None:
@@ -1799,8 +1624,7 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """Where one model's files go: `{prefix}_best.keras`, `_final.keras`, `_vocab.json`,
-    `_summary.json`."""
+    """Where one model's files go: `{prefix}_best.keras`, `_final.keras`, `_vocab.json`, ..."""
 
     best: Path
     final: Path
@@ -1809,10 +1633,8 @@ class ModelFiles:
 
     @classmethod
     def under(cls, run_dir: Path, prefix: str) -> ModelFiles:
-        names = (
-            f"{prefix}_{k}" for k in ("best.keras", "final.keras", "vocab.json", "summary.json")
-        )
-        return cls(*(run_dir / name for name in names))
+        names = ("best.keras", "final.keras", "vocab.json", "summary.json")
+        return cls(*(run_dir / f"{prefix}_{name}" for name in names))
 
 
 def held_out_evaluations(
@@ -1824,8 +1646,7 @@ def held_out_evaluations(
     tuning = evaluate_model(model, data.columns, data.val_idx, tables, truth, calibration)
     if len(data.test_idx) == 0:
         return tuning, None
-    test = evaluate_model(model, data.columns, data.test_idx, tables, truth, calibration)
-    return tuning, test
+    return tuning, evaluate_model(model, data.columns, data.test_idx, tables, truth, calibration)
 
 
 def run_train(
@@ -1837,15 +1658,12 @@ def run_train(
     data: PreparedData | None = None,
 ) -> TrainResult:
     """`train`: the recipe on one export; writes the models, vocab, summary and
-    training_report.md under output/{mode}_<time>/.
-
-    `tune` reuses it for its final model: `mode` names the output directory and the
-    report, `mode_sections(run_dir)` adds the mode's own report sections."""
+    training_report.md under output/{mode}_<time>/. `tune` reuses it: `mode` names the
+    directory and report, `mode_sections(run_dir)` adds its own sections."""
     data = data or prepare_training_data(data_dir, opts)
     run = Run.start(mode)
     files = ModelFiles.under(run.run_dir, opts.model_path)
     fitted = fit_track_model(data, opts, files, config, log_dir=run.path("logs"))
-    # The validated model on the test window nothing above was tuned on
     tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
     tuning, test = held_out_evaluations(fitted.validated, data, tables, fitted.calibration)
     evaluation = test or tuning
@@ -1880,9 +1698,8 @@ def trained_until(data: PreparedData, fitted: FittedModel) -> float:
 
 def model_summary(data: PreparedData, tuning: Evaluation | None, test: Evaluation | None,
                   fitted: FittedModel) -> dict[str, Any]:  # fmt: skip
-    """`{model_path}_summary.json`, and a registry version's metadata: what a model was
-    trained on, until when, and how it scored on the held-out records (and on the tuning
-    records), for `promote`, `retrain` and the server."""
+    """`{model_path}_summary.json` and a registry version's metadata: what a model was trained
+    on, until when, and its held-out and tuning figures (`promote`, `retrain`, the server)."""
     return {
         "export": str(data.export_dir),
         "periods": data.split_info,
@@ -1893,17 +1710,13 @@ def model_summary(data: PreparedData, tuning: Evaluation | None, test: Evaluatio
     }
 
 
-# ---------------------------------------------------------------------------
-# ensemble: members of different shapes, averaged into one model.
-# ---------------------------------------------------------------------------
+# -- ensemble: members of different shapes, averaged into one model -----------
 
 DEFAULT_ENSEMBLE_MODEL_PATH = "track_prediction_ensemble_model"
 DEFAULT_CV_MODEL_PATH = "track_prediction_cv_model"
 
-#: Member architectures, cycled; each member also gets its own seed. All stay near
-#: the default's capacity: a much smaller or much more regularised member was
-#: clearly weaker (validation log-loss 0.88 and 0.82 against 0.80 in the drift
-#: benchmark) and only dragged the average down.
+#: Member architectures, cycled, each with its own seed; all near the default's capacity
+#: (much smaller or more regularised members were weaker and dragged the average down).
 ENSEMBLE_VARIANTS: list[dict[str, Any]] = [
     {"hidden_units": (256, 128), "dropout": 0.3},
     {"hidden_units": (384, 192), "dropout": 0.3, "train_embedding": 24},
@@ -1929,13 +1742,10 @@ def describe_config(cfg: ModelConfig) -> str:
     )
 
 
-def build_ensemble_model(
-    members: list[Any], vocab_info: Vocabulary, weights: list[float] | None = None
-) -> Any:
-    """One model: raw values in, the weighted mean of the members' probabilities out
-    (equal weights by default; each weight is the scale of a `member_weight_i` layer)."""
+def build_ensemble_model(members: list[Any], vocab_info: Vocabulary, weights: list[float]) -> Any:
+    """One model: raw values in, the weighted mean of the members' probabilities out (each
+    weight is the scale of a `member_weight_i` layer)."""
     inputs = build_raw_inputs()
-    weights = weights or [1.0 / len(members)] * len(members)
     outputs = [keras.layers.Rescaling(w, name=f"member_weight_{i}")(member(inputs))
                for i, (member, w) in enumerate(zip(members, weights, strict=True))]  # fmt: skip
     mean = keras.layers.Add(name="mean_probabilities")(outputs) if len(outputs) > 1 else outputs[0]
@@ -1976,8 +1786,7 @@ class Member:
 def train_member(
     run: Run, data: PreparedData, opts: TrainOptions, index: int, cfg: ModelConfig, count: int
 ) -> Member:
-    """One member by the recipe (its vocabulary in the ensemble's shared `_vocab.json`),
-    scored on the validation records."""
+    """One member by the recipe (vocabulary in the shared `_vocab.json`), scored on validation."""
     files = dataclasses.replace(ModelFiles.under(run.run_dir, f"{opts.model_path}_{index}"),
                                 vocab=run.path(f"{opts.model_path}_vocab.json"))  # fmt: skip
     fitted = fit_track_model(data, opts, files, cfg, log_dir=run.path("logs") / f"member_{index}",
@@ -1991,8 +1800,7 @@ def train_member(
 def save_combined(
     members: list[Any], weights: list[float], data: PreparedData, tables: dict[str, Any], path: Path
 ) -> tuple[Evaluation, Calibration, Any]:
-    """The members' weighted average, calibrated as a whole, saved and scored as a user
-    loads it."""
+    """The members' weighted average, calibrated as a whole, saved and scored as loaded."""
     combined, calibration = calibrate_model(
         build_ensemble_model(members, data.vocab_info, weights), data.columns, data.val_idx,
         data.vocab_info.tracks,
@@ -2026,8 +1834,9 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
     members = [train_member(run, data, opts, i, cfg, num_models)
                for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed))]  # fmt: skip
-    true_labels = label_indices(data.columns["track_number"][data.val_idx], data.vocab_info.tracks)
-    weights = member_weights([m.evaluation.probabilities for m in members], true_labels)
+    probs = [m.evaluation.probabilities for m in members]
+    true_tracks = data.columns["track_number"][data.val_idx]
+    weights = member_weights(probs, label_indices(true_tracks, data.vocab_info.tracks))
     combined_path = run.path(f"{mp}_combined.keras")
     soft, calibration, combined = save_combined(
         [m.fitted.validated for m in members], weights, data, tables, combined_path
@@ -2037,70 +1846,50 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     refits = [] if opts.no_refit else save_refit_combined(members, weights, calibration,
                                                           combined_path)  # fmt: skip
     serving = export_serving_model(load_saved_model(combined_path), run.path(f"{mp}_serving"))
-    votes = Votes.of(members, data, soft)
+    majority = np.array(soft.labels, dtype=object)[majority_vote(probs)] == true_tracks
+    accuracy = [m.evaluation.metrics["top1_accuracy"] for m in members]
+    seconds = [m.fitted.fit_seconds for m in members]
+    result = EnsembleResult(
+        run.run_dir, soft, float(majority.mean()), accuracy, seconds, member_agreement(probs), test
+    )
     report = [
         overview_section(run, data.export_dir, f"- Members: {num_models}"),
-        votes.section(),
+        votes_section(result),
         ensemble_members_section(members, weights),
         *evaluation_sections(soft, test, data),
         configuration_section(opts),
         dataset_section(data),
-        timing_section(
-            run,
-            f"- Mean fit time per member: {np.mean([m.fitted.fit_seconds for m in members]):.1f} s",
-        ),
+        timing_section(run, f"- Mean fit time per member: {np.mean(result.member_seconds):.1f} s"),
         ensemble_model_section(run, combined, opts, data, soft),
         ensemble_refit_section(refits, calibration),
         ensemble_files_section(mp, combined_path, serving),
     ]
-    headline = votes.headline + (f"; held-out test window top-1 "
-                                 f"{pct(test.metrics['top1_accuracy'])}" if test else "")  # fmt: skip
+    headline = (
+        f"soft vote {pct(soft.metrics['top1_accuracy'])}, majority vote "
+        f"{pct(result.majority_vote_accuracy)}, best member {pct(max(result.member_accuracy))}"
+    )
+    if test:
+        headline += f"; held-out test window top-1 {pct(test.metrics['top1_accuracy'])}"
     write_report(run, "Training Report - Ensemble", report, headline)
-    return EnsembleResult(run.run_dir, soft, votes.majority, votes.members, [m.fitted.fit_seconds for m in members],
-                          votes.agreement, test)  # fmt: skip
+    return result
 
 
-@dataclass
-class Votes:
+def votes_section(result: EnsembleResult) -> list[str]:
     """How the members vote together, on the validation records."""
-
-    soft: float
-    majority: float
-    members: list[float]
-    agreement: dict[str, float]
-
-    @classmethod
-    def of(cls, members: list[Member], data: PreparedData, soft: Evaluation) -> Votes:
-        probs = [m.evaluation.probabilities for m in members]
-        true_tracks = data.columns["track_number"][data.val_idx]
-        labels = np.array(soft.labels, dtype=object)
-        majority = float((labels[majority_vote(probs)] == true_tracks).mean())
-        accuracy = [m.evaluation.metrics["top1_accuracy"] for m in members]
-        return cls(soft.metrics["top1_accuracy"], majority, accuracy, member_agreement(probs))
-
-    @property
-    def headline(self) -> str:
-        return (f"soft vote {pct(self.soft)}, majority vote {pct(self.majority)}, "
-                f"best member {pct(max(self.members))}")  # fmt: skip
-
-    def section(self) -> list[str]:
-        rows = [
-            [
-                "Ensemble, soft vote (weighted mean probability; the combined model)",
-                pct(self.soft),
-            ],
-            ["Ensemble, majority vote (ties to the higher mean probability)", pct(self.majority)],
-            ["Best single member", pct(max(self.members))],
-        ]
-        return [
-            "## Final Performance Metrics (tuning figures: the validation records)",
-            "",
-            markdown_table(["", "Validation top-1"], rows),
-            "",
-            f"Members agree on every validation record's track {pct(self.agreement['all_agree'])} of the time; "
-            f"two members agree {pct(self.agreement['mean_pairwise'])} of the time on average.",
-            "",
-        ]
+    soft, majority = result.soft_vote.metrics["top1_accuracy"], result.majority_vote_accuracy
+    rows = [
+        ["Ensemble, soft vote (weighted mean probability; the combined model)", pct(soft)],
+        ["Ensemble, majority vote (ties to the higher mean probability)", pct(majority)],
+        ["Best single member", pct(max(result.member_accuracy))],
+    ]
+    agree = result.agreement
+    return section(
+        "Final Performance Metrics (tuning figures: the validation records)",
+        markdown_table(["", "Validation top-1"], rows),
+        "",
+        f"Members agree on every validation record's track {pct(agree['all_agree'])} of the "
+        f"time; two members agree {pct(agree['mean_pairwise'])} of the time on average.",
+    )
 
 
 def ensemble_model_section(
@@ -2109,50 +1898,34 @@ def ensemble_model_section(
     confusion = plot_confusion_matrix(
         soft.metrics["confusion"], soft.labels, run.path("confusion_matrix.png")
     )
-    return [
-        "## Model Details",
-        "",
+    augmented = "on" if data.augmented else "off"
+    return section(
+        "Model Details",
         f"- Combined model parameters: {combined.count_params():,}",
         "- Every member: embeddings, sin/cos time features, standardised timestamp, dense layers "
-        "with L1/L2, dropout and (unless noted) batch normalisation; output restricted to the station's tracks",
-        f"- Class weights: {opts.class_weight}; data augmentation: {'on' if data.augmented else 'off'}",
+        "with L1/L2, dropout and (unless noted) batch normalisation; output restricted to the "
+        "station's tracks",
+        f"- Class weights: {opts.class_weight}; data augmentation: {augmented}",
         "",
         f"![Confusion matrix]({confusion.name})",
-        "",
-    ]
+    )
 
 
-# ---------------------------------------------------------------------------
-# cv: k-fold cross-validation, folds contiguous in time by default.
-# ---------------------------------------------------------------------------
+# -- cv: k-fold cross-validation, folds contiguous in time by default ---------
 
 
-def check_folds_trainable(columns: dict[str, np.ndarray], folds: list[np.ndarray]) -> None:
-    """Every fold must be trainable before any trains."""
-    for j, val_idx in enumerate(folds):
-        if len(set(np.delete(columns["track_number"], val_idx))) < 2:
-            raise UserError(f"fold {j + 1}'s training records hold fewer than two tracks")
-
-
-@dataclass
-class Fold:
-    """One cross-validation fold's figures (`result` goes to cv_results.json)."""
-
-    result: dict[str, Any]
-    calibration: Calibration
-
-    def row(self, shuffled: bool) -> list[Any]:
-        r = self.result
-        return [r["fold"], "(shuffled)" if shuffled else r["validation_period"],
-                f"{r['validation_records']:,}", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
-                f"{r['baseline_accuracy']:.4f}", f"{r['difference']:+.4f}",
-                BASELINE_NAMES.get(r["baseline"], "n/a")]  # fmt: skip
+def fold_row(r: dict[str, Any], shuffled: bool) -> list[Any]:
+    """One fold's row of the report's table, from its cv_results.json figures."""
+    return [r["fold"], "(shuffled)" if shuffled else r["validation_period"],
+            f"{r['validation_records']:,}", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
+            f"{r['baseline_accuracy']:.4f}", f"{r['difference']:+.4f}",
+            BASELINE_NAMES.get(r["baseline"], "n/a")]  # fmt: skip
 
 
 def cv_fold(
     run: Run, export: Export, opts: TrainOptions, j: int, folds: list[np.ndarray], shuffled: bool,
     test_idx: np.ndarray,
-) -> Fold:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     """Fold j's model by the recipe (trained on every other fold, validated and calibrated
     on its own, no refit), saved and scored on its fold and on the test window."""
     val_idx, columns = folds[j], export.columns
@@ -2161,8 +1934,9 @@ def cv_fold(
     data = prepare_split(*export, train_idx, val_idx, split_info, opts.batch_size, opts.seed,
                          test_idx=test_idx, recency_half_life=opts.recency_half_life)  # fmt: skip
     prefix = f"{opts.model_path}_fold_{j}"
-    files = ModelFiles(run.path(f"{prefix}.keras"), run.path(f"{prefix}_final.keras"),
-                       run.path(f"{prefix}_vocab.json"), run.path(f"{prefix}_summary.json"))  # fmt: skip
+    files = dataclasses.replace(
+        ModelFiles.under(run.run_dir, prefix), best=run.path(f"{prefix}.keras")
+    )
     fitted = fit_track_model(data, dataclasses.replace(opts, no_refit=True), files,
                              ModelConfig(seed=opts.seed + j), label=f"Fold {j + 1}/{len(folds)}")  # fmt: skip
     export_serving_model(fitted.validated, run.path(f"{prefix}_serving"))
@@ -2171,7 +1945,7 @@ def cv_fold(
     result = fold_result(j, data, ev, test, fitted)
     log(f"Fold {j + 1}/{len(folds)}: top-1 {pct(result['accuracy'])}, "
         f"baseline {pct(result['baseline_accuracy'])}")  # fmt: skip
-    return Fold(result, fitted.calibration)
+    return result
 
 
 def fold_result(j: int, data: PreparedData, ev: Evaluation, test: Evaluation | None,
@@ -2197,16 +1971,6 @@ def fold_result(j: int, data: PreparedData, ev: Evaluation, test: Evaluation | N
     return result
 
 
-def deploy_cv_model(run: Run, export: Export, opts: TrainOptions) -> tuple[FittedModel, Path]:
-    """The model to deploy: `train`'s recipe on the same export with the same options
-    (validated on the newest records, calibrated, refit on every record), so it is the
-    model `train` would save. (the recipe's result, its SavedModel directory)"""
-    files = ModelFiles.under(run.run_dir, opts.model_path)
-    fitted = fit_track_model(prepare_training_data(export, opts), opts, files,
-                             label="Deployable model: the train recipe on every fold")  # fmt: skip
-    return fitted, export_serving_model(fitted.load(), serving_dir_for(files.best))
-
-
 def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool) -> Path:
     """`cv`: train and score one model per fold; report the spread and the intervals."""
     export = load_export(data_dir)
@@ -2218,16 +1982,21 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     )
     rest = np.setdiff1d(np.arange(n), test_idx)
     indices = [rest[f] for f in fold_indices(timestamps[rest], k, shuffle_folds, opts.seed)]
-    check_folds_trainable(export.columns, indices)
+    for j, val_idx in enumerate(indices):  # every fold trainable before any trains
+        if len(set(np.delete(export.columns["track_number"], val_idx))) < 2:
+            raise UserError(f"fold {j + 1}'s training records hold fewer than two tracks")
     run = Run.start("cv")
-    folds = [cv_fold(run, export, opts, j, indices, shuffle_folds, test_idx) for j in range(k)]
+    results = [cv_fold(run, export, opts, j, indices, shuffle_folds, test_idx) for j in range(k)]
     assignment = np.full(n, -1, dtype=np.int64)  # -1: the test window
     for j, val_idx in enumerate(indices):
         assignment[val_idx] = j
     np.save(run.path("fold_assignment.npy"), assignment)
-    deployed, _ = deploy_cv_model(run, export, opts)
+    # The model to deploy: `train`'s recipe on the same export with the same options.
+    files = ModelFiles.under(run.run_dir, opts.model_path)
+    label = "Deployable model: the train recipe on every fold"
+    deployed = fit_track_model(prepare_training_data(export, opts), opts, files, label=label)
+    export_serving_model(deployed.load(), serving_dir_for(files.best))
     method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
-    results = [f.result for f in folds]
     keys = ["accuracy", "baseline_accuracy", "difference"]
     keys += [f"test_{key}" for key in keys] if len(test_idx) else []
     summary = {key: mean_confidence_interval([r[key] for r in results]) for key in keys}
@@ -2240,7 +2009,7 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
         overview_section(run, f"{export.export_dir} ({n:,} records)",
                          f"- Folds: {k}, {method}; each fold validates on its records and trains on all the others"),
         cv_performance_section(summary),
-        cv_folds_section([f.row(shuffle_folds) for f in folds]),
+        cv_folds_section([fold_row(r, shuffle_folds) for r in results]),
         configuration_section(opts),
         timing_section(None, f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s"),
         cv_deployable_section(opts.model_path, deployed),
@@ -2254,10 +2023,7 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     return run.run_dir
 
 
-# ---------------------------------------------------------------------------
-# tune: Ray Tune random search with ASHA early stopping, then the best config
-# retrained like `train`. Works on this machine or an existing Ray cluster.
-# ---------------------------------------------------------------------------
+# -- tune: Ray Tune random search with ASHA, then the best config retrained -------
 
 
 @dataclass
@@ -2308,8 +2074,7 @@ SEARCH_SPACE: dict[str, tuple] = {
 
 
 def tune_search_space() -> dict[str, Any]:
-    """SEARCH_SPACE as Ray Tune domains: embedding sizes, depth and widths, dropout, L2,
-    rate, batch and the history tables' half-life."""
+    """SEARCH_SPACE as Ray Tune domains."""
     from ray import tune
 
     kinds: dict[str, Any] = {"choice": tune.choice, "uniform": tune.uniform,
@@ -2324,10 +2089,8 @@ def describe_search_space() -> list[list[str]]:
         if hasattr(domain, "categories"):
             text = "choice of " + ", ".join(str(c) for c in domain.categories)
         else:
-            scale = (
-                "log-uniform" if "LogUniform" in type(domain.get_sampler()).__name__ else "uniform"
-            )
-            text = f"{scale} {domain.lower:g} to {domain.upper:g}"
+            is_log = "LogUniform" in type(domain.get_sampler()).__name__
+            text = f"{'log-uniform' if is_log else 'uniform'} {domain.lower:g} to {domain.upper:g}"
         if name == "first_units":
             text += " (later layers: times width_decay per layer)"
         rows.append([name, text])
@@ -2339,19 +2102,13 @@ def model_config_from_trial(config: dict[str, Any], seed: int) -> ModelConfig:
         max(16, int(config["first_units"] * config["width_decay"] ** i))
         for i in range(config["hidden_layers"])
     )
-    return ModelConfig(
-        hidden_units=units,
-        dropout=float(config["dropout"]),
-        l2=float(config["l2"]),
-        route_embedding=int(config["route_embedding"]),
-        train_embedding=int(config["train_embedding"]),
-        seed=seed,
-    )
+    embeddings = {key: int(config[key]) for key in ("route_embedding", "train_embedding")}
+    penalties = {key: float(config[key]) for key in ("dropout", "l2")}
+    return ModelConfig(hidden_units=units, seed=seed, **embeddings, **penalties)
 
 
 def data_for_recipe(data: PreparedData, opts: TrainOptions) -> PreparedData:
-    """The same split with the batch size and the history tables' half-life of `opts`
-    (rebuilt only when they differ)."""
+    """The same split with `opts`' batch size and half-life (rebuilt only if they differ)."""
     if (opts.batch_size, opts.recency_half_life) == (data.batch_size,
                                                      data.vocab_info.recency_half_life):  # fmt: skip
         return data
@@ -2361,10 +2118,8 @@ def data_for_recipe(data: PreparedData, opts: TrainOptions) -> PreparedData:
 
 
 def search_recipe(config: dict[str, Any], max_epochs: int, seed: int) -> TrainOptions:
-    """The training options of a searched configuration: what its trial trains with and
-    what retraining the winner uses (only `epochs`, the cap, may differ there). Everything
-    else is `train`'s recipe: no class weights, recency weights, identity hiding, the
-    cosine schedule over the search's epochs with the plateau cut, early stopping."""
+    """The training options of a searched configuration, for its trial and for retraining
+    the winner (only `epochs`, the cap, may differ); everything else is `train`'s recipe."""
     return TrainOptions(
         epochs=max_epochs, batch_size=int(config["batch_size"]),
         learning_rate=float(config["learning_rate"]), seed=seed, scheduler_tmax=max_epochs,
@@ -2374,7 +2129,7 @@ def search_recipe(config: dict[str, Any], max_epochs: int, seed: int) -> TrainOp
 
 def tune_trial(
     config: dict[str, Any],
-    columns: dict[str, np.ndarray],
+    columns: Columns,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     max_epochs: int,
@@ -2383,8 +2138,6 @@ def tune_trial(
 ) -> None:
     """One Ray Tune trial: `search_recipe` for up to max_epochs, reporting every epoch (with a
     checkpoint, so a resumed search continues the trial where it stopped)."""
-    import os
-
     from ray import tune
 
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
@@ -2392,9 +2145,7 @@ def tune_trial(
     opts = search_recipe(config, max_epochs, seed)
     data = prepare_split(Path("."), {}, columns, train_idx, val_idx, {"method": "time"},
                          opts.batch_size, seed, recency_half_life=opts.recency_half_life)  # fmt: skip
-    start_epoch = 0
-    checkpoint = tune.get_checkpoint()
-    model = None
+    start_epoch, checkpoint = 0, tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             model = keras.models.load_model(Path(folder) / "model.keras")
@@ -2414,22 +2165,25 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
     data = prepare_data(data_dir, 256, "time", topts.seed, test_days=topts.test_days)
     ray_dir = topts.ray_dir if is_uri(topts.ray_dir) else str(Path(topts.ray_dir).resolve())
     trials = run_search(data, topts, ray_dir)
-    search = Search.of(trials, topts, ray_dir, time.perf_counter() - started)
-    log(f"Search done in {search.seconds:.0f} s: {len(search.finished)} trials, "
-        f"{search.stopped_early} stopped early by ASHA; best validation accuracy "
-        f"{search.best['best_val_accuracy']:.4f}")  # fmt: skip
+    finished = sorted((t for t in trials if "error" not in t),
+                      key=lambda t: -t["best_val_accuracy"])  # fmt: skip
+    if not finished:
+        first = trials[0].get("error") if trials else "none ran"
+        raise UserError(f"every trial failed; first error: {first}")
+    seconds, best = time.perf_counter() - started, finished[0]
+    stopped = sum(t["epochs"] < topts.max_epochs for t in finished)
+    log(f"Search done in {seconds:.0f} s: {len(finished)} trials, {stopped} stopped early by "
+        f"ASHA; best validation accuracy {best['best_val_accuracy']:.4f}")  # fmt: skip
     # Retrain the best configuration with the recipe its trial trained with
-    config = search.best["config"]
+    config = best["config"]
     opts = dataclasses.replace(search_recipe(config, topts.max_epochs, topts.seed),
                                epochs=topts.final_epochs, model_path=topts.model_path,
                                test_days=topts.test_days)  # fmt: skip
     data = data_for_recipe(data, opts)
-    search_record = {
-        **dataclasses.asdict(topts),
-        "best_val_accuracy": search.best["best_val_accuracy"],
-    }
+    search_record = {**dataclasses.asdict(topts), "best_val_accuracy": best["best_val_accuracy"]}
+    lines = search_lines(topts, trials, finished, seconds, ray_dir)
     return retrain_best(data, opts, model_config_from_trial(config, topts.seed), "tune", config,
-                        search_record, search.lines())  # fmt: skip
+                        search_record, lines)  # fmt: skip
 
 
 def retrain_best(
@@ -2437,8 +2191,7 @@ def retrain_best(
     hyperparameters: dict[str, Any], search: dict[str, Any], lines: list[str],
 ) -> TrainResult:  # fmt: skip
     """Retrain a search's best configuration like `train` (under output/{mode}_<time>/),
-    with `{model_path}_config.json` beside the model (its hyperparameters, model
-    configuration, training and search options) and the search's report `lines`."""
+    with `{model_path}_config.json` beside the model and the search's report `lines`."""
 
     def sections(run_dir: Path) -> list[str]:
         write_json(run_dir / f"{opts.model_path}_config.json", {
@@ -2523,65 +2276,36 @@ def trial_summary(result: Any) -> dict[str, Any]:
     }
 
 
-@dataclass
-class Search:
-    """A finished search: its trials, best first, and what the report says of them."""
-
-    trials: list[dict[str, Any]]
-    finished: list[dict[str, Any]]
-    topts: TuneOptions
-    experiment: str
-    seconds: float
-
-    @classmethod
-    def of(
-        cls, trials: list[dict[str, Any]], topts: TuneOptions, ray_dir: str, seconds: float
-    ) -> Search:
-        finished = sorted((t for t in trials if "error" not in t),
-                          key=lambda t: -t["best_val_accuracy"])  # fmt: skip
-        if not finished:
-            first = trials[0].get("error") if trials else "none ran"
-            raise UserError(f"every trial failed; first error: {first}")
-        return cls(trials, finished, topts, f"{ray_dir.rstrip('/')}/{topts.project_name}", seconds)
-
-    @property
-    def best(self) -> dict[str, Any]:
-        return self.finished[0]
-
-    @property
-    def stopped_early(self) -> int:
-        return sum(t["epochs"] < self.topts.max_epochs for t in self.finished)
-
-    def lines(self) -> list[str]:
-        """The report's search section."""
-        topts = self.topts
-        nodes = sorted({n for t in self.finished for n in t["nodes"]})
-        return [
-            "## Hyperparameter Search",
-            "",
-            f"- Ray Tune random search, {topts.num_samples} samples, seed {topts.seed}; metric: validation accuracy "
-            "(reported every epoch)",
-            f"- ASHA: max {topts.max_epochs} epochs, grace period {topts.asha_grace_period}, "
-            f"reduction factor {topts.asha_reduction_factor}",
-            f"- Trials finished: {len(self.finished)}; stopped early by ASHA: {self.stopped_early}; "
-            f"failed: {len(self.trials) - len(self.finished)}",
-            f"- Search wall time: {self.seconds:.1f} s",
-            f"- Ray cluster: {topts.ray_address or 'local'}; nodes that ran trials: {len(nodes)}; "
-            f"{topts.cpus_per_trial:g} CPU and {topts.gpus_per_trial:g} GPU per trial",
-            f"- Ray results: `{self.experiment}`",
-            "",
-            "Search space:",
-            "",
-            markdown_table(["Hyperparameter", "Distribution"], describe_search_space()),
-            "",
-            "Top trials:",
-            "",
-            markdown_table(TOP_TRIALS_HEADER, top_trial_rows(self.finished[:10])),
-            "",
-            f"The best configuration is retrained below for up to {topts.final_epochs} epochs and saved with "
-            f"`{topts.model_path}_config.json`.",
-            "",
-        ]
+def search_lines(
+    topts: TuneOptions, trials: list[dict], finished: list[dict], seconds: float, ray_dir: str
+) -> list[str]:
+    """The report's search section: the trials that `finished`, best first."""
+    nodes = sorted({n for t in finished for n in t["nodes"]})
+    stopped = sum(t["epochs"] < topts.max_epochs for t in finished)
+    return section(
+        "Hyperparameter Search",
+        f"- Ray Tune random search, {topts.num_samples} samples, seed {topts.seed}; metric: "
+        "validation accuracy (reported every epoch)",
+        f"- ASHA: max {topts.max_epochs} epochs, grace period {topts.asha_grace_period}, "
+        f"reduction factor {topts.asha_reduction_factor}",
+        f"- Trials finished: {len(finished)}; stopped early by ASHA: {stopped}; "
+        f"failed: {len(trials) - len(finished)}",
+        f"- Search wall time: {seconds:.1f} s",
+        f"- Ray cluster: {topts.ray_address or 'local'}; nodes that ran trials: {len(nodes)}; "
+        f"{topts.cpus_per_trial:g} CPU and {topts.gpus_per_trial:g} GPU per trial",
+        f"- Ray results: `{ray_dir.rstrip('/')}/{topts.project_name}`",
+        "",
+        "Search space:",
+        "",
+        markdown_table(["Hyperparameter", "Distribution"], describe_search_space()),
+        "",
+        "Top trials:",
+        "",
+        markdown_table(TOP_TRIALS_HEADER, top_trial_rows(finished[:10])),
+        "",
+        f"The best configuration is retrained below for up to {topts.final_epochs} epochs and "
+        f"saved with `{topts.model_path}_config.json`.",
+    )
 
 
 def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluation]:
@@ -2632,18 +2356,13 @@ def load_saved_model(model_file: Path | str) -> Any:
     return model
 
 
-# ---------------------------------------------------------------------------
-# Prediction from raw tracker JSON.
-# ---------------------------------------------------------------------------
+# -- Prediction from raw tracker JSON -----------------------------------------
 
 
 def features_from_assignment(doc: Any) -> dict[str, Any]:
-    """Model inputs from one tracker assignment JSON object; ValueError if unusable.
-
-    The clock is the scheduled instant: `scheduled_time` with any UTC offset or `Z` is
-    that instant, and one without an offset is read as Boston local time. The record's
-    own hour, minute and day_of_week (UTC in the tracker's records) are ignored. A
-    missing trip id or headsign becomes unknown (the model still answers)."""
+    """Model inputs from one tracker assignment JSON object; ValueError if unusable. The
+    clock is `scheduled_time` (without a UTC offset: Boston local time); the record's own
+    hour, minute and day_of_week are ignored. A missing trip id or headsign is unknown."""
     if not isinstance(doc, dict):
         raise ValueError("expected a JSON object")
     for name in ("station_id", "route_id", "scheduled_time", "direction_id"):
@@ -2669,12 +2388,8 @@ def features_from_assignment(doc: Any) -> dict[str, Any]:
 
 
 class TrackPredictor:
-    """A saved model that takes tracker assignments and answers with track labels.
-
-    >>> predictor = load_predictor("output/train_.../track_prediction_model_best.keras")
-    >>> predictor.predict([assignment_dict])[0][:2]
-    [('5', 0.81), ('6', 0.11)]
-    """
+    """A saved model that takes tracker assignments and answers with track labels:
+    `load_predictor(path).predict([assignment])[0][:2]` -> `[('5', 0.81), ('6', 0.11)]`."""
 
     #: Records per call of the compiled model; larger inputs go in chunks.
     CHUNK = 4096
@@ -2685,9 +2400,7 @@ class TrackPredictor:
         self.labels = list(output.labels)
         self.station_tracks = {s: set(t) for s, t in output.station_tracks.items()}
         self.stations = set(self.station_tracks)
-        # One traced graph for every batch size: model.predict builds a tf.data
-        # pipeline per call, tens of milliseconds a request for a serving loop. It
-        # answers the calibrated probabilities and the model's own, before calibration.
+        # One traced graph for every batch size: calibrated probabilities and the model's own.
         both = keras.Model(model.inputs, [model.output, raw_probabilities(output)])
         self._forward = tf.function(
             lambda inputs: both(inputs, training=False), input_signature=[serving_input_specs()]
@@ -2695,11 +2408,7 @@ class TrackPredictor:
 
     def probabilities(self, records: list[dict[str, Any]]) -> np.ndarray:
         """Class probabilities (columns in `self.labels` order) for assignment dicts."""
-        return self.probabilities_of_features([features_from_assignment(r) for r in records])
-
-    def probabilities_of_features(self, features: list[dict[str, Any]]) -> np.ndarray:
-        """Class probabilities for records already turned into model inputs."""
-        return self.both_probabilities(features)[0]
+        return self.both_probabilities([features_from_assignment(r) for r in records])[0]
 
     def both_probabilities(self, features: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated, the model's own before calibration) class probabilities."""
@@ -2736,9 +2445,8 @@ def load_predictor(model_file: Path | str) -> TrackPredictor:
 def run_predict(
     model_file: Path, lines: Iterable[str], write: Callable[[str], None], chunk: int = 1024
 ) -> int:
-    """Answer each JSON line with one JSON line, in input order; returns how many were errors.
-
-    A line that is not usable gets `{"error": ...}` and the rest go on."""
+    """Answer each JSON line with one JSON line, in input order (an unusable one gets
+    `{"error": ...}`); returns how many were errors."""
     predictor = load_predictor(model_file)
     errors = 0
     for block in chunked((line for line in lines if line.strip()), chunk):  # blank: no record
@@ -2774,10 +2482,7 @@ def parse_prediction_line(line: str) -> tuple[Any, str | None]:
     return doc, None
 
 
-# ---------------------------------------------------------------------------
-# Serving. A TensorFlow SavedModel for any TF runtime (no imt_ml, no Python
-# classes), and a worker that answers the tracker's prediction queue in Redis.
-# ---------------------------------------------------------------------------
+# -- Serving: a TensorFlow SavedModel for any TF runtime (no imt_ml needed) -------
 
 
 def serving_dir_for(model_file: Path) -> Path:
@@ -2787,10 +2492,8 @@ def serving_dir_for(model_file: Path) -> Path:
 
 
 def export_serving_model(model: Any, path: Path) -> Path:
-    """Write `model` as a SavedModel whose `serve` signature takes the raw record
-    fields by name (batches of MODEL_INPUTS) and returns `tracks` (labels, most
-    likely first) and `probabilities` (in the same order). Inspect it with
-    `saved_model_cli show --dir PATH --all`."""
+    """Write `model` as a SavedModel whose `serve` signature takes batches of MODEL_INPUTS by
+    name and returns `tracks` (most likely first) and their `probabilities`."""
     labels = tf.constant(model_labels(model))
 
     @tf.function(input_signature=[serving_input_specs()])
@@ -2810,18 +2513,7 @@ def export_serving_model(model: Any, path: Path) -> Path:
     return path
 
 
-# -- backtest ------------------------------------------------------------------
-
-
-# fmt: on
-
-
-# fmt: on
-
-
-# ---------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------
+# -- Command line -------------------------------------------------------------
 
 
 @click.group(
@@ -2850,8 +2542,7 @@ TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG, ENV_D
 @click.pass_context
 def train(ctx: click.Context, **options: Any) -> None:
     """Train one model; writes models, vocab and training_report.md under output/train_<time>/."""
-    result = run_train(ctx.obj["data_dir"], TrainOptions(**options))
-    click.echo(str(result.run_dir))
+    click.echo(str(run_train(ctx.obj["data_dir"], TrainOptions(**options)).run_dir))
 
 
 @cli.command(epilog=TRAINING_EPILOG)
@@ -2859,8 +2550,7 @@ def train(ctx: click.Context, **options: Any) -> None:
 @click.pass_context
 def evaluate(ctx: click.Context, model_file: Path) -> None:
     """Score a saved model on every record of the export in DATA_DIR."""
-    run_dir, _ = run_evaluate(ctx.obj["data_dir"], model_file)
-    click.echo(str(run_dir))
+    click.echo(str(run_evaluate(ctx.obj["data_dir"], model_file)[0]))
 
 
 @cli.command()
@@ -2879,8 +2569,7 @@ def predict(model_file: Path, input_file: Any) -> None:
 @click.pass_context
 def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
     """Train several different models and average them; writes output/ensemble_<time>/."""
-    result = run_ensemble(ctx.obj["data_dir"], TrainOptions(**options), num_models)
-    click.echo(str(result.run_dir))
+    click.echo(str(run_ensemble(ctx.obj["data_dir"], TrainOptions(**options), num_models).run_dir))
 
 
 @cli.command(epilog=TRAINING_EPILOG)
@@ -2893,8 +2582,7 @@ def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
 def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) -> None:
     """k-fold cross-validation (accuracy per fold, mean, 95% interval), then the model to
     deploy by `train`'s recipe (--split applies to it only); writes output/cv_<time>/."""
-    run_dir = run_cv(ctx.obj["data_dir"], TrainOptions(**options), k_folds, shuffle_folds)
-    click.echo(str(run_dir))
+    click.echo(str(run_cv(ctx.obj["data_dir"], TrainOptions(**options), k_folds, shuffle_folds)))
 
 
 @cli.command(
@@ -2907,8 +2595,7 @@ def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) ->
 @click.pass_context
 def tune(ctx: click.Context, **options: Any) -> None:
     """Search hyperparameters with Ray Tune and ASHA, then train the best; writes output/tune_<time>/."""
-    result = run_tune(ctx.obj["data_dir"], TuneOptions(**options))
-    click.echo(str(result.run_dir))
+    click.echo(str(run_tune(ctx.obj["data_dir"], TuneOptions(**options)).run_dir))
 
 
 if __name__ == "__main__":

