@@ -17,6 +17,19 @@ from imt_ml.utils import LocalRedisServer, find_redis_server_binary  # noqa: E40
 
 REDIS_PASSWORD = "correct horse battery staple"
 
+#: Test modules that start Ray. They share one xdist worker: `ray stop` in one test would
+#: otherwise stop the nodes another worker's test started.
+RAY_MODULES = {"test_tune", "test_distributed"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`task test` runs two xdist workers with --dist loadgroup: each module is one group,
+    so its module and session fixtures are built once, and the Ray modules are one group."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else "other"
+        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
+
 
 def sample_root_fixture(records: int, seed: int):
     """A module-scoped `sample_root` fixture: an export root holding one small sample
