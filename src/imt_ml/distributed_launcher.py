@@ -1,18 +1,12 @@
-"""Use several machines for one search: synchronous multi-worker trials, or parallel trials.
+"""Use several machines for one search: synchronous multi-worker trials, or parallel trials
+(usage and examples: docs/distributed.md).
 
 sync-tune: Hyperband in which every trial trains on all workers at once
 (tf.distribute.MultiWorkerMirroredStrategy). Start one process per worker with the same
---workers and its own --index; worker 0, the chief, alone writes model, vocab and report:
-
-    uv run src/imt_ml/distributed_launcher.py sync-tune \\
-        --workers 192.168.1.10:2222,192.168.1.11:2222 --index 0 --data-dir /shared/data
-
+--workers and its own --index; worker 0, the chief, alone writes model, vocab and report.
 tuner-parallel: every instance (the chief included) trains whole trials, each pulled from
 the chief's Keras Tuner oracle service, so none runs twice; the others (--tuner-id tuner0,
-tuner1, ...) find the oracle's address in the shared tuner directory:
-
-    uv run src/imt_ml/distributed_launcher.py tuner-parallel \\
-        --tuner-directory /mnt/shared/kt_runs --tuner-id chief --data-dir /shared/data
+tuner1, ...) find the oracle's address in the shared tuner directory.
 
 Keras 3 with TensorFlow 2.21 cannot run model.fit under MultiWorkerMirroredStrategy
 (a PerReplica value reaches the trainer's symbolic build), so sync-tune trains
@@ -44,21 +38,8 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/distributed_launcher.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml.utils import (
-    ENV_OUTPUT,
-    ENV_PROGRESS,
-    ENV_TF_LOG,
-    UserError,
-    dataclass_options,
-    environment_epilog,
-    from_options,
-    keras,
-    log,
-    option_field,
-    split_host_port,
-    tf,
-    write_json,
-)
+from imt_ml import utils
+from imt_ml.utils import UserError, from_options, keras, log, option_field, tf
 
 
 # --- Options and the search space. ---
@@ -112,7 +93,7 @@ def parse_workers(workers: str, index: int) -> list[str]:
     if not hosts:
         raise UserError("--workers needs at least one host:port")
     for host in hosts:
-        if split_host_port(host) is None:
+        if utils.split_host_port(host) is None:
             raise UserError(f"--workers entry {host!r} is not host:port")
     if len(set(hosts)) != len(hosts):
         raise UserError("--workers lists the same host:port twice")
@@ -131,11 +112,9 @@ def create_strategy(hosts: list[str], index: int) -> Any:
     process (see `supervise_until_joined`) as soon as it is."""
     task = {"type": "worker", "index": index}
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts}, "task": task})
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.RING
-        )
-    )
+    ring = tf.distribute.experimental.CommunicationImplementation.RING
+    options = tf.distribute.experimental.CommunicationOptions(implementation=ring)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     # A first collective: it returns only when every worker has joined.
     strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
     ready_fd = os.environ.get(READY_FD_ENV)
@@ -165,11 +144,10 @@ def supervise_until_joined(hosts: list[str], index: int, timeout_s: float) -> in
         child.kill()
         child.wait()
         others = [h for i, h in enumerate(hosts) if i != index]
-        click.echo(
+        log(
             f"Error: worker {index} ({hosts[index]}) could not join the other workers "
             f"({', '.join(others) or 'none'}) within {timeout_s:g} s; start every worker "
-            "with the same --workers and check that they can reach each other",
-            err=True,
+            "with the same --workers and check that they can reach each other"
         )
         return 1
     return child.wait()
@@ -231,11 +209,9 @@ class SyncTrainer:
                 tmax = recipe.scheduler_tmax or recipe.epochs
                 rate = cosine_rate(recipe.learning_rate, epoch, tmax) * scale
                 optimizer.learning_rate.assign(rate)
-            total_loss = total_hits = 0.0
-            for _ in range(self.steps):
-                loss, hits = train_step(iterator)
-                total_loss += float(loss)
-                total_hits += float(hits)
+            steps = [train_step(iterator) for _ in range(self.steps)]
+            total_loss = sum(float(loss) for loss, _ in steps)
+            total_hits = sum(float(hits) for _, hits in steps)
             val_accuracy, val_loss = self._evaluate(model, loss_fn)
             logs = {"loss": total_loss / self.steps, "accuracy": total_hits / (self.steps * self.global_batch),
                     "val_loss": val_loss, "val_accuracy": val_accuracy}  # fmt: skip
@@ -279,9 +255,8 @@ class SyncTrainer:
                         loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
                 grads = tape.gradient(loss, model.trainable_variables)
                 optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-                hits = tf.reduce_sum(
-                    tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), labels), tf.float32)
-                )
+                correct = tf.equal(tf.argmax(probabilities, axis=-1), labels)
+                hits = tf.reduce_sum(tf.cast(correct, tf.float32))
                 return loss, hits
 
             loss, hits = strategy.run(step, args=next(iterator))
@@ -362,7 +337,6 @@ def train_and_save_best(
     `output/{mode}_<time>/`; the report gets a section `title`: `lines` and the top trials."""
     from imt_ml.hyperband import hyperparameters
     from imt_ml.tfrecord_reader import data_for_recipe, retrain_best
-    from imt_ml.utils import markdown_table
 
     trials = oracle.get_best_trials(10)
     if not trials:
@@ -379,7 +353,7 @@ def train_and_save_best(
              ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())]
             for i, (t, values) in enumerate(zip(trials, chosen, strict=True))]  # fmt: skip
     section = [f"## {title}", "", *lines, "", "Top trials:", "",
-               markdown_table(["Rank", "Trial", "Best val accuracy", "Hyperparameters"], rows), ""]  # fmt: skip
+               utils.markdown_table(["Rank", "Trial", "Best val accuracy", "Hyperparameters"], rows), ""]  # fmt: skip
     result = retrain_best(data_for_recipe(data, train_opts), train_opts, cfg, mode, chosen[0],
                           dataclasses.asdict(opts), section)  # fmt: skip
     return result.run_dir
@@ -441,7 +415,7 @@ def given_oracle_address(address: str | None) -> tuple[str, int] | None:
         if not (ip and port):
             return None
         address, flag = f"{ip}:{port}", "KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT"
-    parsed = split_host_port(address)
+    parsed = utils.split_host_port(address)
     if parsed is None:
         raise UserError(f"{flag} {address!r} is not host:port")
     return parsed
@@ -480,13 +454,13 @@ class OracleAddressFile:
             "pid": os.getpid(), "search_id": uuid.uuid4().hex, "beat": 0, "finished": False,
         }  # fmt: skip
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, record)
+        utils.write_json(self.path, record)
 
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_S):
                 record["beat"] += 1
                 with contextlib.suppress(OSError):
-                    write_json(self.path, record)
+                    utils.write_json(self.path, record)
 
         self._record = record
         self._thread = threading.Thread(target=beat, daemon=True, name="oracle-heartbeat")
@@ -497,7 +471,7 @@ class OracleAddressFile:
         if self._thread is not None:
             self._thread.join()
             with contextlib.suppress(OSError):
-                write_json(self.path, {**self._record, "finished": True})
+                utils.write_json(self.path, {**self._record, "finished": True})
 
     def wait_for_live_address(self, timeout_s: float) -> tuple[str, int]:
         """The other instances: the address of a chief whose heartbeat is seen to advance."""
@@ -596,10 +570,8 @@ def run_tuner_parallel(opts: SearchOptions, tuner_directory: str, tuner_id: str,
         wait_for_oracle(host, port, wait_s)
     os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"] = host, str(port)
     try:
-        return _search_and_train_best(
-            opts, data, hypermodel, tuner_directory, tuner_id, server_tuner, train_best,
-            f"{host}:{port}", started,
-        )  # fmt: skip
+        return _search_and_train_best(opts, data, hypermodel, tuner_directory, tuner_id,
+                                      server_tuner, train_best, f"{host}:{port}", started)  # fmt: skip
     finally:
         if chief:
             address_file.finish()
@@ -644,8 +616,8 @@ def cli() -> None:
 
 @cli.command(
     "sync-tune",
-    epilog=environment_epilog(
-        ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG,
+    epilog=utils.environment_epilog(
+        utils.ENV_OUTPUT, utils.ENV_PROGRESS, utils.ENV_TF_LOG,
         f"{READY_FD_ENV} (internal: set by sync-tune for the process it supervises)",
     ),
 )  # fmt: skip
@@ -655,7 +627,7 @@ def cli() -> None:
               help="Where the chief keeps the Keras Tuner state (the other workers keep none).")  # fmt: skip
 @click.option("--peer-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Seconds to wait for every worker to join.")  # fmt: skip
-@dataclass_options(SearchOptions)
+@utils.dataclass_options(SearchOptions)
 def sync_tune(
     workers: str, index: int, tuner_directory: str, peer_timeout: float, **kwargs: Any
 ) -> None:
@@ -673,8 +645,8 @@ def sync_tune(
 
 @cli.command(
     "tuner-parallel",
-    epilog=environment_epilog(
-        ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG,
+    epilog=utils.environment_epilog(
+        utils.ENV_OUTPUT, utils.ENV_PROGRESS, utils.ENV_TF_LOG,
         "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT (the oracle's address when "
         "--oracle-address is not given)",
     ),
@@ -692,7 +664,7 @@ def sync_tune(
               help="Retrain and save the best model here [default: only on the chief].")  # fmt: skip
 @click.option("--oracle-wait", type=click.FloatRange(min=1), default=120, show_default=True,
               help="Seconds an instance waits for the chief to publish its address and answer.")  # fmt: skip
-@dataclass_options(SearchOptions)
+@utils.dataclass_options(SearchOptions)
 def tuner_parallel(tuner_directory: str, tuner_id: str, oracle_address: str | None, train_best: bool | None,
                    oracle_wait: float, **kwargs: Any) -> None:  # fmt: skip
     """Trials spread over instances by the chief's Keras Tuner oracle."""

@@ -180,15 +180,12 @@ def baseline_answers(
     def entry(value: Any) -> tuple[str, float]:  # tables written before shares: bare tracks
         return (value[0], float(value[1])) if isinstance(value, list) else (value, math.nan)
 
-    overall = entry(tables["overall"])
-    by_station = {s: entry(v) for s, v in tables["station"].items()}
-    station_answers = [by_station.get(s, overall) for s in keys["station"]]
-
     def lookup(name: str, fallback: list) -> list:
         table = tables[name]
         keyed = zip(keys[name.removesuffix("_weighted")], fallback, strict=True)
         return [entry(table[k]) if k in table else back for k, back in keyed]
 
+    station_answers = lookup("station", [entry(tables["overall"])] * len(idx))
     answers = {}
     for suffix in ("", "_weighted"):
         if f"station_route{suffix}" not in tables:  # tables saved before the weighted ones
@@ -227,13 +224,11 @@ def strongest_baseline(baselines: dict[str, float]) -> tuple[str, float] | None:
     return max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
 
 
-def expected_calibration_error(
-    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
-) -> float:
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
     if len(confidence) == 0:
         return float("nan")
-    per_bin = reliability_bins(confidence, correct, bins)
+    per_bin = reliability_bins(confidence, correct)
     total = sum(b["records"] * abs(b["accuracy"] - b["confidence"]) for b in per_bin)
     return float(total / len(confidence))
 
@@ -306,10 +301,9 @@ def describe_map(cmap: ConfidenceMap | None) -> str:
     return ", ".join(f"{p:g} -> {m:.3f}" for p, m in zip(points, cmap.at(points), strict=True))
 
 
-def reliability_bins(
-    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
-) -> list[dict[str, float]]:
-    """Per equal-width confidence bin: records, mean confidence, accuracy."""
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray) -> list[dict[str, float]]:
+    """Per equal-width confidence bin (ten): records, mean confidence, accuracy."""
+    bins = 10
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     out = []
@@ -326,7 +320,7 @@ def log_loss(ev: Evaluation, true_tracks: np.ndarray) -> float:
     get probability 1e-7), the calibrated probabilities' cross-entropy."""
     y = label_indices(true_tracks, ev.labels)
     p = np.where(y >= 0, ev.probabilities[np.arange(len(y)), np.maximum(y, 0)], 0.0)
-    return float(-np.log(np.maximum(p, 1e-7)).mean()) if len(y) else float("nan")
+    return mean_or_nan(-np.log(np.maximum(p, 1e-7)))
 
 
 def coverage_at_precision(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:
@@ -383,8 +377,8 @@ def evaluate_predictions(
 
 def load_sample_truth(export_dir: Path) -> dict[tuple[str, str, float], float] | None:
     """Generating probabilities of sample data, from the export or its root (else None)."""
-    for path in (export_dir / SAMPLE_TRUTH_FILE, export_dir.parent / SAMPLE_TRUTH_FILE):
-        if path.is_file():
+    for folder in (export_dir, export_dir.parent):
+        if (path := folder / SAMPLE_TRUTH_FILE).is_file():
             data = np.load(path)
             stamps = data["scheduled_timestamp"].tolist()
             keys = zip(data["station_id"], data["trip_id"], stamps, strict=True)
@@ -451,9 +445,7 @@ def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
     """Accuracy against confidence per bin, before and after the confidence map."""
     c = calibration
     with figure(path, figsize=(5.5, 5)) as (_, ax):
-        ax.plot(
-            [0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration"
-        )
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
         for bins, label, style in ((c.reliability_before, f"model (ECE {c.ece_before:.3f})", "o-"),
                                    (c.reliability_after, f"calibrated (ECE {c.ece_after:.3f})", "s-")):  # fmt: skip
             x, y = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
@@ -590,14 +582,13 @@ def evaluation_figures(ev: Evaluation | None) -> dict[str, Any] | None:
     if ev is None:
         return None
     m = ev.metrics
-    strongest = max(ev.baselines.items(), key=lambda kv: kv[1], default=(None, None))
     return {
         "records": int(len(ev.probabilities)),
         "top1_accuracy": float(m["top1_accuracy"]), "top3_accuracy": float(m["top3_accuracy"]),
         "expected_calibration_error": float(m["expected_calibration_error"]),
         "coverage_at_precision": {f"{p:.2f}": float(v) for p, v in ev.answerable.get("model", {}).items()},
         "lookup_tables": {k: float(v) for k, v in ev.baselines.items()},
-        "strongest_table": strongest[0],
+        "strongest_table": (strongest_baseline(ev.baselines) or [None])[0],
         "best_possible": float(ev.best_possible["accuracy"]) if ev.best_possible else None,
     }  # fmt: skip
 
@@ -621,10 +612,7 @@ def member_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> list[
 def majority_vote(member_probs: list[np.ndarray]) -> np.ndarray:
     """Class chosen by most members; ties go to the higher mean probability."""
     stacked = np.stack(member_probs)  # members x records x classes
-    votes = np.zeros(stacked.shape[1:])
-    rows = np.arange(stacked.shape[1])
-    for probs in stacked:
-        votes[rows, probs.argmax(axis=1)] += 1
+    votes = np.eye(stacked.shape[2])[stacked.argmax(axis=2)].sum(axis=0)
     return (votes + 1e-3 * stacked.mean(axis=0)).argmax(axis=1)
 
 
@@ -710,16 +698,13 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
             f"- The figures above describe `{best}` itself: it was trained on the training "
             f"records only (`--no-refit`), and `{final}` holds the final weights of the same run.",
         )
-    if refit["epochs"]:
-        epochs = (
-            f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s) from a learning rate of "
-            f"{refit['learning_rate']:g} (`--refit-lr-factor`), "
-        )
-    else:
-        epochs = (
-            "with no epoch (`--refit-epochs 0`: the validated weights reading tables of "
-            "every record), "
-        )
+    epochs = (
+        f"{refit['epochs']} epochs each ({refit['seconds']:.1f} s) from a learning rate of "
+        f"{refit['learning_rate']:g} (`--refit-lr-factor`), "
+        if refit["epochs"]
+        else "with no epoch (`--refit-epochs 0`: the validated weights reading tables of "
+        "every record), "
+    )
     if refit["best_epochs"] == refit["final_epochs"]:
         epochs += "one refit serving both as they were the same weights, "
     return section(

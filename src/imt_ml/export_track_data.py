@@ -2,15 +2,10 @@
 
 Reads exactly the tracker's two key families: a JSON string per departure under
 `track_history:{station}:{route}:{trip}:{date}`, indexed by the sorted sets
-`track_timeseries:{station}:{route}` (score: scheduled time).
-
-    uv run src/imt_ml/export_track_data.py --output ./track_data_export
-    uv run src/imt_ml/export_track_data.py --redis-url redis://user:pw@host:6379/0 \\
-        --since 2025-01-01 --until 2025-03-31 --records-per-file 5000
-
-The result, `<output>/<YYYY-MM-DD_HH-MM-SS>/track_data_NNNN.tfrecord` and `metadata.json`,
-is built as a hidden `.NAME.partial` and renamed when complete: an interrupted export
-never looks finished.
+`track_timeseries:{station}:{route}` (score: scheduled time). The result,
+`<output>/<YYYY-MM-DD_HH-MM-SS>/track_data_NNNN.tfrecord` and `metadata.json`, is built as a
+hidden `.NAME.partial` and renamed when complete: an interrupted export never looks finished.
+Usage: docs/recording-and-export.md#exporting-track-history.
 """
 
 from __future__ import annotations
@@ -39,25 +34,8 @@ from google_crc32c import value as crc32c
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/export_track_data.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml.utils import (
-    ENV_PROGRESS,
-    ENV_REDIS,
-    EXPORT_DIR_FORMAT,
-    FEATURE_SCHEMA,
-    METADATA_FILE,
-    SHARD_PATTERN,
-    TRACKER_TIMEZONE,
-    RedisTarget,
-    UserError,
-    boston_clock,
-    environment_epilog,
-    log,
-    parse_instant,
-    progress,
-    redis_options,
-    timestamped_dir,
-    write_json,
-)
+from imt_ml import utils
+from imt_ml.utils import FEATURE_SCHEMA, RedisTarget, UserError, boston_clock, log, progress
 
 SERIES_PATTERN = "track_timeseries:*"
 HISTORY_PREFIX = "track_history:"
@@ -84,17 +62,13 @@ SKIP_REASONS = (
 )
 
 # -- Parsing one assignment JSON into a record in schema order -------------------------
-
-REQUIRED_FIELDS = (
-    "station_id", "route_id", "trip_id", "headsign", "assignment_type", "direction_id",
-    "day_of_week", "hour", "minute", "track_number", "scheduled_time", "actual_time",
-    "recorded_time",
-)  # fmt: skip
+REQUIRED_FIELDS = ("station_id", "route_id", "trip_id", "headsign", "assignment_type",
+                   "direction_id", "day_of_week", "hour", "minute", "track_number",
+                   "scheduled_time", "actual_time", "recorded_time")  # fmt: skip
 
 
 class Record(NamedTuple):
-    """One exported record; its fields are FEATURE_SCHEMA's, in its order (a plain tuple
-    in that order encodes the same)."""
+    """One exported record: FEATURE_SCHEMA's fields in order (a plain tuple encodes the same)."""
 
     station_id: str
     route_id: str
@@ -112,7 +86,6 @@ class Record(NamedTuple):
 
 
 assert Record._fields == tuple(FEATURE_SCHEMA), "Record must follow FEATURE_SCHEMA"
-
 
 _get_required = operator.itemgetter(*REQUIRED_FIELDS)
 _fromisoformat = dt.datetime.fromisoformat
@@ -168,10 +141,8 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     if type(doc) is not dict:
         return "invalid_json"
     try:
-        (
-            station, route, trip, headsign, kind, direction, weekday, hour, minute, track,
-            scheduled, actual, recorded,
-        ) = _get_required(doc)  # fmt: skip
+        (station, route, trip, headsign, kind, direction, weekday, hour, minute, track, scheduled,
+         actual, recorded) = _get_required(doc)  # fmt: skip
     except KeyError:
         return "missing_field"
     track, skipped = track_label(track)
@@ -179,10 +150,9 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
         return skipped
     # type() rather than isinstance(): a JSON true/false must not pass as 1/0.
     if not (
-        type(station) is str and type(route) is str and type(trip) is str
-        and type(headsign) is str and type(kind) is str and station and route and trip
-        and type(direction) is int and type(weekday) is int and type(hour) is int
-        and type(minute) is int
+        type(station) is str and type(route) is str and type(trip) is str and type(headsign) is str
+        and type(kind) is str and station and route and trip and type(direction) is int
+        and type(weekday) is int and type(hour) is int and type(minute) is int
     ):  # fmt: skip
         return "wrong_type"
     if not (0 <= direction <= 1 and 0 <= weekday <= 6 and 0 <= hour <= 23 and 0 <= minute <= 59):
@@ -195,10 +165,8 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
     # The clock fields are written in Boston time, from the instant: the tracker's own
     # are UTC, other writers' local (they are only checked above, never trusted).
     weekday, hour, minute = boston_clock(scheduled_ts)
-    return Record(
-        station, route, trip, headsign, direction, kind, track,
-        scheduled_ts, actual_ts, recorded_ts, weekday, hour, minute,
-    )  # fmt: skip
+    return Record(station, route, trip, headsign, direction, kind, track, scheduled_ts, actual_ts,
+                  recorded_ts, weekday, hour, minute)  # fmt: skip
 
 
 # -- tf.train.Example encoding ----------------------------------------------------------
@@ -208,7 +176,6 @@ def parse_assignment(raw: bytes | str | None) -> Record | str:
 #   Example  { features (1): Features }
 #   Features { feature (1): repeated MapEntry { key (1): string, value (2): Feature } }
 #   Feature  { bytes_list (1) | float_list (2) | int64_list (3) }, each { value (1) }
-
 _SMALL_VARINTS = [bytes((n,)) for n in range(128)]
 
 
@@ -253,12 +220,11 @@ def encode_example_reference(record: tuple) -> bytes:
 
 
 class ExampleEncoder:
-    """Fast tf.train.Example encoding for a stream of records (FEATURE_SCHEMA order).
-
-    Most values repeat (a few stations, routes, tracks; 2 x 7 x 24 x 60 combinations of
-    the small integers), so encoded map entries are cached, up to MAX_CACHED values each:
-    a record costs a few lookups, one struct.pack for its floats and one join. Map entries
-    may come in any order: strings, then integers, then floats."""
+    """Fast tf.train.Example encoding for a stream of records (FEATURE_SCHEMA order). Most
+    values repeat (a few stations, routes, tracks; 2 x 7 x 24 x 60 combinations of the small
+    integers), so encoded map entries are cached, up to MAX_CACHED values each: a record costs
+    a few lookups, one struct.pack for its floats and one join. Map entries may come in any
+    order: strings, then integers, then floats."""
 
     MAX_CACHED = 100_000
 
@@ -317,17 +283,11 @@ def _example_header(length: int) -> bytes:
     return b"\x0a" + _varint(length)
 
 
-_default_encoder = ExampleEncoder()
-
-
-def encode_example(record: tuple) -> bytes:
-    """Serialize a record (FEATURE_SCHEMA order) as a tf.train.Example."""
-    return _default_encoder.encode(record)
+#: Serialize a record (FEATURE_SCHEMA order) as a tf.train.Example.
+encode_example = ExampleEncoder().encode
 
 
 # -- What an export saw: counts for metadata.json and the closing summary ---------------
-
-
 class ExportStats:
     """Counts of written and skipped records; memory bounded by the vocabularies."""
 
@@ -335,8 +295,7 @@ class ExportStats:
         self.skipped: Counter[str] = Counter()
         #: (station, route, track) -> records; a few hundred keys at most.
         self.counts: dict[tuple[str, str, str], int] = {}
-        self.first_scheduled = math.inf
-        self.last_scheduled = -math.inf
+        self.first_scheduled, self.last_scheduled = math.inf, -math.inf
 
     def add(self, record: Record) -> None:
         """Count one written record (runs once per record: kept to the bone)."""
@@ -367,14 +326,13 @@ class ExportStats:
             stations[station] += n
             routes[route] += n
             tracks[station][track] += n
-        first = self.first_scheduled if self.counts else None
-        last = self.last_scheduled if self.counts else None
+        first, last = (self.first_scheduled, self.last_scheduled) if self.counts else (None, None)
         return {
             "total_records": self.written,
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "schema": dict(FEATURE_SCHEMA),
             # day_of_week, hour and minute: the scheduled instant's Boston wall clock.
-            "clock": TRACKER_TIMEZONE,
+            "clock": utils.TRACKER_TIMEZONE,
             "target": "track_number",
             "time_range": {
                 "first_scheduled": iso(first),
@@ -402,8 +360,6 @@ class ExportStats:
 
 
 # -- Sharded, atomic TFRecord output ----------------------------------------------------
-
-
 def _masked_crc32c(data: bytes) -> int:
     """TFRecord's checksum: CRC-32C, rotated right by 15 bits, plus a constant (see
     https://www.tensorflow.org/tutorials/load_data/tfrecord#tfrecords_format_details)."""
@@ -438,7 +394,7 @@ class TFRecordShardWriter:
         self.output_root = Path(output_root)
         self.records_per_file = records_per_file
         self.output_root.mkdir(parents=True, exist_ok=True)
-        self.final_dir = timestamped_dir(self.output_root, EXPORT_DIR_FORMAT)
+        self.final_dir = utils.timestamped_dir(self.output_root, utils.EXPORT_DIR_FORMAT)
         self.partial_dir = self.output_root / f".{self.final_dir.name}.partial"
         self.partial_dir.mkdir()
         self.files: list[dict[str, Any]] = []
@@ -448,7 +404,7 @@ class TFRecordShardWriter:
     def write(self, serialized: bytes) -> None:
         if self._in_file >= self.records_per_file or self._file is None:  # the next shard
             self._close_current()
-            name = SHARD_PATTERN.format(len(self.files))
+            name = utils.SHARD_PATTERN.format(len(self.files))
             self._file = open(self.partial_dir / name, "wb", buffering=self.BUFFER_BYTES)
             self._in_file = 0
             self.files.append({"file": name, "records": 0})
@@ -464,7 +420,7 @@ class TFRecordShardWriter:
     def commit(self, metadata: dict[str, Any]) -> Path:
         """Close the shards, write metadata.json and publish the directory."""
         self._close_current()
-        write_json(self.partial_dir / METADATA_FILE, {**metadata, "files": self.files})
+        utils.write_json(self.partial_dir / utils.METADATA_FILE, {**metadata, "files": self.files})
         os.rename(self.partial_dir, self.final_dir)
         return self.final_dir
 
@@ -478,8 +434,6 @@ class TFRecordShardWriter:
 
 
 # -- Reading the tracker's layout from Redis ---------------------------------------------
-
-
 class Page(NamedTuple):
     """One page of a series: its values in score order, less members listed twice."""
 
@@ -490,8 +444,7 @@ class Page(NamedTuple):
 
 
 def _duplicated_elsewhere(client: Any, members: list[bytes]) -> set[bytes]:
-    """Members of a foreign series that their own series (`track_timeseries:{station}:{route}`
-    of the history key) also lists."""
+    """Those of a foreign series' `members` that their own station/route series also lists."""
     owned = []
     for member in members:
         parts = member.split(b":", 3)
@@ -506,9 +459,8 @@ def _duplicated_elsewhere(client: Any, members: list[bytes]) -> set[bytes]:
 
 
 def fetch_page(client: Any, key: bytes, first: int, last: int) -> Page:
-    """Members ranked first..last of a series and their values (one ZRANGE, one MGET).
-    A member of another station/route that its own series lists too is left out here,
-    and counted, so each record is read once."""
+    """Members ranked first..last of a series and their values (one ZRANGE, one MGET), less
+    (but counting) those of another station/route that their own series lists: read once."""
     members = client.zrange(key, first, last)
     values = client.mget(members) if members else []
     own_prefix = HISTORY_PREFIX.encode() + key[len(SERIES_PREFIX) :] + b":"
@@ -519,18 +471,15 @@ def fetch_page(client: Any, key: bytes, first: int, last: int) -> Page:
     return Page(key, values, len(members), len(duplicated))
 
 
-def read_pages(
-    target: RedisTarget, plans: Any, pages: Any, inherited: tuple[int, ...] = ()
-) -> None:
-    """The reader process: take a plan from `plans`, send its pages to `pages` in order.
-
-    An error is sent in place of a page; a closed pipe (the exporter is gone or had
-    nothing to read) ends the process quietly; Ctrl-C is the exporter's. `inherited`: the
-    exporter's ends of the pipes, which a forked child must close to see the exporter go."""
+def read_pages(target: RedisTarget, plans: Any, pages: Any, fds: tuple[int, ...] = ()) -> None:
+    """The reader process: take a plan from `plans`, send its pages to `pages` in order. An
+    error is sent in place of a page; a closed pipe (the exporter is gone or had nothing to
+    read) ends the process quietly; Ctrl-C is the exporter's. `fds`: the exporter's ends of
+    the pipes, which a forked child must close to see the exporter go."""
     import pickle
     import signal
 
-    for fd in inherited:
+    for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -554,11 +503,10 @@ def read_pages(
 
 
 class PageReader:
-    """A child process that reads pages from Redis while this one parses and writes.
-
-    Redis replies are parsed holding the GIL, so a reading thread would take its time
-    from parsing and encoding, the bottleneck; a process gives each a core. Start it
-    first (a fork is cheap with no threads and no Redis connection), then hand it a plan."""
+    """A child process that reads pages from Redis while this one parses and writes. Redis
+    replies are parsed holding the GIL, so a reading thread would take its time from parsing
+    and encoding, the bottleneck; a process gives each a core. Start it first (a fork is cheap
+    with no threads and no Redis connection), then hand it a plan."""
 
     def __init__(self, target: RedisTarget) -> None:
         import fcntl
@@ -579,10 +527,8 @@ class PageReader:
         with contextlib.suppress(AttributeError, OSError):
             fcntl.fcntl(pages_out.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
         inherited = (self._plans.fileno(), self._pages.fileno()) if method == "fork" else ()
-        self.process = context.Process(
-            target=read_pages, args=(target, plans_in, pages_out, inherited),
-            name="imt-redis-reader", daemon=True,
-        )  # fmt: skip
+        self.process = context.Process(target=read_pages, name="imt-redis-reader", daemon=True,
+                                       args=(target, plans_in, pages_out, inherited))  # fmt: skip
         self.process.start()
         plans_in.close()
         pages_out.close()
@@ -627,12 +573,8 @@ def rank_ranges(
         pipe.zcount(key, "-inf", low)
         pipe.zcount(key, "-inf", high)
     counts = pipe.execute()
-    ranges = []
-    for key, before, end in zip(series, counts[::2], counts[1::2], strict=True):
-        start = 0 if since is None else before
-        if end > start:
-            ranges.append((key, start, end))
-    return ranges
+    starts = [0] * len(series) if since is None else counts[::2]
+    return [(k, s, e) for k, s, e in zip(series, starts, counts[1::2], strict=True) if e > s]
 
 
 def iter_records(pages: Iterator[Page], total: int, stats: ExportStats) -> Iterator[Record]:
@@ -693,33 +635,26 @@ def export_to(
         writer.write(encode_example(record))
         stats.add(record)
     if stats.written == 0:
-        raise UserError(
-            "no exportable records"
-            + (" in the --since/--until range" if since or until else "")
-            + f" ({stats.summary()})"
-        )
+        where = " in the --since/--until range" if since or until else ""
+        raise UserError(f"no exportable records{where} ({stats.summary()})")
     metadata = stats.metadata(source="redis", series_count=len(series), since=since, until=until)
     return writer.commit({**metadata, "records_per_file": writer.records_per_file}), stats
 
 
 # -- Command line -------------------------------------------------------------------------
-
-
 def parse_time_bound(text: str | None, *, end: bool) -> float | None:
     """Unix seconds for --since/--until: a date is local midnight (America/New_York), an
     --until date includes that whole day; an ISO datetime is as given (naive: local)."""
     if text is None:
         return None
-    from zoneinfo import ZoneInfo
-
     try:
         if len(text) != 10:
-            return parse_instant(text)
+            return utils.parse_instant(text)
         day = dt.date.fromisoformat(text) + dt.timedelta(days=1 if end else 0)
     except ValueError:
         flag = "--until" if end else "--since"
         raise UserError(f"{flag} {text!r} is not a date (YYYY-MM-DD) or ISO datetime") from None
-    return dt.datetime.combine(day, dt.time(), tzinfo=ZoneInfo(TRACKER_TIMEZONE)).timestamp()
+    return utils.parse_instant(day.isoformat())  # midnight, Boston time
 
 
 def run_export(
@@ -734,13 +669,12 @@ def run_export(
 
     reader = PageReader(target)  # first: it forks, best before any connection or thread
     try:
-        client = target.connect()
-        try:
-            with TFRecordShardWriter(output, records_per_file) as writer:
-                started = time.perf_counter()
-                path, stats = export_to(writer, client, reader, since, until)
-        finally:
-            client.close()
+        with (
+            contextlib.closing(target.connect()) as client,
+            TFRecordShardWriter(output, records_per_file) as writer,
+        ):
+            started = time.perf_counter()
+            path, stats = export_to(writer, client, reader, since, until)
     except redis.RedisError as exc:
         raise target.error(exc) from None
     except OSError as exc:
@@ -752,13 +686,12 @@ def run_export(
 
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog=environment_epilog(ENV_REDIS, ENV_PROGRESS),
+    epilog=utils.environment_epilog(utils.ENV_REDIS, utils.ENV_PROGRESS),
 )
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
               default=Path("track_data_export"), show_default=True,
-              help="Export root; each export becomes a timestamped directory "
-                   "inside it.")  # fmt: skip
-@redis_options
+              help="Export root; each export becomes a timestamped directory inside it.")  # fmt: skip
+@utils.redis_options
 @click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Records per TFRecord shard.")  # fmt: skip
 @click.option("--since", default=None, help="First scheduled date (YYYY-MM-DD, local) to export.")

@@ -1,10 +1,6 @@
 """Keep the served model current: backtest the recipe over time, retrain a challenger
-against the registry's current model (the champion), promote, and roll back.
-
-    uv run src/imt_ml/keep_model_current.py track_data_export backtest --start 2026-09-01
-    uv run src/imt_ml/keep_model_current.py track_data_export retrain --registry models/
-    uv run src/imt_ml/keep_model_current.py - promote --registry models/ --model MODEL.keras
-    uv run src/imt_ml/keep_model_current.py - rollback --registry models/
+against the registry's current model (the champion), promote, and roll back; usage and
+examples in docs/keeping-current.md.
 
 Every model here is made by `tfrecord_reader.fit_track_model`, `train`'s one recipe (every
 `train` flag applies). A registry holds numbered versions and a `current` pointer
@@ -15,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import shutil
@@ -30,44 +27,10 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/keep_model_current.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imt_ml import evaluation as ev
 from imt_ml import tfrecord_reader as tr
-from imt_ml.evaluation import (
-    BASELINE_NAMES,
-    SECONDS_PER_DAY,
-    baseline_predictions,
-    baseline_tables,
-    coverage_at_precision,
-    expected_calibration_error,
-    load_sample_truth,
-    paired_margin,
-    period,
-    strongest_baseline,
-    track_sort_key,
-    window_figures,
-)
-from imt_ml.utils import (
-    BACKTEST_PLOT_FILE,
-    BACKTEST_REPORT_FILE,
-    BACKTEST_RESULTS_FILE,
-    REGISTRY_VOCAB_FILE,
-    RETRAIN_REPORT_FILE,
-    TRACKER_TIMEZONE,
-    ModelRegistry,
-    Run,
-    UserError,
-    dataclass_options,
-    figure,
-    from_options,
-    log,
-    markdown_table,
-    option_field,
-    overview_section,
-    pct,
-    progress,
-    section,
-    write_json,
-    write_report,
-)
+from imt_ml import utils
+from imt_ml.utils import ModelRegistry, Run, UserError, markdown_table, option_field, pct, section
 
 
 # --- Backtest: rolling origins. ---
@@ -89,18 +52,15 @@ def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[f
     while records remain after the origin."""
     try:
         first = dt.datetime.combine(dt.date.fromisoformat(start), dt.time(),
-                                    tzinfo=ZoneInfo(TRACKER_TIMEZONE)).timestamp()  # fmt: skip
+                                    tzinfo=ZoneInfo(utils.TRACKER_TIMEZONE)).timestamp()  # fmt: skip
     except ValueError:
         raise UserError(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
     if len(timestamps) == 0 or first <= timestamps.min():
         raise UserError(f"--start {start} leaves no record before the first origin to train on")
     if first > timestamps.max():
         raise UserError(f"--start {start} is after the export's newest record")
-    origins, origin = [], first
-    while origin <= timestamps.max():
-        origins.append(origin)
-        origin += every * SECONDS_PER_DAY
-    return origins
+    origins = itertools.count(first, every * utils.SECONDS_PER_DAY)  # float steps added one by one
+    return list(itertools.takewhile(lambda origin: origin <= timestamps.max(), origins))
 
 
 def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOptions) -> Path:
@@ -114,7 +74,7 @@ def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOption
     pooled: list[list[np.ndarray]] = []  # [correct, top probability] per window
     warm: tuple[Any, tr.Vocabulary] | None = None
     previous_dir: Path | None = None
-    bar = progress(origins, desc="backtest origins", unit="origin")
+    bar = utils.progress(origins, desc="backtest origins", unit="origin")
     for origin in bar:
         scored = backtest_origin(run, export, opts, bt, origin, warm)
         if scored is None:
@@ -133,12 +93,12 @@ def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOption
     results = {"options": {**dataclasses.asdict(bt), "recency_half_life": opts.recency_half_life,
                            "epochs": opts.epochs, "no_refit": opts.no_refit},
                "export": str(export.export_dir), "windows": windows, "total": total}  # fmt: skip
-    write_json(run.path(BACKTEST_RESULTS_FILE), results)
-    plot = plot_backtest(windows, run.path(BACKTEST_PLOT_FILE))
-    write_report(run, "Backtest Report", backtest_sections(run, export, bt, windows, total, plot),
-                 f"model top-1 {pct(total['model_top1'])} over {total['records']:,} records in "
-                 f"{len(windows)} windows (strongest table {total['strongest_table']} "
-                 f"{pct(total[total['strongest_table']])})", name=BACKTEST_REPORT_FILE)  # fmt: skip
+    utils.write_json(run.path(utils.BACKTEST_RESULTS_FILE), results)
+    plot = plot_backtest(windows, run.path(utils.BACKTEST_PLOT_FILE))
+    utils.write_report(run, "Backtest Report", backtest_sections(run, export, bt, windows, total, plot),
+                       f"model top-1 {pct(total['model_top1'])} over {total['records']:,} records in "
+                       f"{len(windows)} windows (strongest table {total['strongest_table']} "
+                       f"{pct(total[total['strongest_table']])})", name=utils.BACKTEST_REPORT_FILE)  # fmt: skip
     return run.run_dir
 
 
@@ -151,7 +111,7 @@ def backtest_origin(
     for), scored on the `horizon` days after it. None when either side has no records."""
     columns = export.columns
     ts = columns["scheduled_timestamp"]
-    end = origin + bt.horizon * SECONDS_PER_DAY
+    end = origin + bt.horizon * utils.SECONDS_PER_DAY
     before = np.flatnonzero(ts < origin)
     window = np.flatnonzero((ts >= origin) & (ts < end))
     if len(window) == 0 or len(before) < 10:
@@ -164,23 +124,24 @@ def backtest_origin(
     data = tr.prepare_training_data(past, origin_opts)
     fitted = tr.fit_track_model(data, origin_opts, files, warm=warm)
     model = fitted.load()
-    tables = baseline_tables(columns, before, opts.recency_half_life)
-    ev = tr.evaluate_model(model, columns, window, tables, load_sample_truth(export.export_dir))
+    tables = ev.baseline_tables(columns, before, opts.recency_half_life)
+    truth = ev.load_sample_truth(export.export_dir)
+    scores = tr.evaluate_model(model, columns, window, tables, truth)
     truth_tracks = columns["track_number"][window]
-    correct = ev.metrics["predicted_tracks"] == truth_tracks
-    strongest = strongest_baseline(ev.baselines)
+    correct = scores.metrics["predicted_tracks"] == truth_tracks
+    strongest = ev.strongest_baseline(scores.baselines)
     margin: tuple[float | None, float | None] = (None, None)
     if strongest and len(window) >= 2:
-        table = baseline_predictions(tables, columns, window)[strongest[0]]
-        margin = paired_margin(correct, table == truth_tracks)
-    figures = {"start": float(origin), "end": float(end), **window_figures(ev, columns, window),
+        table = ev.baseline_predictions(tables, columns, window)[strongest[0]]
+        margin = ev.paired_margin(correct, table == truth_tracks)
+    figures = {"start": float(origin), "end": float(end), **ev.window_figures(scores, columns, window),
                "strongest_table": strongest[0] if strongest else None,
                "margin": margin[0], "margin_interval": margin[1],
                "train_records": int(len(before)), "train_seconds": round(fitted.seconds, 1),
                "epochs": fitted.epochs,
-               "closed_tracks": {station: sorted(tracks, key=track_sort_key)
+               "closed_tracks": {station: sorted(tracks, key=ev.track_sort_key)
                                  for station, tracks in fitted.vocab.closed_tracks.items()}}  # fmt: skip
-    return figures, fitted, model, correct, ev.probabilities.max(axis=1)
+    return figures, fitted, model, correct, scores.probabilities.max(axis=1)
 
 
 def backtest_total(windows: list[dict[str, Any]], pooled: list[list[np.ndarray]]) -> dict[str, Any]:
@@ -188,12 +149,11 @@ def backtest_total(windows: list[dict[str, Any]], pooled: list[list[np.ndarray]]
     n = np.array([w["records"] for w in windows], dtype=float)
     correct, confidence = (np.concatenate(arrays) for arrays in zip(*pooled, strict=True))
     total: dict[str, Any] = {
-        "records": int(n.sum()), "windows": len(windows),
-        "model_top1": float(correct.mean()),
-        "model_ece": expected_calibration_error(confidence, correct),
-        "model_coverage_80": coverage_at_precision(confidence, correct, 0.8),
+        "records": int(n.sum()), "windows": len(windows), "model_top1": float(correct.mean()),
+        "model_ece": ev.expected_calibration_error(confidence, correct),
+        "model_coverage_80": ev.coverage_at_precision(confidence, correct, 0.8),
     }  # fmt: skip
-    tables = [name for name in BASELINE_NAMES if name in windows[0]]
+    tables = [name for name in ev.BASELINE_NAMES if name in windows[0]]
     for name in tables:
         total[name] = float(np.dot(n, [w[name] for w in windows]) / n.sum())
     total["strongest_table"] = max(tables, key=lambda t: total[t]) if tables else None
@@ -208,9 +168,9 @@ def backtest_total(windows: list[dict[str, Any]], pooled: list[list[np.ndarray]]
 
 def plot_backtest(windows: list[dict[str, Any]], path: Path) -> Path:
     starts = [dt.datetime.fromtimestamp(w["start"], dt.UTC) for w in windows]
-    with figure(path, figsize=(10, 4.5)) as (_, ax):
+    with utils.figure(path, figsize=(10, 4.5)) as (_, ax):
         ax.plot(starts, [w["model_top1"] for w in windows], "o-", label="model", linewidth=2)
-        strongest = [max(w[t] for t in BASELINE_NAMES if t in w) for w in windows]
+        strongest = [max(w[t] for t in ev.BASELINE_NAMES if t in w) for w in windows]
         ax.plot(starts, strongest, "s--", label="strongest lookup table")
         if all(w["best_possible"] is not None for w in windows):
             ax.plot(starts, [w["best_possible"] for w in windows], ":", label="best possible")
@@ -229,13 +189,13 @@ def closed_windows_lines(windows: list[dict[str, Any]]) -> list[str]:
         for w in windows if w.get("closed_tracks")
     ]  # fmt: skip
     return ["Platforms the origin's model read as closed (no departure where at least "
-            f"{tr.CLOSED_TRACK_EXPECTED:.0f} were expected; no probability from their "
+            f"{ev.CLOSED_TRACK_EXPECTED:.0f} were expected; no probability from their "
             "closing day):", "", *lines, ""] if lines else []  # fmt: skip
 
 
 def backtest_sections(run: Run, export: tr.Export, bt: BacktestOptions, windows: list[dict],
                       total: dict[str, Any], plot: Path) -> list[list[str]]:  # fmt: skip
-    tables = [t for t in BASELINE_NAMES if t in total]
+    tables = [t for t in ev.BASELINE_NAMES if t in total]
     header = ["Origin", "Records", "Model", "ECE", "@80%", "Margin", *tables, "Best possible",
               "Train s"]  # fmt: skip
 
@@ -255,7 +215,7 @@ def backtest_sections(run: Run, export: tr.Export, bt: BacktestOptions, windows:
     origins = f"- Origins: from {bt.start} every {bt.every:g} days; each scored on the next "
     origins += f"{bt.horizon:g} days; {how}"
     return [
-        overview_section(run, export.export_dir, origins),
+        utils.overview_section(run, export.export_dir, origins),
         section(
             "Windows",
             "Each origin's model was trained with `train`'s recipe on the records before the origin "
@@ -292,16 +252,14 @@ class RetrainOptions:
     # fmt: off
     registry: Path = option_field(help="The model registry (created on the first run).",
                                   type=click.Path(file_okay=False, path_type=Path))
-    holdout_days: float = option_field(7.0, "The newest days both models are scored on.",
-                                       click.FloatRange(min=0.5))
+    holdout_days: float = option_field(7.0, "The newest days both models are scored on.", click.FloatRange(min=0.5))
     tolerance: float = option_field(0.2, "Top-1 points the challenger may fall short of the champion.",
                                     click.FloatRange(min=0))
     max_ece: float = option_field(0.03, "The challenger's ECE may be at most max(this, the champion's).",
                                   click.FloatRange(min=0))
     warm_start: bool = option_field(False, "Start the challenger from the champion's weights.")
     dry_run: bool = option_field(False, "Decide and report, but install nothing.")
-    keep: int = option_field(5, "Versions kept in the registry (the current one always).",
-                             click.IntRange(min=1))
+    keep: int = option_field(5, "Versions kept in the registry (the current one always).", click.IntRange(min=1))
     # fmt: on
 
 
@@ -337,12 +295,12 @@ def run_retrain(data_dir: Path | str, opts: tr.TrainOptions, rt: RetrainOptions)
     champion = Champion.of(registry, export, data)
     if champion is not None and len(champion.holdout) == 0:
         why = (f"no record is newer than what version {champion.version} was trained on "
-               f"(until {period(np.array([champion.seen_until]))[0]}): nothing to judge a "
+               f"(until {ev.period(np.array([champion.seen_until]))[0]}): nothing to judge a "
                "challenger on")  # fmt: skip
-        log("Keep: " + why)
-        write_report(run, "Retrain Report", [overview_section(run, export.export_dir,
-                     f"- Registry: {rt.registry}"), section("Decision", f"- Keep the champion: {why}.")],
-                     f"kept the champion: {why}", name=RETRAIN_REPORT_FILE)  # fmt: skip
+        utils.log("Keep: " + why)
+        utils.write_report(run, "Retrain Report", [utils.overview_section(run, export.export_dir,
+                           f"- Registry: {rt.registry}"), section("Decision", f"- Keep the champion: {why}.")],
+                           f"kept the champion: {why}", name=utils.RETRAIN_REPORT_FILE)  # fmt: skip
         return run.run_dir
     holdout = champion.holdout if champion is not None else data.test_idx
     figures = champion.figures if champion else None
@@ -357,11 +315,11 @@ def run_retrain(data_dir: Path | str, opts: tr.TrainOptions, rt: RetrainOptions)
         deployed, _, _ = tr.fit_on_every_record(before, opts, fitted.config, 0, warm=start)
         cal = fitted.calibration
         deployed = tr.with_calibration(deployed, cal.confidence_map, cal.new_trip_map)
-        tables, truth = data_tables(data), load_sample_truth(export.export_dir)
+        tables, truth = data_tables(data), ev.load_sample_truth(export.export_dir)
         verdict["evaluation"] = tr.evaluate_model(deployed, export.columns, holdout, tables, truth)
-        verdict["challenger"] = window_figures(verdict["evaluation"], export.columns, holdout)
+        verdict["challenger"] = ev.window_figures(verdict["evaluation"], export.columns, holdout)
         verdict["promote"], verdict["why"] = decide_promotion(figures, verdict["challenger"], rt)
-        log(("Promote: " if verdict["promote"] else "Keep: ") + verdict["why"])
+        utils.log(("Promote: " if verdict["promote"] else "Keep: ") + verdict["why"])
         return verdict["promote"] and not rt.dry_run
 
     files = tr.ModelFiles.under(run.run_dir, opts.model_path)
@@ -373,20 +331,20 @@ def run_retrain(data_dir: Path | str, opts: tr.TrainOptions, rt: RetrainOptions)
                    "champion": figures, "decision": verdict["why"]}  # fmt: skip
         installed = registry.install(files.best, files.vocab, summary)
         pruned = registry.prune(rt.keep)
-        log(f"Installed version {installed} in {registry.root} (now current)"
-            + (f"; removed versions {', '.join(map(str, pruned))}" if pruned else ""))  # fmt: skip
+        utils.log(f"Installed version {installed} in {registry.root} (now current)"
+                  + (f"; removed versions {', '.join(map(str, pruned))}" if pruned else ""))  # fmt: skip
     promote, why = verdict["promote"], verdict["why"]
     report = retrain_sections(run, export, rt, champion, verdict, installed)
-    write_report(run, "Retrain Report", report,
-                 ("promoted" if promote and installed else "dry run: would promote" if promote
-                  else "kept the champion") + f": {why}", name=RETRAIN_REPORT_FILE)  # fmt: skip
+    utils.write_report(run, "Retrain Report", report,
+                       ("promoted" if promote and installed else "dry run: would promote" if promote
+                        else "kept the champion") + f": {why}", name=utils.RETRAIN_REPORT_FILE)  # fmt: skip
     return run.run_dir
 
 
 def data_tables(data: tr.PreparedData) -> dict[str, Any]:
     """The lookup tables of the records before the test window (training and validation)."""
-    return baseline_tables(data.columns, np.concatenate([data.train_idx, data.val_idx]),
-                           data.vocab_info.recency_half_life)  # fmt: skip
+    return ev.baseline_tables(data.columns, np.concatenate([data.train_idx, data.val_idx]),
+                              data.vocab_info.recency_half_life)  # fmt: skip
 
 
 @dataclass
@@ -415,12 +373,12 @@ class Champion:
         if len(holdout) == 0:
             return cls(version, seen_until, holdout, {}, None)
         model = tr.load_saved_model(registry.model_file(version))
-        vocab_path = registry.version_dir(version) / REGISTRY_VOCAB_FILE
+        vocab_path = registry.version_dir(version) / utils.REGISTRY_VOCAB_FILE
         vocab = (tr.Vocabulary.from_json(json.loads(vocab_path.read_text()))
                  if vocab_path.is_file() else None)  # fmt: skip
-        tables, truth = data_tables(data), load_sample_truth(export.export_dir)
-        ev = tr.evaluate_model(model, export.columns, holdout, tables, truth)
-        return cls(version, seen_until, holdout, window_figures(ev, export.columns, holdout),
+        tables, truth = data_tables(data), ev.load_sample_truth(export.export_dir)
+        scores = tr.evaluate_model(model, export.columns, holdout, tables, truth)
+        return cls(version, seen_until, holdout, ev.window_figures(scores, export.columns, holdout),
                    (model, vocab) if vocab is not None else None)  # fmt: skip
 
 
@@ -428,7 +386,7 @@ def retrain_sections(run: Run, export: tr.Export, rt: RetrainOptions,
                      champion: Champion | None, verdict: dict[str, Any],
                      installed: int | None) -> list[list[str]]:  # fmt: skip
     challenger, promote, why = verdict["challenger"], verdict["promote"], verdict["why"]
-    tables = [t for t in BASELINE_NAMES if t in challenger]
+    tables = [t for t in ev.BASELINE_NAMES if t in challenger]
 
     def row(label: str, w: dict[str, Any]) -> list[str]:
         best = pct(w["best_possible"]) if w["best_possible"] is not None else "n/a"
@@ -441,7 +399,7 @@ def retrain_sections(run: Run, export: tr.Export, rt: RetrainOptions,
     decision = ("installed as version " + str(installed) if installed else
                 "not installed (--dry-run)" if promote else "not installed")  # fmt: skip
     return [
-        overview_section(run, export.export_dir, f"- Registry: {rt.registry}"),
+        utils.overview_section(run, export.export_dir, f"- Registry: {rt.registry}"),
         section(
             "Decision",
             f"- {'Promote' if promote else 'Keep the champion'}: {why}.",
@@ -470,25 +428,25 @@ def cli(ctx: click.Context, data_dir: Path) -> None:
 
 
 @cli.command(epilog=tr.TRAINING_EPILOG)
-@dataclass_options(BacktestOptions)
+@utils.dataclass_options(BacktestOptions)
 @tr.training_options
 @click.pass_context
 def backtest(ctx: click.Context, **options: Any) -> None:
     """Rolling-origin evaluation: at each origin train on everything before it, score the
     next --horizon days; writes output/backtest_<time>/ with backtest_results.json."""
-    bt = from_options(BacktestOptions, options)
+    bt = utils.from_options(BacktestOptions, options)
     train = tr.TrainOptions(**{k: v for k, v in options.items() if k not in vars(bt)})
     click.echo(str(run_backtest(ctx.obj["data_dir"], train, bt)))
 
 
 @cli.command(epilog=tr.TRAINING_EPILOG)
-@dataclass_options(RetrainOptions)
+@utils.dataclass_options(RetrainOptions)
 @tr.training_options
 @click.pass_context
 def retrain(ctx: click.Context, **options: Any) -> None:
     """Champion and challenger: train on all but the newest --holdout-days, score both there,
     promote the challenger into --registry only if it is as good; exit 0 either way."""
-    rt = from_options(RetrainOptions, options)
+    rt = utils.from_options(RetrainOptions, options)
     train = tr.TrainOptions(**{k: v for k, v in options.items() if k not in vars(rt)})
     click.echo(str(run_retrain(ctx.obj["data_dir"], train, rt)))
 
@@ -504,7 +462,7 @@ def rollback(registry: Path) -> None:
     if not earlier:
         raise UserError(f"{registry} has no version before {current} to roll back to")
     models.make_current(earlier[-1])
-    log(f"{registry}: version {earlier[-1]} is current again (was {current})")
+    utils.log(f"{registry}: version {earlier[-1]} is current again (was {current})")
     click.echo(str(models.version_dir(earlier[-1])))
 
 
@@ -524,7 +482,7 @@ def promote(registry: Path, model_file: Path) -> None:
     if not metadata and vocab.is_file():
         metadata = {"periods": json.loads(vocab.read_text()).get("split", {})}
     version = ModelRegistry(registry).install(model_file, vocab, metadata)
-    log(f"Installed {model_file} as version {version} of {registry} (now current)")
+    utils.log(f"Installed {model_file} as version {version} of {registry} (now current)")
     click.echo(str(ModelRegistry(registry).version_dir(version)))
 
 

@@ -23,7 +23,6 @@ import tensorflow as tf
 from imt_ml.evaluation import ConfidenceMap
 from imt_ml.utils import HISTORY_FOLDS, boston_offsets
 
-#: Registers a class with Keras's own serialisation registry as "imt_ml>ClassName".
 register = keras.saving.register_keras_serializable(package="imt_ml")
 
 
@@ -235,9 +234,8 @@ class EvidenceLogits(keras.layers.Layer):
         return {**super().get_config(), "finer": self.finer, "prior": self.prior}
 
     def build(self, input_shape):
-        self.scales = self.add_weight(
-            shape=(2 * len(input_shape) - 1,), initializer="ones", name="scales"
-        )
+        shape = (2 * len(input_shape) - 1,)  # one for the first table, two for each later one
+        self.scales = self.add_weight(shape=shape, initializer="ones", name="scales")
 
     def call(self, inputs):
         # The first table's last column is log(1 + its count): > 0 where it knows the key.
@@ -323,9 +321,8 @@ class TrackProbabilities(keras.layers.Layer):
     def get_config(self):
         cmap = self.confidence_map._asdict() if self.confidence_map else None
         new = self.new_trip_map._asdict() if self.new_trip_map else None
-        return {**super().get_config(), "labels": self.labels,
-                "station_tracks": self.station_tracks, "confidence_map": cmap,
-                "new_trip_map": new}  # fmt: skip
+        return {**super().get_config(), "labels": self.labels, "station_tracks": self.station_tracks,
+                "confidence_map": cmap, "new_trip_map": new}  # fmt: skip
 
 
 @register

@@ -1,17 +1,11 @@
 """Record new track history from the MBTA V3 API into Redis, in the tracker's own layout.
 
-The tracker stopped recording on 2026-02-10. For each commuter-rail departure at the
-four big stations whose platform is known, this writes the record the tracker would
-have written (docs/tracker-layout.md; the API use: docs/mbta-v3.md), so
-`export_track_data.py` reads old and new history alike.
-
-    export IMT_MBTA_API_KEY=...  IMT_REDIS_ENDPOINT=localhost
-    uv run src/imt_ml/record_track_data.py                 # stream (Server-Sent Events)
-    uv run src/imt_ml/record_track_data.py --poll 30       # poll every 30 s instead
-    uv run src/imt_ml/record_track_data.py --once          # one pass, then exit (cron)
-
-A track changed before departure rewrites the record (the track finally used wins); while
-Redis is down records wait in memory; SIGTERM or Ctrl-C writes them and exits 0.
+The tracker stopped recording on 2026-02-10. For each commuter-rail departure at the four big
+stations whose platform is known, this writes the record the tracker would have written
+(docs/tracker-layout.md; API use: docs/mbta-v3.md), so the exporter reads old and new history
+alike; streaming (SSE), polling (--poll) or one pass (--once): docs/recording-and-export.md. A
+track changed before departure rewrites the record (the track finally used wins); while Redis
+is down records wait in memory; SIGTERM or Ctrl-C writes them and exits 0.
 """
 
 from __future__ import annotations
@@ -46,12 +40,9 @@ API_KEY_VARIABLE = "IMT_MBTA_API_KEY"
 STATIONS = ("place-sstat", "place-north", "place-bbsta", "place-rugg")
 #: The tracker let each record and each sorted set expire a year after its last write.
 HISTORY_TTL_SECONDS = 365 * 86_400
-#: Commuter rail in the V3 API's route_type filter.
-COMMUTER_RAIL = "2"
-#: Predictions of cancelled or skipped stops say nothing about a track used.
-NOT_DEPARTING = frozenset({"CANCELLED", "SKIPPED"})
-#: Departures remembered (for change detection) this long after their scheduled time.
-REMEMBER_SECONDS = 2 * 86_400
+COMMUTER_RAIL = "2"  #: commuter rail in the V3 API's route_type filter
+NOT_DEPARTING = frozenset({"CANCELLED", "SKIPPED"})  #: their predictions say nothing of a track
+REMEMBER_SECONDS = 2 * 86_400  #: a departure is remembered (for changes) this long after its time
 
 
 # -- The MBTA V3 API client (shared with the prediction service) ------------------------
@@ -84,8 +75,7 @@ class MbtaClient:
     ) -> None:
         import httpx
 
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key or None
+        self.base_url, self.api_key = base_url.rstrip("/"), api_key or None
         headers = {"accept-encoding": "gzip", "user-agent": "imt-ml-recorder"}
         if self.api_key:
             headers["x-api-key"] = self.api_key
@@ -217,10 +207,8 @@ class ResourceStore:
     """The stops and trips seen (the spec: read `platform_code`, `parent_station`; no ids)."""
 
     def __init__(self) -> None:
-        #: stop id -> (parent station id, platform code or None)
-        self.stops: dict[str, tuple[str, str | None]] = {}
-        #: trip id -> the trip's headsign
-        self.trips: dict[str, str] = {}
+        self.stops: dict[str, tuple[str, str | None]] = {}  #: stop id -> (parent, platform or None)
+        self.trips: dict[str, str] = {}  #: trip id -> the trip's headsign
 
     def add(self, resource: dict[str, Any]) -> None:
         """Remember a stop or trip resource; others are ignored. Malformed if unusable."""
@@ -255,8 +243,7 @@ def departure_from_prediction(
     if attributes.get("schedule_relationship") in NOT_DEPARTING:
         return None
     when = attributes.get("arrival_time") or attributes.get("departure_time")
-    trip_id = _related_id(prediction, "trip")
-    route_id = _related_id(prediction, "route")
+    trip_id, route_id = _related_id(prediction, "trip"), _related_id(prediction, "route")
     direction = attributes.get("direction_id")
     if not isinstance(when, str) or not trip_id or not route_id or direction not in (0, 1):
         raise Malformed("prediction without a time, trip, route or direction")
@@ -272,9 +259,8 @@ def departure_from_prediction(
     document = {
         "station_id": station, "route_id": route_id, "trip_id": trip_id,
         "headsign": tracker_headsign(headsign, route_id), "direction_id": direction,
-        "assignment_type": "historical", "track_number": track,
-        "scheduled_time": text, "actual_time": text,
-        "recorded_time": utc_text(dt.datetime.fromtimestamp(now, dt.UTC)),
+        "assignment_type": "historical", "track_number": track, "scheduled_time": text,
+        "actual_time": text, "recorded_time": utc_text(dt.datetime.fromtimestamp(now, dt.UTC)),
         "day_of_week": weekday, "hour": hour, "minute": minute,
     }  # fmt: skip
     key = f"track_history:{station}:{route_id}:{trip_id}:{date}"
@@ -310,15 +296,13 @@ class RecorderOptions:
     """How the recorder runs (the command's options, once)."""
 
     stations: tuple[str, ...] = STATIONS
-    #: Seconds between polls; None streams.
-    poll: float | None = None
+    poll: float | None = None  #: seconds between polls; None streams
     once: bool = False
     log_interval: float = 60.0
     max_pending: int = 50_000
     #: Seconds SIGTERM waits for an unreachable Redis before giving up on what is pending.
     shutdown_grace: float = 15.0
-    #: Longest wait between reconnection attempts (API or Redis), seconds.
-    max_backoff: float = 60.0
+    max_backoff: float = 60.0  #: longest wait between reconnection attempts (API or Redis), s
 
 
 #: Counter -> how the status lines name it, in their order.
@@ -327,8 +311,7 @@ COUNTER_LABELS = {
     "changes": "track changes", "malformed": "malformed", "errors": "errors",
     "reconnects": "reconnects", "dropped": "dropped (pending full)",
 }  # fmt: skip
-#: Pending records written per Redis round trip pair.
-WRITE_BATCH = 1000
+WRITE_BATCH = 1000  #: pending records written per Redis round trip pair
 #: While events stream in, write at most this often (seconds): a burst of new
 #: departures becomes one pipeline instead of a round trip each.
 WRITE_EVERY = 0.2
@@ -386,19 +369,15 @@ class TrackRecorder:
 
     def __init__(self, client: MbtaClient, redis_target: RedisTarget, redis_client: Any,
                  options: RecorderOptions) -> None:  # fmt: skip
-        self.api = client
-        self.redis_target = redis_target
-        self.redis = redis_client
+        self.api, self.redis, self.redis_target = client, redis_client, redis_target
         self.options = options
         self.stations = frozenset(options.stations)
         self.store = ResourceStore()
-        self.interval: collections.Counter[str] = collections.Counter()
-        self.total: collections.Counter[str] = collections.Counter()
+        self.interval, self.total = collections.Counter[str](), collections.Counter[str]()
         self.departures_seen: set[str] = set()
         #: key -> Departure, in the order first seen (the oldest is dropped when full).
         self.pending: collections.OrderedDict[str, Departure] = collections.OrderedDict()
-        #: key -> (track as last written or found in Redis, scheduled time)
-        self.known: dict[str, tuple[str, float]] = {}
+        self.known: dict[str, tuple[str, float]] = {}  #: key -> (track in Redis, scheduled time)
         #: prediction id -> (its record's key, scheduled time): a departure keeps its first
         #: key even if its predicted time later moves past UTC midnight.
         self.keys: dict[str, tuple[str, float]] = {}
@@ -481,9 +460,8 @@ class TrackRecorder:
         if event == "reset" and isinstance(payload, list):
             self.waiting.clear()
             # Stops and trips first, then the predictions that name them.
-            for resource in sorted(
-                payload, key=lambda r: isinstance(r, dict) and r.get("type") == "prediction"
-            ):
+            payload.sort(key=lambda r: isinstance(r, dict) and r.get("type") == "prediction")
+            for resource in payload:
                 self._safely(self.observe_resource, resource)
         elif event in ("add", "update") and payload is not None:
             self._safely(self.observe_resource, payload)
@@ -586,10 +564,10 @@ class TrackRecorder:
             try:
                 return self.api.get(path, params)
             except RateLimited as exc:
-                self.count("errors")
                 self.wait_for_reset(exc)
 
     def wait_for_reset(self, exc: RateLimited) -> None:
+        self.count("errors")
         wait = (exc.reset_at - time.time()) if exc.reset_at else self.api_backoff.next_wait()
         wait = min(max(wait, 0.1), 3600.0)
         log(f"{now_text()} {exc}; waiting {wait:.0f} s for the limit to reset")
@@ -614,9 +592,8 @@ class TrackRecorder:
         response = self.api.open_stream("/predictions", self.prediction_params())
         chunks: queue.Queue[Any] = queue.Queue(maxsize=256)  # ~16 MB at most, then TCP waits
         stop = threading.Event()
-        reader = threading.Thread(target=_pump, args=(response, chunks, stop), name="sse-reader",
-                                  daemon=True)  # fmt: skip
-        reader.start()
+        threading.Thread(target=_pump, args=(response, chunks, stop), name="sse-reader",
+                         daemon=True).start()  # fmt: skip
         self.api_backoff.reset()
         try:
             for event, data in parse_sse(self._chunks(chunks)):
@@ -660,12 +637,10 @@ class TrackRecorder:
                     self.api_backoff.reset()
                     self.sleep(self.options.poll)
                     continue
-                reconnecting = True
                 self.stream_until_dropped()
             except ApiRefused:
                 raise
             except RateLimited as exc:  # from opening the stream (polls wait it out inside)
-                self.count("errors")
                 self.wait_for_reset(exc)
             except ApiError as exc:
                 if not isinstance(exc, StreamEnded):
@@ -763,19 +738,16 @@ def record(api: MbtaClient, redis_target: RedisTarget, options: RecorderOptions)
 @click.option("--once", is_flag=True, help="One polling pass: write what it finds, then exit.")
 @click.option("--api-url", default=DEFAULT_API_URL, show_default=True, help="MBTA V3 API base URL.")
 @click.option("--api-key", envvar=API_KEY_VARIABLE, default=None,
-              help=f"MBTA V3 API key, sent as x-api-key [env: {API_KEY_VARIABLE}]; "
-                   "never printed.")  # fmt: skip
+              help=f"MBTA V3 API key, sent as x-api-key [env: {API_KEY_VARIABLE}]; never printed.")  # fmt: skip
 @redis_options
 @click.option("--log-interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds between status lines.")  # fmt: skip
 @click.option("--max-pending", type=click.IntRange(min=1), default=50_000, show_default=True,
-              help="Records kept in memory while Redis is down "
-                   "(oldest dropped beyond this).")  # fmt: skip
+              help="Records kept in memory while Redis is down (oldest dropped beyond this).")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
               help="Seconds to wait for an API answer (a stream may be quiet 90 s).")  # fmt: skip
 def cli(stations: str, poll: float | None, once: bool, api_url: str, api_key: str | None,
-        redis: RedisTarget, log_interval: float, max_pending: int,
-        timeout: float) -> None:  # fmt: skip
+        redis: RedisTarget, log_interval: float, max_pending: int, timeout: float) -> None:  # fmt: skip
     """Record commuter-rail track assignments from the MBTA V3 API into Redis."""
     if not api_url.startswith(("http://", "https://")):
         raise UserError("--api-url must start with http:// or https://")
@@ -785,8 +757,7 @@ def cli(stations: str, poll: float | None, once: bool, api_url: str, api_key: st
     options = RecorderOptions(stations=parents, poll=poll, once=once,
                               log_interval=log_interval, max_pending=max_pending)  # fmt: skip
     redis.timeout = 5.0  # a recorder must notice a dead Redis in seconds, not minutes
-    api = MbtaClient(api_url, api_key, timeout=timeout)
-    sys.exit(record(api, redis, options))
+    sys.exit(record(MbtaClient(api_url, api_key, timeout=timeout), redis, options))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,27 +26,11 @@ import click
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/sample_data.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml.utils import (
-    ENV_OUTPUT,
-    ENV_PROGRESS,
-    ENV_REDIS,
-    SAMPLE_TRUTH_FILE,
-    TRACKER_TIMEZONE,
-    LocalRedisServer,
-    RedisTarget,
-    UserError,
-    chunked,
-    environment_epilog,
-    find_redis_server_binary,
-    log,
-    progress,
-    redis_options,
-)
+from imt_ml import utils
+from imt_ml.utils import SAMPLE_TRUTH_FILE, RedisTarget, UserError, environment_epilog, log
 
-SOUTH_ROUTES = (
-    "CR-Worcester", "CR-Providence", "CR-Franklin", "CR-Fairmount",
-    "CR-Needham", "CR-Kingston", "CR-Greenbush", "CR-NewBedford",
-)  # fmt: skip
+SOUTH_ROUTES = ("CR-Worcester", "CR-Providence", "CR-Franklin", "CR-Fairmount", "CR-Needham",
+                "CR-Kingston", "CR-Greenbush", "CR-NewBedford")  # fmt: skip
 NORTH_ROUTES = ("CR-Fitchburg", "CR-Lowell", "CR-Haverhill", "CR-Newburyport")
 
 #: station -> (its tracks, the routes that stop there)
@@ -60,7 +43,7 @@ STATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Route:
     line: str  # as in headsigns: "{destination} - {line} Ln"
     destinations: tuple[str, ...]  # outbound destinations
@@ -112,7 +95,7 @@ def season_of(day: dt.date) -> tuple[str, int]:
     return SEASONS[index], year
 
 
-@dataclass
+@dataclasses.dataclass
 class Train:
     route_id: str
     number: int
@@ -123,7 +106,7 @@ class Train:
     reliability: float  # how strongly this train keeps its home track
 
 
-@dataclass
+@dataclasses.dataclass
 class Assignment:
     """One generated event: what the tracker would have written for one departure."""
 
@@ -134,12 +117,11 @@ class Assignment:
     kind: str  # "clean" or a DIRTY_RATES reason
     truth_key: tuple[str, str, float] | None = None  # (station, trip, scheduled ts)
     best_probability: float = 0.0
-    #: The probability of the track likeliest last season: the most an answer can expect
-    #: that knows every distribution before the latest change of season and nothing after.
+    #: The probability of last season's likeliest track (what knowing only last season can expect).
     last_season_probability: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Closure:
     """Platforms out of service for a while (track works): their trains use others."""
 
@@ -152,7 +134,7 @@ class Closure:
         return station == self.station and self.start <= day < self.end
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Drift:
     """How much the world changes: what makes real history hard to predict."""
 
@@ -163,7 +145,7 @@ class Drift:
     closures: tuple[Closure, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class World:
     """One world's character, drawn from the seed: no model can fit one fixed generator."""
 
@@ -199,13 +181,12 @@ class SampleHistory:
         #: False: the tracker's real format (UTC times and clock fields, the UTC date in
         #: the key); True: Boston local times with their offset, as other writers wrote.
         self.local_times = local_times
-        unknown = set(self.drift.zone_stations) - set(STATIONS)
-        if unknown:
+        if unknown := set(self.drift.zone_stations) - set(STATIONS):
             raise UserError(f"unknown zone station(s): {', '.join(sorted(unknown))}")
         if not 0 <= self.drift.home_move_share <= 1:
             raise UserError("the home move share must be between 0 and 1")
         self.rng = random.Random(seed)
-        self.tz = ZoneInfo(TRACKER_TIMEZONE)
+        self.tz = ZoneInfo(utils.TRACKER_TIMEZONE)
         self.trains = self._timetable()
         #: Train number -> the weekdays (0 = Monday) on which it uses its second home.
         self.second_home_days: dict[int, frozenset[int]] = {
@@ -219,9 +200,7 @@ class SampleHistory:
         for station, (tracks, routes) in STATIONS.items():
             for i, route_id in enumerate(routes):
                 start = round(i * len(tracks) / len(routes))
-                self.windows[station, route_id] = [
-                    tracks[(start + j) % len(tracks)] for j in range(min(4, len(tracks)))
-                ]
+                self.windows[station, route_id] = [*tracks[start:], *tracks[:start]][:4]
         self.homes: dict[tuple[str, int], str] = {}
         self.zones: dict[tuple[str, int], list[str]] = {}  # the zone, most used first
         self._season: tuple[str, int] | None = None
@@ -233,6 +212,7 @@ class SampleHistory:
         trains = []
         span = (23 * 60 + 30) - (5 * 60 + 30)
         for route_id, route in ROUTES.items():
+            inbound = "North Station" if route_id in NORTH_ROUTES else "South Station"
             for weekday in (True, False):
                 count = route.trains_per_direction if weekday else route.trains_per_direction // 2
                 for direction_id in (0, 1):
@@ -240,16 +220,11 @@ class SampleHistory:
                         # Outbound trains carry even numbers, inbound odd ones.
                         number = route.number_base + (0 if weekday else 50) + 2 * k + direction_id
                         minutes = 5 * 60 + 30 + int(span * (k + self.rng.random()) / count)
-                        if direction_id == 0:
-                            dest = self.rng.choice(route.destinations)
-                        else:
-                            dest = "North Station" if route_id in NORTH_ROUTES else "South Station"
-                        trains.append(
-                            Train(
-                                route_id, number, direction_id, f"{dest} - {route.line} Ln",
-                                minutes, weekday, self.rng.uniform(self.world.reliability_low, 1.0),
-                            )
-                        )  # fmt: skip
+                        dest = inbound if direction_id else self.rng.choice(route.destinations)
+                        headsign = f"{dest} - {route.line} Ln"
+                        reliability = self.rng.uniform(self.world.reliability_low, 1.0)
+                        trains.append(Train(route_id, number, direction_id, headsign, minutes,
+                                            weekday, reliability))  # fmt: skip
         return trains
 
     def _home(self, station: str, train: Train, weekday: int | None = None) -> str:
@@ -363,23 +338,21 @@ class SampleHistory:
 
     def generate(self, n_records: int) -> Iterator[Assignment]:
         """`n_records` assignments (clean and dirty), day by day from START_DATE."""
-        rng = self.rng
         dirty_total = sum(DIRTY_RATES.values())
         reasons, reason_weights = list(DIRTY_RATES), list(DIRTY_RATES.values())
         last_clean: Assignment | None = None
-        emitted = 0
-        day = START_DATE
+        emitted, day = 0, START_DATE
         while emitted < n_records:
             if (season := season_of(day)) != self._season:
                 self._new_season(season)
             for station, train, local in self._departures(day):
                 if emitted >= n_records:
                     return
-                if rng.random() < self.world.cancel_rate:
+                if self.rng.random() < self.world.cancel_rate:
                     continue  # cancelled: the tracker never sees a track
                 kind = "clean"
-                if rng.random() < dirty_total:
-                    kind = rng.choices(reasons, reason_weights)[0]
+                if self.rng.random() < dirty_total:
+                    kind = self.rng.choices(reasons, reason_weights)[0]
                     if kind == "duplicate" and last_clean is None:
                         kind = "clean"
                 if kind == "duplicate" and last_clean is not None:
@@ -449,11 +422,9 @@ class SampleHistory:
         return Assignment(first.series_key, member, first.score, first.payload, "duplicate")
 
 
-def assignment_doc(
-    station: str, route_id: str, trip_id: str, headsign: str, direction_id: int,
-    scheduled: dt.datetime, track: str | None, recorded: dt.datetime | None = None,
-    utc: bool = True, **fields: Any,
-) -> dict[str, Any]:  # fmt: skip
+def assignment_doc(station: str, route_id: str, trip_id: str, headsign: str, direction_id: int,
+                   scheduled: dt.datetime, track: str | None, recorded: dt.datetime | None = None,
+                   utc: bool = True, **fields: Any) -> dict[str, Any]:  # fmt: skip
     """One track assignment as the tracker stores it (docs/tracker-layout.md). `utc` (its real
     format): times in UTC with a `Z`, actual_time = scheduled_time (the tracker never knew it),
     clock fields of the UTC time; else other writers' local-offset form with its own clock
@@ -471,10 +442,8 @@ def assignment_doc(
     }  # fmt: skip
 
 
-def save_truth(
-    path: Path, keys: list[tuple[str, str, float]], best: list[float],
-    last_season: list[float] | None = None,
-) -> None:  # fmt: skip
+def save_truth(path: Path, keys: list[tuple[str, str, float]], best: list[float],
+               last_season: list[float] | None = None) -> None:  # fmt: skip
     """Write `sample_truth.npz`: record identity -> best achievable probability (and what an
     answer knowing only last season can expect)."""
     import numpy as np
@@ -494,18 +463,16 @@ def save_truth(
         )
 
 
-def seed_redis(
-    client: Any, n_records: int, seed: int, truth_file: Path | None = None,
-    drift: Drift | None = None, local_times: bool = False,
-) -> Counter:  # fmt: skip
+def seed_redis(client: Any, n_records: int, seed: int, truth_file: Path | None = None,
+               drift: Drift | None = None, local_times: bool = False) -> Counter:  # fmt: skip
     """Write `n_records` assignments in the tracker's layout; returns dirty counts."""
     history = SampleHistory(seed, drift, local_times=local_times)
     truth_keys: list[tuple[str, str, float]] = []
     truth_best: list[float] = []
-    events = progress(
+    events = utils.progress(
         history.generate(n_records), total=n_records, desc="Seeding Redis", unit=" rec"
     )
-    for batch in chunked(events, 2000):
+    for batch in utils.chunked(events, 2000):
         pipe = client.pipeline(transaction=False)
         for event in batch:
             if event.payload is not None:
@@ -539,14 +506,12 @@ def write_export(
     truth_keys: list[tuple[str, str, float]] = []
     truth_best: list[float] = []
     with etd.TFRecordShardWriter(output, records_per_file) as writer:
-        events = progress(
+        events = utils.progress(
             history.generate(n_records), total=n_records, desc="Writing export", unit=" rec"
         )
         for event in events:
-            if event.kind == "duplicate":
-                stats.skip("duplicate")
-                continue
-            parsed = etd.parse_assignment(event.payload)
+            duplicate = event.kind == "duplicate"
+            parsed = "duplicate" if duplicate else etd.parse_assignment(event.payload)
             if isinstance(parsed, str):
                 stats.skip(parsed)
                 continue
@@ -556,17 +521,15 @@ def write_export(
                 truth_keys.append(event.truth_key)
                 truth_best.append(event.best_probability)
         save_truth(writer.partial_dir / SAMPLE_TRUTH_FILE, truth_keys, truth_best)
-        return writer.commit(
-            stats.metadata(source="sample_data", seed=seed, records_per_file=records_per_file,
-                           drift=dataclasses.asdict(history.drift),
-                           world=dataclasses.asdict(history.world), local_times=local_times)
-        )  # fmt: skip
+        return writer.commit(stats.metadata(
+            source="sample_data", seed=seed, records_per_file=records_per_file,
+            drift=dataclasses.asdict(history.drift), world=dataclasses.asdict(history.world),
+            local_times=local_times))  # fmt: skip
 
 
-records_option = click.option(
-    "--records", "-n", type=click.IntRange(min=1), default=50_000, show_default=True,
-    help="Assignments to generate, dirty ones included.",
-)  # fmt: skip
+records_option = functools.partial(
+    click.option, "--records", "-n", type=click.IntRange(min=1), show_default=True
+)
 seed_option = click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
 local_times_option = click.option(
     "--local-times", is_flag=True,
@@ -583,21 +546,18 @@ def drift_options(func: Any) -> Any:
     """--home-move-share and --zone-stations, gathered into a Drift."""
     d = Drift()
 
-    def to_drift(**kwargs: Any) -> Any:
-        stations = tuple(s for s in kwargs.pop("zone_stations").split(",") if s.strip())
-        kwargs["drift"] = Drift(kwargs.pop("home_move_share"), tuple(s.strip() for s in stations))
-        return func(**kwargs)
+    @click.option("--home-move-share", type=click.FloatRange(0, 1), default=d.home_move_share,
+                  show_default=True,
+                  help="Share of trains whose home track moves at each schedule season.")  # fmt: skip
+    @click.option("--zone-stations", default=",".join(d.zone_stations), show_default=True,
+                  help="Comma-separated stations whose trains keep only to a zone of tracks "
+                  "(\"\" for none).")  # fmt: skip
+    @functools.wraps(func)
+    def to_drift(home_move_share: float, zone_stations: str, **kwargs: Any) -> Any:
+        stations = tuple(s.strip() for s in zone_stations.split(",") if s.strip())
+        return func(drift=Drift(home_move_share, stations), **kwargs)
 
-    to_drift = functools.wraps(func)(to_drift)
-    to_drift = click.option(
-        "--zone-stations", default=",".join(d.zone_stations), show_default=True,
-        help="Comma-separated stations whose trains keep only to a zone of tracks "
-        "(\"\" for none).",
-    )(to_drift)  # fmt: skip
-    return click.option(
-        "--home-move-share", type=click.FloatRange(0, 1), default=d.home_move_share,
-        show_default=True, help="Share of trains whose home track moves at each schedule season.",
-    )(to_drift)  # fmt: skip
+    return to_drift
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -605,28 +565,24 @@ def cli() -> None:
     """Generate realistic synthetic track history."""
 
 
-@cli.command("to-redis", epilog=environment_epilog(ENV_REDIS, ENV_PROGRESS))
-@records_option
+@cli.command("to-redis", epilog=environment_epilog(utils.ENV_REDIS, utils.ENV_PROGRESS))
+@records_option(default=50_000, help="Assignments to generate, dirty ones included.")
 @seed_option
 @drift_options
 @local_times_option
-@redis_options
-@click.option(
-    "--truth-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help=f"Also write the generating probabilities here (name it {SAMPLE_TRUTH_FILE} "
-    "inside the export root and training reports find it).",
-)  # fmt: skip
-def to_redis(
-    records: int, seed: int, redis: RedisTarget, truth_file: Path | None, drift: Drift,
-    local_times: bool,
-) -> None:  # fmt: skip
+@utils.redis_options
+@click.option("--truth-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Also write the generating probabilities here (name it {SAMPLE_TRUTH_FILE} "
+                   "inside the export root and training reports find it).")  # fmt: skip
+def to_redis(records: int, seed: int, redis: RedisTarget, truth_file: Path | None, drift: Drift,
+             local_times: bool) -> None:  # fmt: skip
     """Write sample history into Redis in the tracker's key layout."""
     dirty = seed_redis(redis.connect(), records, seed, truth_file, drift, local_times)
     log(f"Wrote {records:,} assignments to Redis at {redis.label} ({sum(dirty.values()):,} dirty)")
 
 
-@cli.command("to-export", epilog=environment_epilog(ENV_PROGRESS))
-@records_option
+@cli.command("to-export", epilog=environment_epilog(utils.ENV_PROGRESS))
+@records_option(default=50_000, help="Assignments to generate, dirty ones included.")
 @seed_option
 @output_option
 @click.option("--records-per-file", type=click.IntRange(min=1), default=10_000, show_default=True)
@@ -641,11 +597,8 @@ def to_export(
     click.echo(str(path))
 
 
-@cli.command(epilog=environment_epilog(ENV_OUTPUT, ENV_PROGRESS))
-@click.option(
-    "--records", "-n", type=click.IntRange(min=1), default=20_000, show_default=True,
-    help="Assignments to generate.",
-)  # fmt: skip
+@cli.command(epilog=environment_epilog(utils.ENV_OUTPUT, utils.ENV_PROGRESS))
+@records_option(default=20_000, help="Assignments to generate.")
 @seed_option
 @output_option
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -673,10 +626,10 @@ def run_demo_export(records: int, seed: int, output: Path, drift: Drift | None =
     """The demo's data half: through a throwaway Redis when possible, else directly."""
     from imt_ml.export_track_data import run_export
 
-    if find_redis_server_binary() is None:
+    if utils.find_redis_server_binary() is None:
         log("No redis-server available: writing the sample export directly")
         return write_export(output, records, seed, 10_000, drift)
-    with LocalRedisServer() as server:
+    with utils.LocalRedisServer() as server:
         log(f"Started a throwaway redis-server on 127.0.0.1:{server.port}")
         target = RedisTarget("127.0.0.1", server.port)
         seed_redis(target.connect(), records, seed, output / SAMPLE_TRUTH_FILE, drift)

@@ -36,7 +36,8 @@ from zoneinfo import ZoneInfo
 
 import click
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from click import FloatRange, IntRange
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -45,19 +46,8 @@ from starlette.middleware.cors import CORSMiddleware
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/serve_predictions.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml.utils import (
-    ENV_REDIS,
-    ENV_TF_LOG,
-    ModelRegistry,
-    RedisTarget,
-    UserError,
-    dataclass_options,
-    environment_epilog,
-    log,
-    option_field,
-    parse_instant,
-    redis_options,
-)
+from imt_ml import utils
+from imt_ml.utils import ModelRegistry, RedisTarget, UserError, log, option_field, parse_instant
 
 #: Stations with track predictions, and the child stop families that belong to each
 #: (a request may name `NEC-2287` or `NEC-2287-05` for South Station).
@@ -103,29 +93,28 @@ class ServeOptions:
 
     # fmt: off
     http_host: str = option_field("127.0.0.1", "Address the HTTP API listens on.")
-    http_port: int = option_field(8080, "Port of the HTTP API.", click.IntRange(0, 65535))
+    http_port: int = option_field(8080, "Port of the HTTP API.", IntRange(0, 65535))
     no_http: bool = option_field(False, "Answer only the Redis queue.")
     no_queue: bool = option_field(False, "Answer only HTTP.")
     min_confidence: float = option_field(0.25,
         "Queue answers below this confidence are not written (the tracker's worker "
-        "dropped them too).", click.FloatRange(0, 1))
+        "dropped them too).", FloatRange(0, 1))
     rate_limits: str = option_field(DEFAULT_RATE_LIMITS,
         "Requests a client address may make a minute, by endpoint group.")
     no_rate_limit: bool = option_field(False,
         "No rate limits at all (benchmarks, trusted networks).")
     cors_origins: str = option_field("", "Comma-separated origins allowed by CORS (* for any).")
     max_body_bytes: int = option_field(1_048_576,
-        "Largest request body accepted (HTTP 413 beyond).", click.IntRange(min=1))
+        "Largest request body accepted (HTTP 413 beyond).", IntRange(min=1))
     cache_seconds: float = option_field(3600.0,
-        "Seconds an answer is reused for the same request.", click.FloatRange(min=0))
+        "Seconds an answer is reused for the same request.", FloatRange(min=0))
     api_url: str = option_field("https://api-v3.mbta.com", "MBTA V3 API (for /predictions/date).")
     api_key: str | None = option_field(None,
         "MBTA V3 API key [env: IMT_MBTA_API_KEY]; never printed.", envvar="IMT_MBTA_API_KEY")
     watch_interval: float = option_field(1.0, "Seconds between looks at a registry's `current`.",
-                                         click.FloatRange(min=0.05))
+                                         FloatRange(min=0.05))
     score_interval: float = option_field(30.0,
-        "Seconds between comparisons of served answers with recorded tracks.",
-        click.FloatRange(min=0.1))
+        "Seconds between comparisons of served answers with recorded tracks.", FloatRange(min=0.1))
     requests_key: str = option_field("ml:track_predict:requests",
                                      "Redis list the tracker LPUSHes requests on.")
     processing_key: str = option_field("ml:track_predict:processing",
@@ -135,11 +124,10 @@ class ServeOptions:
     latest_prefix: str = option_field("ml:track_predict:latest:",
         "Latest-result key prefix; station:route:direction:unix seconds follow.")
     result_ttl: int = option_field(86_400, "Seconds before a queue result expires.",
-                                   click.IntRange(min=1))
+                                   IntRange(min=1))
     max_batch: int = option_field(256, "Most queue requests answered in one model call.",
-                                  click.IntRange(min=1))
-    log_interval: float = option_field(60.0, "Seconds between status lines.",
-                                       click.FloatRange(min=0.1))
+                                  IntRange(min=1))
+    log_interval: float = option_field(60.0, "Seconds between status lines.", FloatRange(min=0.1))
     # fmt: on
 
     def limits(self) -> dict[str, int]:
@@ -179,8 +167,7 @@ class LoadedModel:
 
 
 def load_model(path: Path, version: str, metadata: dict[str, Any] | None = None) -> LoadedModel:
-    """Load a `.keras` model with its vocabulary and metadata, and warm it up so the first
-    answer is as fast as the rest."""
+    """A `.keras` model with its vocabulary and metadata, warmed up (the first answer is fast)."""
     import numpy as np
 
     from imt_ml import tfrecord_reader as tr
@@ -209,9 +196,8 @@ def load_model(path: Path, version: str, metadata: dict[str, Any] | None = None)
 
 
 class ModelHolder:
-    """The model that answers now. With a registry it looks at `current` every `interval`
-    seconds and, when it moved, loads and warms the new version beside the old, then swaps
-    the reference: a request holds the model it started with, so none fails or waits."""
+    """The model that answers now. A registry's new `current` is loaded and warmed beside the
+    old, then swapped in: a request holds the model it started with, so none fails or waits."""
 
     def __init__(self, source: Path) -> None:
         source = Path(source)
@@ -287,8 +273,7 @@ class Asked:
 
 
 def asked_from(doc: dict[str, Any]) -> Asked:
-    """An Asked from a request's fields (the tracker's PredictionRequest); ValueError with
-    the reason when unusable."""
+    """An Asked from a PredictionRequest's fields; ValueError with the reason when unusable."""
     for name in ("station_id", "route_id", "scheduled_time", "direction_id"):
         if doc.get(name) in (None, ""):
             raise ValueError(f"missing field {name}")
@@ -338,9 +323,8 @@ def answers_from_probabilities(loaded: LoadedModel, asked: list[Asked], calibrat
 
 def track_prediction(asked: Asked, answer: Answer, accuracy: float,
                      created_at: str) -> dict[str, Any]:  # fmt: skip
-    """The tracker's TrackPrediction, every field filled honestly. `display_confidence` is the
-    calibrated probability rounded *down* to a 5% step, so a display never claims more than
-    the model does (0.83 shows as 0.80)."""
+    """The tracker's TrackPrediction. `display_confidence` is rounded *down* to a 5% step, so
+    a display never claims more than the model does (0.83 shows as 0.80)."""
     return {
         "station_id": asked.station_id, "route_id": asked.route_id, "trip_id": asked.trip_id,
         "headsign": asked.headsign, "direction_id": asked.direction_id,
@@ -354,8 +338,7 @@ def track_prediction(asked: Asked, answer: Answer, accuracy: float,
 
 
 class AnswerCache:
-    """Answers reused for the same request and model for `ttl` seconds (the tracker
-    cached for an hour); at most `size` entries, least recently used dropped."""
+    """Answers reused per request and model for `ttl` seconds; at most `size`, LRU dropped."""
 
     def __init__(self, ttl: float, size: int = 100_000) -> None:
         self.ttl, self.size = ttl, size
@@ -386,8 +369,7 @@ class LiveAccuracy:
     A background thread makes the writes, so an answer never waits for Redis."""
 
     def __init__(self, target: RedisTarget, score_interval: float) -> None:
-        self.target = target
-        self.score_interval = score_interval
+        self.target, self.score_interval = target, score_interval
         #: (suffix, scheduled timestamp, version, answer) not yet written
         self.buffer: collections.deque = collections.deque(maxlen=200_000)
         #: (version, station, route) -> the counters of that hash, as numbers
@@ -512,7 +494,6 @@ class LiveAccuracy:
     @staticmethod
     def _add_outcome(pipe: Any, member: bytes, version: bytes, answer: dict[str, Any], track: str,
                      now: float) -> None:  # fmt: skip
-        """Count one scored answer in `imt:live:{version}:{station}:{route}`."""
         station, route = member.decode().split(":")[:2]
         key = f"{LIVE_PREFIX}{version.decode()}:{station}:{route}"
         hit = int(answer["track"] == track)
@@ -544,13 +525,10 @@ class LiveAccuracy:
 
 def _json_object(value: bytes | None) -> dict[str, Any] | None:
     """A stored JSON object; None when absent or not one."""
-    if value is None:
-        return None
-    try:
+    with contextlib.suppress(orjson.JSONDecodeError):  # None too: orjson raises this for it
         doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
+        return doc if isinstance(doc, dict) else None
+    return None
 
 
 # -- The service: what HTTP and the queue share -------------------------------------------
@@ -558,8 +536,7 @@ class RateLimiter:
     """Fixed one-minute windows per client address and endpoint group."""
 
     def __init__(self, limits: dict[str, int]) -> None:
-        self.limits = limits
-        self.window = 0
+        self.limits, self.window = limits, 0
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def allow(self, client: str, group: str) -> float | None:
@@ -576,17 +553,14 @@ class RateLimiter:
 
 
 class PredictionService:
-    """The loaded model, the answer cache, live accuracy and the metrics, shared by the
-    HTTP API and the queue worker."""
+    """The model, answer cache, live accuracy and metrics the HTTP API and the queue share."""
 
     def __init__(self, holder: ModelHolder, live: LiveAccuracy, redis_target: RedisTarget,
                  options: ServeOptions) -> None:  # fmt: skip
         from imt_ml.record_track_data import MbtaClient
 
-        self.holder = holder
-        self.live = live
+        self.holder, self.live, self.options = holder, live, options
         self.redis_target = redis_target
-        self.options = options
         self.cache = AnswerCache(options.cache_seconds)
         self.limiter = None if options.no_rate_limit else RateLimiter(options.limits())
         self.mbta = MbtaClient(options.api_url, options.api_key)
@@ -620,8 +594,7 @@ class PredictionService:
         return out
 
     async def answer(self, asked: list[Asked]) -> list[dict[str, Any]]:
-        """The HTTP answers, in order: `{"success": true, "prediction": {...}}` or
-        `{"success": false, "prediction": UNAVAILABLE}`."""
+        """The HTTP answers, in order: `{"success": true, "prediction": {...}}` or UNAVAILABLE."""
         loaded = self.holder.current
         known = [a.station_id in loaded.predictor.stations for a in asked]
         usable = [a for a, k in zip(asked, known, strict=True) if k]
@@ -637,8 +610,8 @@ class PredictionService:
 
 
 class Batcher:
-    """Requests that arrive while the model is busy are answered together in its next call
-    (one call per burst, not per request). Runs on the event loop; the model in one thread."""
+    """Requests arriving while the model is busy share its next call (one per burst, not per
+    request). Runs on the event loop; the model in one thread."""
 
     def __init__(self, holder: ModelHolder) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -683,9 +656,8 @@ class Batcher:
 
 
 class Metrics:
-    """Prometheus metrics (/metrics) in a registry of this service's own: requests and
-    latency by endpoint, predictions by station, queue outcomes, and, read when scraped,
-    the model answering, swaps and live accuracy by version, station and route."""
+    """Prometheus metrics (/metrics) in this service's own registry; the model, swaps and live
+    accuracy are read when scraped."""
 
     def __init__(self, service: PredictionService) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -857,7 +829,6 @@ class PredictionWorker:
                 "earlier worker")  # fmt: skip
 
     def _take_batch(self, client: Any) -> list[bytes]:
-        """Up to max_batch requests, waiting at most half a second for the first."""
         keys = (self.opts.requests_key, self.opts.processing_key)
         first = client.blmove(*keys, timeout=0.5, src="RIGHT", dest="LEFT")
         if first is None:
@@ -867,8 +838,7 @@ class PredictionWorker:
         return [first, *client.eval(_TAKE_MORE, 2, *keys, self.opts.max_batch - 1)]
 
     def _answer(self, client: Any, batch: list[bytes]) -> None:
-        """Answer one batch: results, errors and the tracker's records written, and the
-        batch removed from the processing list, in one transaction."""
+        """Write a batch's results, errors, tracker records and removal in one transaction."""
         created_at = now_iso()
         loaded = self.service.holder.current
         parsed = [parse_track_request(raw) for raw in batch]
@@ -912,9 +882,8 @@ class PredictionWorker:
     def _result_writes(self, answered: list[tuple[TrackRequest, dict[str, Any], Any]],
                        refused: list[Refused], created_at: str
                        ) -> tuple[list[Write], list[tuple[str, dict[str, Any]]]]:  # fmt: skip
-        """The result and latest-result keys of each answer confident enough, an error
-        result for each request refused (one without an id is only logged), and the
-        tracker's records (suffix, prediction) to consider."""
+        """The result keys of each answer confident enough and of each refusal (one without
+        an id is only logged), and the tracker's records (suffix, prediction) to consider."""
         opts = self.opts
         writes: list[Write] = []
         trackers: list[tuple[str, dict[str, Any]]] = []
@@ -941,8 +910,7 @@ class PredictionWorker:
         return writes, trackers
 
     def _predict(self, loaded: LoadedModel, good: list[TrackRequest]) -> list[tuple]:
-        """One model call: (request, its TrackPrediction, its probabilities laid out as the
-        queue's protocol has them: index i is track i + 1) for each request."""
+        """One model call: (request, TrackPrediction, probabilities: index i is track i + 1)."""
         import numpy as np
 
         if not good:
@@ -956,7 +924,7 @@ class PredictionWorker:
         return list(zip(good, predictions, by_track, strict=True))
 
 
-# -- HTTP (FastAPI): one APIRouter per concern, the service reached through ServiceDep -----
+# -- HTTP (FastAPI): one APIRouter, the service reached through ServiceDep -----------------
 #: Endpoint labels for metrics (path templates, so ids do not make new series); a path
 #: matches the part before any `{`, exactly or, ending in `/`, as a prefix.
 ENDPOINTS = ("/predictions/date", "/predictions", "/chained-predictions",
@@ -979,8 +947,7 @@ class EdgeMiddleware:
     is counted and timed by endpoint."""
 
     def __init__(self, app: Any, service: PredictionService) -> None:
-        self.app = app
-        self.service = service
+        self.app, self.service = app, service
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -1080,7 +1047,6 @@ def body_schema(model_name: str, required: bool = True) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{model_name}"}}}}}  # fmt: skip
 
 
-# -- Dependencies and helpers the routers share -------------------------------------------
 async def get_service(request: Request) -> PredictionService:
     """The service the application was made for (create_app keeps it in app.state)."""
     return request.app.state.service
@@ -1090,45 +1056,41 @@ async def get_service(request: Request) -> PredictionService:
 ServiceDep = Annotated[PredictionService, Depends(get_service)]
 
 
-def limited(request: Request, service: PredictionService, group: str) -> ORJSONResponse | None:
-    """None when the client may make this request, else the HTTP 429 to answer."""
+def rate_limit(request: Request, service: PredictionService, group: str) -> None:
+    """Raise the HTTP 429 to answer when the client may not make this request now."""
     client = request.client.host if request.client else "unknown"
     wait = service.limiter.allow(client, group) if service.limiter else None
-    if wait is None:
-        return None
-    return ORJSONResponse({"detail": f"rate limit exceeded: {service.limiter.limits[group]} "
-                           f"{group} requests a minute"}, status_code=429,
-                          headers={"retry-after": str(math.ceil(wait))})  # fmt: skip
-
-
-def unprocessable(detail: Any) -> ORJSONResponse:
-    return ORJSONResponse({"detail": detail}, status_code=422)
+    if wait is not None:
+        detail = f"rate limit exceeded: {service.limiter.limits[group]} {group} requests a minute"
+        raise HTTPException(429, detail, headers={"retry-after": str(math.ceil(wait))})
 
 
 async def json_body(request: Request) -> Any:
+    """The parsed JSON body; HTTP 422 when there is none or it is not JSON."""
     body = await request.body()
     if not body.strip():
-        raise ValueError("a JSON body is required")
+        raise HTTPException(422, "a JSON body is required")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"the body is not JSON: {exc}") from None
+        raise HTTPException(422, f"the body is not JSON: {exc}") from None
 
 
 def validated(doc: Any, where: str) -> Asked:
+    """The Asked of one prediction request; HTTP 422 saying why (and `where`) when unusable."""
     if not isinstance(doc, dict):
-        raise ValueError(f"{where}: a prediction request must be a JSON object")
+        raise HTTPException(422, f"{where}: a prediction request must be a JSON object")
     try:
         return asked_from(doc)
     except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+        raise HTTPException(422, f"{where}: {exc}") from None
 
 
 # -- Errors: every one answered as {"detail": ...} (HTTP errors by FastAPI's own handler) --
 async def invalid(_request: Request, exc: RequestValidationError) -> ORJSONResponse:
     detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
               for e in exc.errors()]  # fmt: skip
-    return unprocessable(detail)
+    return ORJSONResponse({"detail": detail}, status_code=422)
 
 
 async def crashed(_request: Request, exc: Exception) -> ORJSONResponse:
@@ -1137,51 +1099,38 @@ async def crashed(_request: Request, exc: Exception) -> ORJSONResponse:
 
 
 # -- The tracker's prediction API: one departure, or many at once -------------------------
-prediction_router = APIRouter()
+router = APIRouter()  # the OpenAPI document lists the paths in the order declared here
 
 
-@prediction_router.post("/predictions",
-                        openapi_extra=body_schema("PredictionRequest", required=False),
-                        summary="Predict the track of one departure (JSON body or query "
-                                "parameters)")  # fmt: skip
+@router.post("/predictions", openapi_extra=body_schema("PredictionRequest", required=False),
+             summary="Predict the track of one departure (JSON body or query "
+                     "parameters)")  # fmt: skip
 async def predictions(request: Request, service: ServiceDep) -> Any:
-    if (refused := limited(request, service, "predictions")) is not None:
-        return refused
+    rate_limit(request, service, "predictions")
     query = request.query_params
-    try:
-        doc = dict(query) if "station_id" in query else await json_body(request)
-        asked = validated(doc, "query" if "station_id" in query else "body")
-    except ValueError as exc:
-        return unprocessable(str(exc))
+    doc = dict(query) if "station_id" in query else await json_body(request)
+    asked = validated(doc, "query" if "station_id" in query else "body")
     return ORJSONResponse((await service.answer([asked]))[0])
 
 
-@prediction_router.post("/chained-predictions", openapi_extra=body_schema("ChainedRequest"),
-                        summary=f"Predict up to {MAX_CHAINED} departures in one call")  # fmt: skip
+@router.post("/chained-predictions", openapi_extra=body_schema("ChainedRequest"),
+             summary=f"Predict up to {MAX_CHAINED} departures in one call")  # fmt: skip
 async def chained_predictions(request: Request, service: ServiceDep) -> Any:
-    if (refused := limited(request, service, "chained")) is not None:
-        return refused
-    try:
-        doc = await json_body(request)
-        if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
-            raise ValueError('the body must be {"predictions": [request, ...]}')
-        if len(doc["predictions"]) > MAX_CHAINED:
-            raise ValueError(f"at most {MAX_CHAINED} predictions a call "
-                             f"({len(doc['predictions'])} given)")  # fmt: skip
-        asked = [validated(d, f"predictions[{i}]") for i, d in enumerate(doc["predictions"])]
-    except ValueError as exc:
-        return unprocessable(str(exc))
+    rate_limit(request, service, "chained")
+    doc = await json_body(request)
+    if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
+        raise HTTPException(422, 'the body must be {"predictions": [request, ...]}')
+    if len(doc["predictions"]) > MAX_CHAINED:
+        raise HTTPException(422, f"at most {MAX_CHAINED} predictions a call "
+                                 f"({len(doc['predictions'])} given)")  # fmt: skip
+    asked = [validated(d, f"predictions[{i}]") for i, d in enumerate(doc["predictions"])]
     return ORJSONResponse({"results": await service.answer(asked)})
 
 
 # -- The tracker's record endpoints: live accuracy, recorded tracks -----------------------
-record_router = APIRouter()
-
-
-@record_router.get("/stats/{station_id}/{route_id}", summary="Live accuracy of the answers served")
+@router.get("/stats/{station_id}/{route_id}", summary="Live accuracy of the answers served")
 def stats(request: Request, station_id: str, route_id: str, service: ServiceDep) -> Any:
-    if (refused := limited(request, service, "stats")) is not None:
-        return refused
+    rate_limit(request, service, "stats")
     loaded = service.holder.current
     station = parent_station(station_id)
     if station not in loaded.predictor.stations:
@@ -1194,11 +1143,10 @@ def stats(request: Request, station_id: str, route_id: str, service: ServiceDep)
                                        "by_model_version": versions}}  # fmt: skip
 
 
-@record_router.get("/historical/{station_id}/{route_id}", summary="Recorded track assignments")
+@router.get("/historical/{station_id}/{route_id}", summary="Recorded track assignments")
 def historical(request: Request, station_id: str, route_id: str, service: ServiceDep,
                days: int = Query(30, ge=1, le=366)) -> Any:  # fmt: skip
-    if (refused := limited(request, service, "historical")) is not None:
-        return refused
+    rate_limit(request, service, "historical")
     station = parent_station(station_id)
     now = time.time()
     try:
@@ -1207,29 +1155,27 @@ def historical(request: Request, station_id: str, route_id: str, service: Servic
                                     now - days * 86_400, now)  # fmt: skip
         values = client.mget(keys) if keys else []
     except Exception as exc:
-        redacted = service.redis_target.redact(str(exc))[:200]
-        log(f"{now_iso()} /historical: Redis failed: {redacted}")
+        log(f"{now_iso()} /historical: Redis failed: {service.redis_target.redact(str(exc))[:200]}")
         service.drop_redis()
-        return ORJSONResponse({"detail": "the history store (Redis) is not answering"},
-                              status_code=503)  # fmt: skip
+        raise HTTPException(503, "the history store (Redis) is not answering") from None
     return [doc for doc in map(_json_object, values) if doc is not None]
 
 
 # -- Predictions by date: the day's scheduled departures (MBTA V3 API), each predicted -----
 def boston_date(text: str) -> dt.date:
-    """The Boston calendar date of a date or datetime string; ValueError if neither."""
+    """The Boston calendar date of a date or datetime string; HTTP 422 if neither."""
     text = text.strip()
     try:
         if len(text) == 10:
             return dt.date.fromisoformat(text)
         return dt.datetime.fromtimestamp(parse_instant(text), BOSTON).date()
     except (ValueError, OverflowError):
-        raise ValueError(f"target_date {text!r} is not a date or an ISO 8601 datetime") from None
+        why = f"target_date {text!r} is not a date or an ISO 8601 datetime"
+        raise HTTPException(422, why) from None
 
 
 async def date_answer(service: PredictionService, day: dt.date) -> dict[str, Any]:
-    """That day's departures at the four stations (MBTA V3 schedules), each predicted;
-    cached an hour per date and model version."""
+    """That day's departures at the four stations, predicted; cached per date and model."""
     from starlette.concurrency import run_in_threadpool
 
     today = dt.datetime.now(BOSTON).date()
@@ -1295,39 +1241,25 @@ def scheduled_departures(service: PredictionService, day: dt.date) -> list[tuple
     return out
 
 
-schedule_router = APIRouter()
-
-
-@schedule_router.post("/predictions/date", openapi_extra=body_schema("DateRequest"),
-                      summary="Every departure of a date at the four stations, "
-                              "predicted")  # fmt: skip
+@router.post("/predictions/date", openapi_extra=body_schema("DateRequest"),
+             summary="Every departure of a date at the four stations, predicted")  # fmt: skip
 async def predictions_for_date(request: Request, service: ServiceDep) -> Any:
-    if (refused := limited(request, service, "date")) is not None:
-        return refused
-    try:
-        doc = await json_body(request)
-        if not isinstance(doc, dict) or not isinstance(doc.get("target_date"), str):
-            raise ValueError('the body must be {"target_date": "YYYY-MM-DD or a datetime"}')
-        day = boston_date(doc["target_date"])
-    except ValueError as exc:
-        return unprocessable(str(exc))
-    return ORJSONResponse(await date_answer(service, day))
+    rate_limit(request, service, "date")
+    doc = await json_body(request)
+    if not isinstance(doc, dict) or not isinstance(doc.get("target_date"), str):
+        raise HTTPException(422, 'the body must be {"target_date": "YYYY-MM-DD or a datetime"}')
+    return ORJSONResponse(await date_answer(service, boston_date(doc["target_date"])))
 
 
 # -- Operations: liveness, the model, Prometheus metrics ----------------------------------
-operations_router = APIRouter()
-
-
-@operations_router.get("/healthz", summary="Liveness: the model that answers")
+@router.get("/healthz", summary="Liveness: the model that answers")
 def healthz(service: ServiceDep) -> Any:
     return {"status": "ok", "model_version": service.holder.current.version,
             "queue": "off" if service.options.no_queue else "on",
             "live_accuracy_store": "ok" if service.live.redis_ok else "down"}  # fmt: skip
 
 
-@operations_router.get(
-    "/model", summary="Which model answers: version, training period, held-out figures"
-)
+@router.get("/model", summary="Which model answers: version, training period, held-out figures")
 def model(service: ServiceDep) -> Any:
     loaded = service.holder.current
     return {"version": loaded.version, "path": str(loaded.path), "loaded_at": loaded.loaded_at,
@@ -1336,14 +1268,13 @@ def model(service: ServiceDep) -> Any:
             "metadata": loaded.metadata}  # fmt: skip
 
 
-@operations_router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics")
 def metrics(service: ServiceDep) -> Any:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-# -- The application: the routers above, wired to one service -----------------------------
 def openapi_with_bodies(app: FastAPI, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """FastAPI's OpenAPI document plus the hand-parsed bodies' schemas (for /docs)."""
     if app.openapi_schema is None:
@@ -1357,8 +1288,7 @@ def openapi_with_bodies(app: FastAPI, generate: Callable[[], dict[str, Any]]) ->
 
 
 def create_app(service: PredictionService) -> FastAPI:
-    """The FastAPI application (OpenAPI docs at /docs): the routers, the middleware and
-    the error handlers, with `service` in app.state for the endpoints' ServiceDep."""
+    """The FastAPI application (OpenAPI docs at /docs), `service` in app.state for ServiceDep."""
     app = FastAPI(title="imt-ml track predictions", default_response_class=ORJSONResponse,
                   description="The Inky MBTA Tracker's track-prediction API, answered by "
                               "imt-ml.")  # fmt: skip
@@ -1370,9 +1300,7 @@ def create_app(service: PredictionService) -> FastAPI:
                            allow_headers=["*"])  # fmt: skip
     app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, crashed)
-    # In this order: the OpenAPI document lists the paths so.
-    for router in (prediction_router, record_router, schedule_router, operations_router):
-        app.include_router(router)
+    app.include_router(router)
     app.openapi = functools.partial(openapi_with_bodies, app, app.openapi)  # type: ignore
     return app
 
@@ -1492,13 +1420,15 @@ def run_service(model: Path, target: RedisTarget, options: ServeOptions) -> int:
 
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-    epilog=environment_epilog(ENV_REDIS, "IMT_MBTA_API_KEY (the MBTA API key)", ENV_TF_LOG),
+    epilog=utils.environment_epilog(
+        utils.ENV_REDIS, "IMT_MBTA_API_KEY (the MBTA API key)", utils.ENV_TF_LOG
+    ),
 )
 @click.option("--model", "model", required=True, type=click.Path(exists=True, path_type=Path),
               help="A saved .keras model, or a model registry directory (its `current` version "
                    "is served and followed).")  # fmt: skip
-@redis_options
-@dataclass_options(ServeOptions)
+@utils.redis_options
+@utils.dataclass_options(ServeOptions)
 def cli(model: Path, redis: RedisTarget, **options: Any) -> None:
     """Answer track predictions over HTTP (the tracker's API) and on the tracker's Redis
     queue, from one model, until SIGTERM/SIGINT."""

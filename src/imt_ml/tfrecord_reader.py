@@ -35,105 +35,34 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/tfrecord_reader.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imt_ml import evaluation as ev
+from imt_ml import utils
+
+# Also read as tfrecord_reader attributes (tests, benchmarks, the other stages).
 from imt_ml.evaluation import (
     BASELINE_NAMES,
     CLOSED_TRACK_EXPECTED,
-    PRECISION_TARGETS,
-    RECENCY_HALF_LIFE_DAYS,
-    SECONDS_PER_DAY,
-    TOP_TRIALS_HEADER,
-    Calibration,
-    ConfidenceMap,
     Evaluation,
     baseline_answers,
     baseline_tables,
     best_possible_accuracy,
     boston_days,
-    boston_weekdays,
-    closed_track_lines,
     coverage_at_precision,
-    cv_deployable_section,
-    cv_files_section,
-    cv_folds_section,
-    cv_performance_section,
-    ensemble_files_section,
-    ensemble_members_section,
-    ensemble_refit_section,
-    epoch_lines,
-    evaluate_predictions,
-    evaluation_figures,
-    evaluation_section,
-    evaluation_sections,
     expected_calibration_error,
-    figures_section,
-    fit_confidence_map,
     fold_indices,
-    interval,
-    iso_utc,
     label_indices,
     load_sample_truth,
-    log_loss,
     majority_vote,
-    mean_confidence_interval,
-    member_agreement,
     member_weights,
-    performance_section,
-    period,
-    plot_confusion_matrix,
-    plot_reliability_diagram,
     recency_weights,
-    refit_section,
-    reliability_bins,
-    schedule_section,
     strongest_baseline,
-    top_trial_rows,
-    track_sort_key,
-    train_files_section,
-    train_headline,
-    train_numbers,
-    validation_period,
 )
-from imt_ml.utils import (
-    ENV_DETERMINISTIC,
-    ENV_OUTPUT,
-    ENV_PROGRESS,
-    ENV_TF_LOG,
-    HISTORY_FOLDS,
-    METADATA_FILE,
-    SHARD_GLOB,
-    LazyModule,
-    Run,
-    UserError,
-    check_shared_storage,
-    chunked,
-    configuration_section,
-    connect_ray,
-    dataclass_options,
-    environment_epilog,
-    is_uri,
-    keras,
-    log,
-    markdown_table,
-    option_field,
-    overview_section,
-    parse_instant,
-    pct,
-    progress,
-    section,
-    tf,
-    tf_parse_spec,
-    timing_section,
-    write_json,
-    write_report,
-)
+from imt_ml.utils import METADATA_FILE, Run, UserError, keras, log, option_field, pct, section, tf
 
 #: The custom layers and callbacks (imt_ml/layers.py), imported with Keras on first use.
-track_layers: Any = LazyModule("imt_ml.layers")
+track_layers: Any = utils.LazyModule("imt_ml.layers")
 #: Records as columns: field name -> one value per record.
 Columns = dict[str, np.ndarray]
-
-# -- Model inputs: the raw values a saved model takes, and their dtypes -------
-
 #: Input name -> dtype. Strings are raw ids; the clock is only the scheduled instant (Unix
 #: seconds, float64: exact), which the model converts to Boston time itself.
 MODEL_INPUTS: dict[str, str] = {
@@ -144,13 +73,6 @@ MODEL_INPUTS: dict[str, str] = {
     "direction_id": "int64",
     "scheduled_timestamp": "float64",
 }
-
-
-def serving_input_specs() -> dict[str, Any]:
-    """One tf.TensorSpec per model input: a batch of raw values, named as the input."""
-    return {name: tf.TensorSpec([None], dtype, name=name) for name, dtype in MODEL_INPUTS.items()}
-
-
 DEFAULT_MODEL_PATH = "track_prediction_model"
 VALIDATION_FRACTION = 0.2
 #: The time split validates on at most this many newest days: a refit model's horizon.
@@ -165,7 +87,10 @@ CLOSED_TRACK_LOOKBACK_DAYS = 28
 #: BostonClock day number standing for "open" in the model's table of closing days.
 OPEN_TRACK_DAY = 1e7
 
-# -- Locating an export -------------------------------------------------------
+
+def serving_input_specs() -> dict[str, Any]:
+    """One tf.TensorSpec per model input: a batch of raw values, named as the input."""
+    return {name: tf.TensorSpec([None], dtype, name=name) for name, dtype in MODEL_INPUTS.items()}
 
 
 def find_export_dir(data_dir: Path | str) -> Path:
@@ -175,7 +100,7 @@ def find_export_dir(data_dir: Path | str) -> Path:
         raise UserError(f"data directory {path} does not exist")
     if not path.is_dir():
         raise UserError(f"{path} is not a directory")
-    shards = list(path.glob(SHARD_GLOB))
+    shards = list(path.glob(utils.SHARD_GLOB))
     has_metadata = (path / METADATA_FILE).is_file()
     if shards and not has_metadata:
         raise UserError(f"{path} has TFRecord files but no {METADATA_FILE}: an incomplete export?")
@@ -183,14 +108,9 @@ def find_export_dir(data_dir: Path | str) -> Path:
         raise UserError(f"{path} has {METADATA_FILE} but no track_data_*.tfrecord files")
     if shards:
         return path
-    exports = sorted(
-        p
-        for p in path.iterdir()
-        if p.is_dir()
-        and not p.name.startswith(".")
-        and (p / METADATA_FILE).is_file()
-        and any(p.glob(SHARD_GLOB))
-    )
+    exports = sorted(p for p in path.iterdir() if p.is_dir() and (p / METADATA_FILE).is_file())
+    exports = [p for p in exports if not p.name.startswith(".") and any(p.glob(utils.SHARD_GLOB))]
+
     if not exports:
         raise UserError(
             f"no export in {path}: expected track_data_*.tfrecord files and {METADATA_FILE} "
@@ -199,12 +119,9 @@ def find_export_dir(data_dir: Path | str) -> Path:
     return exports[-1]
 
 
-# -- Parsing: TFRecord shards -> numpy columns, batch before parse ------------
-
-
 def make_raw_dataset(files: list[str], batch_size: int = 8192) -> Any:
     """A tf.data pipeline of parsed record batches: read, batch, then parse_example."""
-    spec = tf_parse_spec()
+    spec = utils.tf_parse_spec()
     return (
         tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
         .batch(batch_size)
@@ -215,13 +132,13 @@ def make_raw_dataset(files: list[str], batch_size: int = 8192) -> Any:
 
 def read_export_columns(export_dir: Path) -> Columns:
     """Every record of an export as numpy columns (strings as Python str)."""
-    files = sorted(str(p) for p in export_dir.glob(SHARD_GLOB))
+    files = sorted(str(p) for p in export_dir.glob(utils.SHARD_GLOB))
     try:
         expected = json.loads((export_dir / METADATA_FILE).read_text()).get("total_records")
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {export_dir / METADATA_FILE}: {exc}") from None
     chunks: dict[str, list[np.ndarray]] = defaultdict(list)
-    bar = progress(total=expected, desc=f"Reading {export_dir.name}", unit=" rec")
+    bar = utils.progress(total=expected, desc=f"Reading {export_dir.name}", unit=" rec")
     try:
         for batch in make_raw_dataset(files):
             for name, tensor in batch.items():
@@ -238,17 +155,12 @@ def read_export_columns(export_dir: Path) -> Columns:
     for name, values in columns.items():
         if values.dtype == object:
             columns[name] = np.array([v.decode() for v in values], dtype=object)
-    columns["scheduled_timestamp"] = exact_timestamps(
-        columns["scheduled_timestamp"], columns["minute"]
-    )
+    # Exact instants from the float32 seconds (within about 64 s) and the minute of the
+    # hour: that minute of the nearest hour (Boston's UTC offsets are whole hours).
+    minute = columns["minute"].astype(np.float64) * 60
+    t = columns["scheduled_timestamp"].astype(np.float64) - minute
+    columns["scheduled_timestamp"] = np.round(t / 3600) * 3600 + minute
     return columns
-
-
-def exact_timestamps(approx: np.ndarray, minute: np.ndarray) -> np.ndarray:
-    """Exact scheduled instants from the float32 seconds (within about 64 s) and the
-    minute of the hour: that minute of the nearest hour (Boston's UTC offsets are whole hours)."""
-    t = approx.astype(np.float64) - minute.astype(np.float64) * 60
-    return np.round(t / 3600) * 3600 + minute.astype(np.float64) * 60
 
 
 # -- Splitting by time, and the vocabularies of the training half -------------
@@ -263,10 +175,10 @@ def split_records(
     later than training) validate; "random": a seeded shuffle."""
     test, rest = np.zeros(0, dtype=np.int64), np.arange(len(timestamps))
     if test_days > 0:
-        test_cut = timestamps.max() - test_days * SECONDS_PER_DAY
+        test_cut = timestamps.max() - test_days * ev.SECONDS_PER_DAY
         test, rest = np.flatnonzero(timestamps > test_cut), np.flatnonzero(timestamps <= test_cut)
         if len(rest) < 10:
-            days = (timestamps.max() - timestamps.min()) / SECONDS_PER_DAY
+            days = (timestamps.max() - timestamps.min()) / ev.SECONDS_PER_DAY
             raise UserError(
                 f"the export covers {days:.1f} days: holding out the newest {test_days:g} "
                 "(--test-days) leaves too little to train on; lower it, or 0 for none"
@@ -282,7 +194,7 @@ def split_records(
         order = np.argsort(ts, kind="stable")
         cut_time = ts[order[int(len(ts) * (1 - val_fraction))]] if len(ts) > 1 else ts[0]
         # No more than the horizon the model is used for: the weeks after its newest record.
-        cut_time = max(cut_time, ts.max() - validation_days * SECONDS_PER_DAY)
+        cut_time = max(cut_time, ts.max() - validation_days * ev.SECONDS_PER_DAY)
         train, val = rest[ts < cut_time], rest[ts >= cut_time]
         if len(train) == 0 or len(val) == 0:
             raise UserError("cannot split by time: every record has the same scheduled time")
@@ -290,19 +202,18 @@ def split_records(
         val = val[np.argsort(timestamps[val], kind="stable")]
         info = {"method": "time", "cut_timestamp": float(cut_time)}
     info.update({
-        "train_period": period(timestamps[train]),
-        "validation_period": period(timestamps[val]),
+        "train_period": ev.period(timestamps[train]),
+        "validation_period": ev.period(timestamps[val]),
         "test_days": float(test_days),
-        "test_period": period(timestamps[test]),
+        "test_period": ev.period(timestamps[test]),
     })  # fmt: skip
     return train, val, test, info
 
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """What a model knows of its training records: vocabularies, each station's tracks,
-    normalisation, counts, split and the history tables (in the model's weights, not the
-    JSON). `to_json`/`from_json` round-trip the rest; `vocab[key]` reads a field by name."""
+    """What a model knows of its training records; `to_json`/`from_json` round-trip all but
+    the history tables (those live in the model's weights). `vocab[key]` reads a field."""
 
     tracks: list[str]
     stations: list[str]
@@ -319,7 +230,7 @@ class Vocabulary:
     history: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     directions: tuple[int, ...] = (0, 1)
     #: Days in which a record's weight in the history tables halves (0: all equal).
-    recency_half_life: float = RECENCY_HALF_LIFE_DAYS
+    recency_half_life: float = ev.RECENCY_HALF_LIFE_DAYS
     #: 2: the clock comes from the scheduled instant in Boston time (no hour inputs).
     format_version: int = 2
     #: station -> track -> the Boston day number its closure starts (see `closed_tracks`).
@@ -355,7 +266,7 @@ class Vocabulary:
 def track_labels(columns: Columns, train_idx: np.ndarray) -> list[str]:
     """The model's classes: the numeric tracks of the training records, in numeric order."""
     tracks = columns["track_number"][train_idx]
-    labels = sorted({t for t in tracks if t.isdigit()}, key=track_sort_key)
+    labels = sorted({t for t in tracks if t.isdigit()}, key=ev.track_sort_key)
     if len(labels) < 2:
         raise UserError(
             f"the training data holds {len(labels)} track(s) ({', '.join(labels) or 'none'}): "
@@ -370,12 +281,12 @@ def build_vocabulary(
     labels: list[str],
     record_counts: dict[str, int],
     split: dict[str, Any],
-    recency_half_life: float = RECENCY_HALF_LIFE_DAYS,
+    recency_half_life: float = ev.RECENCY_HALF_LIFE_DAYS,
 ) -> Vocabulary:
     """Vocabularies, normalisation constants and history tables, from the training records."""
     stations = columns["station_id"][train_idx]
     trips = columns["trip_id"][train_idx]
-    trains = train_numbers(trips)
+    trains = ev.train_numbers(trips)
     station_tracks: dict[str, set[str]] = defaultdict(set)
     for station, track in zip(stations, columns["track_number"][train_idx], strict=True):
         station_tracks[station].add(track)
@@ -385,12 +296,12 @@ def build_vocabulary(
         stations=sorted(set(stations) - {""}),
         routes=sorted(set(columns["route_id"][train_idx]) - {""}),
         headsigns=sorted(set(columns["headsign"][train_idx]) - {""}),
-        train_numbers=sorted(set(trains) - {""}, key=track_sort_key),
+        train_numbers=sorted(set(trains) - {""}, key=ev.track_sort_key),
         station_trains=sorted({f"{s}:{t}" for s, t in zip(stations, trains, strict=True)}),
         # The season-specific identity of a trip: trip ids change with the schedule.
         station_trips=sorted({f"{s}:{t}" for s, t in zip(stations, trips, strict=True)}),
         station_tracks={
-            s: sorted(t, key=track_sort_key) for s, t in sorted(station_tracks.items())
+            s: sorted(t, key=ev.track_sort_key) for s, t in sorted(station_tracks.items())
         },
         timestamp_mean=float(ts.mean()),
         timestamp_std=float(ts.std() or 1.0),
@@ -409,13 +320,13 @@ def closed_tracks(columns: Columns, idx: np.ndarray) -> dict[str, dict[str, int]
     CLOSED_TRACK_LOOKBACK_DAYS before. The model gives it no probability from that day on."""
     stations, tracks = columns["station_id"][idx], columns["track_number"][idx]
     days = boston_days(columns["scheduled_timestamp"][idx].astype(np.float64))
-    weekdays = boston_weekdays(days)
+    weekdays = ev.boston_weekdays(days)
     kinds = np.where(weekdays < 5, 0, weekdays - 4)  # weekday, Saturday, Sunday
     closed: dict[str, dict[str, int]] = {}
     for station in sorted(set(stations.tolist())):
         at = stations == station
         d, t, kind = days[at], tracks[at], kinds[at]
-        for track in sorted(set(t.tolist()), key=track_sort_key):
+        for track in sorted(set(t.tolist()), key=ev.track_sort_key):
             used = t == track
             last = int(d[used].max())
             after = d > last
@@ -444,29 +355,28 @@ def history_tables(vocab: Vocabulary, columns: Columns, train_idx: np.ndarray) -
     ts = columns["scheduled_timestamp"][train_idx]
     weights = recency_weights(ts, vocab.recency_half_life).astype(np.float32)
     days = boston_days(ts)
-    fold = days % HISTORY_FOLDS
+    fold = days % utils.HISTORY_FOLDS
     known = tracks >= 0
 
     def rows_of(name: str, keys: np.ndarray) -> np.ndarray:
         row = {key: i for i, key in enumerate(vocab[f"{name}s"], start=1)}
         return np.array([row.get(f"{s}:{k}", 0) for s, k in zip(stations, keys, strict=True)])
 
-    train_rows = rows_of("station_train", train_numbers(trips))
+    train_rows = rows_of("station_train", ev.train_numbers(trips))
+    # row = the station + train row * 7 + Boston weekday (rows 0-6: an unknown train)
+    day_rows = train_rows * 7 + ev.boston_weekdays(days)
     keyed = {
         "station_trip": (rows_of("station_trip", trips), len(vocab.station_trips) + 1),
         "station_train": (train_rows, len(vocab.station_trains) + 1),
-        # row = the station + train row * 7 + Boston weekday (rows 0-6: an unknown train)
-        "station_train_day": (
-            train_rows * 7 + boston_weekdays(days),
-            7 * (len(vocab.station_trains) + 1),
-        ),
+        "station_train_day": (day_rows, 7 * (len(vocab.station_trains) + 1)),
     }
+
     tables = {}
     for name, (rows, n_rows) in keyed.items():
-        folds = np.zeros((n_rows, HISTORY_FOLDS * len(labels)), dtype=np.float32)
+        folds = np.zeros((n_rows, utils.HISTORY_FOLDS * len(labels)), dtype=np.float32)
         column = fold * len(labels) + tracks
         np.add.at(folds, (rows[known], column[known]), weights[known])
-        tables[name] = folds.reshape(len(folds), HISTORY_FOLDS, len(labels)).sum(axis=1)
+        tables[name] = folds.reshape(len(folds), utils.HISTORY_FOLDS, len(labels)).sum(axis=1)
         tables[f"{name}_folds"] = folds
     return tables
 
@@ -490,9 +400,8 @@ AUGMENT_BELOW = 10_000
 
 
 def hide_identities(features: dict[str, Any], labels: Any, *weights: Any, key: Any = 0) -> tuple:
-    """Training augmentation on a batch: a share of records lose their trip id (and so
-    their train number), to learn what to answer for a train never seen. `key` seeds the
-    stateless draw (deterministic ops allow it)."""
+    """Training augmentation: a share of records lose their trip id (and so their train
+    number), to learn what to answer for a train never seen; `key` seeds the draw."""
     batch = tf.shape(labels)[0]
     draw = tf.random.stateless_uniform([batch], seed=tf.stack([tf.cast(key, tf.int64), 0]))
     out = dict(features)
@@ -593,7 +502,7 @@ def prepare_split(
     seed: int = 42,
     augment: bool | None = None,
     test_idx: np.ndarray | None = None,
-    recency_half_life: float = RECENCY_HALF_LIFE_DAYS,
+    recency_half_life: float = ev.RECENCY_HALF_LIFE_DAYS,
 ) -> PreparedData:
     """Vocabularies and history tables from `train_idx`, and the two datasets."""
     labels = track_labels(columns, train_idx)
@@ -787,14 +696,14 @@ def track_outputs(logits: Any, station_index: Any, clock: Any, trip_history: Any
     penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
     # And from its closing day on, a platform the records say is closed (closed_tracks).
     since = _fixed_table(station_index, closing_days(vocab_info), "closing_days", fixed)
-    closed = (
-        [track_layers.ClosedTracks(name="closed_tracks")([since, clock])]
-        if cfg.closed_tracks
-        else []
-    )
+    masked = [logits, penalty]
+    if cfg.closed_tracks:
+        masked.append(track_layers.ClosedTracks(name="closed_tracks")([since, clock]))
+
     probabilities = layers.Activation("softmax", name="softmax")(
-        layers.Add(name="masked_logits")([logits, penalty, *closed])
+        layers.Add(name="masked_logits")(masked)
     )
+
     known_trip = track_layers.KnownKey(name="known_trip")(trip_history)
     return track_layers.TrackProbabilities(
         vocab_info.tracks, vocab_info.station_tracks, name="track_probabilities"
@@ -856,8 +765,7 @@ def station_track_mask(vocab_info: Vocabulary) -> np.ndarray:
 
 
 def closing_days(vocab_info: Vocabulary) -> np.ndarray:
-    """(stations + 1) x tracks: the Boston day number from which each station's track is
-    closed (`Vocabulary.closed_tracks`), OPEN_TRACK_DAY where it is open."""
+    """(stations + 1) x tracks: the Boston day each track closes from, else OPEN_TRACK_DAY."""
     table = np.full((len(vocab_info.stations) + 1, len(vocab_info.tracks)), OPEN_TRACK_DAY,
                     dtype=np.float32)  # fmt: skip
     row = {s: i for i, s in enumerate(vocab_info.stations, start=1)}
@@ -885,8 +793,8 @@ def predict_probabilities(model: Any, features: Columns, batch_size: int = 4096)
     return np.asarray(model.predict(ds.batch(batch_size), verbose=0))
 
 
-def with_calibration(model: Any, confidence_map: ConfidenceMap | None,
-                     new_trip_map: ConfidenceMap | None = None) -> Any:  # fmt: skip
+def with_calibration(model: Any, confidence_map: ev.ConfidenceMap | None,
+                     new_trip_map: ev.ConfidenceMap | None = None) -> Any:  # fmt: skip
     """The same model with its output layer's confidence maps replaced by these."""
     output = model.get_layer("track_probabilities")
     layer = track_layers.TrackProbabilities(
@@ -898,8 +806,7 @@ def with_calibration(model: Any, confidence_map: ConfidenceMap | None,
 
 
 def as_new_trips(model: Any) -> Any | None:
-    """A copy of the model (same weights) in which every record reads its trip as new
-    (NewTrips' `always`). None for a model without a NewTrips layer."""
+    """The model (same weights) reading every trip as new; None without a NewTrips layer."""
     names = {layer.name for layer in model.layers if isinstance(layer, track_layers.NewTrips)}
     if not names:
         return None
@@ -938,7 +845,7 @@ def uncalibrated(model: Any) -> Any:
 def fit_new_trip_map(
     model: Any, columns: Columns, labels: list[str],
     sources: list[tuple[Any, np.ndarray]], past_changes: bool,
-) -> tuple[ConfidenceMap | None, tuple[float, float] | None, str]:  # fmt: skip
+) -> tuple[ev.ConfidenceMap | None, tuple[float, float] | None, str]:  # fmt: skip
     """(the map for unknown trips, its ECE before and after, what it was fitted on): per
     source, (a past change's proxy or None for the model reading them as new, records)."""
     new_conf, new_correct, starts = [], [], []
@@ -953,15 +860,14 @@ def fit_new_trip_map(
         fit_new = (new_y >= 0) & (~known_trips(proxy, columns, new_idx) if proxy is not None
                                   else True)  # fmt: skip
         new_probs = predict_probabilities(as_new, model_features(columns, new_idx))
-        new_top = new_probs.argmax(axis=1)
-        new_conf.append(new_probs[np.arange(len(new_top)), new_top][fit_new])
-        new_correct.append((new_top == new_y)[fit_new])
-        starts.append(iso_utc(columns["scheduled_timestamp"][new_idx].min())[:10])
+        new_conf.append(new_probs.max(axis=1)[fit_new])
+        new_correct.append((new_probs.argmax(axis=1) == new_y)[fit_new])
+        starts.append(ev.iso_utc(columns["scheduled_timestamp"][new_idx].min())[:10])
     new_map, new_ece, source = None, None, ""
     fitted = sum(len(c) for c in new_conf)
     if fitted >= 50:
         conf, hit = np.concatenate(new_conf), np.concatenate(new_correct)
-        new_map = fit_confidence_map(conf, hit)
+        new_map = ev.fit_confidence_map(conf, hit)
         new_ece = (expected_calibration_error(conf, hit),
                    expected_calibration_error(new_map.at(conf), hit))  # fmt: skip
         source = (
@@ -981,20 +887,19 @@ def fit_new_trip_map(
 def calibrate_model(
     model: Any, columns: Columns, idx: np.ndarray, labels: list[str],
     new_schedule: Sequence[tuple[Any, np.ndarray]] = (),
-) -> tuple[Any, Calibration]:  # fmt: skip
+) -> tuple[Any, ev.Calibration]:  # fmt: skip
     """Fit a confidence map on the records `idx` and return the model with it applied. The
     map for unknown trips is fitted on `new_schedule` where given (per past change of
     schedule, see `new_schedule_proxy`), else on the records `idx` read as new trips."""
     probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
     y = label_indices(columns["track_number"][idx], labels)
     # Fit on the trips the model knows (what the weeks after a cut-off ask about).
-    known = known_trips(model, columns, idx)
-    if known.sum() < 100:
-        known[:] = True
-    top = probs.argmax(axis=1)  # the map never changes the answer
-    confidence, correct = probs[np.arange(len(top)), top], top == y
+    flags = known_trips(model, columns, idx)
+    known = flags if flags.sum() >= 100 else np.ones_like(flags)
+    # The map never changes the answer: the top class's probability is its confidence.
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y
     fit = known & (y >= 0)
-    cmap = fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
+    cmap = ev.fit_confidence_map(confidence[fit], correct[fit]) if fit.sum() >= 50 else None
     # New trips get their own map: per (a past change's proxy or None, its records).
     sources: list[tuple[Any, np.ndarray]] = list(new_schedule)
     if not sources and (y >= 0).sum() >= 50:
@@ -1003,12 +908,12 @@ def calibrate_model(
     calibrated = with_calibration(model, cmap, new_map)
     output = calibrated.get_layer("track_probabilities")
     gated = isinstance(output.input, list | tuple)  # the map applies to known trips only
-    flags = known_trips(model, columns, idx)[:, None].astype(np.float32)
+    flags = flags[:, None].astype(np.float32)
     after = np.asarray(output([probs, flags] if gated else probs)).max(axis=1)
-    info = Calibration(
+    info = ev.Calibration(
         cmap, expected_calibration_error(confidence, correct),
         expected_calibration_error(after, correct), int(len(idx)),
-        reliability_bins(confidence, correct), reliability_bins(after, correct),
+        ev.reliability_bins(confidence, correct), ev.reliability_bins(after, correct),
         new_map if gated else None, new_ece if gated else None,
         source if gated else "",
     )  # fmt: skip
@@ -1021,17 +926,17 @@ def evaluate_model(
     idx: np.ndarray,
     tables: dict[str, Any] | None,
     truth: dict | None,
-    calibration: Calibration | None = None,
+    calibration: ev.Calibration | None = None,
 ) -> Evaluation:
     labels = model_labels(model)
     probs = predict_probabilities(model, model_features(columns, idx))
     true_tracks = columns["track_number"][idx]
-    metrics = evaluate_predictions(probs, true_tracks, labels, columns["station_id"][idx])
+    metrics = ev.evaluate_predictions(probs, true_tracks, labels, columns["station_id"][idx])
     correct = metrics["predicted_tracks"] == true_tracks
     confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
 
     def coverage(conf: np.ndarray, hits: np.ndarray) -> dict[float, float]:
-        return {p: coverage_at_precision(conf, hits, p) for p in PRECISION_TARGETS}
+        return {p: coverage_at_precision(conf, hits, p) for p in ev.PRECISION_TARGETS}
 
     answerable, baselines = {"model": coverage(confidence, correct)}, {}
     answers = baseline_answers(tables, columns, idx) if tables else {}
@@ -1042,9 +947,6 @@ def evaluate_model(
             answerable[name] = coverage(share, hits)
     best = best_possible_accuracy(truth, columns, idx)
     return Evaluation(metrics, baselines, best, labels, probs, answerable, calibration)
-
-
-# -- Reports: markdown with embedded PNG figures ------------------------------
 
 
 def dataset_section(data: PreparedData) -> list[str]:
@@ -1067,8 +969,7 @@ def dataset_section(data: PreparedData) -> list[str]:
         lines.append(
             f"- Split: random (seed {split['seed']}); the same train appears on both sides"
         )
-    if counts["validation_unknown_track"]:
-        unknown = counts["validation_unknown_track"]
+    if unknown := counts["validation_unknown_track"]:
         lines.append(f"- Validation records with a track unseen in training: {unknown:,}")
     skipped = data.metadata.get("skipped_total")
     if skipped is not None:
@@ -1077,11 +978,11 @@ def dataset_section(data: PreparedData) -> list[str]:
     return section(
         "Dataset Information",
         *lines,
-        *closed_track_lines(vocab),
+        *ev.closed_track_lines(vocab),
         "",
         "Vocabulary sizes (from the training records; one more index for unknown values):",
         "",
-        markdown_table(["Vocabulary", "Size"], sizes),
+        utils.markdown_table(["Vocabulary", "Size"], sizes),
         "",
         f"Tracks (class order): {', '.join(vocab.tracks)}",
     )
@@ -1154,7 +1055,7 @@ class TrainOptions:
     class_weight: str = option_field("none", "Per-class loss weights.",
                                      click.Choice(["balanced", "sqrt", "none"]))
     recency_half_life: float = option_field(
-        RECENCY_HALF_LIFE_DAYS, "A record's weight halves with every DAYS of age before the newest "
+        ev.RECENCY_HALF_LIFE_DAYS, "A record's weight halves with every DAYS of age before the newest "
         "(0: all equal).", click.FloatRange(min=0), metavar="DAYS")
     no_refit: bool = option_field(False, "Save the validated models instead of refitting them on "
                                   "every record.")
@@ -1181,7 +1082,7 @@ def model_option(help: str = "A saved .keras model.") -> Callable[[Callable], Ca
 
 
 #: The options of `train`, `ensemble` and `cv`, from TrainOptions.
-training_options = dataclass_options(TrainOptions)
+training_options = utils.dataclass_options(TrainOptions)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -1198,13 +1099,11 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, 
 
 
 def compile_model(model: Any, learning_rate: float) -> None:
+    top3 = keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy")
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
-        metrics=[
-            "accuracy",
-            keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy"),
-        ],
+        metrics=["accuracy", top3],
     )
 
 
@@ -1233,8 +1132,7 @@ def training_callbacks(
 
 
 def weighted_training_data(data: PreparedData, opts: TrainOptions) -> tuple[Any, Any]:
-    """(training dataset, class weights for Keras): with a recency half-life, class and
-    recency weights go together into per-record sample weights."""
+    """(training dataset, Keras class weights); a recency half-life makes them sample weights."""
     labels = data.train_labels
     weights = class_weights(labels, data.vocab_info.num_classes, opts.class_weight)
     per_record = None
@@ -1290,9 +1188,11 @@ def vocab_file_for(model_file: Path) -> Path:
     return model_file.with_name(f"{stem}_vocab.json")
 
 
-def save_vocab(path: Path, vocab_info: Vocabulary, tables: dict[str, Any]) -> None:
-    """The vocabularies as JSON (the history tables live in the model's weights)."""
-    write_json(path, {**vocab_info.to_json(), "baselines": tables})
+def save_vocab(path: Path, data: PreparedData, recency_half_life: float) -> None:
+    """The vocabularies as JSON (the history tables live in the model's weights), with the
+    baselines' lookup tables of the same training records."""
+    tables = baseline_tables(data.columns, data.train_idx, recency_half_life)
+    utils.write_json(path, {**data.vocab_info.to_json(), "baselines": tables})
 
 
 # -- Modes --------------------------------------------------------------------
@@ -1300,7 +1200,7 @@ def save_vocab(path: Path, vocab_info: Vocabulary, tables: dict[str, Any]) -> No
 
 def save_calibrated(
     model: Any, data: PreparedData, best_path: Path, final_path: Path, config: ModelConfig
-) -> Calibration:
+) -> ev.Calibration:
     """After a validated fit: calibrate the best checkpoint (the final weights if no epoch
     beat the first) and the final weights on the validation records, and save both; the
     map for new trips is fitted on the last changes of schedule (`new_schedule_proxy`)."""
@@ -1328,6 +1228,8 @@ def save_calibrated(
 NEW_SCHEDULE_SHARE = 0.5
 #: Days of records a change of schedule needs before and after it to stand in for the next.
 NEW_SCHEDULE_BEFORE_DAYS, NEW_SCHEDULE_AFTER_DAYS = 28, 7
+#: How many past changes of schedule (the newest) the map for new trips is fitted on.
+NEW_SCHEDULE_CHANGES = 3
 
 
 def schedule_changes(columns: Columns, idx: np.ndarray, limit: int | None = None) -> list[float]:
@@ -1360,10 +1262,6 @@ def last_schedule_change(columns: Columns, idx: np.ndarray) -> float | None:
     return changes[-1] if changes else None
 
 
-#: How many past changes of schedule (the newest) the map for new trips is fitted on.
-NEW_SCHEDULE_CHANGES = 3
-
-
 def past_vocabularies(data: PreparedData) -> list[tuple[Vocabulary, np.ndarray]]:
     """Per last NEW_SCHEDULE_CHANGES changes of schedule in the training and validation
     records: (the vocabulary of the records before it, the records of its first weeks)."""
@@ -1372,7 +1270,7 @@ def past_vocabularies(data: PreparedData) -> list[tuple[Vocabulary, np.ndarray]]
     pasts = []
     for change in schedule_changes(data.columns, pool, NEW_SCHEDULE_CHANGES):
         before = pool[ts < change]
-        after = pool[(ts >= change) & (ts < change + VALIDATION_DAYS * SECONDS_PER_DAY)]
+        after = pool[(ts >= change) & (ts < change + VALIDATION_DAYS * ev.SECONDS_PER_DAY)]
         vocab = build_vocabulary(data.columns, before, data.vocab_info.tracks, {}, {},
                                  data.vocab_info.recency_half_life)  # fmt: skip
         pasts.append((vocab, after))
@@ -1419,8 +1317,7 @@ def fit_on_every_record(
     warm: tuple[Any, Vocabulary] | None = None,
     data: PreparedData | None = None,
 ) -> tuple[Any, PreparedData, float]:
-    """(model, its data, seconds): the architecture trained on every record of `source`'s
-    export (`data`: already prepared by `every_record_data`) for a fixed number of epochs."""
+    """(model, its data, seconds): `epochs` of training on every record of `source`'s export."""
     data = data or every_record_data(source, opts)
     keras.utils.set_random_seed(config.seed)
     model = create_simple_model(data.vocab_info, config, name=name)
@@ -1442,7 +1339,7 @@ def refit_on_every_record(
     opts: TrainOptions,
     config: ModelConfig,
     history: dict[str, list[float]],
-    calibration: Calibration,
+    calibration: ev.Calibration,
     files: ModelFiles,
     name: str = "track_predictor",
 ) -> dict[str, Any]:
@@ -1463,8 +1360,7 @@ def refit_on_every_record(
         refit = with_calibration(model, calibration.confidence_map, calibration.new_trip_map)
         for path in paths:
             refit.save(path)
-    save_vocab(files.vocab, all_data.vocab_info,
-               baseline_tables(data.columns, all_data.train_idx, opts.recency_half_life))  # fmt: skip
+    save_vocab(files.vocab, all_data, opts.recency_half_life)
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
             "final_epochs": final_epochs, "epochs": epochs, "seconds": seconds,
             "learning_rate": opts.refit_learning_rate,
@@ -1474,6 +1370,8 @@ def refit_on_every_record(
 #: Embedding layer -> the vocabulary its rows follow (row 0 is "unknown").
 EMBEDDING_VOCABULARIES = {"station_embedding": "stations", "route_embedding": "routes",
                           "headsign_embedding": "headsigns", "train_embedding": "train_numbers"}  # fmt: skip
+#: Epochs of a warm-started fit: it starts near its optimum.
+WARM_EPOCHS = 3
 
 
 def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> int:
@@ -1519,10 +1417,6 @@ def take_records(columns: Columns, idx: np.ndarray) -> Columns:
     return {name: values[idx] for name, values in columns.items()}
 
 
-#: Epochs of a warm-started fit: it starts near its optimum.
-WARM_EPOCHS = 3
-
-
 def prepare_training_data(
     source: Path | str | Export, opts: TrainOptions, test_days: float | None = None
 ) -> PreparedData:
@@ -1547,7 +1441,7 @@ class FittedModel:
     validated: Any
     #: The vocabulary the saved models read: every record's after a refit.
     vocab: Vocabulary
-    calibration: Calibration
+    calibration: ev.Calibration
     history: dict[str, list[float]]
     fit_seconds: float
     seconds: float
@@ -1591,8 +1485,7 @@ def fit_track_model(
         opts = dataclasses.replace(opts, epochs=min(opts.epochs, WARM_EPOCHS))
     keras.utils.set_random_seed(cfg.seed)
     files.best.parent.mkdir(parents=True, exist_ok=True)
-    save_vocab(files.vocab, data.vocab_info,
-               baseline_tables(data.columns, data.train_idx, opts.recency_half_life))  # fmt: skip
+    save_vocab(files.vocab, data, opts.recency_half_life)
     model = create_simple_model(data.vocab_info, cfg, name=name)
     carried = transfer_weights(model, warm[0], warm[1], data.vocab_info) if warm else 0
     history, fit_seconds = fit_model(model, data, opts, files.best, log_dir, label)
@@ -1638,10 +1531,9 @@ class ModelFiles:
 
 
 def held_out_evaluations(
-    model: Any, data: PreparedData, tables: dict[str, Any], calibration: Calibration | None
+    model: Any, data: PreparedData, tables: dict[str, Any], calibration: ev.Calibration | None
 ) -> tuple[Evaluation, Evaluation | None]:
-    """(tuning figures on the validation records, headline figures on the test window, or
-    None without one), each beside the lookup tables of the same training records."""
+    """(tuning figures on the validation records, headline ones on the test window or None)."""
     truth = load_sample_truth(data.export_dir)
     tuning = evaluate_model(model, data.columns, data.val_idx, tables, truth, calibration)
     if len(data.test_idx) == 0:
@@ -1667,26 +1559,26 @@ def run_train(
     tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
     tuning, test = held_out_evaluations(fitted.validated, data, tables, fitted.calibration)
     evaluation = test or tuning
-    plot_reliability_diagram(fitted.calibration, run.path("reliability_diagram.png"))
+    ev.plot_reliability_diagram(fitted.calibration, run.path("reliability_diagram.png"))
     serving = export_serving_model(fitted.load(), serving_dir_for(files.best))
     history = fitted.history
     report = [
-        overview_section(run, data.export_dir),
-        performance_section(history, files.best),
-        *evaluation_sections(tuning, test, data),
-        configuration_section(opts),
+        utils.overview_section(run, data.export_dir),
+        ev.performance_section(history, files.best),
+        *ev.evaluation_sections(tuning, test, data),
+        utils.configuration_section(opts),
         dataset_section(data),
-        timing_section(run, *epoch_lines(history, opts, fitted.fit_seconds)),
+        utils.timing_section(run, *ev.epoch_lines(history, opts, fitted.fit_seconds)),
         model_section(fitted.validated, fitted.config, opts.class_weight, data.augmented),
-        refit_section(fitted.refit, files.best, files.final),
+        ev.refit_section(fitted.refit, files.best, files.final),
         mode_sections(run.run_dir) if mode_sections else [],
-        schedule_section(opts, mode),
-        figures_section(run, history, evaluation),
-        train_files_section(files, serving),
+        ev.schedule_section(opts, mode),
+        ev.figures_section(run, history, evaluation),
+        ev.train_files_section(files, serving),
     ]
-    write_report(run, f"Training Report - {mode.capitalize()}", report,
-                 train_headline(evaluation, test is not None))  # fmt: skip
-    write_json(files.summary, model_summary(data, tuning, test, fitted))
+    utils.write_report(run, f"Training Report - {mode.capitalize()}", report,
+                 ev.train_headline(evaluation, test is not None))  # fmt: skip
+    utils.write_json(files.summary, model_summary(data, tuning, test, fitted))
     return TrainResult(run.run_dir, evaluation, history, fitted.fit_seconds, tuning)
 
 
@@ -1703,8 +1595,8 @@ def model_summary(data: PreparedData, tuning: Evaluation | None, test: Evaluatio
     return {
         "export": str(data.export_dir),
         "periods": data.split_info,
-        "held_out": evaluation_figures(test),
-        "tuning": evaluation_figures(tuning),
+        "held_out": ev.evaluation_figures(test),
+        "tuning": ev.evaluation_figures(tuning),
         "trained_until": trained_until(data, fitted),
         "refit_records": fitted.refit["records"] if fitted.refit else None,
     }
@@ -1726,13 +1618,6 @@ ENSEMBLE_VARIANTS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
-def ensemble_member_configs(num_models: int, seed: int) -> list[ModelConfig]:
-    return [
-        ModelConfig(**ENSEMBLE_VARIANTS[i % len(ENSEMBLE_VARIANTS)], seed=seed + 1000 * i)
-        for i in range(num_models)
-    ]
-
-
 def describe_config(cfg: ModelConfig) -> str:
     return (
         f"dense {'-'.join(map(str, cfg.hidden_units))}, dropout {cfg.dropout:g}, "
@@ -1743,8 +1628,7 @@ def describe_config(cfg: ModelConfig) -> str:
 
 
 def build_ensemble_model(members: list[Any], vocab_info: Vocabulary, weights: list[float]) -> Any:
-    """One model: raw values in, the weighted mean of the members' probabilities out (each
-    weight is the scale of a `member_weight_i` layer)."""
+    """Raw values in, the members' probabilities weighted by `member_weight_i` layers out."""
     inputs = build_raw_inputs()
     outputs = [keras.layers.Rescaling(w, name=f"member_weight_{i}")(member(inputs))
                for i, (member, w) in enumerate(zip(members, weights, strict=True))]  # fmt: skip
@@ -1792,14 +1676,14 @@ def train_member(
     fitted = fit_track_model(data, opts, files, cfg, log_dir=run.path("logs") / f"member_{index}",
                              label=f"Member {index + 1}/{count}: {describe_config(cfg)}",
                              name=f"track_predictor_{index}")  # fmt: skip
-    ev = evaluate_model(fitted.validated, data.columns, data.val_idx, None, None)
-    log(f"Member {index + 1}/{count}: validation top-1 {pct(ev.metrics['top1_accuracy'])}")
-    return Member(index, fitted, ev)
+    scored = evaluate_model(fitted.validated, data.columns, data.val_idx, None, None)
+    log(f"Member {index + 1}/{count}: validation top-1 {pct(scored.metrics['top1_accuracy'])}")
+    return Member(index, fitted, scored)
 
 
 def save_combined(
     members: list[Any], weights: list[float], data: PreparedData, tables: dict[str, Any], path: Path
-) -> tuple[Evaluation, Calibration, Any]:
+) -> tuple[Evaluation, ev.Calibration, Any]:
     """The members' weighted average, calibrated as a whole, saved and scored as loaded."""
     combined, calibration = calibrate_model(
         build_ensemble_model(members, data.vocab_info, weights), data.columns, data.val_idx,
@@ -1813,10 +1697,9 @@ def save_combined(
 
 
 def save_refit_combined(
-    members: list[Member], weights: list[float], calibration: Calibration, path: Path
+    members: list[Member], weights: list[float], calibration: ev.Calibration, path: Path
 ) -> list[dict[str, Any]]:
-    """The refit members' weighted average (the recipe refit each on every record) saved
-    over `path` with the combined confidence map; returns the refits' figures."""
+    """The refit members' average saved over `path` with the combined map; the refits' figures."""
     refit = [m.fitted.load() for m in members]
     with_calibration(
         build_ensemble_model(refit, members[0].fitted.vocab, weights), calibration.confidence_map
@@ -1832,8 +1715,9 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     run = Run.start("ensemble")
     mp = opts.model_path
     tables = baseline_tables(data.columns, data.train_idx, opts.recency_half_life)
-    members = [train_member(run, data, opts, i, cfg, num_models)
-               for i, cfg in enumerate(ensemble_member_configs(num_models, opts.seed))]  # fmt: skip
+    variants = [ENSEMBLE_VARIANTS[i % len(ENSEMBLE_VARIANTS)] for i in range(num_models)]
+    members = [train_member(run, data, opts, i, ModelConfig(**v, seed=opts.seed + 1000 * i),
+                            num_models) for i, v in enumerate(variants)]  # fmt: skip
     probs = [m.evaluation.probabilities for m in members]
     true_tracks = data.columns["track_number"][data.val_idx]
     weights = member_weights(probs, label_indices(true_tracks, data.vocab_info.tracks))
@@ -1842,27 +1726,28 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
         [m.fitted.validated for m in members], weights, data, tables, combined_path
     )
     _, test = held_out_evaluations(combined, data, tables, calibration)
-    plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
+    ev.plot_reliability_diagram(calibration, run.path("reliability_diagram.png"))
     refits = [] if opts.no_refit else save_refit_combined(members, weights, calibration,
                                                           combined_path)  # fmt: skip
     serving = export_serving_model(load_saved_model(combined_path), run.path(f"{mp}_serving"))
     majority = np.array(soft.labels, dtype=object)[majority_vote(probs)] == true_tracks
     accuracy = [m.evaluation.metrics["top1_accuracy"] for m in members]
     seconds = [m.fitted.fit_seconds for m in members]
+    agreement = ev.member_agreement(probs)
     result = EnsembleResult(
-        run.run_dir, soft, float(majority.mean()), accuracy, seconds, member_agreement(probs), test
+        run.run_dir, soft, float(majority.mean()), accuracy, seconds, agreement, test
     )
     report = [
-        overview_section(run, data.export_dir, f"- Members: {num_models}"),
+        utils.overview_section(run, data.export_dir, f"- Members: {num_models}"),
         votes_section(result),
-        ensemble_members_section(members, weights),
-        *evaluation_sections(soft, test, data),
-        configuration_section(opts),
+        ev.ensemble_members_section(members, weights),
+        *ev.evaluation_sections(soft, test, data),
+        utils.configuration_section(opts),
         dataset_section(data),
-        timing_section(run, f"- Mean fit time per member: {np.mean(result.member_seconds):.1f} s"),
+        utils.timing_section(run, f"- Mean fit time per member: {np.mean(seconds):.1f} s"),
         ensemble_model_section(run, combined, opts, data, soft),
-        ensemble_refit_section(refits, calibration),
-        ensemble_files_section(mp, combined_path, serving),
+        ev.ensemble_refit_section(refits, calibration),
+        ev.ensemble_files_section(mp, combined_path, serving),
     ]
     headline = (
         f"soft vote {pct(soft.metrics['top1_accuracy'])}, majority vote "
@@ -1870,7 +1755,7 @@ def run_ensemble(data_dir: Path | str, opts: TrainOptions, num_models: int) -> E
     )
     if test:
         headline += f"; held-out test window top-1 {pct(test.metrics['top1_accuracy'])}"
-    write_report(run, "Training Report - Ensemble", report, headline)
+    utils.write_report(run, "Training Report - Ensemble", report, headline)
     return result
 
 
@@ -1885,7 +1770,7 @@ def votes_section(result: EnsembleResult) -> list[str]:
     agree = result.agreement
     return section(
         "Final Performance Metrics (tuning figures: the validation records)",
-        markdown_table(["", "Validation top-1"], rows),
+        utils.markdown_table(["", "Validation top-1"], rows),
         "",
         f"Members agree on every validation record's track {pct(agree['all_agree'])} of the "
         f"time; two members agree {pct(agree['mean_pairwise'])} of the time on average.",
@@ -1895,7 +1780,7 @@ def votes_section(result: EnsembleResult) -> list[str]:
 def ensemble_model_section(
     run: Run, combined: Any, opts: TrainOptions, data: PreparedData, soft: Evaluation
 ) -> list[str]:
-    confusion = plot_confusion_matrix(
+    confusion = ev.plot_confusion_matrix(
         soft.metrics["confusion"], soft.labels, run.path("confusion_matrix.png")
     )
     augmented = "on" if data.augmented else "off"
@@ -1941,28 +1826,28 @@ def cv_fold(
                              ModelConfig(seed=opts.seed + j), label=f"Fold {j + 1}/{len(folds)}")  # fmt: skip
     export_serving_model(fitted.validated, run.path(f"{prefix}_serving"))
     tables = baseline_tables(columns, data.train_idx, opts.recency_half_life)
-    ev, test = held_out_evaluations(fitted.validated, data, tables, fitted.calibration)
-    result = fold_result(j, data, ev, test, fitted)
+    tuning, test = held_out_evaluations(fitted.validated, data, tables, fitted.calibration)
+    result = fold_result(j, data, tuning, test, fitted)
     log(f"Fold {j + 1}/{len(folds)}: top-1 {pct(result['accuracy'])}, "
         f"baseline {pct(result['baseline_accuracy'])}")  # fmt: skip
     return result
 
 
-def fold_result(j: int, data: PreparedData, ev: Evaluation, test: Evaluation | None,
+def fold_result(j: int, data: PreparedData, tuning: Evaluation, test: Evaluation | None,
                 fitted: FittedModel) -> dict[str, Any]:  # fmt: skip
     """One fold's figures as cv_results.json holds them."""
     val_idx = data.val_idx
-    name, baseline = strongest_baseline(ev.baselines) or ("", math.nan)
-    accuracy = ev.metrics["top1_accuracy"]
+    name, baseline = strongest_baseline(tuning.baselines) or ("", math.nan)
+    accuracy = tuning.metrics["top1_accuracy"]
     result = {"fold": j + 1, "validation_records": int(len(val_idx)),
               "training_records": int(len(data.train_idx)),
-              "validation_period": validation_period(data.columns["scheduled_timestamp"][val_idx]),
-              "accuracy": accuracy, "loss": log_loss(ev, data.columns["track_number"][val_idx]),
+              "validation_period": ev.validation_period(data.columns["scheduled_timestamp"][val_idx]),
+              "accuracy": accuracy, "loss": ev.log_loss(tuning, data.columns["track_number"][val_idx]),
               "baseline": name, "baseline_accuracy": baseline,
               "difference": accuracy - baseline, "epochs": fitted.epochs,
               "fit_seconds": fitted.fit_seconds}  # fmt: skip
-    if ev.best_possible:
-        result["best_possible"] = ev.best_possible["accuracy"]
+    if tuning.best_possible:
+        result["best_possible"] = tuning.best_possible["accuracy"]
     if test is not None:
         _, test_baseline = strongest_baseline(test.baselines) or ("", math.nan)
         test_accuracy = test.metrics["top1_accuracy"]
@@ -1999,27 +1884,27 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     method = "random (shuffled)" if shuffle_folds else "contiguous periods of time"
     keys = ["accuracy", "baseline_accuracy", "difference"]
     keys += [f"test_{key}" for key in keys] if len(test_idx) else []
-    summary = {key: mean_confidence_interval([r[key] for r in results]) for key in keys}
+    summary = {key: ev.mean_confidence_interval([r[key] for r in results]) for key in keys}
     summary["test_period"] = split_info["test_period"]  # type: ignore[assignment]
-    write_json(run.path("cv_results.json"), {
+    utils.write_json(run.path("cv_results.json"), {
         "k_folds": k, "fold_method": method, "folds": results, **summary,
         "options": dataclasses.asdict(opts),
     })  # fmt: skip
     report = [
-        overview_section(run, f"{export.export_dir} ({n:,} records)",
-                         f"- Folds: {k}, {method}; each fold validates on its records and trains on all the others"),
-        cv_performance_section(summary),
-        cv_folds_section([fold_row(r, shuffle_folds) for r in results]),
-        configuration_section(opts),
-        timing_section(None, f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s"),
-        cv_deployable_section(opts.model_path, deployed),
-        cv_files_section(opts.model_path),
+        utils.overview_section(run, f"{export.export_dir} ({n:,} records)",
+                               f"- Folds: {k}, {method}; each fold validates on its records and trains on all the others"),
+        ev.cv_performance_section(summary),
+        ev.cv_folds_section([fold_row(r, shuffle_folds) for r in results]),
+        utils.configuration_section(opts),
+        utils.timing_section(None, f"- Mean fit time per fold: {np.mean([r['fit_seconds'] for r in results]):.1f} s"),
+        ev.cv_deployable_section(opts.model_path, deployed),
+        ev.cv_files_section(opts.model_path),
     ]  # fmt: skip
-    headline = f"mean validation (tuning) accuracy {interval(summary['accuracy'])}"
+    headline = f"mean validation (tuning) accuracy {ev.interval(summary['accuracy'])}"
     if "test_accuracy" in summary:
-        headline = (f"mean held-out test window accuracy {interval(summary['test_accuracy'])}; "
+        headline = (f"mean held-out test window accuracy {ev.interval(summary['test_accuracy'])}; "
                     + headline)  # fmt: skip
-    write_report(run, "Training Report - Cross-Validation", report, headline)
+    utils.write_report(run, "Training Report - Cross-Validation", report, headline)
     return run.run_dir
 
 
@@ -2123,7 +2008,7 @@ def search_recipe(config: dict[str, Any], max_epochs: int, seed: int) -> TrainOp
     return TrainOptions(
         epochs=max_epochs, batch_size=int(config["batch_size"]),
         learning_rate=float(config["learning_rate"]), seed=seed, scheduler_tmax=max_epochs,
-        recency_half_life=float(config.get("recency_half_life", RECENCY_HALF_LIFE_DAYS)),
+        recency_half_life=float(config.get("recency_half_life", ev.RECENCY_HALF_LIFE_DAYS)),
     )  # fmt: skip
 
 
@@ -2163,7 +2048,7 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
         raise UserError("--num-samples must be at least 1")
     started = time.perf_counter()
     data = prepare_data(data_dir, 256, "time", topts.seed, test_days=topts.test_days)
-    ray_dir = topts.ray_dir if is_uri(topts.ray_dir) else str(Path(topts.ray_dir).resolve())
+    ray_dir = topts.ray_dir if utils.is_uri(topts.ray_dir) else str(Path(topts.ray_dir).resolve())
     trials = run_search(data, topts, ray_dir)
     finished = sorted((t for t in trials if "error" not in t),
                       key=lambda t: -t["best_val_accuracy"])  # fmt: skip
@@ -2194,7 +2079,7 @@ def retrain_best(
     with `{model_path}_config.json` beside the model and the search's report `lines`."""
 
     def sections(run_dir: Path) -> list[str]:
-        write_json(run_dir / f"{opts.model_path}_config.json", {
+        utils.write_json(run_dir / f"{opts.model_path}_config.json", {
             "hyperparameters": hyperparameters, "model_config": dataclasses.asdict(cfg),
             "training": dataclasses.asdict(opts), "search": search,
         })  # fmt: skip
@@ -2237,14 +2122,14 @@ def make_tuner(trainable: Any, topts: TuneOptions, ray_dir: str) -> Any:
 
 def run_search(data: PreparedData, topts: TuneOptions, ray_dir: str) -> list[dict[str, Any]]:
     """Every trial's configuration, epochs, best validation accuracy and nodes (or error)."""
-    ray = connect_ray(topts.ray_address, num_cpus=None)
+    ray = utils.connect_ray(topts.ray_address, num_cpus=None)
     try:
         from ray import tune
 
         from imt_ml.tfrecord_reader import tune_trial as trial_fn  # by module name, for the workers
 
-        if topts.ray_address and not is_uri(ray_dir):
-            check_shared_storage(ray, Path(ray_dir))
+        if topts.ray_address and not utils.is_uri(ray_dir):
+            utils.check_shared_storage(ray, Path(ray_dir))
         trainable = tune.with_resources(
             tune.with_parameters(
                 trial_fn, columns=data.columns, train_idx=data.train_idx, val_idx=data.val_idx,
@@ -2297,11 +2182,11 @@ def search_lines(
         "",
         "Search space:",
         "",
-        markdown_table(["Hyperparameter", "Distribution"], describe_search_space()),
+        utils.markdown_table(["Hyperparameter", "Distribution"], describe_search_space()),
         "",
         "Top trials:",
         "",
-        markdown_table(TOP_TRIALS_HEADER, top_trial_rows(finished[:10])),
+        utils.markdown_table(ev.TOP_TRIALS_HEADER, ev.top_trial_rows(finished[:10])),
         "",
         f"The best configuration is retrained below for up to {topts.final_epochs} epochs and "
         f"saved with `{topts.model_path}_config.json`.",
@@ -2319,14 +2204,14 @@ def run_evaluate(data_dir: Path | str, model_file: Path) -> tuple[Path, Evaluati
     evaluation = evaluate_model(model, columns, idx, tables, load_sample_truth(export_dir))
     run = Run.start("evaluate")
     m = evaluation.metrics
-    confusion = plot_confusion_matrix(
+    confusion = ev.plot_confusion_matrix(
         m["confusion"], evaluation.labels, run.path("confusion_matrix.png")
     )
     baselines = (f"tables from the model's training data (`{vocab_path.name}`)" if tables
                  else "not available (no vocab JSON beside the model)")  # fmt: skip
     about = [f"- Model: `{model_file}`", f"- Data: `{export_dir}` (all {len(idx):,} records)",
              f"- Baselines: {baselines}", ""]  # fmt: skip
-    write_report(run, "Evaluation Report", [about, evaluation_section(evaluation, "Evaluation"),
+    utils.write_report(run, "Evaluation Report", [about, ev.evaluation_section(evaluation, "Evaluation"),
                                             [f"![Confusion matrix]({confusion.name})", ""]],
                  f"top-1 {pct(m['top1_accuracy'])}, top-3 {pct(m['top3_accuracy'])} on {len(idx):,} records",
                  name="evaluation_report.md")  # fmt: skip
@@ -2369,7 +2254,7 @@ def features_from_assignment(doc: Any) -> dict[str, Any]:
         if doc.get(name) is None:
             raise ValueError(f"missing field {name}")
     try:
-        timestamp = parse_instant(doc["scheduled_time"])
+        timestamp = utils.parse_instant(doc["scheduled_time"])
     except (ValueError, OverflowError):
         raise ValueError(
             f"scheduled_time {doc['scheduled_time']!r} is not an ISO 8601 time"
@@ -2449,7 +2334,7 @@ def run_predict(
     `{"error": ...}`); returns how many were errors."""
     predictor = load_predictor(model_file)
     errors = 0
-    for block in chunked((line for line in lines if line.strip()), chunk):  # blank: no record
+    for block in utils.chunked((line for line in lines if line.strip()), chunk):  # blank: no record
         parsed = [parse_prediction_line(line) for line in block]
         good = [doc for doc, error in parsed if error is None]
         predictions = iter(predictor.predict(good) if good else [])
@@ -2513,9 +2398,6 @@ def export_serving_model(model: Any, path: Path) -> Path:
     return path
 
 
-# -- Command line -------------------------------------------------------------
-
-
 @click.group(
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
@@ -2534,7 +2416,9 @@ def cli(ctx: click.Context, data_dir: Path) -> None:
 
 
 #: The environment a training mode reads, for its --help.
-TRAINING_EPILOG = environment_epilog(ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG, ENV_DETERMINISTIC)
+TRAINING_EPILOG = utils.environment_epilog(
+    utils.ENV_OUTPUT, utils.ENV_PROGRESS, utils.ENV_TF_LOG, utils.ENV_DETERMINISTIC
+)
 
 
 @cli.command(epilog=TRAINING_EPILOG)
@@ -2563,7 +2447,7 @@ def predict(model_file: Path, input_file: Any) -> None:
 
 
 @cli.command(epilog=TRAINING_EPILOG)
-@dataclass_options(TrainOptions, model_path=DEFAULT_ENSEMBLE_MODEL_PATH)
+@utils.dataclass_options(TrainOptions, model_path=DEFAULT_ENSEMBLE_MODEL_PATH)
 @click.option("--num-models", type=click.IntRange(min=1), default=5, show_default=True,
               help="Ensemble members (each of a different architecture and seed).")  # fmt: skip
 @click.pass_context
@@ -2577,7 +2461,7 @@ def ensemble(ctx: click.Context, num_models: int, **options: Any) -> None:
 @click.option(
     "--shuffle-folds", is_flag=True, help="Random folds instead of contiguous periods of time."
 )
-@dataclass_options(TrainOptions, model_path=DEFAULT_CV_MODEL_PATH)
+@utils.dataclass_options(TrainOptions, model_path=DEFAULT_CV_MODEL_PATH)
 @click.pass_context
 def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) -> None:
     """k-fold cross-validation (accuracy per fold, mean, 95% interval), then the model to
@@ -2586,12 +2470,12 @@ def cv(ctx: click.Context, k_folds: int, shuffle_folds: bool, **options: Any) ->
 
 
 @cli.command(
-    epilog=environment_epilog(
-        ENV_OUTPUT, ENV_PROGRESS, ENV_TF_LOG,
+    epilog=utils.environment_epilog(
+        utils.ENV_OUTPUT, utils.ENV_PROGRESS, utils.ENV_TF_LOG,
         "RAY_ADDRESS (read by Ray: the cluster to join when --ray-address is not given)",
     )
 )  # fmt: skip
-@dataclass_options(TuneOptions)
+@utils.dataclass_options(TuneOptions)
 @click.pass_context
 def tune(ctx: click.Context, **options: Any) -> None:
     """Search hyperparameters with Ray Tune and ASHA, then train the best; writes output/tune_<time>/."""

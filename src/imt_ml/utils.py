@@ -69,11 +69,10 @@ def import_tensorflow() -> Any:
     probing prints E0000 lines that read like errors on every machine without a GPU, and its
     absl logging ignores TF_CPP_MIN_LOG_LEVEL set from Python (Python errors still raise).
     $IMT_ML_DETERMINISTIC makes every op deterministic (slower): one seed, one model."""
-    if "tensorflow" in sys.modules or os.environ.get(TF_LOG_VARIABLE):
+    quiet = "tensorflow" not in sys.modules and not os.environ.get(TF_LOG_VARIABLE)
+    with stderr_silenced() if quiet else contextlib.nullcontext():
         module = importlib.import_module("tensorflow")
-    else:
-        with stderr_silenced():
-            module = importlib.import_module("tensorflow")
+        if quiet:
             module.config.list_physical_devices()  # where the CUDA probing prints
     if os.environ.get(DETERMINISTIC_VARIABLE):
         module.config.experimental.enable_op_determinism()
