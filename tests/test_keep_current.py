@@ -80,6 +80,14 @@ def test_backtest_predicts_a_moved_train_right_from_the_first_origin_after_the_m
     assert total["records"] == 336
     assert total["model_top1"] == pytest.approx(np.mean(top1))
     assert {"model_ece", "model_coverage_80", "station_train_weighted", "stations"} <= set(total)
+    answers = np.load(run_dir / "backtest_records.npz")  # one row per scored record
+    assert len(answers["correct"]) == 336 and answers["correct"].mean() == pytest.approx(
+        np.mean(top1)
+    )
+    moved = (answers["trip_id"] == "CR-Weekday-Winter-24-520") & (
+        answers["window"] == windows[1]["start"]
+    )
+    assert not answers["correct"][moved].any() and set(answers["station_id"]) == {"place-sstat"}
     report = (run_dir / "backtest_report.md").read_text()
     assert "| **total** | 336 |" in report and (run_dir / "backtest.png").stat().st_size > 0
     # Only the last origin's model is kept unless asked.

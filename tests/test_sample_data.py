@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
+from zoneinfo import ZoneInfo
 
 import numpy as np
 from click.testing import CliRunner
@@ -182,12 +184,12 @@ def test_a_zone_station_spreads_each_train_over_its_zone():
 def test_drift_options_reach_the_export(tmp_path):
     result = CliRunner().invoke(sample_data.cli, [
         "to-export", "--records", "500", "--output", str(tmp_path), "--home-move-share", "0.1",
-        "--zone-stations", "place-north,place-rugg",
+        "--zone-stations", "place-north,place-rugg", "--weekly-moves", "0.02",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     meta = json.loads((only_export_dir(tmp_path) / "metadata.json").read_text())
     assert meta["drift"] == {"home_move_share": 0.1, "zone_stations": ["place-north", "place-rugg"],
-                             "closures": []}  # fmt: skip
+                             "closures": [], "weekly_moves": 0.02}  # fmt: skip
     bad = CliRunner().invoke(sample_data.cli, ["to-export", "--records", "10", "--output",
                                                str(tmp_path), "--zone-stations", "place-nowhere"])  # fmt: skip
     assert bad.exit_code == 1 and "unknown zone station" in bad.output
@@ -229,3 +231,38 @@ def test_each_seed_draws_a_world_of_its_own():
         assert abs(sum(world.zone_weights) - 1) < 0.01
         assert list(world.zone_weights) == sorted(world.zone_weights, reverse=True)
     assert World.draw(3) == SampleHistory(seed=3).world
+
+
+def test_single_trains_move_mid_season_and_the_knowable_ceiling_lags_the_move():
+    """`weekly_moves` moves one train's home at a time without changing anything else
+    drawn; with weekly origins set, a record's knowable probability is that of the track
+    likeliest the day before its origin: below the best right after its train moved,
+    equal to it where nothing changed since the origin."""
+    still = list(SampleHistory(seed=4).generate(30_000))
+    history = SampleHistory(seed=4, drift=Drift(weekly_moves=0.05))
+    first = sample_data.START_DATE + dt.timedelta(days=10)
+    history.origins = (first, 7)
+    events = list(history.generate(30_000))
+    # The same departures under the same keys, some on other tracks.
+    assert [(e.kind, e.member_key, e.score) for e in events] == [
+        (e.kind, e.member_key, e.score) for e in still
+    ]
+    assert [e.payload for e in events] != [e.payload for e in still]
+    clean = [e for e in events if e.kind == "clean"]
+    assert history.moved_on and any(e.moved_on for e in clean)
+
+    boston = ZoneInfo("America/New_York")
+    lagging, settled = [], []
+    for e in clean:
+        day = dt.datetime.fromtimestamp(e.score, boston).date()
+        if day < first:
+            assert e.knowable_probability is None
+            continue
+        origin = first + dt.timedelta(days=7 * ((day - first).days // 7))
+        if e.moved_on and e.moved_on >= origin:
+            lagging.append(e.knowable_probability < e.best_probability)
+        elif e.moved_on is None and season_of(day) == season_of(origin - dt.timedelta(days=1)):
+            settled.append(abs(e.knowable_probability - e.best_probability) < 1e-12)
+    # Lagging unless that weekday the train uses its second home, which did not move.
+    assert len(lagging) > 100 and sum(lagging) > 0.8 * len(lagging)
+    assert settled and all(settled)

@@ -72,6 +72,7 @@ def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOption
     run = Run.start("backtest")
     windows: list[dict[str, Any]] = []
     pooled: list[list[np.ndarray]] = []  # [correct, top probability] per window
+    answers: list[dict[str, np.ndarray]] = []  # each window's records, for backtest_records.npz
     warm: tuple[Any, tr.Vocabulary] | None = None
     previous_dir: Path | None = None
     bar = utils.progress(origins, desc="backtest origins", unit="origin")
@@ -79,9 +80,10 @@ def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOption
         scored = backtest_origin(run, export, opts, bt, origin, warm)
         if scored is None:
             continue
-        figures, fitted, model, *outcome = scored
+        figures, fitted, model, records, *outcome = scored
         windows.append(figures)
         pooled.append(outcome)
+        answers.append(records)
         bar.set_postfix(top1=f"{figures['model_top1']:.3f}", secs=f"{fitted.seconds:.0f}")
         warm = (model, fitted.vocab) if bt.warm_start else None
         if previous_dir is not None and not bt.keep_models:
@@ -94,6 +96,8 @@ def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOption
                            "epochs": opts.epochs, "no_refit": opts.no_refit},
                "export": str(export.export_dir), "windows": windows, "total": total}  # fmt: skip
     utils.write_json(run.path(utils.BACKTEST_RESULTS_FILE), results)
+    np.savez_compressed(run.path(utils.BACKTEST_RECORDS_FILE),
+                        **{k: np.concatenate([a[k] for a in answers]) for k in answers[0]})  # fmt: skip
     plot = plot_backtest(windows, run.path(utils.BACKTEST_PLOT_FILE))
     utils.write_report(run, "Backtest Report", backtest_sections(run, export, bt, windows, total, plot),
                        f"model top-1 {pct(total['model_top1'])} over {total['records']:,} records in "
@@ -105,7 +109,7 @@ def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOption
 def backtest_origin(
     run: Run, export: tr.Export, opts: tr.TrainOptions, bt: BacktestOptions, origin: float,
     warm: tuple[Any, tr.Vocabulary] | None,
-) -> tuple[dict[str, Any], tr.FittedModel, Any, np.ndarray, np.ndarray] | None:  # fmt: skip
+) -> tuple[dict[str, Any], tr.FittedModel, Any, dict, np.ndarray, np.ndarray] | None:  # fmt: skip
     """One origin: the model a deployment would have had (the recipe on the records before
     the origin only, validated on the newest `horizon` days: the horizon it is then used
     for), scored on the `horizon` days after it. None when either side has no records."""
@@ -131,9 +135,18 @@ def backtest_origin(
     correct = scores.metrics["predicted_tracks"] == truth_tracks
     strongest = ev.strongest_baseline(scores.baselines)
     margin: tuple[float | None, float | None] = (None, None)
-    if strongest and len(window) >= 2:
-        table = ev.baseline_predictions(tables, columns, window)[strongest[0]]
-        margin = ev.paired_margin(correct, table == truth_tracks)
+    table_correct = np.zeros(len(window), dtype=bool)
+    if strongest:
+        table_correct = (
+            ev.baseline_predictions(tables, columns, window)[strongest[0]] == truth_tracks
+        )
+        if len(window) >= 2:
+            margin = ev.paired_margin(correct, table_correct)
+    confidence = scores.probabilities.max(axis=1)
+    records = {"window": np.full(len(window), origin), "correct": correct, "confidence": confidence,
+               "strongest_table_correct": table_correct,
+               "scheduled_timestamp": ts[window],
+               **{k: columns[k][window].astype(str) for k in ("station_id", "trip_id")}}  # fmt: skip
     figures = {"start": float(origin), "end": float(end), **ev.window_figures(scores, columns, window),
                "strongest_table": strongest[0] if strongest else None,
                "margin": margin[0], "margin_interval": margin[1],
@@ -141,7 +154,7 @@ def backtest_origin(
                "epochs": fitted.epochs,
                "closed_tracks": {station: sorted(tracks, key=ev.track_sort_key)
                                  for station, tracks in fitted.vocab.closed_tracks.items()}}  # fmt: skip
-    return figures, fitted, model, correct, scores.probabilities.max(axis=1)
+    return figures, fitted, model, records, correct, confidence
 
 
 def backtest_total(windows: list[dict[str, Any]], pooled: list[list[np.ndarray]]) -> dict[str, Any]:

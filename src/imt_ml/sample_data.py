@@ -15,7 +15,7 @@ import functools
 import json
 import random
 import sys
-from collections import Counter
+from collections import ChainMap, Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,11 @@ class Assignment:
     best_probability: float = 0.0
     #: The probability of last season's likeliest track (what knowing only last season can expect).
     last_season_probability: float = 0.0
+    #: The probability of the track that was likeliest the day before this record's origin
+    #: (set when `SampleHistory.origins` is): what could be known when its model was trained.
+    knowable_probability: float | None = None
+    #: The day its train's home at this station last moved mid-season (`Drift.weekly_moves`).
+    moved_on: dt.date | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +148,9 @@ class Drift:
     zone_stations: tuple[str, ...] = ("place-north",)
     #: A departure that would use a closed platform uses the nearest open one (so does the truth).
     closures: tuple[Closure, ...] = ()
+    #: Chance a week that a train's home track at a station moves mid-season, one train at a
+    #: time (drawn from a generator of its own, so a world without moves stays the same).
+    weekly_moves: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +215,12 @@ class SampleHistory:
         #: (homes, zones) as they were before the latest change of season.
         self._last_season: tuple[dict, dict] | None = None
         self.skip_counts: Counter[str] = Counter()
+        self.move_rng = random.Random(f"moves-{seed}")
+        self.moved_on: dict[tuple[str, int], dt.date] = {}
+        #: (first origin, days between origins): when set, each clean record gets its
+        #: `knowable_probability`, from the world as it was the day before its origin.
+        self.origins: tuple[dt.date, int] | None = None
+        self._at_origin: tuple[dict, dict, dt.date] | None = None
 
     def _timetable(self) -> list[Train]:
         trains = []
@@ -252,7 +266,7 @@ class SampleHistory:
     def _new_season(self, season: tuple[str, int]) -> None:
         """A new schedule: a share of the trains move home (or reorder their zone)."""
         if self._season is not None:
-            self._last_season = (dict(self.homes), {k: list(v) for k, v in self.zones.items()})
+            self._last_season = self._state()
             route_of = {t.number: t.route_id for t in self.trains}
             for key in sorted(self.homes):
                 if self.rng.random() < self.drift.home_move_share:
@@ -261,6 +275,33 @@ class SampleHistory:
                 if self.rng.random() < self.drift.home_move_share:
                     self.zones[key] = self.rng.sample(self.zones[key], len(self.zones[key]))
         self._season = season
+
+    def _state(self) -> tuple[dict, dict]:
+        return dict(self.homes), {k: list(v) for k, v in self.zones.items()}
+
+    def _move_single_trains(self, day: dt.date) -> None:
+        """Mid-season, now and then one train's home at one station moves (`weekly_moves`)."""
+        route_of = {t.number: t.route_id for t in self.trains}
+        for key in sorted(self.homes):
+            if self.move_rng.random() < self.drift.weekly_moves / 7:
+                window = self.windows[key[0], route_of[key[1]]]
+                self.homes[key] = self.move_rng.choice(
+                    [t for t in window if t != self.homes[key]] or window
+                )
+                self.moved_on[key] = day
+
+    def _at_day_start(self, day: dt.date) -> None:
+        """Snapshot the world at an origin (the day before's), then a season's or a train's move."""
+        if (
+            self.origins
+            and day >= self.origins[0]
+            and (day - self.origins[0]).days % self.origins[1] == 0
+        ):
+            self._at_origin = (*self._state(), day - dt.timedelta(days=1))
+        if (season := season_of(day)) != self._season:
+            self._new_season(season)
+        if self.drift.weekly_moves:
+            self._move_single_trains(day)
 
     def track_distribution(
         self, station: str, train: Train, hour: int, weekday: int | None = None
@@ -297,20 +338,18 @@ class SampleHistory:
             moved[track] = moved.get(track, 0.0) + p
         return moved
 
-    def _last_season_track(self, station: str, train: Train, local: dt.datetime) -> str | None:
-        """The track likeliest under last season's homes and zones (None in the first season).
-        Call after `track_distribution`, so that no random number is drawn."""
-        if self._last_season is None:
-            return None
+    def _likeliest_under(self, state: tuple[dict, dict], station: str, train: Train,
+                         local: dt.datetime, day: dt.date) -> str:  # fmt: skip
+        """The likeliest track under earlier homes and zones (a train unknown then: today's)
+        and `day`'s closures. Call after `track_distribution`, so no random number is drawn."""
         homes, zones = self.homes, self.zones
-        self.homes = {**homes, **self._last_season[0]}
-        self.zones = {**zones, **self._last_season[1]}
+        self.homes, self.zones = ChainMap(state[0], homes), ChainMap(state[1], zones)  # type: ignore[assignment]
         try:
-            last = self.track_distribution(station, train, local.hour, local.weekday())
+            dist = self.track_distribution(station, train, local.hour, local.weekday())
         finally:
             self.homes, self.zones = homes, zones
-        last = self.with_closures(last, station, local.date())
-        return max(last, key=lambda t: last[t])
+        dist = self.with_closures(dist, station, day)
+        return max(dist, key=lambda t: dist[t])
 
     def _trip_id(self, train: Train, day: dt.date) -> str:
         season, year = season_of(day)
@@ -343,8 +382,7 @@ class SampleHistory:
         last_clean: Assignment | None = None
         emitted, day = 0, START_DATE
         while emitted < n_records:
-            if (season := season_of(day)) != self._season:
-                self._new_season(season)
+            self._at_day_start(day)
             for station, train, local in self._departures(day):
                 if emitted >= n_records:
                     return
@@ -404,8 +442,16 @@ class SampleHistory:
         if kind == "clean":
             event.truth_key = (station, trip_id, score)
             event.best_probability = best = max(dist.values())
-            last = self._last_season_track(station, train, local)
-            event.last_season_probability = best if last is None else dist.get(last, 0.0)
+            if self._last_season is not None:
+                last = self._likeliest_under(self._last_season, station, train, local, day)
+            event.last_season_probability = (
+                best if self._last_season is None else dist.get(last, 0.0)
+            )
+            if self._at_origin is not None:
+                known = self._likeliest_under(self._at_origin[:2], station, train, local,
+                                              self._at_origin[2])  # fmt: skip
+                event.knowable_probability = dist.get(known, 0.0)
+            event.moved_on = self.moved_on.get((station, train.number))
         return event
 
     def _duplicate_of(self, first: Assignment) -> Assignment:
@@ -543,7 +589,7 @@ output_option = click.option(
 
 
 def drift_options(func: Any) -> Any:
-    """--home-move-share and --zone-stations, gathered into a Drift."""
+    """--home-move-share, --zone-stations and --weekly-moves, gathered into a Drift."""
     d = Drift()
 
     @click.option("--home-move-share", type=click.FloatRange(0, 1), default=d.home_move_share,
@@ -552,10 +598,14 @@ def drift_options(func: Any) -> Any:
     @click.option("--zone-stations", default=",".join(d.zone_stations), show_default=True,
                   help="Comma-separated stations whose trains keep only to a zone of tracks "
                   "(\"\" for none).")  # fmt: skip
+    @click.option("--weekly-moves", type=click.FloatRange(0, 1), default=d.weekly_moves,
+                  show_default=True,
+                  help="Chance a week that a train's home track moves mid-season.")  # fmt: skip
     @functools.wraps(func)
-    def to_drift(home_move_share: float, zone_stations: str, **kwargs: Any) -> Any:
+    def to_drift(home_move_share: float, zone_stations: str, weekly_moves: float,
+                 **kwargs: Any) -> Any:  # fmt: skip
         stations = tuple(s.strip() for s in zone_stations.split(",") if s.strip())
-        return func(drift=Drift(home_move_share, stations), **kwargs)
+        return func(drift=Drift(home_move_share, stations, weekly_moves=weekly_moves), **kwargs)
 
     return to_drift
 

@@ -481,6 +481,7 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
 BACKTEST_RESULTS_FILE = "backtest_results.json"
 BACKTEST_REPORT_FILE = "backtest_report.md"
 BACKTEST_PLOT_FILE = "backtest.png"
+BACKTEST_RECORDS_FILE = "backtest_records.npz"
 RETRAIN_REPORT_FILE = "retrain_report.md"
 REGISTRY_MODEL_FILE = "model.keras"
 REGISTRY_VOCAB_FILE = "model_vocab.json"
