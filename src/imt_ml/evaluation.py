@@ -19,18 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from imt_ml.utils import (
-    SAMPLE_TRUTH_FILE,
-    SECONDS_PER_DAY,
-    Run,
-    UserError,
-    boston_offsets,
-    figure,
-    files_section,
-    markdown_table,
-    pct,
-    section,
-)
+from imt_ml import utils
+from imt_ml.utils import SECONDS_PER_DAY, Run, UserError, markdown_table, pct, section
 
 #: A schedule season lasts about 90 days; 60 lets the current one outweigh the last.
 RECENCY_HALF_LIFE_DAYS = 60.0
@@ -41,7 +31,7 @@ PRECISION_TARGETS = (0.8, 0.9)
 
 def boston_days(timestamps: np.ndarray) -> np.ndarray:
     """Day number (days since 1970-01-01) of each instant on Boston's calendar."""
-    instants, offsets = boston_offsets()
+    instants, offsets = utils.boston_offsets()
     at = np.searchsorted(np.asarray(instants), timestamps, side="right")
     local = timestamps + np.asarray(offsets, dtype=np.float64)[at]
     return np.floor(local / SECONDS_PER_DAY).astype(np.int64)
@@ -143,12 +133,10 @@ def most_frequent_tracks(keys: np.ndarray, tracks: np.ndarray, weights: np.ndarr
 
 
 def baseline_tables(
-    columns: dict[str, np.ndarray], idx: np.ndarray,
-    half_life_days: float = RECENCY_HALF_LIFE_DAYS,
-) -> dict[str, Any]:  # fmt: skip
-    """Most frequent track per station+route, station+train number, station+trip id,
-    station, and overall, among the records `idx`: counted plainly, and (`_weighted`)
-    with the recency weights the model's history tables use."""
+    columns: dict[str, np.ndarray], idx: np.ndarray, half_life_days: float = RECENCY_HALF_LIFE_DAYS
+) -> dict[str, Any]:
+    """The lookup tables (TABLE_KEYS, station and overall) of the records `idx`: counted
+    plainly, and (`_weighted`) with the recency weights the model's history tables use."""
     keys = table_keys(columns, idx)
     tracks = columns["track_number"][idx]
     plain = np.ones(len(idx))
@@ -316,8 +304,7 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray) -> list[dict[s
 
 
 def log_loss(ev: Evaluation, true_tracks: np.ndarray) -> float:
-    """Mean negative log probability of the true track (tracks outside the model's labels
-    get probability 1e-7), the calibrated probabilities' cross-entropy."""
+    """Cross-entropy of the true tracks (probability 1e-7 for tracks outside the labels)."""
     y = label_indices(true_tracks, ev.labels)
     p = np.where(y >= 0, ev.probabilities[np.arange(len(y)), np.maximum(y, 0)], 0.0)
     return mean_or_nan(-np.log(np.maximum(p, 1e-7)))
@@ -378,7 +365,7 @@ def evaluate_predictions(
 def load_sample_truth(export_dir: Path) -> dict[tuple[str, str, float], float] | None:
     """Generating probabilities of sample data, from the export or its root (else None)."""
     for folder in (export_dir, export_dir.parent):
-        if (path := folder / SAMPLE_TRUTH_FILE).is_file():
+        if (path := folder / utils.SAMPLE_TRUTH_FILE).is_file():
             data = np.load(path)
             stamps = data["scheduled_timestamp"].tolist()
             keys = zip(data["station_id"], data["trip_id"], stamps, strict=True)
@@ -415,7 +402,7 @@ class Evaluation:
 
 
 def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
-    with figure(path, ncols=2, figsize=(11, 4)) as (_, axes):
+    with utils.figure(path, ncols=2, figsize=(11, 4)) as (_, axes):
         epochs = range(1, len(history.get("loss", [])) + 1)
         for key, ax in zip(("loss", "accuracy"), axes, strict=True):
             for name, label in ((key, "train"), (f"val_{key}", "validation")):
@@ -431,7 +418,7 @@ def plot_confusion_matrix(confusion: np.ndarray, labels: list[str], path: Path) 
     rows = confusion.sum(axis=1, keepdims=True)
     share = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
     size = max(5.0, 0.45 * len(labels) + 2)
-    with figure(path, figsize=(size, size * 0.85)) as (fig, ax):
+    with utils.figure(path, figsize=(size, size * 0.85)) as (fig, ax):
         image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(labels)), labels)
         ax.set_yticks(range(len(labels)), labels)
@@ -444,7 +431,7 @@ def plot_confusion_matrix(confusion: np.ndarray, labels: list[str], path: Path) 
 def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
     """Accuracy against confidence per bin, before and after the confidence map."""
     c = calibration
-    with figure(path, figsize=(5.5, 5)) as (_, ax):
+    with utils.figure(path, figsize=(5.5, 5)) as (_, ax):
         ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
         for bins, label, style in ((c.reliability_before, f"model (ECE {c.ece_before:.3f})", "o-"),
                                    (c.reliability_after, f"calibrated (ECE {c.ece_after:.3f})", "s-")):  # fmt: skip
@@ -459,9 +446,8 @@ def plot_reliability_diagram(calibration: Calibration, path: Path) -> Path:
 def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validation records") -> str:
     m = ev.metrics
     unknown = m["unknown_track_records"]
-    parts = [
-        f"## {title}",
-        "",
+    parts = section(
+        title,
         f"{m['records']:,} records"
         + (f", of which {unknown:,} have a track never seen in training (counted as wrong)"
            if unknown else "")
@@ -489,8 +475,7 @@ def evaluation_section(ev: Evaluation, title: str = "Evaluation on the validatio
         markdown_table(["Station", "Records", "Accuracy"],
                        [[s, f"{v['records']:,}", pct(v["accuracy"])]
                         for s, v in m["per_station"].items()]),
-        "",
-    ]  # fmt: skip
+    )  # fmt: skip
     return "\n".join(parts)
 
 
@@ -499,8 +484,7 @@ def accuracy_rows(ev: Evaluation) -> list[list[str]]:
     m = ev.metrics
     rows = [["Model (top-1)", pct(m["top1_accuracy"])], ["Model (top-3)", pct(m["top3_accuracy"])]]
     rows += [[f"Baseline: {BASELINE_NAMES[key]}", pct(acc)] for key, acc in ev.baselines.items()]
-    if ev.best_possible:
-        bp = ev.best_possible
+    if bp := ev.best_possible:
         rows.append([f"Best possible (sample data's generating probabilities, {bp['matched']:,} records)",
                      pct(bp["accuracy"])])  # fmt: skip
     return rows
@@ -722,8 +706,7 @@ def refit_section(refit: dict[str, Any] | None, best_path: Path, final_path: Pat
 
 
 def evaluation_sections(tuning: Evaluation, test: Evaluation | None, data: Any) -> list[str]:
-    """The headline (test window) evaluation first, then the tuning figures, each titled with
-    what its records are."""
+    """The headline (test window) evaluation, then the tuning figures, each titled by its records."""
     info = data.split_info
     tuning_title = ("Tuning figures: the validation records (they chose the checkpoint, early "
                     "stopping and the confidence map)")  # fmt: skip
@@ -787,7 +770,8 @@ def figures_section(run: Run, history: dict[str, list[float]], evaluation: Evalu
 
 def train_files_section(files: Any, serving: Path) -> list[str]:
     best, final = files.best.name, files.final.name
-    return files_section(
+    return section(
+        "Files",
         f"- `{best}`, `{final}`: models taking raw values, answering with track probabilities "
         "(labels in the `track_probabilities` layer); `import imt_ml`, then "
         "`keras.saving.load_model(path, compile=False)`",
@@ -814,11 +798,13 @@ def ensemble_members_section(members: list[Any], weights: list[float]) -> list[s
     header = ["Member", "Architecture", "Parameters", "Epochs", "Fit s", "Validation top-1",
               "Weight"]  # fmt: skip
     rows = [[*m.row, f"{w:.3f}"] for m, w in zip(members, weights, strict=True)]
-    return [
-        "## Ensemble Members", "", markdown_table(header, rows), "",
+    return section(
+        "Ensemble Members",
+        markdown_table(header, rows),
+        "",
         "The combined model is the weighted mean of the members' probabilities, with the weights "
-        "(summing to one) that minimise its log-loss on the validation records.", "",
-    ]  # fmt: skip
+        "(summing to one) that minimise its log-loss on the validation records.",
+    )
 
 
 def ensemble_refit_section(refits: list[dict[str, Any]], calibration: Calibration) -> list[str]:
@@ -837,7 +823,8 @@ def ensemble_refit_section(refits: list[dict[str, Any]], calibration: Calibratio
 
 
 def ensemble_files_section(mp: str, combined_path: Path, serving: Path) -> list[str]:
-    return files_section(
+    return section(
+        "Files",
         f"- `{mp}_{{i}}_best.keras`, `{mp}_{{i}}_final.keras`: each member",
         f"- `{combined_path.name}`: the average of the members' best checkpoints, raw values in, "
         "track probabilities out (`evaluate`, `predict` and `serve` accept it)",
@@ -852,8 +839,6 @@ def fold_indices(timestamps: np.ndarray, k: int, shuffle: bool, seed: int) -> li
     """Validation indices of each fold: contiguous periods of time (records with the same
     scheduled time stay together), or with `shuffle` a seeded shuffle."""
     n = len(timestamps)
-    if k < 2:
-        raise UserError("--k-folds must be at least 2")
     if k > n:
         raise UserError(f"--k-folds {k} is more than the {n} records in the export")
     if shuffle:
@@ -943,7 +928,8 @@ def cv_deployable_section(mp: str, fitted: Any) -> list[str]:
 
 
 def cv_files_section(mp: str) -> list[str]:
-    return files_section(
+    return section(
+        "Files",
         f"- `{mp}_best.keras`, `{mp}_final.keras`, `{mp}_vocab.json`, "
         f"`{mp}_serving/`: the deployable model, its vocabularies and its TensorFlow SavedModel",
         f"- `{mp}_fold_{{j}}.keras`: each fold's model (`import imt_ml`, then "

@@ -222,9 +222,8 @@ def encode_example_reference(record: tuple) -> bytes:
 class ExampleEncoder:
     """Fast tf.train.Example encoding for a stream of records (FEATURE_SCHEMA order). Most
     values repeat (a few stations, routes, tracks; 2 x 7 x 24 x 60 combinations of the small
-    integers), so encoded map entries are cached, up to MAX_CACHED values each: a record costs
-    a few lookups, one struct.pack for its floats and one join. Map entries may come in any
-    order: strings, then integers, then floats."""
+    integers), so encoded map entries are cached, up to MAX_CACHED values each. Map entries
+    may come in any order: strings, then integers, then floats."""
 
     MAX_CACHED = 100_000
 
@@ -450,8 +449,6 @@ def _duplicated_elsewhere(client: Any, members: list[bytes]) -> set[bytes]:
         parts = member.split(b":", 3)
         if len(parts) == 4 and parts[0] + b":" == HISTORY_PREFIX.encode():
             owned.append((member, SERIES_PREFIX.encode() + parts[1] + b":" + parts[2]))
-    if not owned:
-        return set()
     pipe = client.pipeline(transaction=False)
     for member, series in owned:
         pipe.zscore(series, member)

@@ -1,11 +1,6 @@
-"""Keep the served model current: backtest the recipe over time, retrain a challenger
-against the registry's current model (the champion), promote, and roll back; usage and
-examples in docs/keeping-current.md.
-
-Every model here is made by `tfrecord_reader.fit_track_model`, `train`'s one recipe (every
-`train` flag applies). A registry holds numbered versions and a `current` pointer
-(`utils.ModelRegistry`); `serve-predictions --model REGISTRY` follows it within seconds.
-"""
+"""Keep the served model current: backtest `train`'s recipe (`tr.fit_track_model`) over time,
+retrain a challenger against the registry's current model (the champion), promote, and roll
+back; usage and examples in docs/keeping-current.md."""
 
 from __future__ import annotations
 
@@ -19,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import click
 import numpy as np
@@ -48,11 +42,9 @@ class BacktestOptions:
 
 
 def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[float]:
-    """Unix times of the origins: Boston midnight of `start`, then every `every` days
-    while records remain after the origin."""
+    """Unix times of the origins: Boston midnight of `start`, then every `every` days."""
     try:
-        first = dt.datetime.combine(dt.date.fromisoformat(start), dt.time(),
-                                    tzinfo=ZoneInfo(utils.TRACKER_TIMEZONE)).timestamp()  # fmt: skip
+        first = utils.parse_instant(dt.date.fromisoformat(start).isoformat())  # Boston midnight
     except ValueError:
         raise UserError(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
     if len(timestamps) == 0 or first <= timestamps.min():
@@ -64,9 +56,7 @@ def backtest_origins(timestamps: np.ndarray, start: str, every: float) -> list[f
 
 
 def run_backtest(data_dir: Path | str, opts: tr.TrainOptions, bt: BacktestOptions) -> Path:
-    """`backtest`: at each origin, train on everything before it and score the next `horizon`
-    days against every lookup table of the same records (and the best possible on sample
-    data); writes a report, a plot and backtest_results.json."""
+    """`backtest`: train and score at each origin; writes the run's report, plot and results."""
     export = tr.load_export(data_dir)
     origins = backtest_origins(export.columns["scheduled_timestamp"], bt.start, bt.every)
     run = Run.start("backtest")
@@ -110,9 +100,9 @@ def backtest_origin(
     run: Run, export: tr.Export, opts: tr.TrainOptions, bt: BacktestOptions, origin: float,
     warm: tuple[Any, tr.Vocabulary] | None,
 ) -> tuple[dict[str, Any], tr.FittedModel, Any, dict, np.ndarray, np.ndarray] | None:  # fmt: skip
-    """One origin: the model a deployment would have had (the recipe on the records before
-    the origin only, validated on the newest `horizon` days: the horizon it is then used
-    for), scored on the `horizon` days after it. None when either side has no records."""
+    """One origin: the recipe on the records before it (validated on their newest `horizon`
+    days, the horizon it is then used for), scored on the `horizon` days after; None when
+    either side has no records."""
     columns = export.columns
     ts = columns["scheduled_timestamp"]
     end = origin + bt.horizon * utils.SECONDS_PER_DAY
@@ -137,9 +127,8 @@ def backtest_origin(
     margin: tuple[float | None, float | None] = (None, None)
     table_correct = np.zeros(len(window), dtype=bool)
     if strongest:
-        table_correct = (
-            ev.baseline_predictions(tables, columns, window)[strongest[0]] == truth_tracks
-        )
+        table = ev.baseline_predictions(tables, columns, window)[strongest[0]]
+        table_correct = table == truth_tracks
         if len(window) >= 2:
             margin = ev.paired_margin(correct, table_correct)
     confidence = scores.probabilities.max(axis=1)
@@ -298,9 +287,7 @@ def decide_promotion(champion: dict[str, Any] | None, challenger: dict[str, Any]
 
 
 def run_retrain(data_dir: Path | str, opts: tr.TrainOptions, rt: RetrainOptions) -> Path:
-    """`retrain`: the recipe's validated fit on all but the newest --holdout-days (the
-    challenger) scored with the registry's current model (the champion) on those days; if
-    the rule promotes it, the recipe's refit on every record, installed."""
+    """`retrain`: the champion/challenger run (docs/keeping-current.md); returns its directory."""
     registry = ModelRegistry(rt.registry)
     export = tr.load_export(data_dir)
     data = tr.prepare_training_data(export, opts, test_days=rt.holdout_days)
@@ -320,8 +307,7 @@ def run_retrain(data_dir: Path | str, opts: tr.TrainOptions, rt: RetrainOptions)
     verdict: dict[str, Any] = {}
 
     def judge(fitted: tr.FittedModel) -> bool:
-        """Score the validated challenger as it would have answered from the first holdout
-        day (its weights reading history tables of every record before it) and decide."""
+        """Score the challenger as it would have answered from the first holdout day; decide."""
         seen = tr.take_records(export.columns, np.concatenate([data.train_idx, data.val_idx]))
         before = tr.Export(export.export_dir, export.metadata, seen)
         start = (fitted.validated, data.vocab_info)

@@ -34,9 +34,6 @@ class TrainNumber(keras.layers.Layer):
     def call(self, trip_id):
         return tf.strings.regex_replace(trip_id, r"^.*-", "")
 
-    def compute_output_spec(self, trip_id):
-        return keras.KerasTensor(trip_id.shape, dtype="string")
-
 
 @register
 class JoinStrings(keras.layers.Layer):
@@ -48,9 +45,6 @@ class JoinStrings(keras.layers.Layer):
 
     def call(self, parts):
         return tf.strings.join(list(parts), separator=self.separator)
-
-    def compute_output_spec(self, parts):
-        return keras.KerasTensor(parts[0].shape, dtype="string")
 
     def get_config(self):
         return {**super().get_config(), "separator": self.separator}
@@ -82,9 +76,6 @@ class BostonClock(keras.layers.Layer):
         clock = tf.stack([hour, minute_of_day - hour * 60.0, weekday, day], axis=-1)
         return tf.cast(clock, tf.float32)
 
-    def compute_output_spec(self, timestamp):
-        return keras.KerasTensor((timestamp.shape[0], 4), dtype="float32")
-
     def get_config(self):
         return {**super().get_config(), "instants": self.instants, "offsets": self.offsets}
 
@@ -103,10 +94,6 @@ class CyclicalEncoding(keras.layers.Layer):
             x = x[:, self.column]
         angle = keras.ops.cast(x, "float32") * (2.0 * math.pi / self.period)
         return keras.ops.stack([keras.ops.sin(angle), keras.ops.cos(angle)], axis=-1)
-
-    def compute_output_spec(self, x):
-        shape = x.shape[:1] if self.column is not None else x.shape
-        return keras.KerasTensor((*shape, 2), dtype="float32")
 
     def get_config(self):
         return {**super().get_config(), "period": self.period, "column": self.column}
@@ -127,26 +114,20 @@ def other_days(inputs: Any, training: Any) -> Any:
 
 @register
 class OtherDays(keras.layers.Layer):
-    """[counts over every training record, the same per group of days (HISTORY_FOLDS blocks),
-    Boston clock] -> the counts a record may read: in training only `other_days`, so its own
-    track is never evidence for itself; otherwise all of them."""
+    """[counts, the same per group of days (HISTORY_FOLDS blocks), Boston clock] -> the counts a
+    record may read: `other_days` in training (its own track is never its evidence), else all."""
 
     def call(self, inputs, training=None):
         return other_days(inputs, training)
-
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs[0].shape, dtype="float32")
 
 
 @register
 class NewTrips(keras.layers.Layer):
     """[station + trip counts, station + train counts, the train's finer (per weekday) tables]
-    -> the same, where in training a share `hide` of records read their trip as a new
-    season's would: its counts 0, the train's keeping only its other trips (the finer tables
-    scaled alike), all a new season's first records have. `whole_train`: the train's counts
-    stay whole (the new-trip confidence map, fitted through `always`, learns how often a new
-    season proves them wrong). `always` (a copy for calibration, `as_new_trips`): every
-    record, in and out of training, reads its trip as new."""
+    -> the same; in training a share `hide` of records read their trip as a new season's would
+    (its counts 0, the train's only its other trips, the finer tables scaled alike; with
+    `whole_train` the train's stay whole). `always` (a copy for calibration, `as_new_trips`):
+    every record, in and out of training, reads its trip as new (docs/model.md)."""
 
     def __init__(self, hide: float = 0.15, seed: int | None = None, always: bool = False,
                  whole_train: bool = False, **kwargs):  # fmt: skip
@@ -177,9 +158,6 @@ class NewTrips(keras.layers.Layer):
         share = keras.ops.sum(kept, axis=-1, keepdims=True) / keras.ops.maximum(total, 1e-6)
         return [kept, *(t * share for t in finer)]
 
-    def compute_output_spec(self, inputs):
-        return [keras.KerasTensor(t.shape, dtype="float32") for t in inputs]
-
     def get_config(self):
         return {**super().get_config(), "hide": self.hide, "seed": self.seed,
                 "always": self.always, "whole_train": self.whole_train}  # fmt: skip
@@ -193,9 +171,6 @@ class DayRow(keras.layers.Layer):
     def call(self, inputs):
         row, clock = inputs
         return keras.ops.cast(row, "int64") * 7 + keras.ops.cast(clock[:, 2], "int64")
-
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs[0].shape, dtype="int64")
 
 
 @register
@@ -211,20 +186,14 @@ class TrackHistory(keras.layers.Layer):
         shares = counts / keras.ops.maximum(total, 1e-6)
         return keras.ops.concatenate([shares, keras.ops.log1p(total)], axis=-1)
 
-    def compute_output_spec(self, inputs):
-        counts = inputs[0] if isinstance(inputs, list | tuple) else inputs
-        return keras.KerasTensor((counts.shape[0], counts.shape[1] + 1), dtype="float32")
-
 
 @register
 class EvidenceLogits(keras.layers.Layer):
-    """sum over tables of a_t * log(share + 0.01), one learned weight a_t per table (from 1):
-    the tables' answer as a starting point for the logits. Tables come most specific first
-    (station + trip id, then station + train number); each later one has a weight for records
-    the first knows and one for those it does not (a new schedule's trip ids). The last
-    `finer` tables (the train per weekday) enter as what they add to the one before: log of
-    their shares shrunk toward its shares by `prior` records, less log of its shares; so
-    after a move a train's stale weekday evidence does not count twice."""
+    """sum over tables of a_t * log(share + 0.01), one learned weight a_t per table (from 1).
+    Tables come most specific first (station + trip id, then station + train number); each
+    later one has a weight for records the first knows and one for those it does not. The last
+    `finer` tables (per weekday) enter as log of their shares shrunk toward the previous
+    table's by `prior` records, less log of its shares: stale weekday evidence counts once."""
 
     def __init__(self, finer: int = 0, prior: float = 3.0, **kwargs):
         super().__init__(**kwargs)
@@ -256,19 +225,14 @@ class EvidenceLogits(keras.layers.Layer):
             logits = logits + scale * term
         return logits
 
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor((inputs[0].shape[0], inputs[0].shape[1] - 1), dtype="float32")
-
 
 # --- Output: masks, and labelled, calibrated probabilities. ---
 @register
 class TrackProbabilities(keras.layers.Layer):
     """The output: class probabilities, keeping each class's track label and the tracks each
     station used in training (`.labels` / `.station_tracks`). Inputs [probabilities, known]:
-    the top probability of known trips goes through `confidence_map` (see `calibrate_model`),
-    of new ones through `new_trip_map`, to the accuracy records with that confidence had
-    (piecewise linear); the other tracks share the rest in their own proportions, the top
-    staying on top. Without a map (or `known`), the model's own probabilities."""
+    the top probability goes through `confidence_map` (known trips) or `new_trip_map` (new
+    ones), docs/model.md#calibration; without a map (or `known`), the model's own."""
 
     def __init__(self, labels: list[str], station_tracks: dict[str, list[str]] | None = None,
                  confidence_map: dict[str, list[float]] | None = None,
@@ -314,10 +278,6 @@ class TrackProbabilities(keras.layers.Layer):
         )  # fmt: skip
         return chosen * mapped + (1.0 - chosen) * others
 
-    def compute_output_spec(self, inputs):
-        probabilities = inputs[0] if isinstance(inputs, list | tuple) else inputs
-        return keras.KerasTensor(probabilities.shape, dtype="float32")
-
     def get_config(self):
         cmap = self.confidence_map._asdict() if self.confidence_map else None
         new = self.new_trip_map._asdict() if self.new_trip_map else None
@@ -334,9 +294,6 @@ class ClosedTracks(keras.layers.Layer):
         since, clock = inputs
         return keras.ops.cast(clock[:, 3:4] >= since, "float32") * -1e4
 
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs[0].shape, dtype="float32")
-
 
 @register
 class KnownKey(keras.layers.Layer):
@@ -344,9 +301,6 @@ class KnownKey(keras.layers.Layer):
 
     def call(self, history):
         return keras.ops.cast(history[:, -1:] > 0.0, "float32")
-
-    def compute_output_spec(self, history):
-        return keras.KerasTensor((history.shape[0], 1), dtype="float32")
 
 
 # --- Training callbacks. ---

@@ -3,9 +3,7 @@
 The tracker stopped recording on 2026-02-10. For each commuter-rail departure at the four big
 stations whose platform is known, this writes the record the tracker would have written
 (docs/tracker-layout.md; API use: docs/mbta-v3.md), so the exporter reads old and new history
-alike; streaming (SSE), polling (--poll) or one pass (--once): docs/recording-and-export.md. A
-track changed before departure rewrites the record (the track finally used wins); while Redis
-is down records wait in memory; SIGTERM or Ctrl-C writes them and exits 0.
+alike. Modes, track changes, Redis outages and signals: docs/recording-and-export.md.
 """
 
 from __future__ import annotations
@@ -104,10 +102,9 @@ class MbtaClient:
         if status in (401, 403):
             raise ApiRefused(f"the MBTA API at {self.base_url} refused the API key (HTTP {status})")
         if status == 429:
-            try:
-                reset_at: float | None = float(response.headers["x-ratelimit-reset"])
-            except (KeyError, ValueError):
-                reset_at = None
+            reset_at: float | None = None
+            with contextlib.suppress(KeyError, ValueError):
+                reset_at = float(response.headers["x-ratelimit-reset"])
             raise RateLimited(f"rate limited by {self.base_url} (HTTP 429)", reset_at)
         raise ApiError(f"HTTP {status} from {self.base_url}{response.url.path}")
 
@@ -453,10 +450,9 @@ class TrackRecorder:
         if not event:
             return  # keep-alive
         self.count("events")
-        try:
+        payload = None
+        with contextlib.suppress(orjson.JSONDecodeError):
             payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            payload = None
         if event == "reset" and isinstance(payload, list):
             self.waiting.clear()
             # Stops and trips first, then the predictions that name them.
@@ -662,14 +658,11 @@ class TrackRecorder:
     def drain(self, grace: float) -> bool:
         """Write what is pending, retrying for up to `grace` seconds; True when all is in."""
         deadline = time.monotonic() + grace
-        while self.pending:
-            self.next_write = 0.0
-            if self.flush():
-                break
+        while self.pending and not self.flush():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        return not self.pending
+        return True
 
 
 # -- Command line ------------------------------------------------------------------------

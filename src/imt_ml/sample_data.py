@@ -196,6 +196,7 @@ class SampleHistory:
         self.rng = random.Random(seed)
         self.tz = ZoneInfo(utils.TRACKER_TIMEZONE)
         self.trains = self._timetable()
+        self.route_of = {t.number: t.route_id for t in self.trains}
         #: Train number -> the weekdays (0 = Monday) on which it uses its second home.
         self.second_home_days: dict[int, frozenset[int]] = {
             t.number: frozenset(self.rng.sample(range(5), self.rng.randint(1, 2)))
@@ -247,14 +248,14 @@ class SampleHistory:
             self.homes[key] = self.rng.choice(self.windows[station, train.route_id])
         if weekday in self.second_home_days.get(train.number, ()):
             if key not in self.second_homes:
-                self.second_homes[key] = self._other_track(key, train.route_id)
+                self.second_homes[key] = self._other_track(key, self.rng)
             return self.second_homes[key]
         return self.homes[key]
 
-    def _other_track(self, key: tuple[str, int], route_id: str) -> str:
+    def _other_track(self, key: tuple[str, int], rng: random.Random) -> str:
         """A random track of the window other than the home (the home if it is alone)."""
-        window = self.windows[key[0], route_id]
-        return self.rng.choice([t for t in window if t != self.homes[key]] or window)
+        window = self.windows[key[0], self.route_of[key[1]]]
+        return rng.choice([t for t in window if t != self.homes[key]] or window)
 
     def _zone(self, station: str, train: Train) -> list[str]:
         key = (station, train.number)
@@ -267,10 +268,9 @@ class SampleHistory:
         """A new schedule: a share of the trains move home (or reorder their zone)."""
         if self._season is not None:
             self._last_season = self._state()
-            route_of = {t.number: t.route_id for t in self.trains}
             for key in sorted(self.homes):
                 if self.rng.random() < self.drift.home_move_share:
-                    self.homes[key] = self._other_track(key, route_of[key[1]])
+                    self.homes[key] = self._other_track(key, self.rng)
             for key in sorted(self.zones):
                 if self.rng.random() < self.drift.home_move_share:
                     self.zones[key] = self.rng.sample(self.zones[key], len(self.zones[key]))
@@ -281,23 +281,16 @@ class SampleHistory:
 
     def _move_single_trains(self, day: dt.date) -> None:
         """Mid-season, now and then one train's home at one station moves (`weekly_moves`)."""
-        route_of = {t.number: t.route_id for t in self.trains}
         for key in sorted(self.homes):
             if self.move_rng.random() < self.drift.weekly_moves / 7:
-                window = self.windows[key[0], route_of[key[1]]]
-                self.homes[key] = self.move_rng.choice(
-                    [t for t in window if t != self.homes[key]] or window
-                )
+                self.homes[key] = self._other_track(key, self.move_rng)
                 self.moved_on[key] = day
 
     def _at_day_start(self, day: dt.date) -> None:
         """Snapshot the world at an origin (the day before's), then a season's or a train's move."""
-        if (
-            self.origins
-            and day >= self.origins[0]
-            and (day - self.origins[0]).days % self.origins[1] == 0
-        ):
-            self._at_origin = (*self._state(), day - dt.timedelta(days=1))
+        if self.origins and day >= self.origins[0]:
+            if (day - self.origins[0]).days % self.origins[1] == 0:
+                self._at_origin = (*self._state(), day - dt.timedelta(days=1))
         if (season := season_of(day)) != self._season:
             self._new_season(season)
         if self.drift.weekly_moves:
@@ -441,12 +434,10 @@ class SampleHistory:
         event = Assignment(series, member, score, None if kind == "expired_key" else payload, kind)
         if kind == "clean":
             event.truth_key = (station, trip_id, score)
-            event.best_probability = best = max(dist.values())
+            event.best_probability = event.last_season_probability = max(dist.values())
             if self._last_season is not None:
                 last = self._likeliest_under(self._last_season, station, train, local, day)
-            event.last_season_probability = (
-                best if self._last_season is None else dist.get(last, 0.0)
-            )
+                event.last_season_probability = dist.get(last, 0.0)
             if self._at_origin is not None:
                 known = self._likeliest_under(self._at_origin[:2], station, train, local,
                                               self._at_origin[2])  # fmt: skip

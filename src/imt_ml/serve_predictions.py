@@ -1,14 +1,10 @@
-"""Serve track predictions: the tracker's HTTP API and its Redis queue, from one model.
-
-The Inky MBTA Tracker removed both on 2026-02-10; this process answers them for the clients
-written against them (mbta-mcp, the tracker's page and displays, its last ML-era code):
+"""Serve track predictions: the tracker's HTTP API and its Redis queue, from one model
+(the Inky MBTA Tracker removed both on 2026-02-10; its clients still speak them):
 
     uv run src/imt_ml/serve_predictions.py --model RUN_DIR/track_prediction_model_best.keras
     uv run src/imt_ml/serve_predictions.py --model ./registry        # follows `current`
 
-docs/serving.md lists the endpoints (OpenAPI at /docs) and the queue's keys. Every answer is
-kept in Redis and scored against the track recorded later (by `record_track_data.py` or a
-tracker): that is the live accuracy in /stats, /metrics and each answer's `accuracy`.
+docs/serving.md lists the endpoints (OpenAPI at /docs), the queue's keys and live accuracy.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -41,12 +38,13 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 if __package__ in (None, ""):  # run by path: `uv run src/imt_ml/serve_predictions.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imt_ml import utils
+from imt_ml import record_track_data, utils
 from imt_ml.utils import ModelRegistry, RedisTarget, UserError, log, option_field, parse_instant
 
 #: Stations with track predictions, and the child stop families that belong to each
@@ -55,7 +53,6 @@ STATION_FAMILIES = {
     "NEC-2287": "place-sstat", "BNT-0000": "place-north", "NEC-2276": "place-bbsta",
     "WML-0012": "place-bbsta", "NEC-2265": "place-rugg",
 }  # fmt: skip
-SERVED_STATIONS = ("place-sstat", "place-north", "place-bbsta", "place-rugg")
 BOSTON = ZoneInfo("America/New_York")
 UNAVAILABLE = "Predictions are not available for this station"
 #: The tracker's limits per client address and minute, by endpoint group.
@@ -200,7 +197,6 @@ class ModelHolder:
     old, then swapped in: a request holds the model it started with, so none fails or waits."""
 
     def __init__(self, source: Path) -> None:
-        source = Path(source)
         self.registry = ModelRegistry(source) if ModelRegistry.looks_like(source) else None
         self.swaps = 0
         if self.registry is None:
@@ -232,18 +228,14 @@ class ModelHolder:
 
     def watch(self, interval: float, stop: threading.Event) -> None:
         """Check every `interval` seconds until `stop` is set."""
-
-        def loop() -> None:
-            while not stop.wait(interval):
-                try:
-                    self.check()
-                except Exception as exc:  # a broken version: keep answering with the old one
-                    log(f"{now_iso()} cannot load the registry's current version: "
-                        f"{type(exc).__name__}: {str(exc)[:200]}; "
-                        f"still serving {self.current.version}")  # fmt: skip
-                    stop.wait(max(interval, 10.0))
-
-        threading.Thread(target=loop, name="model-watch", daemon=True).start()
+        while not stop.wait(interval):
+            try:
+                self.check()
+            except Exception as exc:  # a broken version: keep answering with the old one
+                log(f"{now_iso()} cannot load the registry's current version: "
+                    f"{type(exc).__name__}: {str(exc)[:200]}; "
+                    f"still serving {self.current.version}")  # fmt: skip
+                stop.wait(max(interval, 10.0))
 
 
 # -- Answers: one request in, one TrackPrediction out -------------------------------------
@@ -368,14 +360,14 @@ class LiveAccuracy:
     under the same suffix, into `imt:live:{version}:{station}:{route}` (see docs/serving.md).
     A background thread makes the writes, so an answer never waits for Redis."""
 
-    def __init__(self, target: RedisTarget, score_interval: float) -> None:
-        self.target, self.score_interval = target, score_interval
+    def __init__(self, client: Any, target: RedisTarget, score_interval: float) -> None:
+        #: one redis-py client: its pool reconnects after a failure
+        self.client, self.target, self.score_interval = client, target, score_interval
         #: (suffix, scheduled timestamp, version, answer) not yet written
         self.buffer: collections.deque = collections.deque(maxlen=200_000)
         #: (version, station, route) -> the counters of that hash, as numbers
         self.table: dict[tuple[str, str, str], dict[str, float]] = {}
         self.redis_ok = True
-        self._client: Any = None
 
     def served(self, asked: Asked, answer: Answer) -> None:
         """Keep an answer for scoring (answers without a trip id cannot be matched)."""
@@ -411,11 +403,8 @@ class LiveAccuracy:
         gaps = [abs(row.get(f"bin{b}:confidence", 0) - row.get(f"bin{b}:correct", 0)) for b in bins]
         return sum(gap / total for gap in gaps)
 
-    def start(self, stop: threading.Event) -> None:
-        """Write, score and refresh in the background; once more, then end, when `stop` is set."""
-        threading.Thread(target=self._loop, args=(stop,), name="live-accuracy", daemon=True).start()
-
-    def _loop(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event) -> None:
+        """Write, score and refresh (in a thread); once more, then end, when `stop` is set."""
         next_score = 0.0
         while True:
             stopping = stop.wait(1.0)
@@ -436,22 +425,14 @@ class LiveAccuracy:
                         f"({self.target.redact(str(exc))[:200]}); "
                         "answers wait in memory")  # fmt: skip
                 self.redis_ok = False
-                self._client = None
             if stopping:
                 return
 
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = self.target.connect()
-        return self._client
-
     def flush(self) -> None:
         """Write buffered answers (one pipeline); on failure they stay buffered."""
-        if not self.buffer:
-            return
         batch = [self.buffer.popleft() for _ in range(min(len(self.buffer), 500))]
         try:
-            pipe = self.client().pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             for suffix, timestamp, version, value in batch:
                 pipe.hset(SERVED_PREFIX + suffix, version, value)
                 pipe.expire(SERVED_PREFIX + suffix, SERVED_TTL)
@@ -463,7 +444,7 @@ class LiveAccuracy:
 
     def score(self) -> None:
         """Compare answers whose departure has passed with the recorded tracks."""
-        client, now = self.client(), time.time()
+        client, now = self.client, time.time()
         while True:
             due = client.zrangebyscore(SERVED_INDEX, "-inf", now, 0, 2000, withscores=True)
             if not due:
@@ -511,7 +492,7 @@ class LiveAccuracy:
 
     def refresh(self) -> None:
         """Read every live-accuracy hash into memory (answers use it without Redis)."""
-        client = self.client()
+        client = self.client
         keys = sorted(client.smembers(LIVE_KEYS))
         pipe = client.pipeline(transaction=False)
         for key in keys:
@@ -555,31 +536,17 @@ class RateLimiter:
 class PredictionService:
     """The model, answer cache, live accuracy and metrics the HTTP API and the queue share."""
 
-    def __init__(self, holder: ModelHolder, live: LiveAccuracy, redis_target: RedisTarget,
+    def __init__(self, holder: ModelHolder, redis: Any, redis_target: RedisTarget,
                  options: ServeOptions) -> None:  # fmt: skip
-        from imt_ml.record_track_data import MbtaClient
-
-        self.holder, self.live, self.options = holder, live, options
+        self.holder, self.redis, self.options = holder, redis, options
         self.redis_target = redis_target
+        self.live = LiveAccuracy(redis, redis_target, options.score_interval)
         self.cache = AnswerCache(options.cache_seconds)
         self.limiter = None if options.no_rate_limit else RateLimiter(options.limits())
-        self.mbta = MbtaClient(options.api_url, options.api_key)
+        self.mbta = record_track_data.MbtaClient(options.api_url, options.api_key)
         self.date_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self.metrics = Metrics(self)
         self.batcher = Batcher(holder)
-        self._redis: Any = None
-        self._redis_lock = threading.Lock()
-
-    def redis(self) -> Any:
-        with self._redis_lock:
-            if self._redis is None:
-                self._redis = self.redis_target.connect()
-            return self._redis
-
-    def drop_redis(self) -> None:
-        """Forget the connection (after a failure): the next use makes a new one."""
-        with self._redis_lock:
-            self._redis = None
 
     def finish(self, asked: list[Asked], answers: list[Answer]) -> list[dict[str, Any]]:
         """TrackPredictions for answered requests; each kept for live accuracy."""
@@ -614,8 +581,6 @@ class Batcher:
     request). Runs on the event loop; the model in one thread."""
 
     def __init__(self, holder: ModelHolder) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.holder = holder
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.waiting: list[tuple[list[dict[str, Any]], asyncio.Future]] = []
@@ -656,8 +621,7 @@ class Batcher:
 
 
 class Metrics:
-    """Prometheus metrics (/metrics) in this service's own registry; the model, swaps and live
-    accuracy are read when scraped."""
+    """/metrics in a registry of its own; the model, swaps and live accuracy read when scraped."""
 
     def __init__(self, service: PredictionService) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -689,8 +653,7 @@ class Metrics:
         holder, table = self.service.holder, self.service.live.table
         info = GaugeMetricFamily("imt_model_info", "The model answering now", labels=["version"])
         info.add_metric([holder.current.version], 1.0)
-        swaps = GaugeMetricFamily("imt_model_swaps", "Models swapped in since start")
-        swaps.add_metric([], float(holder.swaps))
+        swaps = GaugeMetricFamily("imt_model_swaps", "Models swapped in since start", holder.swaps)
         labels = ["version", "station", "route"]
         accuracy = GaugeMetricFamily("imt_live_accuracy", "Share of scored answers whose "
                                      "track was the one recorded", labels=labels)  # fmt: skip
@@ -780,12 +743,11 @@ def result_body(request: TrackRequest, prediction: dict[str, Any], row: Any,
 
 
 class PredictionWorker:
-    """Answers the tracker's queue: BLMOVE to a processing list, predict the batch in one call,
-    write the results and remove the batch in one transaction. A request is never lost: what a
-    dead worker left in the processing list is requeued when a worker (re)connects."""
+    """Answers the tracker's queue in batches (one model call, one transaction each); none is
+    lost: what a dead worker left in the processing list is requeued when a worker (re)connects."""
 
-    def __init__(self, service: PredictionService, target: RedisTarget, stopping: threading.Event):
-        self.service, self.target, self.opts = service, target, service.options
+    def __init__(self, service: PredictionService, stopping: threading.Event) -> None:
+        self.service, self.target, self.opts = service, service.redis_target, service.options
         self.stopping = stopping  # set: finish the batch in hand and return
         self.answered = self.errors = self.batches = self.below = 0
 
@@ -815,11 +777,10 @@ class PredictionWorker:
             try:
                 client = self.target.connect()
                 self._requeue(client)
+                log(f"{now_iso()} queue: reconnected to Redis at {self.target.label}")
+                return client
             except Exception:
                 delay = min(delay * 2, 10.0)
-                continue
-            log(f"{now_iso()} queue: reconnected to Redis at {self.target.label}")
-            return client
         return None
 
     def _requeue(self, client: Any) -> None:
@@ -833,8 +794,6 @@ class PredictionWorker:
         first = client.blmove(*keys, timeout=0.5, src="RIGHT", dest="LEFT")
         if first is None:
             return []
-        if self.opts.max_batch == 1:
-            return [first]
         return [first, *client.eval(_TAKE_MORE, 2, *keys, self.opts.max_batch - 1)]
 
     def _answer(self, client: Any, batch: list[bytes]) -> None:
@@ -930,7 +889,6 @@ class PredictionWorker:
 ENDPOINTS = ("/predictions/date", "/predictions", "/chained-predictions",
              "/stats/{station_id}/{route_id}", "/historical/{station_id}/{route_id}", "/healthz",
              "/model", "/metrics", "/docs", "/openapi.json")  # fmt: skip
-_SLASHES = re.compile(r"/{2,}")
 
 
 def endpoint_of(path: str) -> str:
@@ -956,7 +914,7 @@ class EdgeMiddleware:
         started = time.perf_counter()
         path = scope["path"]
         if "//" in path:
-            path = _SLASHES.sub("/", path)
+            path = re.sub(r"/{2,}", "/", path)
             scope = {**scope, "path": path, "raw_path": path.encode()}
         status = [500]
 
@@ -1098,7 +1056,6 @@ async def crashed(_request: Request, exc: Exception) -> ORJSONResponse:
     return ORJSONResponse({"detail": "internal error"}, status_code=500)
 
 
-# -- The tracker's prediction API: one departure, or many at once -------------------------
 router = APIRouter()  # the OpenAPI document lists the paths in the order declared here
 
 
@@ -1127,7 +1084,6 @@ async def chained_predictions(request: Request, service: ServiceDep) -> Any:
     return ORJSONResponse({"results": await service.answer(asked)})
 
 
-# -- The tracker's record endpoints: live accuracy, recorded tracks -----------------------
 @router.get("/stats/{station_id}/{route_id}", summary="Live accuracy of the answers served")
 def stats(request: Request, station_id: str, route_id: str, service: ServiceDep) -> Any:
     rate_limit(request, service, "stats")
@@ -1150,13 +1106,11 @@ def historical(request: Request, station_id: str, route_id: str, service: Servic
     station = parent_station(station_id)
     now = time.time()
     try:
-        client = service.redis()
-        keys = client.zrangebyscore(f"track_timeseries:{station}:{route_id}",
-                                    now - days * 86_400, now)  # fmt: skip
-        values = client.mget(keys) if keys else []
+        keys = service.redis.zrangebyscore(f"track_timeseries:{station}:{route_id}",
+                                           now - days * 86_400, now)  # fmt: skip
+        values = service.redis.mget(keys) if keys else []
     except Exception as exc:
         log(f"{now_iso()} /historical: Redis failed: {service.redis_target.redact(str(exc))[:200]}")
-        service.drop_redis()
         raise HTTPException(503, "the history store (Redis) is not answering") from None
     return [doc for doc in map(_json_object, values) if doc is not None]
 
@@ -1176,8 +1130,6 @@ def boston_date(text: str) -> dt.date:
 
 async def date_answer(service: PredictionService, day: dt.date) -> dict[str, Any]:
     """That day's departures at the four stations, predicted; cached per date and model."""
-    from starlette.concurrency import run_in_threadpool
-
     today = dt.datetime.now(BOSTON).date()
     if not today - dt.timedelta(days=1) <= day <= today + dt.timedelta(days=7):
         note = "Predictions by date are available from yesterday to 7 days ahead"
@@ -1204,21 +1156,13 @@ async def date_answer(service: PredictionService, day: dt.date) -> dict[str, Any
 
 def scheduled_departures(service: PredictionService, day: dt.date) -> list[tuple[dict, Asked]]:
     """(departure_info, request) for each scheduled commuter-rail departure of `day`."""
-    from imt_ml.record_track_data import tracker_headsign
-
     document = service.mbta.get("/schedules", {
-        "filter[stop]": ",".join(SERVED_STATIONS), "filter[date]": day.isoformat(),
+        "filter[stop]": ",".join(record_track_data.STATIONS), "filter[date]": day.isoformat(),
         "filter[route_type]": "2", "include": "stop,trip"})  # fmt: skip
-    parents, headsigns = {}, {}
-    for resource in document.get("included") or []:
-        if not isinstance(resource, dict):
-            continue
-        kind, rid = resource.get("type"), resource.get("id")
-        if kind == "stop":
-            parent = ((resource.get("relationships") or {}).get("parent_station") or {}).get("data")
-            parents[rid] = parent.get("id") if isinstance(parent, dict) else rid
-        elif kind == "trip":
-            headsigns[rid] = (resource.get("attributes") or {}).get("headsign") or ""
+    store = record_track_data.ResourceStore()  # the stops' parent stations, trips' headsigns
+    for resource in document.get("included") or []:  # an unusable one is left out
+        with contextlib.suppress(record_track_data.Malformed, AttributeError):
+            store.add(resource)
     out = []
     for schedule in document.get("data") or []:
         try:
@@ -1230,9 +1174,9 @@ def scheduled_departures(service: PredictionService, day: dt.date) -> list[tuple
                 relations[k]["data"]["id"] for k in ("stop", "trip", "route")
             )
             direction = int(attributes.get("direction_id", relations.get("direction_id", 0)) or 0)
-            station = parents.get(stop_id) or parent_station(stop_id)
-            asked = asked_from({"station_id": station, "route_id": route_id, "trip_id": trip_id,
-                                "headsign": tracker_headsign(headsigns.get(trip_id, ""), route_id),
+            headsign = record_track_data.tracker_headsign(store.trips.get(trip_id, ""), route_id)
+            asked = asked_from({"station_id": store.stops.get(stop_id, (stop_id,))[0],
+                                "route_id": route_id, "trip_id": trip_id, "headsign": headsign,
                                 "direction_id": direction, "scheduled_time": when})  # fmt: skip
         except (KeyError, TypeError, ValueError):
             continue  # a schedule without the promised fields
@@ -1251,7 +1195,6 @@ async def predictions_for_date(request: Request, service: ServiceDep) -> Any:
     return ORJSONResponse(await date_answer(service, boston_date(doc["target_date"])))
 
 
-# -- Operations: liveness, the model, Prometheus metrics ----------------------------------
 @router.get("/healthz", summary="Liveness: the model that answers")
 def healthz(service: ServiceDep) -> Any:
     return {"status": "ok", "model_version": service.holder.current.version,
@@ -1322,25 +1265,23 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 class ServiceRun:
-    """One run: live accuracy, the registry watcher, the status log, the queue worker and HTTP
-    (or a wait in its place) until SIGTERM/SIGINT; then what is in hand is finished."""
+    """One run of the service: its threads, the queue worker and HTTP, until SIGTERM/SIGINT."""
 
-    def __init__(self, service: PredictionService, target: RedisTarget,
-                 sock: socket.socket | None) -> None:  # fmt: skip
-        options = service.options
-        self.service, self.target, self.sock = service, target, sock
+    def __init__(self, service: PredictionService, sock: socket.socket | None) -> None:
+        self.service, self.sock = service, sock
         self.stopping = threading.Event()  # a signal came, or HTTP ended: the queue stops
         self.finished = threading.Event()  # the background threads end
-        self.worker = None if options.no_queue else PredictionWorker(service, target, self.stopping)
+        self.worker = None if service.options.no_queue else PredictionWorker(service, self.stopping)
         self.worker_thread: threading.Thread | None = None
 
     def run(self) -> None:
         """Start the background threads, announce, serve, and finish what is in hand."""
         service, options = self.service, self.service.options
-        service.live.start(self.finished)
+        loops = {"live-accuracy": service.live.run, "status-log": self.status_log}
         if service.holder.registry is not None:
-            service.holder.watch(options.watch_interval, self.finished)
-        threading.Thread(target=self.status_log, name="status-log", daemon=True).start()
+            loops["model-watch"] = functools.partial(service.holder.watch, options.watch_interval)
+        for name, loop in loops.items():
+            threading.Thread(target=loop, args=(self.finished,), name=name, daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         where = []
@@ -1348,7 +1289,7 @@ class ServiceRun:
             port = self.sock.getsockname()[1]
             where.append(f"HTTP on http://{options.http_host}:{port} (docs at /docs)")
         if self.worker is not None:
-            where.append(f"the queue {options.requests_key} on Redis at {self.target.label}")
+            where.append(f"the queue {options.requests_key} on Redis at {self.worker.target.label}")
         loaded = service.holder.current
         log(f"{now_iso()} serving model {loaded.version} ({loaded.path}, "
             f"{len(loaded.predictor.labels)} tracks): {'; '.join(where)}")  # fmt: skip
@@ -1383,10 +1324,10 @@ class ServiceRun:
             log(f"{now_iso()} {signal.Signals(signum).name}: finishing what is in hand")
         self.stopping.set()
 
-    def status_log(self) -> None:
+    def status_log(self, stop: threading.Event) -> None:
         """One line per --log-interval: HTTP requests, queue answers, the model, live accuracy."""
         interval, last = self.service.options.log_interval, (0.0, 0)
-        while not self.finished.wait(interval):
+        while not stop.wait(interval):
             metrics = self.service.metrics.requests.collect()
             http = sum(s.value for m in metrics for s in m.samples if s.name.endswith("_total"))
             answered = self.worker.answered if self.worker else 0
@@ -1409,11 +1350,10 @@ def run_service(model: Path, target: RedisTarget, options: ServeOptions) -> int:
     # Each request allocates a few hundred objects; the default threshold (700) ran a young
     # collection every couple of requests, and the older generations in turn: p99 halved.
     gc.set_threshold(50_000, 20, 100)
-    target.connect().close()  # a wrong password or host: one line, exit 1
-    live = LiveAccuracy(target, options.score_interval)
-    service = PredictionService(ModelHolder(model), live, target, options)
+    client = target.connect()  # a wrong password or host: one line, exit 1
+    service = PredictionService(ModelHolder(model), client, target, options)
     sock = None if options.no_http else listening_socket(options.http_host, options.http_port)
-    ServiceRun(service, target, sock).run()
+    ServiceRun(service, sock).run()
     log(f"{now_iso()} stopped")
     return 0
 

@@ -110,7 +110,6 @@ def find_export_dir(data_dir: Path | str) -> Path:
         return path
     exports = sorted(p for p in path.iterdir() if p.is_dir() and (p / METADATA_FILE).is_file())
     exports = [p for p in exports if not p.name.startswith(".") and any(p.glob(utils.SHARD_GLOB))]
-
     if not exports:
         raise UserError(
             f"no export in {path}: expected track_data_*.tfrecord files and {METADATA_FILE} "
@@ -314,10 +313,8 @@ def build_vocabulary(
 
 
 def closed_tracks(columns: Columns, idx: np.ndarray) -> dict[str, dict[str, int]]:
-    """Platforms out of use (track works) among the records `idx`: station -> track -> the
-    Boston day after its last departure, where the station's later departures would have
-    used it at least CLOSED_TRACK_EXPECTED times at its share (per kind of day) over the
-    CLOSED_TRACK_LOOKBACK_DAYS before. The model gives it no probability from that day on."""
+    """Platforms out of use among the records `idx`: station -> track -> the Boston day after
+    its last departure (the rule: docs/model.md, "Closed platforms")."""
     stations, tracks = columns["station_id"][idx], columns["track_number"][idx]
     days = boston_days(columns["scheduled_timestamp"][idx].astype(np.float64))
     weekdays = ev.boston_weekdays(days)
@@ -608,9 +605,7 @@ def _fixed_table(index: Any, table: np.ndarray, name: str, fixed: dict[Any, np.n
 
 def _lookup(values: Any, vocabulary: list[str], name: str) -> Any:
     """Index of each value in the vocabulary, 0 for an unknown one."""
-    return keras.layers.StringLookup(
-        vocabulary=vocabulary, num_oov_indices=1, name=f"{name}_lookup"
-    )(values)
+    return keras.layers.StringLookup(vocabulary=vocabulary, name=f"{name}_lookup")(values)
 
 
 def _embed(index: Any, vocabulary: list[str], dim: int, name: str) -> Any:
@@ -695,7 +690,8 @@ def track_outputs(logits: Any, station_index: Any, clock: Any, trip_history: Any
                            "station_track_mask", fixed)  # fmt: skip
     penalty = layers.Rescaling(scale=1e4, offset=-1e4, name="mask_penalty")(allowed)
     # And from its closing day on, a platform the records say is closed (closed_tracks).
-    since = _fixed_table(station_index, closing_days(vocab_info), "closing_days", fixed)
+    closing = station_table(vocab_info, OPEN_TRACK_DAY, vocab_info.closed_tracks)
+    since = _fixed_table(station_index, closing, "closing_days", fixed)
     masked = [logits, penalty]
     if cfg.closed_tracks:
         masked.append(track_layers.ClosedTracks(name="closed_tracks")([since, clock]))
@@ -713,10 +709,8 @@ def track_outputs(logits: Any, station_index: Any, clock: Any, trip_history: Any
 def create_simple_model(
     vocab_info: Vocabulary, config: ModelConfig | None = None, name: str = "track_predictor"
 ) -> Any:
-    """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out. Ids go
-    through lookups (0 = unknown) into embeddings and the history tables; the Boston clock
-    becomes sin/cos pairs; dense logits plus the tables' log-shares, softmaxed over the
-    tracks the station used in training (all tracks for an unknown station)."""
+    """A Keras model: raw values in (see MODEL_INPUTS), track probabilities out; its layers
+    are described in docs/model.md."""
     cfg = config or ModelConfig()
     layers = keras.layers
     inputs = build_raw_inputs()
@@ -752,29 +746,25 @@ def create_simple_model(
     return model
 
 
+def station_table(vocab: Vocabulary, fill: float, cells: dict[str, dict[str, Any]]) -> np.ndarray:
+    """(stations + 1) x tracks of `fill` but for the station -> track -> value `cells`."""
+    table = np.full((len(vocab.stations) + 1, vocab.num_classes), fill, dtype=np.float32)
+    row = {s: i for i, s in enumerate(vocab.stations, start=1)}
+    column = {t: j for j, t in enumerate(vocab.tracks)}
+    for station, tracks in cells.items():
+        for track, value in tracks.items():
+            if station in row and track in column:
+                table[row[station], column[track]] = value
+    return table
+
+
 def station_track_mask(vocab_info: Vocabulary) -> np.ndarray:
     """(stations + 1) x tracks of 0/1: which tracks each station used in training."""
-    labels = vocab_info.tracks
-    mask = np.zeros((len(vocab_info.stations) + 1, len(labels)), dtype=np.float32)
+    tracks = vocab_info.station_tracks
+    used = {s: dict.fromkeys(tracks.get(s, vocab_info.tracks), 1.0) for s in vocab_info.stations}
+    mask = station_table(vocab_info, 0.0, used)
     mask[0] = 1.0
-    column = {t: j for j, t in enumerate(labels)}
-    for i, station in enumerate(vocab_info.stations, start=1):
-        for track in vocab_info.station_tracks.get(station, labels):
-            mask[i, column[track]] = 1.0
     return mask
-
-
-def closing_days(vocab_info: Vocabulary) -> np.ndarray:
-    """(stations + 1) x tracks: the Boston day each track closes from, else OPEN_TRACK_DAY."""
-    table = np.full((len(vocab_info.stations) + 1, len(vocab_info.tracks)), OPEN_TRACK_DAY,
-                    dtype=np.float32)  # fmt: skip
-    row = {s: i for i, s in enumerate(vocab_info.stations, start=1)}
-    column = {t: j for j, t in enumerate(vocab_info.tracks)}
-    for station, tracks in vocab_info.closed_tracks.items():
-        for track, day in tracks.items():
-            if station in row and track in column:
-                table[row[station], column[track]] = day
-    return table
 
 
 def model_labels(model: Any) -> list[str]:
@@ -890,7 +880,7 @@ def calibrate_model(
 ) -> tuple[Any, ev.Calibration]:  # fmt: skip
     """Fit a confidence map on the records `idx` and return the model with it applied. The
     map for unknown trips is fitted on `new_schedule` where given (per past change of
-    schedule, see `new_schedule_proxy`), else on the records `idx` read as new trips."""
+    schedule, see `save_calibrated`), else on the records `idx` read as new trips."""
     probs = predict_probabilities(uncalibrated(model), model_features(columns, idx))
     y = label_indices(columns["track_number"][idx], labels)
     # Fit on the trips the model knows (what the weeks after a cut-off ask about).
@@ -971,10 +961,8 @@ def dataset_section(data: PreparedData) -> list[str]:
         )
     if unknown := counts["validation_unknown_track"]:
         lines.append(f"- Validation records with a track unseen in training: {unknown:,}")
-    skipped = data.metadata.get("skipped_total")
-    if skipped is not None:
+    if (skipped := data.metadata.get("skipped_total")) is not None:
         lines.append(f"- Records the exporter skipped: {skipped:,}")
-    sizes = [[k, v] for k, v in vocab.sizes().items()]
     return section(
         "Dataset Information",
         *lines,
@@ -982,7 +970,7 @@ def dataset_section(data: PreparedData) -> list[str]:
         "",
         "Vocabulary sizes (from the training records; one more index for unknown values):",
         "",
-        utils.markdown_table(["Vocabulary", "Size"], sizes),
+        utils.markdown_table(["Vocabulary", "Size"], [[k, v] for k, v in vocab.sizes().items()]),
         "",
         f"Tracks (class order): {', '.join(vocab.tracks)}",
     )
@@ -1068,11 +1056,6 @@ class TrainOptions:
         "optimizer starts afresh; the rate then decays over the refit's epochs).",
         click.FloatRange(min=0, min_open=True), metavar="SHARE")
     # fmt: on
-
-    @property
-    def refit_learning_rate(self) -> float:
-        """The refit's starting learning rate (see --refit-lr-factor)."""
-        return self.learning_rate * self.refit_lr_factor
 
 
 def model_option(help: str = "A saved .keras model.") -> Callable[[Callable], Callable]:
@@ -1203,7 +1186,7 @@ def save_calibrated(
 ) -> ev.Calibration:
     """After a validated fit: calibrate the best checkpoint (the final weights if no epoch
     beat the first) and the final weights on the validation records, and save both; the
-    map for new trips is fitted on the last changes of schedule (`new_schedule_proxy`)."""
+    map for new trips is fitted on the last changes of schedule (`past_vocabularies`)."""
     if not best_path.exists():
         model.save(best_path)
     tracks = data.vocab_info.tracks
@@ -1216,7 +1199,13 @@ def save_calibrated(
                                                               (model, [final_path])]  # fmt: skip
     calibrations = []
     for weights, paths in targets:
-        proxies = [new_schedule_proxy(weights, data, config, past) for past in pasts]
+        # Per past change, a proxy: the weights reading the tables of the records before it
+        # answer its new trips as the model will on the next change's first day.
+        proxies = []
+        for vocab, after in pasts:
+            proxy = create_simple_model(vocab, config, name=weights.name)
+            transfer_weights(proxy, weights, data.vocab_info, vocab)
+            proxies.append((proxy, after))
         calibrated, info = calibrate_model(weights, data.columns, data.val_idx, tracks, proxies)
         for path in paths:
             calibrated.save(path)
@@ -1277,17 +1266,6 @@ def past_vocabularies(data: PreparedData) -> list[tuple[Vocabulary, np.ndarray]]
     return pasts
 
 
-def new_schedule_proxy(
-    model: Any, data: PreparedData, config: ModelConfig, past: tuple[Vocabulary, np.ndarray]
-) -> tuple[Any, np.ndarray]:
-    """(`model`'s weights reading the tables of the records before a past change, the records
-    after it): it answers new trips as the model will on the next change's first day."""
-    vocab, after = past
-    proxy = create_simple_model(vocab, config, name=model.name)
-    transfer_weights(proxy, model, data.vocab_info, vocab)
-    return proxy, after
-
-
 def chosen_epochs(history: dict[str, list[float]], opts: TrainOptions) -> tuple[int, int]:
     """(epochs of the `_best` checkpoint: best val_accuracy, of the `_final` weights: the
     last epoch, or the best val_loss one when early stopping restored it)."""
@@ -1327,8 +1305,8 @@ def fit_on_every_record(
         log(f"Refit on all {len(data.train_idx):,} records: vocabularies and history tables only "
             "(--refit-epochs 0)")  # fmt: skip
         return model, data, 0.0
-    fixed = dataclasses.replace(opts, epochs=epochs, no_early_stop=True, scheduler_tmax=0,
-                                learning_rate=opts.refit_learning_rate)  # fmt: skip
+    fixed = dataclasses.replace(opts, learning_rate=opts.learning_rate * opts.refit_lr_factor,
+                                epochs=epochs, no_early_stop=True, scheduler_tmax=0)  # fmt: skip
     label = f"Refit on all {len(data.train_idx):,} records for {epochs} epochs"
     _, seconds = fit_model(model, data, fixed, None, None, label)
     return model, data, seconds
@@ -1363,7 +1341,7 @@ def refit_on_every_record(
     save_vocab(files.vocab, all_data, opts.recency_half_life)
     return {"records": int(len(all_data.train_idx)), "best_epochs": best_epochs,
             "final_epochs": final_epochs, "epochs": epochs, "seconds": seconds,
-            "learning_rate": opts.refit_learning_rate,
+            "learning_rate": opts.learning_rate * opts.refit_lr_factor,
             "calibration": calibration.describe(), "vocab_info": all_data.vocab_info}  # fmt: skip
 
 
@@ -1374,12 +1352,10 @@ EMBEDDING_VOCABULARIES = {"station_embedding": "stations", "route_embedding": "r
 WARM_EPOCHS = 3
 
 
-def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> int:
+def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: Vocabulary) -> None:
     """Start `model` (built for `vocab`) from `source`'s learnt weights (for `source_vocab`):
     same-shaped weights are copied, embedding rows and logit columns follow their token or
-    track (new tokens start from the unknown row); fixed tables are left alone. Returns how
-    many weights were carried over."""
-    carried = 0
+    track (new tokens start from the unknown row); fixed tables are left alone."""
     source_layers = {layer.name: layer for layer in source.layers}
     for layer in model.layers:
         old = source_layers.get(layer.name)
@@ -1407,9 +1383,7 @@ def transfer_weights(model: Any, source: Any, source_vocab: Vocabulary, vocab: V
             else:
                 continue
             new_values[i] = new
-            carried += 1
         layer.set_weights(new_values)
-    return carried
 
 
 def take_records(columns: Columns, idx: np.ndarray) -> Columns:
@@ -1447,8 +1421,6 @@ class FittedModel:
     seconds: float
     #: The refit's figures (`refit_on_every_record`); None without one.
     refit: dict[str, Any] | None = None
-    #: Weights carried over from a warm start.
-    carried: int = 0
 
     @property
     def epochs(self) -> int:
@@ -1470,15 +1442,9 @@ def fit_track_model(
     before_refit: Callable[[FittedModel], bool] | None = None,
     name: str = "track_predictor",
 ) -> FittedModel:
-    """THE training recipe; every mode that makes a model calls it.
-
-    1. Fit on the training records; validation chooses the best checkpoint (`files.best`)
-       and stops early (`files.final`).
-    2. Calibrate both on the validation records (`save_calibrated`).
-    3. Unless --no-refit (or `before_refit`, retrain's gate, says no): refit both on every
-       record of `data.columns` and save them over the validated ones, same maps.
-    The vocabulary goes to `files.vocab`. With `warm` (a model and its vocabulary) the fit
-    starts from its weights for at most WARM_EPOCHS; `name` names the Keras model."""
+    """THE training recipe every mode calls (docs/training.md, "One recipe"): fit, calibrate,
+    refit unless --no-refit or `before_refit` (retrain's gate) says no. With `warm` (a model
+    and its vocabulary) the fit starts from its weights for at most WARM_EPOCHS."""
     started = time.perf_counter()
     cfg = config or ModelConfig(seed=opts.seed)
     if warm is not None:
@@ -1487,11 +1453,12 @@ def fit_track_model(
     files.best.parent.mkdir(parents=True, exist_ok=True)
     save_vocab(files.vocab, data, opts.recency_half_life)
     model = create_simple_model(data.vocab_info, cfg, name=name)
-    carried = transfer_weights(model, warm[0], warm[1], data.vocab_info) if warm else 0
+    if warm:
+        transfer_weights(model, *warm, data.vocab_info)
     history, fit_seconds = fit_model(model, data, opts, files.best, log_dir, label)
     calibration = save_calibrated(model, data, files.best, files.final, cfg)
     fitted = FittedModel(files, cfg, load_saved_model(files.best), data.vocab_info, calibration,
-                         history, fit_seconds, 0.0, carried=carried)  # fmt: skip
+                         history, fit_seconds, 0.0)  # fmt: skip
     wanted = before_refit(fitted) if before_refit is not None else True
     if wanted and not opts.no_refit:
         fitted.refit = refit_on_every_record(data, opts, cfg, history, calibration, files, name)
@@ -1861,12 +1828,10 @@ def run_cv(data_dir: Path | str, opts: TrainOptions, k: int, shuffle_folds: bool
     export = load_export(data_dir)
     n = len(export.columns["track_number"])
     # The newest --test-days stay out of every fold: the fold models are scored there too.
-    timestamps = export.columns["scheduled_timestamp"]
-    *_, test_idx, split_info = split_records(
-        timestamps, "time", opts.seed, test_days=opts.test_days
-    )
+    ts = export.columns["scheduled_timestamp"]
+    *_, test_idx, split_info = split_records(ts, "time", opts.seed, test_days=opts.test_days)
     rest = np.setdiff1d(np.arange(n), test_idx)
-    indices = [rest[f] for f in fold_indices(timestamps[rest], k, shuffle_folds, opts.seed)]
+    indices = [rest[f] for f in fold_indices(ts[rest], k, shuffle_folds, opts.seed)]
     for j, val_idx in enumerate(indices):  # every fold trainable before any trains
         if len(set(np.delete(export.columns["track_number"], val_idx))) < 2:
             raise UserError(f"fold {j + 1}'s training records hold fewer than two tracks")
@@ -1962,20 +1927,17 @@ def tune_search_space() -> dict[str, Any]:
     """SEARCH_SPACE as Ray Tune domains."""
     from ray import tune
 
-    kinds: dict[str, Any] = {"choice": tune.choice, "uniform": tune.uniform,
-                             "loguniform": tune.loguniform}  # fmt: skip
-    return {name: kinds[kind](*args) for name, (kind, *args) in SEARCH_SPACE.items()}
+    return {name: getattr(tune, kind)(*args) for name, (kind, *args) in SEARCH_SPACE.items()}
 
 
 def describe_search_space() -> list[list[str]]:
-    """[name, distribution] of each hyperparameter, read from the search space itself."""
+    """[name, distribution] of each hyperparameter of SEARCH_SPACE."""
     rows = []
-    for name, domain in tune_search_space().items():
-        if hasattr(domain, "categories"):
-            text = "choice of " + ", ".join(str(c) for c in domain.categories)
+    for name, (kind, *args) in SEARCH_SPACE.items():
+        if kind == "choice":
+            text = "choice of " + ", ".join(str(c) for c in args[0])
         else:
-            is_log = "LogUniform" in type(domain.get_sampler()).__name__
-            text = f"{'log-uniform' if is_log else 'uniform'} {domain.lower:g} to {domain.upper:g}"
+            text = f"{kind.replace('loguniform', 'log-uniform')} {args[0]:g} to {args[1]:g}"
         if name == "first_units":
             text += " (later layers: times width_decay per layer)"
         rows.append([name, text])
@@ -2059,7 +2021,6 @@ def run_tune(data_dir: Path | str, topts: TuneOptions) -> TrainResult:
     stopped = sum(t["epochs"] < topts.max_epochs for t in finished)
     log(f"Search done in {seconds:.0f} s: {len(finished)} trials, {stopped} stopped early by "
         f"ASHA; best validation accuracy {best['best_val_accuracy']:.4f}")  # fmt: skip
-    # Retrain the best configuration with the recipe its trial trained with
     config = best["config"]
     opts = dataclasses.replace(search_recipe(config, topts.max_epochs, topts.seed),
                                epochs=topts.final_epochs, model_path=topts.model_path,
@@ -2300,8 +2261,7 @@ class TrackPredictor:
         if not features:
             return (np.zeros((0, len(self.labels)), dtype=np.float32),) * 2
         parts = []
-        for start in range(0, len(features), self.CHUNK):
-            chunk = features[start : start + self.CHUNK]
+        for chunk in utils.chunked(features, self.CHUNK):
             columns = {
                 name: tf.constant([f[name] for f in chunk], dtype=dtype)
                 for name, dtype in MODEL_INPUTS.items()

@@ -259,25 +259,22 @@ def option_field(default: Any = dataclasses.MISSING, help: str | None = None, ty
 
 
 def dataclass_options(cls: type, **defaults: Any) -> Callable[[Callable], Callable]:
-    """Click options `--field-name` for every field of a dataclass, so each is declared once:
-    the field's default (or `defaults[name]`, for a command whose default differs), "help",
-    "type", "metavar" and "envvar" from its metadata. A bool field defaulting to False is a
-    flag; a field without a default is required."""
+    """Click options `--field-name` for every field of a dataclass, so each is declared once
+    (`defaults[name]` for a command whose default differs). A bool field defaulting to False
+    is a flag; a field without a default is required."""
 
     def decorate(func: Callable) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
             default = defaults.get(f.name, f.default)
-            kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
-            kwargs.update({k: f.metadata[k] for k in ("metavar", "envvar") if k in f.metadata})
+            keys = ("help", "metavar", "envvar", "type")
+            kwargs: dict[str, Any] = {k: f.metadata[k] for k in keys if k in f.metadata}
             if default is dataclasses.MISSING:
                 kwargs["required"] = True
-                if "type" in f.metadata:
-                    kwargs["type"] = f.metadata["type"]
             elif default is False:
                 kwargs["is_flag"] = True
             else:
-                kind = f.metadata.get("type", str if default is None else type(default))
-                kwargs.update(default=default, show_default=default is not None, type=kind)
+                kwargs.setdefault("type", str if default is None else type(default))
+                kwargs.update(default=default, show_default=default is not None)
             func = click.option(f"--{f.name.replace('_', '-')}", f.name, **kwargs)(func)
         return func
 
@@ -351,8 +348,7 @@ class RedisTarget:
         """A connected client (PING answered), or UserError with one clear line."""
         import redis
 
-        opts: dict[str, Any] = {"socket_connect_timeout": self.timeout}
-        opts["socket_timeout"] = self.timeout * 3
+        opts = {"socket_connect_timeout": self.timeout, "socket_timeout": self.timeout * 3}
         try:
             if self.url:
                 client = redis.Redis.from_url(self.url, **opts)
@@ -525,9 +521,8 @@ class ModelRegistry:
         except (OSError, ValueError):
             return {}
 
-    def install(self, model_file: Path, vocab_file: Path | None, metadata: dict[str, Any],
-                make_current: bool = True) -> int:  # fmt: skip
-        """Copy a model (and vocabulary) in as the next version, made current; returns its number."""
+    def install(self, model_file: Path, vocab_file: Path | None, metadata: dict[str, Any]) -> int:
+        """Copy a model (and vocabulary) in as the next version, made current; return its number."""
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         version = max(self.versions(), default=0) + 1
         while self.version_dir(version).exists():  # a half-made or foreign directory
@@ -548,8 +543,7 @@ class ModelRegistry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if make_current:
-            self.make_current(version)
+        self.make_current(version)
         return version
 
     def make_current(self, version: int) -> None:
@@ -637,14 +631,9 @@ def timing_section(run: Run | None, *lines: str) -> list[str]:
     return section("Timing Information", *clock, *lines)
 
 
-def files_section(*lines: str) -> list[str]:
-    return section("Files", *lines)
-
-
 def write_report(run: Run, title: str, sections: Iterable[Sequence[str]], headline: str,
                  name: str = "training_report.md") -> Path:  # fmt: skip
-    """The report `name` of a run from its sections (each a string or a list of lines);
-    logs the headline and where the report went."""
+    """Write the report `name` of a run from its sections (strings or lists of lines)."""
     lines = [f"# {title}", f"Generated: {dt.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
     for part in sections:
         lines.extend([part] if isinstance(part, str) else part)
