@@ -704,6 +704,7 @@ def record(api: MbtaClient, redis_target: RedisTarget, options: RecorderOptions)
             code = 1
         except Shutdown:
             log(f"{now_text()} stopping: writing {len(recorder.pending):,} pending records")
+            previous = {}  # exiting anyway: a second SIGTERM must not kill the clean exit
         _ignore_stop_signals()
         if not recorder.drain(options.shutdown_grace):
             log(
