@@ -456,6 +456,26 @@ def test_a_new_seasons_trips_get_the_map_fitted_for_new_trips(trained, sample_ro
     assert (output.new_trip_map.at(top) > floor).mean() > 0.1  # the map, not only the floor
 
 
+@pytest.mark.parametrize("threshold", ["6", "0"])
+def test_a_train_that_moved_home_a_week_ago_is_answered_at_its_new_home(tmp_path, threshold):
+    """Six trains, daily on their own tracks for four weeks; train 500 moved from track 1 to
+    track 9 a week before the end. Its records from before the move are set aside (the
+    default --change-threshold of 6 nats), so the saved model sends it to track 9; with 0
+    (never), three weeks of track 1 outvote one week of track 9."""
+    records = []
+    for day in range(28):
+        for i, train in enumerate(range(500, 512, 2)):
+            track = "9" if train == 500 and day >= 21 else str(i + 1)
+            records.append(trip_record(day * 144 + i, f"CR-A-{train}", track))
+    export = write_records(tmp_path / "exports", records)
+    _, run_dir = run_mode(export, "train", "--epochs", "3", "--batch-size", "16",
+                          "--test-days", "0", "--change-threshold", threshold,
+                          out=tmp_path / "out")  # fmt: skip
+    answers = top_answers_in_fresh_process(run_dir / "track_prediction_model_final.keras",
+                                           ["CR-A-500", "CR-A-502"], "2023-12-11T08:00:00-05:00")  # fmt: skip
+    assert [track for track, _ in answers] == (["9", "2"] if threshold == "6" else ["1", "2"])
+
+
 def top_answers_in_fresh_process(model: Path, trips: list[str], when: str) -> list[list]:
     """[track, probability] of the saved `model`'s top answer for each South Station
     Worcester-line trip at `when`, from `load_predictor` in a new Python process."""

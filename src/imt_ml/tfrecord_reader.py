@@ -230,6 +230,8 @@ class Vocabulary:
     directions: tuple[int, ...] = (0, 1)
     #: Days in which a record's weight in the history tables halves (0: all equal).
     recency_half_life: float = ev.RECENCY_HALF_LIFE_DAYS
+    #: Nats of evidence that set a train's records before its newest regime aside (0: never).
+    change_threshold: float = ev.CHANGE_THRESHOLD_NATS
     #: 2: the clock comes from the scheduled instant in Boston time (no hour inputs).
     format_version: int = 2
     #: station -> track -> the Boston day number its closure starts (see `closed_tracks`).
@@ -281,6 +283,7 @@ def build_vocabulary(
     record_counts: dict[str, int],
     split: dict[str, Any],
     recency_half_life: float = ev.RECENCY_HALF_LIFE_DAYS,
+    change_threshold: float = ev.CHANGE_THRESHOLD_NATS,
 ) -> Vocabulary:
     """Vocabularies, normalisation constants and history tables, from the training records."""
     stations = columns["station_id"][train_idx]
@@ -307,6 +310,7 @@ def build_vocabulary(
         record_counts=record_counts,
         split=split,
         recency_half_life=recency_half_life,
+        change_threshold=change_threshold,
         closed_tracks=closed_tracks(columns, train_idx),
     )
     return dataclasses.replace(vocab, history=history_tables(vocab, columns, train_idx))
@@ -351,6 +355,7 @@ def history_tables(vocab: Vocabulary, columns: Columns, train_idx: np.ndarray) -
     trips = columns["trip_id"][train_idx]
     ts = columns["scheduled_timestamp"][train_idx]
     weights = recency_weights(ts, vocab.recency_half_life).astype(np.float32)
+    weights *= regime_weights(columns, train_idx, labels, vocab.change_threshold)
     days = boston_days(ts)
     fold = days % utils.HISTORY_FOLDS
     known = tracks >= 0
@@ -376,6 +381,18 @@ def history_tables(vocab: Vocabulary, columns: Columns, train_idx: np.ndarray) -
         tables[name] = folds.reshape(len(folds), utils.HISTORY_FOLDS, len(labels)).sum(axis=1)
         tables[f"{name}_folds"] = folds
     return tables
+
+
+def regime_weights(columns: Columns, idx: np.ndarray, labels: list[str],
+                   threshold: float) -> np.ndarray:  # fmt: skip
+    """0 for each record of `idx` older than its station + train number's newest regime (the
+    train moved home, its platform closed or reopened), else 1: such records describe a train
+    that is no longer there, in the history tables and in the loss (see docs/model.md)."""
+    keys = np.array([f"{s}:{n}" for s, n in zip(columns["station_id"][idx],
+                     ev.train_numbers(columns["trip_id"][idx]), strict=True)])  # fmt: skip
+    tracks = label_indices(columns["track_number"][idx], labels)
+    times = columns["scheduled_timestamp"][idx]
+    return ev.regime_weights(keys, times, tracks, len(labels), threshold)
 
 
 # -- Datasets: raw-value features, track indices as labels --------------------
@@ -500,6 +517,7 @@ def prepare_split(
     augment: bool | None = None,
     test_idx: np.ndarray | None = None,
     recency_half_life: float = ev.RECENCY_HALF_LIFE_DAYS,
+    change_threshold: float = ev.CHANGE_THRESHOLD_NATS,
 ) -> PreparedData:
     """Vocabularies and history tables from `train_idx`, and the two datasets."""
     labels = track_labels(columns, train_idx)
@@ -517,7 +535,9 @@ def prepare_split(
         "test": int(len(test_idx)),
     }
     known = np.flatnonzero(val_labels >= 0)  # none when refitting on every record
-    vocab = build_vocabulary(columns, train_idx, labels, counts, split_info, recency_half_life)
+    vocab = build_vocabulary(
+        columns, train_idx, labels, counts, split_info, recency_half_life, change_threshold
+    )
     return PreparedData(
         export_dir=export_dir, metadata=metadata, columns=columns,
         train_idx=train_idx, val_idx=val_idx, test_idx=test_idx, split_info=split_info,
@@ -1045,6 +1065,10 @@ class TrainOptions:
     recency_half_life: float = option_field(
         ev.RECENCY_HALF_LIFE_DAYS, "A record's weight halves with every DAYS of age before the newest "
         "(0: all equal).", click.FloatRange(min=0), metavar="DAYS")
+    change_threshold: float = option_field(
+        ev.CHANGE_THRESHOLD_NATS, "Set a train's records aside once its newer ones differ from "
+        "them by this many nats (it moved home, its platform closed or reopened; 0: never).",
+        click.FloatRange(min=0), metavar="NATS")
     no_refit: bool = option_field(False, "Save the validated models instead of refitting them on "
                                   "every record.")
     refit_epochs: int = option_field(
@@ -1119,10 +1143,12 @@ def weighted_training_data(data: PreparedData, opts: TrainOptions) -> tuple[Any,
     labels = data.train_labels
     weights = class_weights(labels, data.vocab_info.num_classes, opts.class_weight)
     per_record = None
-    if opts.recency_half_life > 0:
+    regimes = regime_weights(data.columns, data.train_idx, data.vocab_info.tracks,
+                             data.vocab_info.change_threshold)  # fmt: skip
+    if opts.recency_half_life > 0 or not regimes.all():
         ts = data.columns["scheduled_timestamp"][data.train_idx]
         per_class = np.array(list(weights.values()))[labels] if weights else 1.0
-        per_record = per_class * recency_weights(ts, opts.recency_half_life)
+        per_record = per_class * recency_weights(ts, opts.recency_half_life) * regimes
         weights = None
     # Built here, after the recipe seeded every generator.
     features = model_features(data.columns, data.train_idx)
@@ -1261,7 +1287,8 @@ def past_vocabularies(data: PreparedData) -> list[tuple[Vocabulary, np.ndarray]]
         before = pool[ts < change]
         after = pool[(ts >= change) & (ts < change + VALIDATION_DAYS * ev.SECONDS_PER_DAY)]
         vocab = build_vocabulary(data.columns, before, data.vocab_info.tracks, {}, {},
-                                 data.vocab_info.recency_half_life)  # fmt: skip
+                                 data.vocab_info.recency_half_life,
+                                 data.vocab_info.change_threshold)  # fmt: skip
         pasts.append((vocab, after))
     return pasts
 
@@ -1283,7 +1310,8 @@ def every_record_data(source: Export | PreparedData, opts: TrainOptions) -> Prep
     everything = np.arange(len(source.columns["track_number"]))
     return prepare_split(source.export_dir, source.metadata, source.columns, everything,
                          everything[:0], {"method": "all records"}, opts.batch_size, opts.seed,
-                         recency_half_life=opts.recency_half_life)  # fmt: skip
+                         recency_half_life=opts.recency_half_life,
+                         change_threshold=opts.change_threshold)  # fmt: skip
 
 
 def fit_on_every_record(
@@ -1402,7 +1430,8 @@ def prepare_training_data(
         opts.test_days if test_days is None else test_days, opts.validation_days,
     )  # fmt: skip
     return prepare_split(*export, train, val, info, opts.batch_size, opts.seed, test_idx=test,
-                         recency_half_life=opts.recency_half_life)  # fmt: skip
+                         recency_half_life=opts.recency_half_life,
+                         change_threshold=opts.change_threshold)  # fmt: skip
 
 
 @dataclass
@@ -1784,7 +1813,8 @@ def cv_fold(
     train_idx = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != j]))
     split_info = {"method": "cv-random" if shuffled else "cv-time", "fold": j}
     data = prepare_split(*export, train_idx, val_idx, split_info, opts.batch_size, opts.seed,
-                         test_idx=test_idx, recency_half_life=opts.recency_half_life)  # fmt: skip
+                         test_idx=test_idx, recency_half_life=opts.recency_half_life,
+                         change_threshold=opts.change_threshold)  # fmt: skip
     prefix = f"{opts.model_path}_fold_{j}"
     files = dataclasses.replace(
         ModelFiles.under(run.run_dir, prefix), best=run.path(f"{prefix}.keras")
@@ -1961,7 +1991,8 @@ def data_for_recipe(data: PreparedData, opts: TrainOptions) -> PreparedData:
         return data
     return prepare_split(data.export_dir, data.metadata, data.columns, data.train_idx,
                          data.val_idx, data.split_info, opts.batch_size, opts.seed,
-                         test_idx=data.test_idx, recency_half_life=opts.recency_half_life)  # fmt: skip
+                         test_idx=data.test_idx, recency_half_life=opts.recency_half_life,
+                         change_threshold=opts.change_threshold)  # fmt: skip
 
 
 def search_recipe(config: dict[str, Any], max_epochs: int, seed: int) -> TrainOptions:
@@ -1991,7 +2022,8 @@ def tune_trial(
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
     opts = search_recipe(config, max_epochs, seed)
     data = prepare_split(Path("."), {}, columns, train_idx, val_idx, {"method": "time"},
-                         opts.batch_size, seed, recency_half_life=opts.recency_half_life)  # fmt: skip
+                         opts.batch_size, seed, recency_half_life=opts.recency_half_life,
+                         change_threshold=opts.change_threshold)  # fmt: skip
     start_epoch, checkpoint = 0, tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -2077,6 +2109,9 @@ def make_tuner(trainable: Any, topts: TuneOptions, ray_dir: str) -> Any:
         run_config=tune.RunConfig(
             name=topts.project_name, storage_path=ray_dir,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+            # A trial whose worker died (a lost node, a busy machine) runs again from its
+            # last checkpoint, once, rather than leave a hole in the search.
+            failure_config=tune.FailureConfig(max_failures=1),
         ),
     )  # fmt: skip
 
@@ -2112,7 +2147,8 @@ def run_search(data: PreparedData, topts: TuneOptions, ray_dir: str) -> list[dic
 def trial_summary(result: Any) -> dict[str, Any]:
     frame = result.metrics_dataframe
     if result.error or frame is None or frame.empty:
-        return {"config": result.config, "error": str(result.error)[:200], "epochs": 0,
+        error = " ".join(str(result.error).split())[:200]  # one line, for the report
+        return {"config": result.config, "error": error, "epochs": 0,
                 "best_val_accuracy": float("nan"), "nodes": []}  # fmt: skip
     return {
         "config": result.config,
@@ -2135,7 +2171,8 @@ def search_lines(
         f"- ASHA: max {topts.max_epochs} epochs, grace period {topts.asha_grace_period}, "
         f"reduction factor {topts.asha_reduction_factor}",
         f"- Trials finished: {len(finished)}; stopped early by ASHA: {stopped}; "
-        f"failed: {len(trials) - len(finished)}",
+        f"failed: {len(trials) - len(finished)}"
+        + next((f" (the first: {t['error']})" for t in trials if "error" in t), ""),
         f"- Search wall time: {seconds:.1f} s",
         f"- Ray cluster: {topts.ray_address or 'local'}; nodes that ran trials: {len(nodes)}; "
         f"{topts.cpus_per_trial:g} CPU and {topts.gpus_per_trial:g} GPU per trial",

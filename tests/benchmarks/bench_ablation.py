@@ -82,6 +82,8 @@ MECHANISMS: dict[str, tuple[str, Callable]] = {
                          lambda opts, cfg: (opts, cfg, True)),
     "closed_tracks": ("without the closed-platform mask", config(closed_tracks=False)),
     "recency": ("every record weighs the same (--recency-half-life 0)", options(recency_half_life=0.0)),
+    "regimes": ("no train's older records set aside (--change-threshold 0)",
+                options(change_threshold=0.0)),
     "class_weights+": ("+ balanced class weights", options(class_weight="balanced")),
     "refit": ("no refit on every record (--no-refit)", options(no_refit=True)),
     "calibration": ("the model's own probabilities, no confidence maps", None),

@@ -160,7 +160,10 @@ def report_world(seed: int, results: dict, r: dict[str, np.ndarray], change: dt.
                  closure: Closure, start: dt.date) -> dict[str, np.ndarray]:  # fmt: skip
     """Print one world's windows and after-change figures; return its after-change masks."""
     tables = [t for t in ev.BASELINE_NAMES if t in results["total"]]
-    short = {t: t.replace("station_", "").replace("_weighted", "~w") for t in tables}
+    short = {
+        t: t.replace("station_", "").replace("_weighted", "~w").replace("_recent", "~14d")
+        for t in tables
+    }
     rows = []
     for w in results["windows"]:
         origin = dt.datetime.fromtimestamp(w["start"], dt.UTC).date()

@@ -201,7 +201,10 @@ def pct(x: float) -> str:
 
 
 def print_matrix(cells: list[Cell], records: int, train_args: str = "") -> int:
-    short = {n: n.replace("station_", "").replace("_weighted", "~w") for n in tr.BASELINE_NAMES}
+    short = {
+        n: n.replace("station_", "").replace("_weighted", "~w").replace("_recent", "~14d")
+        for n in tr.BASELINE_NAMES
+    }
     print(f"\nDrift matrix: {records:,} sample records per history, "
           f"{f'`train {train_args}`' if train_args else '`train` defaults'}, "
           f"{os.cpu_count()} cores; tables from the same training records (~w: recency-weighted)")  # fmt: skip
