@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 # Progress bars are for people; keep test logs readable. TensorFlow and Ray share
-# this 2-core machine, so keep TensorFlow from starting a thread per core twice over.
+# this 2-core machine, so keep TensorFlow from starting a thread per core twice over:
+# one thread per op in each of `task test`'s two xdist workers, two in a serial run.
 os.environ.setdefault("IMT_ML_NO_PROGRESS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 from imt_ml.utils import LocalRedisServer, find_redis_server_binary  # noqa: E402
