@@ -168,9 +168,7 @@ class SyncTrainer:
         positions = np.sort(order[index * share : (index + 1) * share])
         shard, labels = data.train_idx[positions], data.train_labels[positions]
         timestamps = data.columns["scheduled_timestamp"][data.train_idx]
-        weights = (tr.recency_weights(timestamps, recipe.recency_half_life)
-                   * tr.regime_weights(data.columns, data.train_idx, data.vocab_info.tracks,
-                                       data.vocab_info.change_threshold))[positions]  # fmt: skip
+        weights = tr.recency_weights(timestamps, recipe.recency_half_life)[positions]
         self.steps = len(shard) // batch_size
         if self.steps == 0:
             raise UserError(

@@ -386,8 +386,8 @@ def history_tables(vocab: Vocabulary, columns: Columns, train_idx: np.ndarray) -
 def regime_weights(columns: Columns, idx: np.ndarray, labels: list[str],
                    threshold: float) -> np.ndarray:  # fmt: skip
     """0 for each record of `idx` older than its station + train number's newest regime (the
-    train moved home, its platform closed or reopened), else 1: such records describe a train
-    that is no longer there, in the history tables and in the loss (see docs/model.md)."""
+    train moved home, its platform closed or reopened), else 1: in the history tables such
+    records describe a train that is no longer there (see docs/model.md)."""
     keys = np.array([f"{s}:{n}" for s, n in zip(columns["station_id"][idx],
                      ev.train_numbers(columns["trip_id"][idx]), strict=True)])  # fmt: skip
     tracks = label_indices(columns["track_number"][idx], labels)
@@ -1066,8 +1066,9 @@ class TrainOptions:
         ev.RECENCY_HALF_LIFE_DAYS, "A record's weight halves with every DAYS of age before the newest "
         "(0: all equal).", click.FloatRange(min=0), metavar="DAYS")
     change_threshold: float = option_field(
-        ev.CHANGE_THRESHOLD_NATS, "Set a train's records aside once its newer ones differ from "
-        "them by this many nats (it moved home, its platform closed or reopened; 0: never).",
+        ev.CHANGE_THRESHOLD_NATS, "Leave a train's records out of the history tables once its "
+        "newer ones differ from them by this many nats (it moved home, its platform closed or "
+        "reopened; 0: never).",
         click.FloatRange(min=0), metavar="NATS")
     no_refit: bool = option_field(False, "Save the validated models instead of refitting them on "
                                   "every record.")
@@ -1143,12 +1144,10 @@ def weighted_training_data(data: PreparedData, opts: TrainOptions) -> tuple[Any,
     labels = data.train_labels
     weights = class_weights(labels, data.vocab_info.num_classes, opts.class_weight)
     per_record = None
-    regimes = regime_weights(data.columns, data.train_idx, data.vocab_info.tracks,
-                             data.vocab_info.change_threshold)  # fmt: skip
-    if opts.recency_half_life > 0 or not regimes.all():
+    if opts.recency_half_life > 0:
         ts = data.columns["scheduled_timestamp"][data.train_idx]
         per_class = np.array(list(weights.values()))[labels] if weights else 1.0
-        per_record = per_class * recency_weights(ts, opts.recency_half_life) * regimes
+        per_record = per_class * recency_weights(ts, opts.recency_half_life)
         weights = None
     # Built here, after the recipe seeded every generator.
     features = model_features(data.columns, data.train_idx)
